@@ -1,0 +1,52 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "palisade",
+    platforms: [.macOS(.v14)],
+    products: [
+        .executable(name: "palisade", targets: ["palisade"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+        .package(url: "https://github.com/jpsim/Yams", from: "6.0.0"),
+    ],
+    targets: [
+        // libbpf from the system (Debian's libbpf-dev).
+        .systemLibrary(name: "CLibbpf", pkgConfig: "libbpf", providers: [.apt(["libbpf-dev"])]),
+        // The structs shared with the kernel: bpf/include/palisade_shared.h, imported, not copied.
+        .target(name: "CPalisadeShared"),
+        // LIBBPF_OPTS, setns and friends that Swift cannot spell.
+        .target(name: "CShim", dependencies: ["CLibbpf"]),
+        // Swift API over libbpf: objects, programs, typed maps, tc, cgroups, ring buffers, pins.
+        .target(name: "PalisadeBPF", dependencies: ["CLibbpf", "CShim"]),
+        // SPIFFE IDs and numeric security identities.
+        .target(name: "PalisadeIdentity", dependencies: ["CPalisadeShared"]),
+        // Policy model, YAML parser, compiler to map entries, reference evaluator. Pure.
+        .target(name: "PalisadePolicy", dependencies: [
+            "PalisadeIdentity", "CPalisadeShared", .product(name: "Yams", package: "Yams"),
+        ]),
+        // Owns the kernel maps and programs; ships the compiled eBPF objects.
+        .target(
+            name: "PalisadeDatapath",
+            dependencies: ["PalisadeBPF", "PalisadePolicy", "CPalisadeShared"],
+            plugins: ["BPFCompiler"]
+        ),
+        // Configuration, workload enrollment, state directory, reconcile loop.
+        .target(name: "PalisadeAgent", dependencies: [
+            "PalisadeDatapath", "PalisadePolicy",
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "Yams", package: "Yams"),
+        ]),
+        .executableTarget(name: "palisade", dependencies: [
+            "PalisadeAgent",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        .plugin(name: "BPFCompiler", capability: .buildTool()),
+        .testTarget(name: "PalisadePolicyTests", dependencies: ["PalisadePolicy"]),
+        .testTarget(name: "PalisadeKernelTests", dependencies: ["PalisadeAgent", "PalisadeDatapath"]),
+    ],
+    swiftLanguageModes: [.v5]
+)

@@ -1,0 +1,85 @@
+#define _GNU_SOURCE
+#include "CShim.h"
+#include <bpf/libbpf.h>
+#include <bpf/bpf.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <sched.h>
+#include <unistd.h>
+#include <linux/pkt_cls.h>
+
+struct bpf_object *pal_object_open_file(const char *path, const char *pin_root)
+{
+	LIBBPF_OPTS(bpf_object_open_opts, opts, .pin_root_path = pin_root);
+	struct bpf_object *obj = bpf_object__open_file(path, &opts);
+	if (libbpf_get_error(obj)) {
+		if (!errno)
+			errno = EINVAL;
+		return NULL;
+	}
+	return obj;
+}
+
+static void pal_tc_hook(struct bpf_tc_hook *hook, int ifindex, int direction)
+{
+	hook->ifindex = ifindex;
+	hook->attach_point = direction == 0 ? BPF_TC_INGRESS : BPF_TC_EGRESS;
+}
+
+int pal_tc_attach(int ifindex, int direction, int prog_fd, uint32_t handle, uint32_t priority)
+{
+	LIBBPF_OPTS(bpf_tc_hook, hook);
+	pal_tc_hook(&hook, ifindex, direction);
+	int err = bpf_tc_hook_create(&hook);
+	if (err && err != -EEXIST)
+		return err;
+	LIBBPF_OPTS(bpf_tc_opts, opts, .handle = handle, .priority = priority,
+		    .prog_fd = prog_fd, .flags = BPF_TC_F_REPLACE);
+	return bpf_tc_attach(&hook, &opts);
+}
+
+int pal_tc_detach(int ifindex, int direction, uint32_t handle, uint32_t priority)
+{
+	LIBBPF_OPTS(bpf_tc_hook, hook);
+	pal_tc_hook(&hook, ifindex, direction);
+	LIBBPF_OPTS(bpf_tc_opts, opts, .handle = handle, .priority = priority);
+	int err = bpf_tc_detach(&hook, &opts);
+	return err == -ENOENT ? 0 : err;
+}
+
+int pal_tc_query(int ifindex, int direction, uint32_t handle, uint32_t priority, uint32_t *prog_id)
+{
+	LIBBPF_OPTS(bpf_tc_hook, hook);
+	pal_tc_hook(&hook, ifindex, direction);
+	LIBBPF_OPTS(bpf_tc_opts, opts, .handle = handle, .priority = priority);
+	int err = bpf_tc_query(&hook, &opts);
+	if (err == -ENOENT || err == -EINVAL) {
+		*prog_id = 0;
+		return 0;
+	}
+	if (err)
+		return err;
+	*prog_id = opts.prog_id;
+	return 0;
+}
+
+int pal_setns_net(const char *path)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -errno;
+	int err = setns(fd, CLONE_NEWNET);
+	int saved = errno;
+	close(fd);
+	return err ? -saved : 0;
+}
+
+struct ring_buffer *pal_ringbuf_new(int map_fd, pal_ringbuf_cb cb, void *ctx)
+{
+	return ring_buffer__new(map_fd, (ring_buffer_sample_fn)cb, ctx, NULL);
+}
+
+int pal_num_possible_cpus(void)
+{
+	return libbpf_num_possible_cpus();
+}

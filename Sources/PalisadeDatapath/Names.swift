@@ -1,0 +1,63 @@
+import CPalisadeShared
+import PalisadePolicy
+
+/// Pinned map names (the map names in bpf/lib/maps.h) and program names.
+public enum MapName: String, CaseIterable, Sendable {
+    case endpointsByIfindex = "pal_ep_ifindex"
+    case endpointsByCgroup = "pal_ep_cgroup"
+    case ipcache = "pal_ipcache"
+    case policy = "pal_policy"
+    case defaults = "pal_defaults"
+    case config = "pal_config"
+    case conntrack = "pal_conntrack"
+    case counters = "pal_counters"
+    case eventBucket = "pal_event_bucket"
+    case events = "pal_events"
+}
+
+/// Names for enum pal_reason, used in dumps, metrics and flow events.
+public enum Reason: UInt8, CaseIterable, Sendable, CustomStringConvertible {
+    case allowPolicy = 0, allowEstablished, allowReply, allowUnenforced
+    case denyPolicy, denyDefault, auditWouldDeny, denyMalformed, denyFragment, denyConntrackFull, denySpoofed, denyNoEndpoint
+
+    public var description: String {
+        switch self {
+        case .allowPolicy: "allowed-by-policy"
+        case .allowEstablished: "allowed-established"
+        case .allowReply: "allowed-reply"
+        case .allowUnenforced: "allowed-unenforced"
+        case .denyPolicy: "denied-by-policy"
+        case .denyDefault: "denied-default"
+        case .auditWouldDeny: "audit-would-deny"
+        case .denyMalformed: "denied-malformed"
+        case .denyFragment: "denied-fragment"
+        case .denyConntrackFull: "denied-conntrack-full"
+        case .denySpoofed: "denied-spoofed-source"
+        case .denyNoEndpoint: "denied-no-endpoint"
+        }
+    }
+
+    public var passes: Bool {
+        switch self {
+        case .allowPolicy, .allowEstablished, .allowReply, .allowUnenforced, .auditWouldDeny: true
+        default: false
+        }
+    }
+}
+
+// The Swift enum must cover the C enum exactly.
+let _reasonCountCheck: Void = precondition(Reason.allCases.count == Int(PAL_REASON_MAX.rawValue))
+
+extension Direction {
+    public init(kernel: UInt8) { self = kernel == UInt8(PAL_DIR_INGRESS.rawValue) ? .ingress : .egress }
+    public var kernel: UInt8 { self == .ingress ? UInt8(PAL_DIR_INGRESS.rawValue) : UInt8(PAL_DIR_EGRESS.rawValue) }
+}
+
+extension IPAddress {
+    /// From the 16 address bytes of a kernel struct (a C tuple).
+    public init<T>(tuple: T) {
+        var t = tuple
+        let bytes = withUnsafeBytes(of: &t) { Array($0.prefix(16)) }
+        self.init(bytes16: bytes)
+    }
+}

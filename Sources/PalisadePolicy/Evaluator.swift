@@ -1,0 +1,141 @@
+import PalisadeIdentity
+
+/// A flow as the policy sees it, from one workload's point of view.
+public struct Flow: Hashable, Sendable, CustomStringConvertible {
+    public var local: NumericIdentity
+    public var direction: Direction
+    public var peerAddress: IPAddress
+    public var proto: UInt8
+    public var port: UInt16        // destination port (TCP/UDP), else 0
+    public init(local: NumericIdentity, direction: Direction, peerAddress: IPAddress, proto: UInt8, port: UInt16) {
+        self.local = local; self.direction = direction; self.peerAddress = peerAddress; self.proto = proto; self.port = port
+    }
+    public var description: String { "\(direction) local=\(local) peer=\(peerAddress) proto=\(proto) port=\(port)" }
+}
+
+public struct Decision: Hashable, Sendable {
+    public var verdict: Verdict          // allow, deny or audit; .none never
+    public var ruleID: UInt32            // 0 when not selected by any policy
+    public var enforced: Bool            // selected by a policy in this direction
+}
+
+/// The straightforward reading of the policy: walk every policy and rule.
+/// It is the reference the compiled maps are checked against, and it is what
+/// `policy explain` reports (with the rule that decided).
+public struct ReferenceEvaluator {
+    public let set: PolicySet
+    public let universe: Universe
+    private let ruleIDs: [String: UInt32]   // "policy/direction/index" -> id, same numbering as the compiler
+
+    public init(set: PolicySet, universe: Universe) {
+        self.set = set
+        self.universe = universe
+        var ids: [String: UInt32] = [:]
+        var n: UInt32 = 0
+        for p in set.policies {
+            for d in Direction.allCases {
+                guard let rs = p.rules(d) else { continue }
+                n += 1; ids["\(p.name)/\(d)/default"] = n
+                for i in rs.indices { n += 1; ids["\(p.name)/\(d)/\(i)"] = n }
+            }
+        }
+        ruleIDs = ids
+    }
+
+    enum PeerKind { case workload(NumericIdentity, WorkloadIdentity), host, external }
+
+    func peerKind(_ a: IPAddress) -> PeerKind {
+        for (id, w) in universe.workloads where w.addresses.contains(a) { return .workload(id, w) }
+        if universe.hostAddresses.contains(a) { return .host }
+        return .external
+    }
+
+    func matches(_ peer: Peer, address: IPAddress, kind: PeerKind) -> Bool {
+        switch peer {
+        case .entity(.all): return true
+        case .entity(.host): if case .host = kind { return true } else { return false }
+        case .entity(.world): if case .external = kind { return true } else { return false }
+        case .workloads(let sel): if case .workload(_, let w) = kind { return sel.matches(w) } else { return false }
+        case .cidr(let c, let except):
+            // Documented semantics: a workload (or the host) matches a CIDR
+            // when every one of its addresses lies inside it.
+            let addrs: [IPAddress]
+            switch kind {
+            case .workload(_, let w): addrs = w.addresses
+            case .host: addrs = universe.hostAddresses
+            case .external: addrs = [address]
+            }
+            return addrs.allSatisfy { a in c.contains(a) && !except.contains { $0.contains(a) } }
+        }
+    }
+
+    public func evaluate(_ f: Flow) -> Decision {
+        guard let local = universe.workloads[f.local] else { return Decision(verdict: .allow, ruleID: 0, enforced: false) }
+        let kind = peerKind(f.peerAddress)
+        var enforced = false
+        var best: (Verdict, UInt32) = (.none, 0)
+        var fallback: (Verdict, UInt32) = (.none, 0)
+        for p in set.policies where p.selector.matches(local) {
+            guard let rs = p.rules(f.direction) else { continue }
+            enforced = true
+            let def: Verdict = p.mode == .enforce ? .deny : .audit
+            if def.rank > fallback.0.rank { fallback = (def, ruleIDs["\(p.name)/\(f.direction)/default"]!) }
+            for (i, r) in rs.enumerated() {
+                let peerOK = r.peers.isEmpty || r.peers.contains { matches($0, address: f.peerAddress, kind: kind) }
+                let portOK = r.ports.isEmpty || r.ports.contains { $0.matches(proto: f.proto, port: f.port) }
+                guard peerOK && portOK else { continue }
+                let v: Verdict = r.action == .allow ? .allow : (p.mode == .enforce ? .deny : .audit)
+                if v.rank > best.0.rank { best = (v, ruleIDs["\(p.name)/\(f.direction)/\(i)"]!) }
+            }
+        }
+        if !enforced { return Decision(verdict: .allow, ruleID: 0, enforced: false) }
+        if best.0 != .none { return Decision(verdict: best.0, ruleID: best.1, enforced: true) }
+        return Decision(verdict: fallback.0, ruleID: fallback.1, enforced: true)
+    }
+}
+
+/// Looks a flow up in compiled entries exactly as the datapath does: ipcache
+/// longest prefix for the peer, then the policy trie for (peer) and (any),
+/// the stronger verdict winning, then the default. Used by explain and tests.
+public struct CompiledLookup {
+    let compiled: CompiledPolicy
+    let entries: [PolicyEntry.Slot: PolicyEntry]
+    let defaults: [String: DefaultEntry]
+    let ipcache: [CIDR: NumericIdentity]
+
+    public init(_ c: CompiledPolicy) {
+        compiled = c
+        entries = Dictionary(c.entries.map { ($0.slot, $0) }, uniquingKeysWith: { a, _ in a })
+        defaults = Dictionary(c.defaults.map { ("\($0.local.rawValue)/\($0.direction)", $0) }, uniquingKeysWith: { a, _ in a })
+        ipcache = Dictionary(c.ipcache.map { ($0.cidr, $0.identity) }, uniquingKeysWith: { a, _ in a })
+    }
+
+    public func identity(of a: IPAddress) -> NumericIdentity {
+        for len in stride(from: 128, through: 0, by: -1) {
+            if let id = ipcache[CIDR(address: a, mappedPrefixLength: len)] { return id }
+        }
+        return .world
+    }
+
+    func longest(_ local: NumericIdentity, _ d: Direction, _ peer: NumericIdentity, _ proto: UInt8, _ port: UInt16) -> PolicyEntry? {
+        for bits in stride(from: 16, through: 0, by: -1) {
+            let mask: UInt16 = bits == 0 ? 0 : ~UInt16(0) << (16 - bits)
+            if let e = entries[.init(local: local, direction: d, peer: peer, proto: proto, port: port & mask, portBits: bits)] { return e }
+        }
+        return entries[.init(local: local, direction: d, peer: peer, proto: nil, port: 0, portBits: 0)]
+    }
+
+    public func evaluate(_ f: Flow) -> Decision {
+        guard let def = defaults["\(f.local.rawValue)/\(f.direction)"] else {
+            return Decision(verdict: .allow, ruleID: 0, enforced: false)
+        }
+        let peer = identity(of: f.peerAddress)
+        let port = (f.proto == 6 || f.proto == 17) ? f.port : 0
+        let a = longest(f.local, f.direction, peer, f.proto, port)
+        let b = longest(f.local, f.direction, .any, f.proto, port)
+        // Same tie-break as the datapath: the exact peer wins a tie.
+        let win = (a != nil && b != nil) ? (a!.verdict.rank >= b!.verdict.rank ? a : b) : (a ?? b)
+        if let win { return Decision(verdict: win.verdict, ruleID: win.ruleID, enforced: true) }
+        return Decision(verdict: def.verdict, ruleID: def.ruleID, enforced: true)
+    }
+}

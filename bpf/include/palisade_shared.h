@@ -1,0 +1,224 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * The one definition of every structure shared by the eBPF programs and the
+ * Swift agent. The BPF objects include it directly; Swift imports it through
+ * the CPalisadeShared module. Never mirror these layouts by hand.
+ *
+ * All structures are naturally aligned with explicit padding so that the
+ * kernel's and Swift's view of a layout cannot differ.
+ */
+#ifndef PALISADE_SHARED_H
+#define PALISADE_SHARED_H
+
+#include <linux/types.h>
+
+/* ---- Security identities -------------------------------------------- */
+
+/* Reserved numeric identities. Workload identities start at
+ * PAL_ID_FIRST_WORKLOAD; CIDR identities (one per prefix named in policy)
+ * live in their own range so they never collide with workloads. */
+enum pal_reserved_identity {
+	PAL_ID_ANY = 0,          /* wildcard in policy keys only */
+	PAL_ID_HOST = 1,         /* the node itself */
+	PAL_ID_WORLD = 2,        /* anything outside the mesh */
+	PAL_ID_UNKNOWN = 3,      /* inside a mesh range, but not a known workload */
+	PAL_ID_FIRST_WORKLOAD = 256,
+	PAL_ID_FIRST_CIDR = 0x01000000,
+};
+
+/* ---- Enumerations used in keys and values -------------------------- */
+
+enum pal_direction {
+	PAL_DIR_INGRESS = 0,
+	PAL_DIR_EGRESS = 1,
+	PAL_DIR_MAX = 2,
+};
+
+enum pal_verdict {
+	PAL_VERDICT_NONE = 0,    /* no entry: fall back to the default */
+	PAL_VERDICT_ALLOW = 1,
+	PAL_VERDICT_DENY = 2,
+	PAL_VERDICT_AUDIT = 3,   /* would deny, but audit mode lets it pass */
+};
+
+/* Why a packet was passed or dropped. Counters are indexed by
+ * (direction, reason); the names are spelled out in Swift (DropReason). */
+enum pal_reason {
+	PAL_REASON_ALLOW_POLICY = 0,      /* new flow allowed by a rule */
+	PAL_REASON_ALLOW_ESTABLISHED = 1, /* conntrack: established flow */
+	PAL_REASON_ALLOW_REPLY = 2,       /* conntrack: reply of an allowed flow */
+	PAL_REASON_ALLOW_UNENFORCED = 3,  /* endpoint not selected in that direction */
+	PAL_REASON_DENY_POLICY = 4,       /* an explicit deny rule */
+	PAL_REASON_DENY_DEFAULT = 5,      /* selected, and nothing allows it */
+	PAL_REASON_AUDIT_WOULD_DENY = 6,  /* audit mode: passed, but would be denied */
+	PAL_REASON_DENY_MALFORMED = 7,    /* header could not be parsed */
+	PAL_REASON_DENY_FRAGMENT = 8,     /* non-first IP fragment to an enforced endpoint */
+	PAL_REASON_DENY_CT_FULL = 9,      /* conntrack insert failed: fail closed */
+	PAL_REASON_DENY_SPOOFED = 10,     /* pod sent from an address that is not its own */
+	PAL_REASON_DENY_NO_ENDPOINT = 11, /* attached device with no endpoint entry */
+	PAL_REASON_MAX = 12,
+};
+
+#define PAL_COUNTER_SLOTS (PAL_DIR_MAX * PAL_REASON_MAX)
+#define PAL_COUNTER_INDEX(dir, reason) ((dir) * PAL_REASON_MAX + (reason))
+
+/* ---- Maps ------------------------------------------------------------ */
+
+/* Capacities. The agent refuses an apply that would not fit. */
+#define PAL_MAX_ENDPOINTS   4096
+#define PAL_MAX_IPCACHE     65536
+#define PAL_MAX_POLICY      262144   /* both generations together */
+#define PAL_MAX_DEFAULTS    16384    /* both generations together */
+#define PAL_MAX_CONNTRACK   262144
+#define PAL_EVENTS_BYTES    (1u << 20)
+
+/* Endpoint, keyed by host-side ifindex (pods) or cgroup id (cgroups). */
+struct pal_endpoint {
+	__u32 identity;
+	__u32 endpoint_id;   /* scopes conntrack entries (the agent uses the identity) */
+	__u32 flags;         /* PAL_EP_* */
+	__u32 _pad;
+};
+
+/* The datapath drops packets a pod sends from an address the ipcache does
+ * not map to the pod's own identity. */
+#define PAL_EP_VERIFY_SOURCE (1u << 0)
+
+/* ipcache: LPM trie from address to identity, double-buffered like the
+ * policy (the generation byte comes first in the matched bits), so that an
+ * apply that renumbers CIDR identities or moves an address flips at once.
+ * IPv4 is stored as IPv4-mapped IPv6 (::ffff:a.b.c.d). prefixlen counts the
+ * 8 generation bits plus the address prefix. */
+struct pal_ipcache_key {
+	__u32 prefixlen;
+	__u8 generation;
+	__u8 addr[16];
+	__u8 _pad[3];
+};
+
+#define PAL_IPCACHE_BITS_GENERATION 8
+
+struct pal_ipcache_value {
+	__u32 identity;
+	__u32 _pad;
+};
+
+/* Policy: LPM trie. The matched bytes follow prefixlen in memory order:
+ * generation, direction, local identity, peer identity, protocol, port.
+ * A rule on any protocol stops its prefix after the peer; on any port, after
+ * the protocol; a port range is split into aligned power-of-two blocks.
+ * The datapath looks up (peer) and (PAL_ID_ANY) and a deny from either wins.
+ * Padding bytes are part of the matched bits and are always zero. */
+struct pal_policy_key {
+	__u32 prefixlen;
+	__u8 generation;
+	__u8 direction;
+	__u8 _pad[2];
+	__u32 local_identity; /* network byte order, so the trie compares it bytewise */
+	__u32 peer_identity;  /* network byte order */
+	__u8 protocol;
+	__u8 _pad2;
+	__u16 dport;          /* network byte order */
+};
+
+/* Prefix lengths (in bits) that end after each component. */
+#define PAL_POLICY_BITS_PEER  96   /* any protocol, any port */
+#define PAL_POLICY_BITS_PROTO 112  /* this protocol, any port */
+#define PAL_POLICY_BITS_FULL  128  /* this protocol and port */
+
+struct pal_policy_value {
+	__u8 verdict;         /* enum pal_verdict */
+	__u8 _pad;
+	__u16 proxy_port;     /* L7 proxy port, 0 if none (network byte order) */
+	__u32 rule_id;        /* index into the agent's rule table, for explain/dump */
+	__u64 packets;        /* hit counters, updated by the datapath */
+	__u64 bytes;
+};
+
+/* Per (generation, local identity, direction): is the endpoint selected by
+ * a policy in that direction (default deny), and is that default audited. */
+struct pal_defaults_key {
+	__u8 generation;
+	__u8 direction;
+	__u16 _pad;
+	__u32 local_identity;
+};
+
+struct pal_defaults_value {
+	__u8 verdict;         /* PAL_VERDICT_DENY or PAL_VERDICT_AUDIT */
+	__u8 _pad[3];
+	__u32 rule_id;        /* the policy that selected the endpoint */
+};
+
+/* Global configuration (array map, one entry). Policy is double-buffered:
+ * the agent writes a complete rule set into the inactive slot, then flips
+ * active_slot with one write, then clears the old slot. */
+struct pal_config {
+	__u32 active_slot;        /* 0 or 1: the generation byte of live entries */
+	__u32 events_per_second;  /* deny events per CPU per second; 0 = none */
+	__u64 generation;         /* monotonic apply counter, for status */
+	__u64 _reserved[2];
+};
+
+/* Packet and byte counters (per-CPU array of PAL_COUNTER_SLOTS). */
+struct pal_counter {
+	__u64 packets;
+	__u64 bytes;
+};
+
+/* Conntrack: per endpoint and direction, keyed by the tuple as seen when the
+ * flow was allowed (saddr = the initiator). */
+struct pal_ct_key {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u16 sport;          /* network byte order */
+	__u16 dport;          /* network byte order */
+	__u8 protocol;
+	__u8 direction;       /* direction of the initiating packet at this endpoint */
+	__u16 _pad;
+	__u32 endpoint_id;
+};
+
+struct pal_ct_value {
+	__u64 created_ns;
+	__u64 last_seen_ns;
+	__u64 packets;
+	__u64 bytes;
+	__u32 local_identity;
+	__u32 peer_identity;
+	__u32 rule_id;
+	__u8 flags;           /* PAL_CT_* */
+	__u8 _pad[3];
+};
+
+#define PAL_CT_SEEN_REPLY (1u << 0)
+#define PAL_CT_CLOSING    (1u << 1)
+#define PAL_CT_AUDIT      (1u << 2)
+
+/* Ring buffer event for a denied (or audited) new flow. */
+struct pal_flow_event {
+	__u64 timestamp_ns;
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u16 sport;          /* host byte order */
+	__u16 dport;          /* host byte order */
+	__u8 protocol;
+	__u8 direction;
+	__u8 reason;          /* enum pal_reason */
+	__u8 family;          /* 4 or 6 */
+	__u32 local_identity;
+	__u32 peer_identity;
+	__u32 rule_id;
+	__u32 ifindex;
+	__u64 cgroup_id;
+};
+
+/* Token bucket for deny events (per-CPU array, one entry). */
+struct pal_event_bucket {
+	__u64 last_refill_ns;
+	__u64 tokens;
+	__u64 suppressed;     /* events not sent because the bucket was empty */
+	__u64 lost;           /* ringbuf reserve failed */
+};
+
+#endif /* PALISADE_SHARED_H */

@@ -1,0 +1,237 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* The verdict for one packet at one endpoint: conntrack first, then the
+ * peer's identity (ipcache), then the policy of the active generation. */
+#ifndef PAL_ENFORCE_H
+#define PAL_ENFORCE_H
+
+#include "maps.h"
+#include "parse.h"
+
+#define PAL_NS_PER_SEC 1000000000ULL
+
+struct pal_decision {
+	__u8 pass;
+	__u8 reason;
+	__u32 peer_identity;
+	__u32 rule_id;
+};
+
+static __always_inline void pal_count(__u8 dir, __u8 reason, __u32 len)
+{
+	__u32 idx = PAL_COUNTER_INDEX(dir, reason);
+	struct pal_counter *c = bpf_map_lookup_elem(&pal_counters, &idx);
+	if (c) {
+		c->packets += 1;
+		c->bytes += len;
+	}
+}
+
+static __always_inline __u32 pal_ipcache_identity(__u8 slot, const __u8 addr[16])
+{
+	struct pal_ipcache_key key = { .prefixlen = PAL_IPCACHE_BITS_GENERATION + 128, .generation = slot };
+	__builtin_memcpy(key.addr, addr, 16);
+	struct pal_ipcache_value *v = bpf_map_lookup_elem(&pal_ipcache, &key);
+	return v ? v->identity : PAL_ID_WORLD;
+}
+
+/* Ring buffer event, limited per CPU by a token bucket so that a flood of
+ * denied packets cannot starve the agent or the ring. */
+static __always_inline void pal_emit_event(const struct pal_flow *f, __u8 dir, const struct pal_decision *d,
+					   __u32 local_id, __u32 ifindex, __u64 cgroup_id, __u64 now)
+{
+	__u32 zero = 0;
+	struct pal_config *cfg = bpf_map_lookup_elem(&pal_config, &zero);
+	struct pal_event_bucket *b = bpf_map_lookup_elem(&pal_event_bucket, &zero);
+	if (!cfg || !b || cfg->events_per_second == 0)
+		return;
+	__u64 rate = cfg->events_per_second;
+	__u64 elapsed = now - b->last_refill_ns;
+	if (elapsed >= PAL_NS_PER_SEC / rate) {
+		__u64 add = elapsed * rate / PAL_NS_PER_SEC;
+		b->tokens = b->tokens + add > rate ? rate : b->tokens + add;
+		b->last_refill_ns = now;
+	}
+	if (b->tokens == 0) {
+		b->suppressed += 1;
+		return;
+	}
+	b->tokens -= 1;
+	struct pal_flow_event *e = bpf_ringbuf_reserve(&pal_events, sizeof(*e), 0);
+	if (!e) {
+		b->lost += 1;
+		return;
+	}
+	e->timestamp_ns = now;
+	__builtin_memcpy(e->saddr, f->saddr, 16);
+	__builtin_memcpy(e->daddr, f->daddr, 16);
+	e->sport = bpf_ntohs(f->sport);
+	e->dport = bpf_ntohs(f->dport);
+	e->protocol = f->protocol;
+	e->direction = dir;
+	e->reason = d->reason;
+	e->family = f->family;
+	e->local_identity = local_id;
+	e->peer_identity = d->peer_identity;
+	e->rule_id = d->rule_id;
+	e->ifindex = ifindex;
+	e->cgroup_id = cgroup_id;
+	bpf_ringbuf_submit(e, 0);
+}
+
+static __always_inline struct pal_policy_value *
+pal_policy_lookup(__u8 slot, __u8 dir, __u32 local_id, __u32 peer_id, __u8 proto, __u16 dport)
+{
+	struct pal_policy_key key = {
+		.prefixlen = PAL_POLICY_BITS_FULL,
+		.generation = slot,
+		.direction = dir,
+		.local_identity = bpf_htonl(local_id),
+		.peer_identity = bpf_htonl(peer_id),
+		.protocol = proto,
+		.dport = dport,
+	};
+	return bpf_map_lookup_elem(&pal_policy, &key);
+}
+
+/* Combine two lookups: deny beats audit (would deny) beats allow. */
+static __always_inline __u8 pal_rank(__u8 verdict)
+{
+	switch (verdict) {
+	case PAL_VERDICT_DENY: return 3;
+	case PAL_VERDICT_AUDIT: return 2;
+	case PAL_VERDICT_ALLOW: return 1;
+	default: return 0;
+	}
+}
+
+static __always_inline void pal_ct_fill(struct pal_ct_key *k, const __u8 *s, const __u8 *d,
+					__u16 sp, __u16 dp, __u8 proto, __u8 dir, __u32 ep)
+{
+	__builtin_memcpy(k->saddr, s, 16);
+	__builtin_memcpy(k->daddr, d, 16);
+	k->sport = sp;
+	k->dport = dp;
+	k->protocol = proto;
+	k->direction = dir;
+	k->_pad = 0;
+	k->endpoint_id = ep;
+}
+
+/* Returns 1 to pass, 0 to drop. */
+static __always_inline int pal_enforce(struct __sk_buff *skb, const struct pal_endpoint *ep,
+				       __u8 dir, struct pal_flow *f, __u32 ifindex, __u64 cgroup_id)
+{
+	__u32 len = skb->len;
+	__u64 now = bpf_ktime_get_ns();
+	struct pal_decision d = { .pass = 1, .reason = PAL_REASON_ALLOW_POLICY, .peer_identity = 0, .rule_id = 0 };
+	__u32 local_id = ep->identity;
+
+	if (f->always_allow) {
+		pal_count(dir, PAL_REASON_ALLOW_UNENFORCED, len);
+		return 1;
+	}
+
+	__u32 zero = 0;
+	struct pal_config *cfg = bpf_map_lookup_elem(&pal_config, &zero);
+	__u8 slot = cfg ? (cfg->active_slot & 1) : 0;
+
+	/* Anti-spoofing: what a pod sends must come from one of its addresses,
+	 * or conntrack and identity would both be fooled. */
+	if ((ep->flags & PAL_EP_VERIFY_SOURCE) && dir == PAL_DIR_EGRESS &&
+	    pal_ipcache_identity(slot, f->saddr) != local_id) {
+		d.pass = 0;
+		d.reason = PAL_REASON_DENY_SPOOFED;
+		pal_count(dir, d.reason, len);
+		pal_emit_event(f, dir, &d, local_id, ifindex, cgroup_id, now);
+		return 0;
+	}
+
+	/* Conntrack: an established flow, or the reply of one. */
+	struct pal_ct_key ck = {};
+	pal_ct_fill(&ck, f->saddr, f->daddr, f->ct_sport, f->ct_dport, f->protocol, dir, ep->endpoint_id);
+	struct pal_ct_value *ct = f->fragment ? 0 : bpf_map_lookup_elem(&pal_conntrack, &ck);
+	if (ct) {
+		ct->last_seen_ns = now;
+		__sync_fetch_and_add(&ct->packets, 1);
+		__sync_fetch_and_add(&ct->bytes, len);
+		pal_count(dir, PAL_REASON_ALLOW_ESTABLISHED, len);
+		return 1;
+	}
+	struct pal_ct_key rk = {};
+	pal_ct_fill(&rk, f->daddr, f->saddr, f->ct_dport, f->ct_sport, f->protocol,
+		    dir == PAL_DIR_INGRESS ? PAL_DIR_EGRESS : PAL_DIR_INGRESS, ep->endpoint_id);
+	ct = f->fragment ? 0 : bpf_map_lookup_elem(&pal_conntrack, &rk);
+	if (ct) {
+		ct->last_seen_ns = now;
+		ct->flags |= PAL_CT_SEEN_REPLY;
+		__sync_fetch_and_add(&ct->packets, 1);
+		__sync_fetch_and_add(&ct->bytes, len);
+		pal_count(dir, PAL_REASON_ALLOW_REPLY, len);
+		return 1;
+	}
+
+	/* A new flow: who the peer is and what the active generation says. */
+	d.peer_identity = pal_ipcache_identity(slot, dir == PAL_DIR_INGRESS ? f->saddr : f->daddr);
+
+	struct pal_defaults_key dk = { .generation = slot, .direction = dir, .local_identity = local_id };
+	struct pal_defaults_value *def = bpf_map_lookup_elem(&pal_defaults, &dk);
+
+	if (!def) {
+		d.reason = PAL_REASON_ALLOW_UNENFORCED;
+	} else if (f->fragment) {
+		d.pass = 0;
+		d.reason = PAL_REASON_DENY_FRAGMENT;
+	} else {
+		__u16 dport = (f->protocol == IPPROTO_TCP || f->protocol == IPPROTO_UDP) ? f->dport : 0;
+		struct pal_policy_value *exact = pal_policy_lookup(slot, dir, local_id, d.peer_identity, f->protocol, dport);
+		struct pal_policy_value *any = pal_policy_lookup(slot, dir, local_id, PAL_ID_ANY, f->protocol, dport);
+		struct pal_policy_value *win = 0;
+		if (exact && any)
+			win = pal_rank(exact->verdict) >= pal_rank(any->verdict) ? exact : any;
+		else
+			win = exact ? exact : any;
+		__u8 verdict = win ? win->verdict : def->verdict;
+		d.rule_id = win ? win->rule_id : def->rule_id;
+		if (win) {
+			__sync_fetch_and_add(&win->packets, 1);
+			__sync_fetch_and_add(&win->bytes, len);
+		}
+		switch (verdict) {
+		case PAL_VERDICT_ALLOW:
+			d.reason = PAL_REASON_ALLOW_POLICY;
+			break;
+		case PAL_VERDICT_AUDIT:
+			d.reason = PAL_REASON_AUDIT_WOULD_DENY;
+			break;
+		default:
+			d.pass = 0;
+			d.reason = win ? PAL_REASON_DENY_POLICY : PAL_REASON_DENY_DEFAULT;
+			break;
+		}
+	}
+
+	if (d.pass && !f->fragment) {
+		struct pal_ct_value nv = {
+			.created_ns = now,
+			.last_seen_ns = now,
+			.packets = 1,
+			.bytes = len,
+			.local_identity = local_id,
+			.peer_identity = d.peer_identity,
+			.rule_id = d.rule_id,
+			.flags = d.reason == PAL_REASON_AUDIT_WOULD_DENY ? PAL_CT_AUDIT : 0,
+		};
+		if (bpf_map_update_elem(&pal_conntrack, &ck, &nv, BPF_ANY) < 0 && def) {
+			/* Without an entry the reply would be judged as new: fail closed. */
+			d.pass = 0;
+			d.reason = PAL_REASON_DENY_CT_FULL;
+		}
+	}
+
+	pal_count(dir, d.reason, len);
+	if (!d.pass || d.reason == PAL_REASON_AUDIT_WOULD_DENY)
+		pal_emit_event(f, dir, &d, local_id, ifindex, cgroup_id, now);
+	return d.pass;
+}
+
+#endif

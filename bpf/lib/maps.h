@@ -1,0 +1,92 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* Maps shared by every Palisade program. Each object declares the same maps
+ * pinned by name, so the tc and cgroup objects share one set under the
+ * agent's bpffs directory and the maps outlive the agent. */
+#ifndef PAL_MAPS_H
+#define PAL_MAPS_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include "palisade_shared.h"
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, PAL_MAX_ENDPOINTS);
+	__type(key, __u32);                 /* host-side ifindex */
+	__type(value, struct pal_endpoint);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pal_ep_ifindex SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, PAL_MAX_ENDPOINTS);
+	__type(key, __u64);                 /* cgroup v2 id */
+	__type(value, struct pal_endpoint);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pal_ep_cgroup SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, PAL_MAX_IPCACHE);
+	__type(key, struct pal_ipcache_key);
+	__type(value, struct pal_ipcache_value);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pal_ipcache SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, PAL_MAX_POLICY);
+	__type(key, struct pal_policy_key);
+	__type(value, struct pal_policy_value);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pal_policy SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, PAL_MAX_DEFAULTS);
+	__type(key, struct pal_defaults_key);
+	__type(value, struct pal_defaults_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pal_defaults SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct pal_config);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pal_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, PAL_MAX_CONNTRACK);
+	__type(key, struct pal_ct_key);
+	__type(value, struct pal_ct_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pal_conntrack SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, PAL_COUNTER_SLOTS);
+	__type(key, __u32);
+	__type(value, struct pal_counter);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pal_counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct pal_event_bucket);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pal_event_bucket SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, PAL_EVENTS_BYTES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pal_events SEC(".maps");
+
+#endif
