@@ -72,14 +72,14 @@ public enum PolicyParser {
         return s
     }
 
-    static func spiffe(_ v: YAMLValue) throws -> SpiffeID {
+    public static func spiffe(_ v: YAMLValue) throws -> SpiffeID {
         let text = try v.string()
         do { return try SpiffeID(text) } catch let e as SpiffeID.ParseError {
             throw v.error("expected a SPIFFE ID (spiffe://trust-domain/path), got '\(text)': \(e)")
         }
     }
 
-    static func labels(_ v: YAMLValue) throws -> [String: String] {
+    public static func labels(_ v: YAMLValue) throws -> [String: String] {
         let m = try v.stringMap()
         for (k, value) in m {
             guard isLabelKey(k) else { throw v.error("invalid label key '\(k)'") }

@@ -1,0 +1,211 @@
+import CPalisadeShared
+import Foundation
+import Logging
+import PalisadeBPF
+import PalisadeDatapath
+import PalisadeIdentity
+import PalisadePolicy
+
+/// The node agent: keeps the kernel in step with the declared workloads and
+/// policies. Runs its loop on the calling thread (which matters when that
+/// thread was moved into a network namespace).
+public final class Agent {
+    public let config: AgentConfig
+    let log: Logger
+    let datapath: Datapath
+    var state: AgentState
+    var lastFingerprint: String?
+    var lastGoodPolicies = PolicySet(policies: [])
+    var lastGoodPolicyFiles: [String] = []
+    var events: FlowEventWriter?
+
+    public init(config: AgentConfig, logger: Logger) throws {
+        self.config = config
+        log = logger
+        try FileManager.default.createDirectory(atPath: config.stateDir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+        for d in [config.resolvedPolicyDir, config.resolvedWorkloadDir] {
+            try FileManager.default.createDirectory(atPath: d, withIntermediateDirectories: true)
+        }
+        state = AgentState.load(config.stateFile) ?? AgentState()
+        datapath = try Datapath(pinRoot: config.bpffs)
+        let gen = datapath.maps.activeConfig.generation
+        log.info("datapath loaded", metadata: ["bpffs": "\(config.bpffs)", "adopted-generation": "\(gen)",
+                                               "tc-programs": "\(datapath.fromPod.id),\(datapath.toPod.id)"])
+        try datapath.setEventRate(perSecond: config.eventsPerSecond)
+        events = try? FlowEventWriter(maps: datapath.maps, path: config.eventLog, names: { [weak self] in self?.state ?? AgentState() })
+    }
+
+    /// Reconciles until stop() returns true.
+    public func run(until stop: () -> Bool) {
+        events?.start()
+        while !stop() {
+            reconcileIfChanged()
+            var waited = 0
+            while waited < config.pollIntervalMilliseconds && !stop() {
+                usleep(50_000)
+                waited += 50
+            }
+        }
+        events?.stop()
+        log.info("agent stopping; programs and maps stay pinned and keep enforcing")
+    }
+
+    func fingerprint(_ files: [(name: String, text: String)]) -> String {
+        files.map { "\($0.name)\u{0}\($0.text)" }.joined(separator: "\u{1}")
+    }
+
+    public func reconcileIfChanged() {
+        let workloadFiles = readYAMLDirectory(config.resolvedWorkloadDir)
+        let policyFiles = readYAMLDirectory(config.resolvedPolicyDir)
+        let fp = fingerprint(workloadFiles) + "\u{2}" + fingerprint(policyFiles) + "\u{2}" + (hostAddresses().map(\.description).joined())
+        if fp == lastFingerprint { return }
+        lastFingerprint = fp
+        reconcile(workloadFiles: workloadFiles, policyFiles: policyFiles)
+    }
+
+    func hostAddresses() -> [IPAddress] {
+        config.hostAddresses ?? HostAddresses.discover()
+    }
+
+    func reconcile(workloadFiles: [(name: String, text: String)], policyFiles: [(name: String, text: String)]) {
+        // Workloads: a bad file is reported and skipped; the others proceed.
+        var workloads: [Workload] = []
+        var workloadErrors: [String] = []
+        var seen = Set<String>()
+        for f in workloadFiles {
+            do {
+                for w in try Workload.parse(f.text, file: f.name, trustDomain: config.trustDomain) {
+                    if seen.contains(w.name) { workloadErrors.append("\(w.source): workload '\(w.name)' is enrolled twice"); continue }
+                    seen.insert(w.name)
+                    workloads.append(w)
+                }
+            } catch {
+                workloadErrors.append("\(error)")
+            }
+        }
+        for e in workloadErrors { log.error("workload rejected", metadata: ["error": "\(e)"]) }
+        state.workloadErrors = workloadErrors
+
+        // Policies: any error keeps the last good set in force.
+        do {
+            lastGoodPolicies = try PolicySet.load(policyFiles)
+            lastGoodPolicyFiles = policyFiles.map(\.name)
+            state.policy.lastError = nil
+        } catch {
+            state.policy.lastError = "\(error)"
+            state.policy.lastErrorAt = Date()
+            log.error("policy rejected; the last good policy stays in force", metadata: ["error": "\(error)"])
+        }
+
+        // Identities.
+        var universe = Universe(workloads: [:], hostAddresses: hostAddresses())
+        var records: [UInt32: AgentState.IdentityRecord] = [:]
+        for w in workloads {
+            let id = state.allocator.identity(for: w.spiffeID)
+            if var existing = universe.workloads[id] {
+                if existing.labels != w.labels || existing.namespace != w.namespace {
+                    log.error("workloads sharing a SPIFFE ID must share labels and namespace", metadata: ["workload": "\(w.name)", "spiffeID": "\(w.spiffeID)"])
+                    state.workloadErrors.append("\(w.source): workload '\(w.name)' shares \(w.spiffeID) with different labels or namespace")
+                    continue
+                }
+                existing.addresses += w.addresses
+                universe.workloads[id] = existing
+            } else {
+                universe.workloads[id] = WorkloadIdentity(spiffeID: w.spiffeID, labels: w.labels, namespace: w.namespace, addresses: w.addresses)
+            }
+            records[id.rawValue] = .init(spiffeID: w.spiffeID, namespace: w.namespace, labels: w.labels)
+        }
+        state.allocator.retain(only: Set(workloads.map(\.spiffeID)))
+        state.identities = records
+
+        let wanted = workloads.filter { w in universe.workloads[state.allocator.identity(for: w.spiffeID)] != nil }
+        detachRemoved(wanted)
+        applyPolicy(universe: universe)
+        attach(wanted)
+        saveState()
+    }
+
+    func applyPolicy(universe: Universe) {
+        do {
+            let compiled = try PolicyCompiler.compile(lastGoodPolicies, universe: universe)
+            let r = try datapath.apply(compiled)
+            state.rules = compiled.rules
+            state.cidrIdentities = Dictionary(uniqueKeysWithValues: compiled.cidrIdentities.map { ($0.key.description, $0.value.rawValue) })
+            state.policy.generation = r.generation
+            state.policy.appliedAt = Date()
+            state.policy.files = lastGoodPolicyFiles
+            state.policy.policies = lastGoodPolicies.policies.count
+            state.policy.policyEntries = r.policyEntries
+            state.policy.applySeconds = r.seconds
+            log.info("policy applied", metadata: [
+                "generation": "\(r.generation)", "policies": "\(lastGoodPolicies.policies.count)",
+                "entries": "\(r.policyEntries)", "ipcache": "\(r.ipcacheEntries)", "conntrack-flushed": "\(r.conntrackFlushed)",
+                "ms": "\(Int(r.seconds * 1000))"])
+        } catch {
+            state.policy.lastError = "\(error)"
+            state.policy.lastErrorAt = Date()
+            log.error("policy apply refused; the policy in force is unchanged", metadata: ["error": "\(error)"])
+        }
+    }
+
+    func cgroupPath(_ p: String) -> String? {
+        if p.hasPrefix("/") { return p }
+        return config.resolvedCgroupRoot.map { "\($0)/\(p)" }
+    }
+
+    func attach(_ workloads: [Workload]) {
+        var records: [AgentState.EndpointRecord] = []
+        for w in workloads {
+            let id = state.allocator.identity(for: w.spiffeID)
+            do {
+                switch w.attachment {
+                case .pod(let ifname):
+                    let ifindex = try datapath.attachPod(interface: ifname, identity: id)
+                    records.append(.init(workload: w.name, identity: id, interface: ifname, ifindex: ifindex))
+                case .cgroup(let p):
+                    guard let path = cgroupPath(p) else { throw DatapathError("no cgroup2 mount found; set cgroupRoot") }
+                    let cg = try datapath.attachCgroup(path: path, identity: id)
+                    records.append(.init(workload: w.name, identity: id, cgroupPath: path, cgroupID: cg))
+                }
+            } catch {
+                state.workloadErrors.append("\(w.source): workload '\(w.name)' could not be attached: \(error)")
+                log.error("workload not attached", metadata: ["workload": "\(w.name)", "error": "\(error)"])
+            }
+        }
+        if records.count != state.endpoints.count || Set(records) != Set(state.endpoints) {
+            log.info("endpoints", metadata: ["count": "\(records.count)"])
+        }
+        state.endpoints = records
+    }
+
+    func detachRemoved(_ workloads: [Workload]) {
+        let wantedPods = Set(workloads.compactMap { w -> String? in if case .pod(let i) = w.attachment { return i }; return nil })
+        let wantedCgroups = Set(workloads.compactMap { w -> String? in if case .cgroup(let p) = w.attachment { return cgroupPath(p) }; return nil })
+        for e in state.endpoints {
+            if let i = e.interface, let idx = e.ifindex, !wantedPods.contains(i) {
+                try? datapath.detachPod(ifindex: idx)
+                log.info("workload removed", metadata: ["workload": "\(e.workload)"])
+            }
+            if let p = e.cgroupPath, let cg = e.cgroupID, !wantedCgroups.contains(p) {
+                try? datapath.detachCgroup(id: cg)
+                log.info("workload removed", metadata: ["workload": "\(e.workload)"])
+            }
+        }
+    }
+
+    func saveState() {
+        do { try state.save(config.stateFile) } catch {
+            log.error("cannot write state", metadata: ["path": "\(config.stateFile)", "error": "\(error)"])
+        }
+    }
+
+    /// Removes everything Palisade installed for this configuration.
+    public static func cleanup(config: AgentConfig, logger: Logger) {
+        let state = AgentState.load(config.stateFile) ?? AgentState()
+        Datapath.removeAll(pinRoot: config.bpffs, podIfindexes: state.endpoints.compactMap(\.ifindex))
+        var cleared = state
+        cleared.endpoints = []
+        try? cleared.save(config.stateFile)
+        logger.info("removed Palisade's programs, links and pinned maps", metadata: ["bpffs": "\(config.bpffs)"])
+    }
+}

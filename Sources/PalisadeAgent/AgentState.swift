@@ -1,0 +1,72 @@
+import Foundation
+import PalisadeIdentity
+import PalisadePolicy
+
+/// What the agent persists in its state directory: identity numbers (stable
+/// across restarts), what each rule id means, what it attached (so a restart
+/// or --cleanup can find it), and the status of the last policy apply.
+/// The CLI reads it to put names on map entries.
+public struct AgentState: Codable, Sendable {
+    public struct IdentityRecord: Codable, Sendable {
+        public var spiffeID: SpiffeID
+        public var namespace: String
+        public var labels: [String: String]
+    }
+    public struct EndpointRecord: Codable, Hashable, Sendable {
+        public var workload: String
+        public var identity: NumericIdentity
+        public var interface: String?
+        public var ifindex: Int32?
+        public var cgroupPath: String?
+        public var cgroupID: UInt64?
+    }
+    public struct PolicyStatus: Codable, Sendable {
+        public var generation: UInt64 = 0
+        public var appliedAt: Date?
+        public var files: [String] = []
+        public var policies = 0
+        public var policyEntries = 0
+        public var applySeconds = 0.0
+        public var lastError: String?
+        public var lastErrorAt: Date?
+    }
+
+    public var allocator = IdentityAllocator()
+    public var identities: [UInt32: IdentityRecord] = [:]
+    public var cidrIdentities: [String: UInt32] = [:]
+    public var rules: [RuleInfo] = []
+    public var endpoints: [EndpointRecord] = []
+    public var policy = PolicyStatus()
+    public var workloadErrors: [String] = []
+
+    public init() {}
+
+    public static func load(_ path: String) -> AgentState? {
+        guard let data = FileManager.default.contents(atPath: path) else { return nil }
+        let d = JSONDecoder()
+        d.dateDecodingStrategy = .iso8601
+        return try? d.decode(AgentState.self, from: data)
+    }
+
+    public func save(_ path: String) throws {
+        let e = JSONEncoder()
+        e.outputFormatting = [.prettyPrinted, .sortedKeys]
+        e.dateEncodingStrategy = .iso8601
+        let data = try e.encode(self)
+        let tmp = path + ".tmp"
+        try data.write(to: URL(fileURLWithPath: tmp))
+        if rename(tmp, path) != 0 { throw CocoaError(.fileWriteUnknown) }
+    }
+
+    /// A readable name for a numeric identity.
+    public func name(of id: UInt32) -> String {
+        if let r = NumericIdentity(id).reservedName { return r }
+        if let rec = identities[id] { return rec.spiffeID.description }
+        if let c = cidrIdentities.first(where: { $0.value == id }) { return "cidr:\(c.key)" }
+        return "identity \(id)"
+    }
+
+    public func rule(_ id: UInt32) -> RuleInfo? {
+        id >= 1 && Int(id) <= rules.count ? rules[Int(id) - 1] : nil
+    }
+}

@@ -1,0 +1,71 @@
+import Foundation
+import PalisadeBPF
+import PalisadePolicy
+
+/// Agent configuration. Every field has a default, so the agent runs with
+/// no file at all (the embedded default: state on local disk, no server).
+public struct AgentConfig: Sendable {
+    public var trustDomain = "palisade.local"
+    public var stateDir = "/var/lib/palisade"
+    public var bpffs = "/sys/fs/bpf/palisade"
+    public var policyDir: String?
+    public var workloadDir: String?
+    /// cgroup v2 mount; found from /proc/mounts when not given.
+    public var cgroupRoot: String?
+    /// Deny events per CPU per second sent to the agent (token bucket in the kernel).
+    public var eventsPerSecond: UInt32 = 100
+    public var pollIntervalMilliseconds = 1000
+    /// Node addresses mapped to reserved:host; discovered when not given.
+    public var hostAddresses: [IPAddress]?
+
+    public init() {}
+
+    public var resolvedPolicyDir: String { policyDir ?? "\(stateDir)/policies" }
+    public var resolvedWorkloadDir: String { workloadDir ?? "\(stateDir)/workloads" }
+    public var resolvedCgroupRoot: String? { cgroupRoot ?? BPFFS.cgroup2Mount() }
+    public var stateFile: String { "\(stateDir)/state.json" }
+    public var eventLog: String { "\(stateDir)/events.jsonl" }
+
+    static let keys: Set<String> = ["trustDomain", "stateDir", "bpffs", "policyDir", "workloadDir", "cgroupRoot",
+                                    "eventsPerSecond", "pollIntervalMilliseconds", "hostAddresses"]
+
+    /// Loads a YAML file; unknown fields and bad values are precise errors.
+    public static func load(path: String?) throws -> AgentConfig {
+        var c = AgentConfig()
+        guard let path else { return c }
+        let text: String
+        do { text = try String(contentsOfFile: path, encoding: .utf8) } catch {
+            throw InputError(SourceLocation(file: path, line: 0), field: "", "cannot read configuration: \(error.localizedDescription)")
+        }
+        guard let doc = try YAMLValue.documents(text, file: path).first, !doc.isNull else { return c }
+        let m = try doc.mapping(allowedKeys: keys)
+        if let v = m["trustDomain"] {
+            let td = try v.string()
+            guard (try? SpiffeIDCheck.trustDomain(td)) != nil else { throw v.error("expected a trust domain (lowercase letters, digits, '.', '-', '_'), got '\(td)'") }
+            c.trustDomain = td
+        }
+        for (key, setter) in [("stateDir", { (s: String) in c.stateDir = s }), ("bpffs", { c.bpffs = $0 }),
+                              ("policyDir", { c.policyDir = $0 }), ("workloadDir", { c.workloadDir = $0 }),
+                              ("cgroupRoot", { c.cgroupRoot = $0 })] {
+            if let v = m[key] {
+                let s = try v.string()
+                guard s.hasPrefix("/") else { throw v.error("expected an absolute path, got '\(s)'") }
+                setter(s)
+            }
+        }
+        if let v = m["eventsPerSecond"] { c.eventsPerSecond = UInt32(try v.int(in: 0...1_000_000)) }
+        if let v = m["pollIntervalMilliseconds"] { c.pollIntervalMilliseconds = try v.int(in: 50...60_000) }
+        if let v = m["hostAddresses"] {
+            c.hostAddresses = try v.sequence().map { a -> IPAddress in
+                guard let ip = IPAddress(try a.string()) else { throw a.error("expected an IP address, got \(a.kindName)") }
+                return ip
+            }
+        }
+        return c
+    }
+}
+
+import PalisadeIdentity
+enum SpiffeIDCheck {
+    static func trustDomain(_ td: String) throws -> SpiffeID { try SpiffeID("spiffe://\(td)") }
+}

@@ -1,0 +1,86 @@
+import CPalisadeShared
+import Foundation
+import PalisadeBPF
+import PalisadeDatapath
+import PalisadePolicy
+
+/// A decoded deny (or audit) event from the kernel's ring buffer.
+public struct FlowEvent: Codable, Sendable {
+    public var time: Date
+    public var verdict: String
+    public var reason: String
+    public var direction: String
+    public var source: String
+    public var destination: String
+    public var sourcePort: UInt16
+    public var destinationPort: UInt16
+    public var proto: String
+    public var localIdentity: UInt32
+    public var peerIdentity: UInt32
+    public var local: String
+    public var peer: String
+    public var rule: String?
+    public var ifindex: UInt32
+    public var cgroupID: UInt64
+}
+
+/// Polls the ring buffer and appends each event as a JSON line to a file
+/// in the state directory (rotated at 16 MiB), with identities named.
+final class FlowEventWriter: @unchecked Sendable {
+    let ring: RingBuffer
+    init(maps: PalisadeMaps, path: String, names: @escaping @Sendable () -> AgentState) throws {
+        let file = EventFile(path: path)
+        let bootOffset = Date().timeIntervalSince1970 - Double(clockMonotonicNanoseconds()) / 1e9
+        ring = try RingBuffer(map: maps.events) { bytes in
+            guard bytes.count >= MemoryLayout<pal_flow_event>.size else { return }
+            let e = bytes.loadUnaligned(as: pal_flow_event.self)
+            let state = names()
+            let reason = Reason(rawValue: e.reason) ?? .denyDefault
+            let dir = Direction(kernel: e.direction)
+            let src = IPAddress(tuple: e.saddr), dst = IPAddress(tuple: e.daddr)
+            let local = state.name(of: e.local_identity), peer = state.name(of: e.peer_identity)
+            let event = FlowEvent(
+                time: Date(timeIntervalSince1970: bootOffset + Double(e.timestamp_ns) / 1e9),
+                verdict: reason.passes ? "audit" : "denied", reason: reason.description, direction: dir.rawValue,
+                source: src.description, destination: dst.description, sourcePort: e.sport, destinationPort: e.dport,
+                proto: IPProtocol(rawValue: e.protocol)?.description ?? "\(e.protocol)",
+                localIdentity: e.local_identity, peerIdentity: e.peer_identity, local: local, peer: peer,
+                rule: state.rule(e.rule_id)?.summary, ifindex: e.ifindex, cgroupID: e.cgroup_id)
+            file.append(event)
+        }
+    }
+    func start() { ring.start() }
+    func stop() { ring.stop() }
+}
+
+func clockMonotonicNanoseconds() -> UInt64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+}
+
+final class EventFile: @unchecked Sendable {
+    let path: String
+    let lock = NSLock()
+    let encoder: JSONEncoder
+    static let maxBytes = 16 << 20
+    init(path: String) {
+        self.path = path
+        encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        encoder.dateEncodingStrategy = .iso8601
+    }
+    func append(_ e: FlowEvent) {
+        guard var data = try? encoder.encode(e) else { return }
+        data.append(0x0a)
+        lock.lock(); defer { lock.unlock() }
+        if let attrs = try? FileManager.default.attributesOfItem(atPath: path), (attrs[.size] as? Int ?? 0) > EventFile.maxBytes {
+            _ = rename(path, path + ".1")
+        }
+        if !FileManager.default.fileExists(atPath: path) { FileManager.default.createFile(atPath: path, contents: nil, attributes: [.posixPermissions: 0o600]) }
+        guard let h = FileHandle(forWritingAtPath: path) else { return }
+        h.seekToEndOfFile()
+        h.write(data)
+        h.closeFile()
+    }
+}

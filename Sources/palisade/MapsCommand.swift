@@ -1,0 +1,158 @@
+import ArgumentParser
+import CPalisadeShared
+import Foundation
+import PalisadeAgent
+import PalisadeDatapath
+import PalisadePolicy
+
+/// Reads the pinned maps directly, so it works while the agent is stopped.
+struct MapsCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "maps", abstract: "Inspect the kernel maps.", subcommands: [Dump.self])
+
+    enum Kind: String, ExpressibleByArgument, CaseIterable {
+        case policy, identities, ipcache, conntrack, endpoints, counters
+    }
+
+    struct Dump: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Decode a map into a readable table.")
+        @Argument(help: "One of: \(Kind.allCases.map(\.rawValue).joined(separator: ", ")).") var kind: Kind
+        @OptionGroup var options: ConfigOption
+        @Option var output: OutputFormat = .table
+
+        func run() throws {
+            let config = try options.load()
+            let maps: PalisadeMaps
+            do { maps = try PalisadeMaps.openPinned(at: config.bpffs) } catch {
+                throw CLIError("cannot open Palisade's pinned maps under \(config.bpffs): \(error) (has the agent run?)")
+            }
+            let state = AgentState.load(config.stateFile) ?? AgentState()
+            let dumper = MapDumper(maps: maps, state: state)
+            let rows: [[String: String]]
+            let columns: [String]
+            switch kind {
+            case .policy: (columns, rows) = try dumper.policy()
+            case .identities: (columns, rows) = dumper.identities()
+            case .ipcache: (columns, rows) = try dumper.ipcache()
+            case .conntrack: (columns, rows) = try dumper.conntrack()
+            case .endpoints: (columns, rows) = try dumper.endpoints()
+            case .counters: (columns, rows) = try dumper.counters()
+            }
+            if output == .json { try printJSON(rows) } else { printTable(columns.map { $0.uppercased() }, rows.map { r in columns.map { r[$0] ?? "" } }) }
+        }
+    }
+}
+
+struct MapDumper {
+    let maps: PalisadeMaps
+    let state: AgentState
+
+    var slot: UInt8 { UInt8(maps.activeConfig.active_slot & 1) }
+    func name(_ id: UInt32) -> String { state.name(of: id) }
+    func rule(_ id: UInt32) -> String {
+        guard let r = state.rule(id) else { return id == 0 ? "-" : "#\(id)" }
+        return "\(r.policy) \(r.kind == .defaultDeny ? "default" : r.action.rawValue) \(r.location.file.split(separator: "/").last ?? ""):\(r.location.line)"
+    }
+    func proto(_ p: UInt8) -> String { IPProtocol(rawValue: p)?.description ?? "\(p)" }
+
+    func policy() throws -> ([String], [[String: String]]) {
+        var rows: [[String: String]] = []
+        for (k, v) in try maps.policy.entries() where k.generation == slot {
+            let bits = Int(k.prefixlen)
+            let protoText = bits <= Int(PAL_POLICY_BITS_PEER) ? "any" : proto(k.protocol)
+            let portBits = bits - Int(PAL_POLICY_BITS_PROTO)
+            let port = UInt16(bigEndian: k.dport)
+            let portText: String
+            if portBits <= 0 { portText = "any" }
+            else if portBits == 16 { portText = "\(port)" }
+            else { portText = "\(port)-\(UInt32(port) + (UInt32(1) << (16 - portBits)) - 1)" }
+            rows.append([
+                "local": name(UInt32(bigEndian: k.local_identity)),
+                "direction": Direction(kernel: k.direction).rawValue,
+                "peer": name(UInt32(bigEndian: k.peer_identity)),
+                "protocol": protoText, "port": portText,
+                "verdict": Verdict(rawValue: v.verdict)?.description ?? "\(v.verdict)",
+                "rule": rule(v.rule_id), "packets": "\(v.packets)", "bytes": "\(v.bytes)",
+            ])
+        }
+        for (k, v) in try maps.defaults.entries() where k.generation == slot {
+            rows.append(["local": name(k.local_identity), "direction": Direction(kernel: k.direction).rawValue, "peer": "(default)",
+                         "protocol": "any", "port": "any", "verdict": Verdict(rawValue: v.verdict)?.description ?? "?",
+                         "rule": rule(v.rule_id), "packets": "", "bytes": ""])
+        }
+        rows.sort { ($0["local"]!, $0["direction"]!, $0["peer"]!, $0["protocol"]!, $0["port"]!) < ($1["local"]!, $1["direction"]!, $1["peer"]!, $1["protocol"]!, $1["port"]!) }
+        return (["local", "direction", "peer", "protocol", "port", "verdict", "rule", "packets", "bytes"], rows)
+    }
+
+    func identities() -> ([String], [[String: String]]) {
+        var rows: [[String: String]] = [
+            ["identity": "1", "name": "reserved:host", "namespace": "", "labels": ""],
+            ["identity": "2", "name": "reserved:world", "namespace": "", "labels": ""],
+            ["identity": "3", "name": "reserved:unknown", "namespace": "", "labels": ""],
+        ]
+        for (id, r) in state.identities.sorted(by: { $0.key < $1.key }) {
+            rows.append(["identity": "\(id)", "name": r.spiffeID.description, "namespace": r.namespace,
+                         "labels": r.labels.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ",")])
+        }
+        for (c, id) in state.cidrIdentities.sorted(by: { $0.value < $1.value }) {
+            rows.append(["identity": "\(id)", "name": "cidr:\(c)", "namespace": "", "labels": ""])
+        }
+        return (["identity", "name", "namespace", "labels"], rows)
+    }
+
+    func ipcache() throws -> ([String], [[String: String]]) {
+        var rows: [[String: String]] = []
+        for (k, v) in try maps.ipcache.entries() where k.generation == slot {
+            let cidr = CIDR(address: IPAddress(tuple: k.addr), mappedPrefixLength: Int(k.prefixlen) - Int(PAL_IPCACHE_BITS_GENERATION))
+            rows.append(["prefix": cidr.description, "identity": "\(v.identity)", "name": name(v.identity)])
+        }
+        return (["prefix", "identity", "name"], rows.sorted { $0["prefix"]! < $1["prefix"]! })
+    }
+
+    func conntrack() throws -> ([String], [[String: String]]) {
+        var rows: [[String: String]] = []
+        for (k, v) in try maps.conntrack.entries() {
+            rows.append([
+                "endpoint": name(v.local_identity),
+                "direction": Direction(kernel: k.direction).rawValue,
+                "source": "\(IPAddress(tuple: k.saddr)):\(UInt16(bigEndian: k.sport))",
+                "destination": "\(IPAddress(tuple: k.daddr)):\(UInt16(bigEndian: k.dport))",
+                "protocol": proto(k.protocol), "peer": name(v.peer_identity),
+                "packets": "\(v.packets)", "bytes": "\(v.bytes)",
+                "reply": v.flags & UInt8(PAL_CT_SEEN_REPLY) != 0 ? "yes" : "no",
+                "rule": rule(v.rule_id),
+            ])
+        }
+        return (["endpoint", "direction", "source", "destination", "protocol", "peer", "packets", "bytes", "reply", "rule"],
+                rows.sorted { ($0["endpoint"]!, $0["source"]!) < ($1["endpoint"]!, $1["source"]!) })
+    }
+
+    func endpoints() throws -> ([String], [[String: String]]) {
+        var rows: [[String: String]] = []
+        for (k, v) in try maps.endpointsByIfindex.entries() {
+            let rec = state.endpoints.first { $0.ifindex == Int32(k) }
+            rows.append(["kind": "pod", "key": "ifindex \(k)", "workload": rec?.workload ?? "?", "interface": rec?.interface ?? "",
+                         "identity": "\(v.identity)", "name": name(v.identity)])
+        }
+        for (k, v) in try maps.endpointsByCgroup.entries() {
+            let rec = state.endpoints.first { $0.cgroupID == k }
+            rows.append(["kind": "cgroup", "key": "cgroup \(k)", "workload": rec?.workload ?? "?", "interface": rec?.cgroupPath ?? "",
+                         "identity": "\(v.identity)", "name": name(v.identity)])
+        }
+        return (["kind", "key", "workload", "interface", "identity", "name"], rows.sorted { $0["workload"]! < $1["workload"]! })
+    }
+
+    func counters() throws -> ([String], [[String: String]]) {
+        let totals = try maps.counterTotals()
+        var rows: [[String: String]] = []
+        for d in Direction.allCases {
+            for r in Reason.allCases {
+                let c = totals[Int(d.kernel)][Int(r.rawValue)]
+                rows.append(["direction": d.rawValue, "reason": r.description, "packets": "\(c.packets)", "bytes": "\(c.bytes)"])
+            }
+        }
+        let ev = try maps.eventTotals()
+        rows.append(["direction": "-", "reason": "events-suppressed", "packets": "\(ev.suppressed)", "bytes": ""])
+        rows.append(["direction": "-", "reason": "events-lost", "packets": "\(ev.lost)", "bytes": ""])
+        return (["direction", "reason", "packets", "bytes"], rows)
+    }
+}

@@ -1,0 +1,82 @@
+#!/usr/bin/env python3
+"""Traffic for Palisade's kernel tests: an echo server and clients that report
+whether a round trip succeeded. Run inside test namespaces via nsenter.
+
+  netprobe.py serve tcp|udp ADDR PORT            echo until killed
+  netprobe.py connect tcp|udp ADDR PORT [TIMEOUT] exit 0 if an echo came back
+  netprobe.py hold ADDR PORT SECONDS INTERVAL    one TCP connection, a round trip
+                                                 every INTERVAL; prints ok/failed counts
+"""
+import os, socket, sys, threading, time
+
+def family(addr):
+    return socket.AF_INET6 if ":" in addr else socket.AF_INET
+
+def serve(proto, addr, port):
+    if proto == "tcp":
+        s = socket.socket(family(addr), socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((addr, port)); s.listen(512)
+        print("ready", flush=True)
+        def handle(c):
+            try:
+                while True:
+                    d = c.recv(65536)
+                    if not d: break
+                    c.sendall(d)
+            except OSError:
+                pass
+            finally:
+                c.close()
+        while True:
+            c, _ = s.accept()
+            threading.Thread(target=handle, args=(c,), daemon=True).start()
+    else:
+        s = socket.socket(family(addr), socket.SOCK_DGRAM)
+        s.bind((addr, port))
+        print("ready", flush=True)
+        while True:
+            d, peer = s.recvfrom(65536)
+            s.sendto(d, peer)
+
+def connect(proto, addr, port, timeout):
+    msg = b"palisade-probe"
+    try:
+        if proto == "tcp":
+            s = socket.create_connection((addr, port), timeout=timeout)
+            s.sendall(msg)
+            got = s.recv(len(msg))
+        else:
+            s = socket.socket(family(addr), socket.SOCK_DGRAM)
+            s.settimeout(timeout)
+            s.sendto(msg, (addr, port))
+            got, _ = s.recvfrom(65536)
+        s.close()
+        if got == msg:
+            print("ok"); return 0
+        print("bad-echo"); return 1
+    except (OSError, socket.timeout) as e:
+        print("failed: %s" % e); return 1
+
+def hold(addr, port, seconds, interval):
+    ok = failed = 0
+    s = socket.create_connection((addr, port), timeout=2)
+    s.settimeout(1.0)
+    end = time.time() + seconds
+    while time.time() < end:
+        try:
+            s.sendall(b"x"); 
+            if s.recv(1) == b"x": ok += 1
+            else: failed += 1; break
+        except OSError:
+            failed += 1; break
+        time.sleep(interval)
+    print("ok=%d failed=%d" % (ok, failed), flush=True)
+    return 0 if failed == 0 else 1
+
+if __name__ == "__main__":
+    a = sys.argv[1:]
+    if a[0] == "serve": serve(a[1], a[2], int(a[3]))
+    elif a[0] == "connect": sys.exit(connect(a[1], a[2], int(a[3]), float(a[4]) if len(a) > 4 else 1.0))
+    elif a[0] == "hold": sys.exit(hold(a[1], int(a[2]), float(a[3]), float(a[4])))
+    else: sys.exit(2)
