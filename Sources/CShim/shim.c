@@ -83,3 +83,26 @@ int pal_num_possible_cpus(void)
 {
 	return libbpf_num_possible_cpus();
 }
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+/* libbpf's warnings go to stderr, except the kernel's complaint that the
+ * clsact qdisc already exists: that is the normal case for an agent that
+ * adopts an existing attachment. */
+static int pal_libbpf_print(enum libbpf_print_level level, const char *fmt, va_list args)
+{
+	if (level == LIBBPF_DEBUG)
+		return 0;
+	char buf[1024];
+	vsnprintf(buf, sizeof(buf), fmt, args);
+	if (strstr(buf, "Exclusivity flag on"))
+		return 0;
+	return fprintf(stderr, "libbpf: %s", buf);
+}
+
+void pal_libbpf_quiet(void)
+{
+	libbpf_set_print(pal_libbpf_print);
+}

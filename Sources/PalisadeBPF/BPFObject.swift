@@ -11,12 +11,15 @@ public final class BPFObject {
     private var closed = false
 
     public init(path: String, pinRoot: String?) throws {
+        BPFObject.quietOnce
         guard let obj = pal_object_open_file(path, pinRoot) else {
             throw BPFError("open object", path, errno: Glibc.errno)
         }
         handle = obj
         self.path = path
     }
+
+    private static let quietOnce: Void = pal_libbpf_quiet()
 
     public func load() throws {
         try BPFError.check(bpf_object__load(handle), "load object", path)

@@ -136,10 +136,7 @@ public final class Datapath {
 
         try clearSlot(next)   // leftovers of an interrupted apply
         do {
-            for e in compiled.ipcache {
-                var v = pal_ipcache_value(); v.identity = e.identity.rawValue
-                try maps.ipcache.update(e.key(generation: next), v)
-            }
+            for e in compiled.ipcache { try maps.ipcache.update(e.key(generation: next), e.value) }
             for e in compiled.defaults { try maps.defaults.update(e.key(generation: next), e.value) }
             for e in compiled.entries { try maps.policy.update(e.key(generation: next), e.value) }
         } catch {

@@ -103,6 +103,15 @@ public struct DefaultEntry: Hashable, Sendable {
 public struct IPCacheEntry: Hashable, Sendable {
     public var cidr: CIDR
     public var identity: NumericIdentity
+    /// Longest policy CIDR containing this prefix (nil if none).
+    public var cidrIdentity: NumericIdentity?
+
+    public var value: pal_ipcache_value {
+        var v = pal_ipcache_value()
+        v.identity = identity.rawValue
+        v.cidr_identity = cidrIdentity?.rawValue ?? 0
+        return v
+    }
 
     public func key(generation: UInt8) -> pal_ipcache_key {
         var k = pal_ipcache_key()
@@ -172,7 +181,10 @@ public enum PolicyCompiler {
             }
             ipcache[c] = .host
         }
-        for (c, id) in cidrIdentities where ipcache[c] == nil { ipcache[c] = id }
+        for c in cidrIdentities.keys where ipcache[c] == nil { ipcache[c] = .world }
+        // Each entry also carries the longest policy CIDR containing it.
+        let byLength = cidrIdentities.sorted { $0.key.prefixLength > $1.key.prefixLength }
+        func cidrIdentity(of c: CIDR) -> NumericIdentity? { byLength.first { $0.key.contains(c) }?.value }
 
         let matcher = PeerMatcher(universe: universe, cidrIdentities: cidrIdentities)
         var entries: [PolicyEntry.Slot: PolicyEntry] = [:]
@@ -223,7 +235,7 @@ public enum PolicyCompiler {
         return CompiledPolicy(
             entries: resolved.values.sorted { ($0.local, $0.direction.rawValue, $0.peer, $0.proto ?? 0, $0.port, $0.portBits) < ($1.local, $1.direction.rawValue, $1.peer, $1.proto ?? 0, $1.port, $1.portBits) },
             defaults: defaults.values.sorted { ($0.local, $0.direction.rawValue) < ($1.local, $1.direction.rawValue) },
-            ipcache: ipcache.map { IPCacheEntry(cidr: $0.key, identity: $0.value) }.sorted { $0.cidr < $1.cidr },
+            ipcache: ipcache.map { IPCacheEntry(cidr: $0.key, identity: $0.value, cidrIdentity: cidrIdentity(of: $0.key)) }.sorted { $0.cidr < $1.cidr },
             rules: rules,
             cidrIdentities: cidrIdentities)
     }
@@ -286,19 +298,13 @@ struct PeerMatcher {
             case .entity(.host): out.insert(.host)
             case .entity(.world):
                 out.insert(.world)
-                out.formUnion(cidrIdentities.values)
             case .workloads(let sel):
                 for (id, w) in universe.workloads where sel.matches(w) { out.insert(id) }
             case .cidr(let c, let except):
-                func inside(_ x: CIDR) -> Bool { c.contains(x) && !except.contains { $0.contains(x) } }
-                for (prefix, id) in cidrIdentities where inside(prefix) { out.insert(id) }
-                for (id, w) in universe.workloads where !w.addresses.isEmpty
-                    && w.addresses.allSatisfy({ inside(CIDR(address: $0, mappedPrefixLength: 128)) }) {
+                // Every address resolves to the longest policy CIDR holding it;
+                // this rule matches those prefixes inside c and outside the excepts.
+                for (prefix, id) in cidrIdentities where c.contains(prefix) && !except.contains(where: { $0.contains(prefix) }) {
                     out.insert(id)
-                }
-                if !universe.hostAddresses.isEmpty
-                    && universe.hostAddresses.allSatisfy({ inside(CIDR(address: $0, mappedPrefixLength: 128)) }) {
-                    out.insert(.host)
                 }
             }
         }

@@ -55,17 +55,9 @@ public struct ReferenceEvaluator {
         case .entity(.all): return true
         case .entity(.host): if case .host = kind { return true } else { return false }
         case .entity(.world): if case .external = kind { return true } else { return false }
-        case .workloads(let sel): if case .workload(_, let w) = kind { return sel.matches(w) } else { return false }
         case .cidr(let c, let except):
-            // Documented semantics: a workload (or the host) matches a CIDR
-            // when every one of its addresses lies inside it.
-            let addrs: [IPAddress]
-            switch kind {
-            case .workload(_, let w): addrs = w.addresses
-            case .host: addrs = universe.hostAddresses
-            case .external: addrs = [address]
-            }
-            return addrs.allSatisfy { a in c.contains(a) && !except.contains { $0.contains(a) } }
+            return c.contains(address) && !except.contains { $0.contains(address) }
+        case .workloads(let sel): if case .workload(_, let w) = kind { return sel.matches(w) } else { return false }
         }
     }
 
@@ -101,20 +93,21 @@ public struct CompiledLookup {
     let compiled: CompiledPolicy
     let entries: [PolicyEntry.Slot: PolicyEntry]
     let defaults: [String: DefaultEntry]
-    let ipcache: [CIDR: NumericIdentity]
+    let ipcache: [CIDR: IPCacheEntry]
 
     public init(_ c: CompiledPolicy) {
         compiled = c
         entries = Dictionary(c.entries.map { ($0.slot, $0) }, uniquingKeysWith: { a, _ in a })
         defaults = Dictionary(c.defaults.map { ("\($0.local.rawValue)/\($0.direction)", $0) }, uniquingKeysWith: { a, _ in a })
-        ipcache = Dictionary(c.ipcache.map { ($0.cidr, $0.identity) }, uniquingKeysWith: { a, _ in a })
+        ipcache = Dictionary(c.ipcache.map { ($0.cidr, $0) }, uniquingKeysWith: { a, _ in a })
     }
 
-    public func identity(of a: IPAddress) -> NumericIdentity {
+    /// (identity, CIDR identity) of an address, as the ipcache trie answers.
+    public func identities(of a: IPAddress) -> (NumericIdentity, NumericIdentity?) {
         for len in stride(from: 128, through: 0, by: -1) {
-            if let id = ipcache[CIDR(address: a, mappedPrefixLength: len)] { return id }
+            if let e = ipcache[CIDR(address: a, mappedPrefixLength: len)] { return (e.identity, e.cidrIdentity) }
         }
-        return .world
+        return (.world, nil)
     }
 
     func longest(_ local: NumericIdentity, _ d: Direction, _ peer: NumericIdentity, _ proto: UInt8, _ port: UInt16) -> PolicyEntry? {
@@ -129,12 +122,14 @@ public struct CompiledLookup {
         guard let def = defaults["\(f.local.rawValue)/\(f.direction)"] else {
             return Decision(verdict: .allow, ruleID: 0, enforced: false)
         }
-        let peer = identity(of: f.peerAddress)
+        let (peer, cidrPeer) = identities(of: f.peerAddress)
         let port = (f.proto == 6 || f.proto == 17) ? f.port : 0
-        let a = longest(f.local, f.direction, peer, f.proto, port)
-        let b = longest(f.local, f.direction, .any, f.proto, port)
-        // Same tie-break as the datapath: the exact peer wins a tie.
-        let win = (a != nil && b != nil) ? (a!.verdict.rank >= b!.verdict.rank ? a : b) : (a ?? b)
+        // Same order and tie-break as the datapath: strongest verdict, then the more specific peer.
+        var win = longest(f.local, f.direction, peer, f.proto, port)
+        for candidate in [cidrPeer.flatMap { longest(f.local, f.direction, $0, f.proto, port) },
+                          longest(f.local, f.direction, .any, f.proto, port)] {
+            if let c = candidate, win == nil || c.verdict.rank > win!.verdict.rank { win = c }
+        }
         if let win { return Decision(verdict: win.verdict, ruleID: win.ruleID, enforced: true) }
         return Decision(verdict: def.verdict, ruleID: def.ruleID, enforced: true)
     }

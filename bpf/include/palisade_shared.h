@@ -98,9 +98,13 @@ struct pal_ipcache_key {
 
 #define PAL_IPCACHE_BITS_GENERATION 8
 
+/* identity: the workload (or reserved:host) owning the address, else
+ * reserved:world. cidr_identity: the identity of the longest CIDR named in
+ * policy that contains the address, 0 if none. CIDR rules match on the
+ * latter, so they judge each address on its own, workload or not. */
 struct pal_ipcache_value {
 	__u32 identity;
-	__u32 _pad;
+	__u32 cidr_identity;
 };
 
 /* Policy: LPM trie. The matched bytes follow prefixlen in memory order:

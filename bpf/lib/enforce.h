@@ -26,12 +26,15 @@ static __always_inline void pal_count(__u8 dir, __u8 reason, __u32 len)
 	}
 }
 
-static __always_inline __u32 pal_ipcache_identity(__u8 slot, const __u8 addr[16])
+static __always_inline struct pal_ipcache_value pal_ipcache_lookup(__u8 slot, const __u8 addr[16])
 {
 	struct pal_ipcache_key key = { .prefixlen = PAL_IPCACHE_BITS_GENERATION + 128, .generation = slot };
 	__builtin_memcpy(key.addr, addr, 16);
 	struct pal_ipcache_value *v = bpf_map_lookup_elem(&pal_ipcache, &key);
-	return v ? v->identity : PAL_ID_WORLD;
+	struct pal_ipcache_value out = { .identity = PAL_ID_WORLD, .cidr_identity = 0 };
+	if (v)
+		out = *v;
+	return out;
 }
 
 /* Ring buffer event, limited per CPU by a token bucket so that a flood of
@@ -138,7 +141,7 @@ static __always_inline int pal_enforce(struct __sk_buff *skb, const struct pal_e
 	/* Anti-spoofing: what a pod sends must come from one of its addresses,
 	 * or conntrack and identity would both be fooled. */
 	if ((ep->flags & PAL_EP_VERIFY_SOURCE) && dir == PAL_DIR_EGRESS &&
-	    pal_ipcache_identity(slot, f->saddr) != local_id) {
+	    pal_ipcache_lookup(slot, f->saddr).identity != local_id) {
 		d.pass = 0;
 		d.reason = PAL_REASON_DENY_SPOOFED;
 		pal_count(dir, d.reason, len);
@@ -171,7 +174,8 @@ static __always_inline int pal_enforce(struct __sk_buff *skb, const struct pal_e
 	}
 
 	/* A new flow: who the peer is and what the active generation says. */
-	d.peer_identity = pal_ipcache_identity(slot, dir == PAL_DIR_INGRESS ? f->saddr : f->daddr);
+	struct pal_ipcache_value peer = pal_ipcache_lookup(slot, dir == PAL_DIR_INGRESS ? f->saddr : f->daddr);
+	d.peer_identity = peer.identity;
 
 	struct pal_defaults_key dk = { .generation = slot, .direction = dir, .local_identity = local_id };
 	struct pal_defaults_value *def = bpf_map_lookup_elem(&pal_defaults, &dk);
@@ -184,12 +188,15 @@ static __always_inline int pal_enforce(struct __sk_buff *skb, const struct pal_e
 	} else {
 		__u16 dport = (f->protocol == IPPROTO_TCP || f->protocol == IPPROTO_UDP) ? f->dport : 0;
 		struct pal_policy_value *exact = pal_policy_lookup(slot, dir, local_id, d.peer_identity, f->protocol, dport);
+		struct pal_policy_value *cidr = peer.cidr_identity ?
+			pal_policy_lookup(slot, dir, local_id, peer.cidr_identity, f->protocol, dport) : 0;
 		struct pal_policy_value *any = pal_policy_lookup(slot, dir, local_id, PAL_ID_ANY, f->protocol, dport);
-		struct pal_policy_value *win = 0;
-		if (exact && any)
-			win = pal_rank(exact->verdict) >= pal_rank(any->verdict) ? exact : any;
-		else
-			win = exact ? exact : any;
+		/* The strongest verdict wins; on a tie, the more specific peer. */
+		struct pal_policy_value *win = exact;
+		if (cidr && (!win || pal_rank(cidr->verdict) > pal_rank(win->verdict)))
+			win = cidr;
+		if (any && (!win || pal_rank(any->verdict) > pal_rank(win->verdict)))
+			win = any;
 		__u8 verdict = win ? win->verdict : def->verdict;
 		d.rule_id = win ? win->rule_id : def->rule_id;
 		if (win) {

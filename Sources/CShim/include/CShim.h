@@ -29,6 +29,9 @@ int pal_setns_net(const char *path);
 typedef int (*pal_ringbuf_cb)(void *ctx, void *data, size_t size);
 struct ring_buffer *pal_ringbuf_new(int map_fd, pal_ringbuf_cb cb, void *ctx);
 
+/* Route libbpf messages, dropping expected noise. */
+void pal_libbpf_quiet(void);
+
 /* Number of possible CPUs, for per-CPU value arrays. */
 int pal_num_possible_cpus(void);
 
