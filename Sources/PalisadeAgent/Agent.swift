@@ -17,6 +17,9 @@ public final class Agent {
     var lastFingerprint: String?
     var lastGoodPolicies = PolicySet(policies: [])
     var lastGoodPolicyFiles: [String] = []
+    /// What the kernel was last given (policy text + universe): an unchanged
+    /// input is not applied again, so a rejected file changes nothing at all.
+    var appliedInput: String?
     var events: FlowEventWriter?
 
     public init(config: AgentConfig, logger: Logger) throws {
@@ -120,7 +123,11 @@ public final class Agent {
 
         let wanted = workloads.filter { w in universe.workloads[state.allocator.identity(for: w.spiffeID)] != nil }
         detachRemoved(wanted)
-        applyPolicy(universe: universe)
+        let input = "\(lastGoodPolicies.policies)\u{0}\(universe.workloads.sorted { $0.key < $1.key })\u{0}\(universe.hostAddresses)"
+        if input != appliedInput {
+            applyPolicy(universe: universe)
+            appliedInput = input
+        }
         attach(wanted)
         saveState()
     }

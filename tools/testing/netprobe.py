@@ -3,7 +3,8 @@
 whether a round trip succeeded. Run inside test namespaces via nsenter.
 
   netprobe.py serve tcp|udp ADDR PORT            echo until killed
-  netprobe.py connect tcp|udp ADDR PORT [TIMEOUT] exit 0 if an echo came back
+  netprobe.py connect tcp|udp ADDR PORT [TIMEOUT [SOURCE]]
+                                                 exit 0 if an echo came back
   netprobe.py hold ADDR PORT SECONDS INTERVAL    one TCP connection, a round trip
                                                  every INTERVAL; prints ok/failed counts
 """
@@ -39,15 +40,17 @@ def serve(proto, addr, port):
             d, peer = s.recvfrom(65536)
             s.sendto(d, peer)
 
-def connect(proto, addr, port, timeout):
+def connect(proto, addr, port, timeout, source=None):
     msg = b"palisade-probe"
     try:
         if proto == "tcp":
-            s = socket.create_connection((addr, port), timeout=timeout)
+            s = socket.create_connection((addr, port), timeout=timeout,
+                                         source_address=(source, 0) if source else None)
             s.sendall(msg)
             got = s.recv(len(msg))
         else:
             s = socket.socket(family(addr), socket.SOCK_DGRAM)
+            if source: s.bind((source, 0))
             s.settimeout(timeout)
             s.sendto(msg, (addr, port))
             got, _ = s.recvfrom(65536)
@@ -77,6 +80,6 @@ def hold(addr, port, seconds, interval):
 if __name__ == "__main__":
     a = sys.argv[1:]
     if a[0] == "serve": serve(a[1], a[2], int(a[3]))
-    elif a[0] == "connect": sys.exit(connect(a[1], a[2], int(a[3]), float(a[4]) if len(a) > 4 else 1.0))
+    elif a[0] == "connect": sys.exit(connect(a[1], a[2], int(a[3]), float(a[4]) if len(a) > 4 else 1.0, a[5] if len(a) > 5 else None))
     elif a[0] == "hold": sys.exit(hold(a[1], int(a[2]), float(a[3]), float(a[4])))
     else: sys.exit(2)

@@ -1,0 +1,125 @@
+import Foundation
+import XCTest
+
+/// The agent's life: killed, restarted, cleaned up, fed bad or changing policy.
+final class LifecycleTests: XCTestCase {
+    func setUpPair(_ prefix: String) throws -> (Lab, AgentHarness) {
+        let lab = try Lab(self, prefix: prefix, pods: ["a", "b"])
+        let agent = try AgentHarness(self, lab: lab)
+        try agent.enrollPod("a", index: 1, labels: ["app": "a"])
+        try agent.enrollPod("b", index: 2, labels: ["app": "b"])
+        try agent.writePolicy("b", policyYAML("b-ingress", """
+          selector: {labels: {app: b}}
+          ingress:
+            - from: [{labels: {app: a}}]
+              ports: [{port: 8080}]
+        """))
+        return (lab, agent)
+    }
+
+    func assertEnforced(_ lab: Lab, _ what: String, file: StaticString = #filePath, line: UInt = #line) throws {
+        XCTAssertTrue(try lab.reach(from: lab.netns("a"), "tcp", "10.99.2.2", 8080), "allowed flow, \(what)", file: file, line: line)
+        XCTAssertFalse(try lab.reach(from: lab.netns("a"), "tcp", "10.99.2.2", 9090, timeout: 0.5), "denied flow, \(what)", file: file, line: line)
+    }
+
+    func testEnforcementSurvivesKillRestartAndStopsAfterCleanup() throws {
+        try requireKernel()
+        let (lab, agent) = try setUpPair("pl1")
+        try agent.start()
+        let first = try agent.waitApplied(endpoints: 2)
+        try lab.serve("b", "tcp", port: 8080)
+        try lab.serve("b", "tcp", port: 9090)
+        try assertEnforced(lab, "with the agent running")
+
+        // A long-lived allowed connection must live through kill and restart.
+        let holdLog = NSTemporaryDirectory() + "pl1-hold-\(getpid()).log"
+        let hold = try lab.spawn(netns: lab.netns("a"), [Paths.python, Paths.probe, "hold", "10.99.2.2", "8080", "6", "0.05"], log: holdLog)
+
+        agent.stop(signal: SIGKILL)
+        try assertEnforced(lab, "after SIGKILL")
+
+        try agent.start()
+        try agent.waitApplied(after: first.policy.generation, endpoints: 2)
+        try assertEnforced(lab, "after restart (adopting the pinned state)")
+
+        agent.stop(signal: SIGTERM)
+        try assertEnforced(lab, "after SIGTERM")
+        hold.waitUntilExit()
+        let held = (try? String(contentsOfFile: holdLog, encoding: .utf8)) ?? ""
+        XCTAssertEqual(hold.terminationStatus, 0, "the established connection was cut: \(held)")
+        XCTAssertTrue(held.contains("failed=0"), held)
+
+        _ = try agent.palisade(["agent", "--cleanup"])
+        XCTAssertFalse(FileManager.default.fileExists(atPath: agent.bpffs), "pins remain after --cleanup")
+        XCTAssertTrue(try lab.reach(from: lab.netns("a"), "tcp", "10.99.2.2", 9090), "after --cleanup nothing is enforced")
+        let filters = try sh(["tc", "-n", "\(lab.prefix)-node", "filter", "show", "dev", lab.hostInterface("b"), "egress"]).output
+        XCTAssertFalse(filters.contains("bpf"), filters)
+    }
+
+    func testBadPolicyKeepsLastGoodAndIsReported() throws {
+        try requireKernel()
+        let (lab, agent) = try setUpPair("pl2")
+        try agent.start()
+        let s = try agent.waitApplied(endpoints: 2)
+        try lab.serve("b", "tcp", port: 8080)
+        try lab.serve("b", "tcp", port: 9090)
+
+        // A broken file (and a valid one next to it that would open 9090):
+        // nothing from the set is applied.
+        try agent.writePolicy("broken", policyYAML("broken", """
+          selector: {labels: {app: b}}
+          ingress:
+            - ports: [{port: 99999}]
+        """))
+        try agent.writePolicy("open", policyYAML("open-9090", """
+          selector: {labels: {app: b}}
+          ingress:
+            - ports: [{port: 9090}]
+        """))
+        let deadline = Date().addingTimeInterval(10)
+        while agent.state()?.policy.lastError == nil && Date() < deadline { usleep(100_000) }
+        let status = try agent.palisade(["policy", "status"], check: false)
+        XCTAssertNotEqual(status.status, 0)
+        XCTAssertTrue(status.output.contains("broken.yaml:8"), status.output)
+        XCTAssertTrue(status.output.contains("spec.ingress[0].ports[0].port"), status.output)
+        XCTAssertEqual(agent.generation, s.policy.generation, "nothing applied from a failing set")
+        try assertEnforced(lab, "with a broken file present")
+
+        let validate = try sh([Paths.palisade, "policy", "validate", "\(agent.dir)/policies/broken.yaml"], check: false)
+        XCTAssertEqual(validate.status, 1)
+        XCTAssertTrue(validate.output.contains("broken.yaml:8:"), validate.output)
+    }
+
+    /// Applies alternate between two rule sets that both allow a->b:8080 and
+    /// both deny a->b:9090, while traffic runs: no allowed connection may fail,
+    /// no denied one may get through, and the held connection must live.
+    func testAtomicApplyUnderLoad() throws {
+        try requireKernel()
+        let (lab, agent) = try setUpPair("pl3")
+        try agent.start()
+        var gen = try agent.waitApplied(endpoints: 2).policy.generation
+        try lab.serve("b", "tcp", port: 8080)
+        try lab.serve("b", "tcp", port: 9090)
+        let holdLog = NSTemporaryDirectory() + "pl3-hold-\(getpid()).log"
+        let hold = try lab.spawn(netns: lab.netns("a"), [Paths.python, Paths.probe, "hold", "10.99.2.2", "8080", "8", "0.02"], log: holdLog)
+
+        let variants = [
+            policyYAML("b-ingress", "  selector: {labels: {app: b}}\n  ingress:\n    - from: [{labels: {app: a}}]\n      ports: [{port: 8080}]\n"),
+            policyYAML("b-ingress", "  selector: {labels: {app: b}}\n  ingress:\n    - from: [{cidr: 10.99.1.0/24}]\n      ports: [{port: 8000-8100}]\n    - action: deny\n      ports: [{port: 9000-9999}]\n"),
+        ]
+        var failures: [String] = []
+        for i in 0..<12 {
+            try agent.writePolicy("b", variants[i % 2])
+            // Probe while the apply is happening.
+            for _ in 0..<3 {
+                if !(try lab.reach(from: lab.netns("a"), "tcp", "10.99.2.2", 8080)) { failures.append("apply \(i): allowed connection failed") }
+                if try lab.reach(from: lab.netns("a"), "tcp", "10.99.2.2", 9090, timeout: 0.2) { failures.append("apply \(i): denied connection succeeded") }
+            }
+            gen = try agent.waitApplied(after: gen, endpoints: 2).policy.generation
+        }
+        XCTAssertEqual(failures, [])
+        hold.waitUntilExit()
+        let held = (try? String(contentsOfFile: holdLog, encoding: .utf8)) ?? ""
+        XCTAssertTrue(held.contains("failed=0"), "held connection: \(held)")
+    }
+}
