@@ -104,7 +104,7 @@ final class LifecycleTests: XCTestCase {
         let hold = try lab.spawn(netns: lab.netns("a"), [Paths.python, Paths.probe, "hold", "10.99.2.2", "8080", "8", "0.02"], log: holdLog)
 
         let variants = [
-            policyYAML("b-ingress", "  selector: {labels: {app: b}}\n  ingress:\n    - from: [{labels: {app: a}}]\n      ports: [{port: 8080}]\n"),
+            policyYAML("b-ingress", "  selector: {labels: {app: b}}\n  ingress:\n    - from: [{labels: {app: a}}]\n      ports: [{port: 8080}, {port: 8443}]\n"),
             policyYAML("b-ingress", "  selector: {labels: {app: b}}\n  ingress:\n    - from: [{cidr: 10.99.1.0/24}]\n      ports: [{port: 8000-8100}]\n    - action: deny\n      ports: [{port: 9000-9999}]\n"),
         ]
         var failures: [String] = []
