@@ -41,8 +41,18 @@ public final class Agent {
     /// Reconciles until stop() returns true.
     public func run(until stop: () -> Bool) {
         events?.start()
+        var lastGC = Date()
         while !stop() {
             reconcileIfChanged()
+            if Date().timeIntervalSince(lastGC) > 30 {
+                lastGC = Date()
+                do {
+                    let n = try datapath.collectConntrackGarbage()
+                    if n > 0 { log.debug("conntrack garbage collected", metadata: ["entries": "\(n)"]) }
+                } catch {
+                    log.error("conntrack garbage collection failed", metadata: ["error": "\(error)"])
+                }
+            }
             var waited = 0
             while waited < config.pollIntervalMilliseconds && !stop() {
                 usleep(50_000)

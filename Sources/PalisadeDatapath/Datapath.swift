@@ -61,7 +61,7 @@ public final class Datapath {
         let ifindex = try TC.ifindex(of: interface)
         var ep = pal_endpoint()
         ep.identity = identity.rawValue
-        ep.endpoint_id = identity.rawValue
+        ep.endpoint_id = UInt32(ifindex)
         ep.flags = UInt32(PAL_EP_VERIFY_SOURCE)
         try maps.endpointsByIfindex.update(UInt32(ifindex), ep)
         try TC.attach(fromPod, ifindex: ifindex, hook: .ingress)
@@ -83,7 +83,8 @@ public final class Datapath {
         let id = try CgroupAttach.id(ofCgroup: path)
         var ep = pal_endpoint()
         ep.identity = identity.rawValue
-        ep.endpoint_id = identity.rawValue
+        // Unique per endpoint (scopes conntrack); disjoint from ifindexes.
+        ep.endpoint_id = PAL_CT_ENDPOINT_CGROUP_BIT | UInt32(truncatingIfNeeded: id & 0x7fff_ffff)
         try maps.endpointsByCgroup.update(id, ep)
         try CgroupAttach.attach(cgroupIngress, cgroupPath: path, linkPin: linkPin(id, "ingress"))
         try CgroupAttach.attach(cgroupEgress, cgroupPath: path, linkPin: linkPin(id, "egress"))
@@ -167,15 +168,49 @@ public final class Datapath {
     func flushDeniedConnections(_ lookup: CompiledLookup) throws -> Int {
         var flushed = 0
         for (k, v) in try maps.conntrack.entries() {
-            let dir = Direction(kernel: k.direction)
-            let peer = dir == .ingress ? IPAddress(tuple: k.saddr) : IPAddress(tuple: k.daddr)
-            let flow = Flow(local: NumericIdentity(v.local_identity), direction: dir, peerAddress: peer,
-                            proto: k.protocol, port: UInt16(bigEndian: k.dport))
-            if lookup.evaluate(flow).verdict == .deny {
+            let flow = ConntrackFlow(k, v)
+            let dir = Direction(kernel: v.direction)
+            let peer = dir == .ingress ? flow.initiator : flow.responder
+            let f = Flow(local: NumericIdentity(v.local_identity), direction: dir, peerAddress: peer,
+                         proto: k.protocol, port: flow.responderPort)
+            if lookup.evaluate(f).verdict == .deny {
                 if try maps.conntrack.delete(k) { flushed += 1 }
             }
         }
         return flushed
+    }
+
+    // MARK: Conntrack garbage collection
+
+    /// Idle limits: a closing TCP flow goes after 10 s, an unanswered one
+    /// after 60 s, an established one after 6 h; other protocols after 60 s.
+    public struct ConntrackTimeouts: Sendable {
+        public var tcpEstablished: UInt64 = 6 * 3600 * 1_000_000_000
+        public var tcpClosing: UInt64 = 10 * 1_000_000_000
+        public var other: UInt64 = 60 * 1_000_000_000
+        public init() {}
+    }
+
+    /// Removes expired conntrack entries; returns how many.
+    @discardableResult
+    public func collectConntrackGarbage(timeouts: ConntrackTimeouts = .init()) throws -> Int {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)   // bpf_ktime_get_ns() uses this clock
+        let now = UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+        var removed = 0
+        for (k, v) in try maps.conntrack.entries() {
+            let idle = now > v.last_seen_ns ? now - v.last_seen_ns : 0
+            let limit: UInt64
+            if k.protocol == 6 {
+                if v.flags & UInt8(PAL_CT_CLOSING) != 0 { limit = timeouts.tcpClosing }
+                else if v.flags & UInt8(PAL_CT_SEEN_REPLY) == 0 { limit = timeouts.other }
+                else { limit = timeouts.tcpEstablished }
+            } else {
+                limit = timeouts.other
+            }
+            if idle > limit, try maps.conntrack.delete(k) { removed += 1 }
+        }
+        return removed
     }
 
     // MARK: Teardown
@@ -193,5 +228,23 @@ public final class Datapath {
         rmdir("\(pinRoot)/links")
         for m in MapName.allCases { unlink("\(pinRoot)/\(m.rawValue)") }
         rmdir(pinRoot)
+    }
+}
+
+/// A conntrack entry read back in initiator/responder terms.
+public struct ConntrackFlow {
+    public var initiator: IPAddress
+    public var initiatorPort: UInt16
+    public var responder: IPAddress
+    public var responderPort: UInt16
+
+    public init(_ k: pal_ct_key, _ v: pal_ct_value) {
+        let a = IPAddress(tuple: k.addr_a), b = IPAddress(tuple: k.addr_b)
+        let pa = UInt16(bigEndian: k.port_a), pb = UInt16(bigEndian: k.port_b)
+        if v.initiator_is_b != 0 {
+            (initiator, initiatorPort, responder, responderPort) = (b, pb, a, pa)
+        } else {
+            (initiator, initiatorPort, responder, responderPort) = (a, pa, b, pb)
+        }
     }
 }

@@ -112,11 +112,12 @@ struct MapDumper {
     func conntrack() throws -> ([String], [[String: String]]) {
         var rows: [[String: String]] = []
         for (k, v) in try maps.conntrack.entries() {
+            let flow = ConntrackFlow(k, v)
             rows.append([
                 "endpoint": name(v.local_identity),
-                "direction": Direction(kernel: k.direction).rawValue,
-                "source": "\(IPAddress(tuple: k.saddr)):\(UInt16(bigEndian: k.sport))",
-                "destination": "\(IPAddress(tuple: k.daddr)):\(UInt16(bigEndian: k.dport))",
+                "direction": Direction(kernel: v.direction).rawValue,
+                "source": "\(flow.initiator):\(flow.initiatorPort)",
+                "destination": "\(flow.responder):\(flow.responderPort)",
                 "protocol": proto(k.protocol), "peer": name(v.peer_identity),
                 "packets": "\(v.packets)", "bytes": "\(v.bytes)",
                 "reply": v.flags & UInt8(PAL_CT_SEEN_REPLY) != 0 ? "yes" : "no",

@@ -28,7 +28,9 @@ final class EnforcementTests: XCTestCase {
 
         let a = lab.netns("a"), b = lab.netns("b"), c = lab.netns("c")
         XCTAssertTrue(try lab.reach(from: a, "tcp", "10.99.2.2", 8080), "a -> b:8080 is allowed both ways; replies must pass a's isolated ingress")
-        XCTAssertTrue(try lab.reach(from: a, "tcp", "fd00:99:2::2", 8080), "the same over IPv6")
+        if !(try lab.reach(from: a, "tcp", "fd00:99:2::2", 8080)) {
+            XCTFail("a -> b:8080 over IPv6. events: \(agent.events()) counters: \(try agent.counters().filter { $0.value > 0 })")
+        }
         XCTAssertFalse(try lab.reach(from: a, "tcp", "10.99.2.2", 9090), "b's ingress allows only 8080")
         XCTAssertFalse(try lab.reach(from: a, "tcp", "10.99.3.2", 8080), "a's egress allows only b")
         XCTAssertFalse(try lab.reach(from: b, "tcp", "10.99.1.2", 8080), "reverse direction: a's ingress is isolated")
@@ -75,11 +77,12 @@ final class EnforcementTests: XCTestCase {
 
         // Exactly N denied datagrams: N drops counted, N events.
         let before = try agent.counters()
+        let allEventsBefore = agent.events().count
         let eventsBefore = agent.events().filter { $0.destinationPort == 5355 }.count
         for _ in 0..<5 { XCTAssertFalse(try lab.reach(from: a, "udp", "10.99.2.2", 5355, timeout: 0.3)) }
         usleep(300_000)
         let after = try agent.counters()
-        XCTAssertEqual(after["ingress/denied-default"]! - before["ingress/denied-default"]!, 5)
+        XCTAssertEqual(after["ingress/denied-default"]! - before["ingress/denied-default"]!, 5, "events: \(agent.events().dropFirst(allEventsBefore))")
         XCTAssertEqual(agent.events().filter { $0.destinationPort == 5355 && $0.proto == "UDP" && $0.verdict == "denied" }.count - eventsBefore, 5)
     }
 

@@ -170,16 +170,19 @@ struct pal_counter {
 	__u64 bytes;
 };
 
-/* Conntrack: per endpoint and direction, keyed by the tuple as seen when the
- * flow was allowed (saddr = the initiator). */
+/* Conntrack, one entry per flow per endpoint, found with one lookup from
+ * either direction: the two (address, port) ends are stored in a canonical
+ * order (a < b, comparing the bytes as two native u64 words and the port),
+ * and the value says which end initiated. endpoint_id must be unique per
+ * endpoint on the node (pods: host-side ifindex; cgroups: see the agent),
+ * so the two checks of one packet between local workloads stay separate. */
 struct pal_ct_key {
-	__u8 saddr[16];
-	__u8 daddr[16];
-	__u16 sport;          /* network byte order */
-	__u16 dport;          /* network byte order */
+	__u8 addr_a[16];
+	__u8 addr_b[16];
+	__u16 port_a;         /* network byte order */
+	__u16 port_b;         /* network byte order */
 	__u8 protocol;
-	__u8 direction;       /* direction of the initiating packet at this endpoint */
-	__u16 _pad;
+	__u8 _pad[3];
 	__u32 endpoint_id;
 };
 
@@ -192,8 +195,12 @@ struct pal_ct_value {
 	__u32 peer_identity;
 	__u32 rule_id;
 	__u8 flags;           /* PAL_CT_* */
-	__u8 _pad[3];
+	__u8 direction;       /* direction of the initiating packet at this endpoint */
+	__u8 initiator_is_b;  /* 1 if (addr_b, port_b) opened the flow */
+	__u8 _pad;
 };
+
+#define PAL_CT_ENDPOINT_CGROUP_BIT 0x80000000u
 
 #define PAL_CT_SEEN_REPLY (1u << 0)
 #define PAL_CT_CLOSING    (1u << 1)

@@ -107,17 +107,42 @@ static __always_inline __u8 pal_rank(__u8 verdict)
 	}
 }
 
-static __always_inline void pal_ct_fill(struct pal_ct_key *k, const __u8 *s, const __u8 *d,
-					__u16 sp, __u16 dp, __u8 proto, __u8 dir, __u32 ep)
+/* Canonical conntrack key; *swapped is 1 when the packet's source is end b. */
+static __always_inline void pal_ct_key_for(struct pal_ct_key *k, const struct pal_flow *f, __u32 ep, __u8 *swapped)
 {
-	__builtin_memcpy(k->saddr, s, 16);
-	__builtin_memcpy(k->daddr, d, 16);
-	k->sport = sp;
-	k->dport = dp;
-	k->protocol = proto;
-	k->direction = dir;
-	k->_pad = 0;
+	__u64 s0, s1, d0, d1;
+	__builtin_memcpy(&s0, f->saddr, 8);
+	__builtin_memcpy(&s1, f->saddr + 8, 8);
+	__builtin_memcpy(&d0, f->daddr, 8);
+	__builtin_memcpy(&d1, f->daddr + 8, 8);
+	int src_first = s0 < d0 || (s0 == d0 && (s1 < d1 || (s1 == d1 && f->ct_sport <= f->ct_dport)));
+	if (src_first) {
+		__builtin_memcpy(k->addr_a, f->saddr, 16);
+		__builtin_memcpy(k->addr_b, f->daddr, 16);
+		k->port_a = f->ct_sport;
+		k->port_b = f->ct_dport;
+	} else {
+		__builtin_memcpy(k->addr_a, f->daddr, 16);
+		__builtin_memcpy(k->addr_b, f->saddr, 16);
+		k->port_a = f->ct_dport;
+		k->port_b = f->ct_sport;
+	}
+	k->protocol = f->protocol;
 	k->endpoint_id = ep;
+	*swapped = !src_first;
+}
+
+/* A TCP reset ends the flow at once; a FIN marks it closing so the agent's
+ * garbage collection can drop it soon after, instead of the LRU holding
+ * thousands of dead flows. */
+static __always_inline void pal_ct_track_close(struct pal_ct_value *ct, const struct pal_flow *f, const struct pal_ct_key *key)
+{
+	if (f->protocol != IPPROTO_TCP)
+		return;
+	if (f->tcp_flags & 0x04) /* RST */
+		bpf_map_delete_elem(&pal_conntrack, key);
+	else if (f->tcp_flags & 0x01) /* FIN */
+		ct->flags |= PAL_CT_CLOSING;
 }
 
 /* Returns 1 to pass, 0 to drop. */
@@ -134,12 +159,30 @@ static __always_inline int pal_enforce(struct __sk_buff *skb, const struct pal_e
 		return 1;
 	}
 
+	/* Conntrack: one lookup finds the flow whichever end sent this packet. */
+	struct pal_ct_key ck = {};
+	__u8 swapped = 0;
+	pal_ct_key_for(&ck, f, ep->endpoint_id, &swapped);
+	struct pal_ct_value *ct = f->fragment ? 0 : bpf_map_lookup_elem(&pal_conntrack, &ck);
+	if (ct) {
+		int reply = ct->initiator_is_b != swapped;
+		ct->last_seen_ns = now;
+		if (reply)
+			ct->flags |= PAL_CT_SEEN_REPLY;
+		__sync_fetch_and_add(&ct->packets, 1);
+		__sync_fetch_and_add(&ct->bytes, len);
+		pal_ct_track_close(ct, f, &ck);
+		pal_count(dir, reply ? PAL_REASON_ALLOW_REPLY : PAL_REASON_ALLOW_ESTABLISHED, len);
+		return 1;
+	}
+
 	__u32 zero = 0;
 	struct pal_config *cfg = bpf_map_lookup_elem(&pal_config, &zero);
 	__u8 slot = cfg ? (cfg->active_slot & 1) : 0;
 
-	/* Anti-spoofing: what a pod sends must come from one of its addresses,
-	 * or conntrack and identity would both be fooled. */
+	/* Anti-spoofing, on the first packet of a flow (later packets must match
+	 * the flow's entry, which is scoped to this endpoint): what a pod sends
+	 * must come from one of its own addresses. */
 	if ((ep->flags & PAL_EP_VERIFY_SOURCE) && dir == PAL_DIR_EGRESS &&
 	    pal_ipcache_lookup(slot, f->saddr).identity != local_id) {
 		d.pass = 0;
@@ -147,30 +190,6 @@ static __always_inline int pal_enforce(struct __sk_buff *skb, const struct pal_e
 		pal_count(dir, d.reason, len);
 		pal_emit_event(f, dir, &d, local_id, ifindex, cgroup_id, now);
 		return 0;
-	}
-
-	/* Conntrack: an established flow, or the reply of one. */
-	struct pal_ct_key ck = {};
-	pal_ct_fill(&ck, f->saddr, f->daddr, f->ct_sport, f->ct_dport, f->protocol, dir, ep->endpoint_id);
-	struct pal_ct_value *ct = f->fragment ? 0 : bpf_map_lookup_elem(&pal_conntrack, &ck);
-	if (ct) {
-		ct->last_seen_ns = now;
-		__sync_fetch_and_add(&ct->packets, 1);
-		__sync_fetch_and_add(&ct->bytes, len);
-		pal_count(dir, PAL_REASON_ALLOW_ESTABLISHED, len);
-		return 1;
-	}
-	struct pal_ct_key rk = {};
-	pal_ct_fill(&rk, f->daddr, f->saddr, f->ct_dport, f->ct_sport, f->protocol,
-		    dir == PAL_DIR_INGRESS ? PAL_DIR_EGRESS : PAL_DIR_INGRESS, ep->endpoint_id);
-	ct = f->fragment ? 0 : bpf_map_lookup_elem(&pal_conntrack, &rk);
-	if (ct) {
-		ct->last_seen_ns = now;
-		ct->flags |= PAL_CT_SEEN_REPLY;
-		__sync_fetch_and_add(&ct->packets, 1);
-		__sync_fetch_and_add(&ct->bytes, len);
-		pal_count(dir, PAL_REASON_ALLOW_REPLY, len);
-		return 1;
 	}
 
 	/* A new flow: who the peer is and what the active generation says. */
@@ -227,6 +246,8 @@ static __always_inline int pal_enforce(struct __sk_buff *skb, const struct pal_e
 			.peer_identity = d.peer_identity,
 			.rule_id = d.rule_id,
 			.flags = d.reason == PAL_REASON_AUDIT_WOULD_DENY ? PAL_CT_AUDIT : 0,
+			.direction = dir,
+			.initiator_is_b = swapped,
 		};
 		if (bpf_map_update_elem(&pal_conntrack, &ck, &nv, BPF_ANY) < 0 && def) {
 			/* Without an entry the reply would be judged as new: fail closed. */

@@ -94,8 +94,10 @@ static __always_inline int pal_parse_l4(struct __sk_buff *skb, __u32 off, struct
 			f->ct_sport = ih.id;
 			f->ct_dport = ih.id;
 		}
-		/* Router/neighbour solicitation and advertisement, redirect. */
-		if (ih.type >= 133 && ih.type <= 137)
+		/* Link control that IPv6 cannot work without: multicast listener
+		 * query/report (130-132, 143), router and neighbour discovery and
+		 * redirect (133-137). */
+		if ((ih.type >= 130 && ih.type <= 137) || ih.type == 143)
 			f->always_allow = 1;
 		return PAL_PARSE_OK;
 	}
