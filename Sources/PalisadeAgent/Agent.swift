@@ -63,17 +63,28 @@ public final class Agent {
         log.info("agent stopping; programs and maps stay pinned and keep enforcing")
     }
 
-    func fingerprint(_ files: [(name: String, text: String)]) -> String {
-        files.map { "\($0.name)\u{0}\($0.text)" }.joined(separator: "\u{1}")
+    /// Cheap change detection: names, sizes, mtimes and inodes of the
+    /// watched files plus the node's addresses. Contents are read only when
+    /// this changes, so an idle agent costs next to nothing.
+    func fingerprint() -> String {
+        var parts: [String] = []
+        for dir in [config.resolvedWorkloadDir, config.resolvedPolicyDir] {
+            parts.append(dir)
+            for name in ((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []).sorted() {
+                var st = stat()
+                guard stat("\(dir)/\(name)", &st) == 0 else { continue }
+                parts.append("\(name)/\(st.st_size)/\(st.st_mtim.tv_sec).\(st.st_mtim.tv_nsec)/\(st.st_ino)")
+            }
+        }
+        parts.append(hostAddresses().map(\.description).joined(separator: ","))
+        return parts.joined(separator: "\u{0}")
     }
 
     public func reconcileIfChanged() {
-        let workloadFiles = readYAMLDirectory(config.resolvedWorkloadDir)
-        let policyFiles = readYAMLDirectory(config.resolvedPolicyDir)
-        let fp = fingerprint(workloadFiles) + "\u{2}" + fingerprint(policyFiles) + "\u{2}" + (hostAddresses().map(\.description).joined())
+        let fp = fingerprint()
         if fp == lastFingerprint { return }
         lastFingerprint = fp
-        reconcile(workloadFiles: workloadFiles, policyFiles: policyFiles)
+        reconcile(workloadFiles: readYAMLDirectory(config.resolvedWorkloadDir), policyFiles: readYAMLDirectory(config.resolvedPolicyDir))
     }
 
     func hostAddresses() -> [IPAddress] {
