@@ -35,7 +35,11 @@ static __always_inline int pal_cg(struct __sk_buff *skb, __u8 dir)
 	if (!ep)
 		return 1;
 	struct pal_flow f = {};
-	int r = pal_parse(skb, 0, &f);
+	int r = pal_parse_direct(skb, 0, &f);
+	if (r == PAL_PARSE_SLOW) {
+		__builtin_memset(&f, 0, sizeof(f));
+		r = pal_parse(skb, 0, &f);
+	}
 	if (r == PAL_PARSE_NOT_IP)
 		return 1;
 	if (r != PAL_PARSE_OK) {

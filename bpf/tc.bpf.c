@@ -20,7 +20,11 @@ static __always_inline int pal_tc(struct __sk_buff *skb, __u8 dir)
 	if (skb->protocol != bpf_htons(ETH_P_IP) && skb->protocol != bpf_htons(ETH_P_IPV6))
 		return TC_ACT_OK;
 	struct pal_flow f = {};
-	int r = pal_parse(skb, ETH_HLEN, &f);
+	int r = pal_parse_direct(skb, ETH_HLEN, &f);
+	if (r == PAL_PARSE_SLOW) {
+		__builtin_memset(&f, 0, sizeof(f));
+		r = pal_parse(skb, ETH_HLEN, &f);
+	}
 	if (r == PAL_PARSE_NOT_IP)
 		return TC_ACT_OK;
 	if (r != PAL_PARSE_OK) {

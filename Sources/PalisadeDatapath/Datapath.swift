@@ -195,7 +195,7 @@ public final class Datapath {
     @discardableResult
     public func collectConntrackGarbage(timeouts: ConntrackTimeouts = .init()) throws -> Int {
         var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)   // bpf_ktime_get_ns() uses this clock
+        clock_gettime(CLOCK_MONOTONIC_COARSE, &ts)   // the clock of bpf_ktime_get_coarse_ns()
         let now = UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
         var removed = 0
         for (k, v) in try maps.conntrack.entries() {

@@ -150,7 +150,9 @@ static __always_inline int pal_enforce(struct __sk_buff *skb, const struct pal_e
 				       __u8 dir, struct pal_flow *f, __u32 ifindex, __u64 cgroup_id)
 {
 	__u32 len = skb->len;
-	__u64 now = bpf_ktime_get_ns();
+	/* Coarse clock: a tick-resolution read without touching the TSC; flow
+	 * timestamps and the event bucket need no better. */
+	__u64 now = bpf_ktime_get_coarse_ns();
 	struct pal_decision d = { .pass = 1, .reason = PAL_REASON_ALLOW_POLICY, .peer_identity = 0, .rule_id = 0 };
 	__u32 local_id = ep->identity;
 
@@ -166,11 +168,15 @@ static __always_inline int pal_enforce(struct __sk_buff *skb, const struct pal_e
 	struct pal_ct_value *ct = f->fragment ? 0 : bpf_map_lookup_elem(&pal_conntrack, &ck);
 	if (ct) {
 		int reply = ct->initiator_is_b != swapped;
-		ct->last_seen_ns = now;
-		if (reply)
+		/* Write the shared entry only when something changes, and keep the
+		 * per-flow counters plain (approximate under concurrency, as
+		 * exact ones would need two locked instructions per packet). */
+		if (now - ct->last_seen_ns > PAL_NS_PER_SEC)
+			ct->last_seen_ns = now;
+		if (reply && !(ct->flags & PAL_CT_SEEN_REPLY))
 			ct->flags |= PAL_CT_SEEN_REPLY;
-		__sync_fetch_and_add(&ct->packets, 1);
-		__sync_fetch_and_add(&ct->bytes, len);
+		ct->packets += 1;
+		ct->bytes += len;
 		pal_ct_track_close(ct, f, &ck);
 		pal_count(dir, reply ? PAL_REASON_ALLOW_REPLY : PAL_REASON_ALLOW_ESTABLISHED, len);
 		return 1;

@@ -30,6 +30,7 @@ enum pal_parse_result {
 	PAL_PARSE_OK = 0,
 	PAL_PARSE_NOT_IP = 1,     /* not our business (ARP, ...) */
 	PAL_PARSE_MALFORMED = 2,
+	PAL_PARSE_SLOW = 3,       /* direct access not possible: use pal_parse */
 };
 
 struct pal_flow {
@@ -164,6 +165,69 @@ static __always_inline int pal_parse(struct __sk_buff *skb, __u32 off, struct pa
 		return pal_parse_l4(skb, l4, f);
 	}
 	return PAL_PARSE_NOT_IP;
+}
+
+/* Fast path: reads headers in place (no helper calls) for the common
+ * packets: IPv4 with any options, IPv6 without extension headers, TCP, UDP,
+ * ICMP echo. Anything else, or headers not in the linear part, returns
+ * PAL_PARSE_SLOW and the caller falls back to pal_parse. */
+static __always_inline int pal_parse_direct(struct __sk_buff *skb, __u32 off, struct pal_flow *f)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	void *l3 = data + off;
+	void *l4;
+	if (l3 + 1 > data_end)
+		return PAL_PARSE_SLOW;
+	__u8 version = (*(__u8 *)l3) >> 4;
+	if (version == 4) {
+		struct iphdr *ip = l3;
+		if ((void *)(ip + 1) > data_end)
+			return PAL_PARSE_SLOW;
+		__u32 ihl = ip->ihl * 4;
+		if (ihl < sizeof(*ip))
+			return PAL_PARSE_MALFORMED;
+		if (bpf_ntohs(ip->frag_off) & 0x1fff)
+			return PAL_PARSE_SLOW;
+		f->family = 4;
+		f->protocol = ip->protocol;
+		pal_v4_mapped(f->saddr, ip->saddr);
+		pal_v4_mapped(f->daddr, ip->daddr);
+		l4 = l3 + ihl;
+	} else if (version == 6) {
+		struct ipv6hdr *ip6 = l3;
+		if ((void *)(ip6 + 1) > data_end)
+			return PAL_PARSE_SLOW;
+		__u8 nh = ip6->nexthdr;
+		if (nh != IPPROTO_TCP && nh != IPPROTO_UDP)
+			return PAL_PARSE_SLOW;
+		f->family = 6;
+		f->protocol = nh;
+		__builtin_memcpy(f->saddr, &ip6->saddr, 16);
+		__builtin_memcpy(f->daddr, &ip6->daddr, 16);
+		l4 = (void *)(ip6 + 1);
+	} else {
+		return PAL_PARSE_SLOW;
+	}
+	if (f->protocol == IPPROTO_TCP) {
+		struct tcphdr *th = l4;
+		if ((void *)(th + 1) > data_end)
+			return PAL_PARSE_SLOW;
+		f->sport = th->source;
+		f->dport = th->dest;
+		f->tcp_flags = ((__u8 *)th)[13];
+	} else if (f->protocol == IPPROTO_UDP) {
+		struct udphdr *uh = l4;
+		if ((void *)(uh + 1) > data_end)
+			return PAL_PARSE_SLOW;
+		f->sport = uh->source;
+		f->dport = uh->dest;
+	} else {
+		return PAL_PARSE_SLOW;
+	}
+	f->ct_sport = f->sport;
+	f->ct_dport = f->dport;
+	return PAL_PARSE_OK;
 }
 
 #endif
