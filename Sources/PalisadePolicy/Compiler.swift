@@ -48,6 +48,12 @@ public struct PolicyEntry: Hashable, Sendable {
     public var verdict: Verdict
     public var ruleID: UInt32
 
+    public init(local: NumericIdentity, direction: Direction, peer: NumericIdentity, proto: UInt8?, port: UInt16, portBits: Int,
+                verdict: Verdict, ruleID: UInt32) {
+        self.local = local; self.direction = direction; self.peer = peer; self.proto = proto
+        self.port = port; self.portBits = portBits; self.verdict = verdict; self.ruleID = ruleID
+    }
+
     public struct Slot: Hashable, Sendable {
         var local: NumericIdentity, direction: Direction, peer: NumericIdentity, proto: UInt8?, port: UInt16, portBits: Int
     }
@@ -83,6 +89,10 @@ public struct DefaultEntry: Hashable, Sendable {
     public var direction: Direction
     public var verdict: Verdict   // deny or audit
     public var ruleID: UInt32
+
+    public init(local: NumericIdentity, direction: Direction, verdict: Verdict, ruleID: UInt32) {
+        self.local = local; self.direction = direction; self.verdict = verdict; self.ruleID = ruleID
+    }
 
     public func key(generation: UInt8) -> pal_defaults_key {
         var k = pal_defaults_key()
@@ -132,6 +142,10 @@ public struct CompiledPolicy: Sendable {
     public var ipcache: [IPCacheEntry]
     public var rules: [RuleInfo]          // rules[id - 1]
     public var cidrIdentities: [CIDR: NumericIdentity]
+
+    public init(entries: [PolicyEntry], defaults: [DefaultEntry], ipcache: [IPCacheEntry], rules: [RuleInfo], cidrIdentities: [CIDR: NumericIdentity]) {
+        self.entries = entries; self.defaults = defaults; self.ipcache = ipcache; self.rules = rules; self.cidrIdentities = cidrIdentities
+    }
 
     public func rule(_ id: UInt32) -> RuleInfo? {
         id >= 1 && Int(id) <= rules.count ? rules[Int(id) - 1] : nil

@@ -6,7 +6,7 @@ import PalisadePolicy
 struct PolicyCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "policy", abstract: "Validate and inspect policies.",
-        subcommands: [Validate.self, Status.self])
+        subcommands: [Validate.self, Status.self, Explain.self])
 
     struct Validate: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Check policy files; non-zero exit with precise errors if any is bad.")
