@@ -197,8 +197,13 @@ public enum PolicyCompiler {
         }
         for c in cidrIdentities.keys where ipcache[c] == nil { ipcache[c] = .world }
         // Each entry also carries the longest policy CIDR containing it.
-        let byLength = cidrIdentities.sorted { $0.key.prefixLength > $1.key.prefixLength }
-        func cidrIdentity(of c: CIDR) -> NumericIdentity? { byLength.first { $0.key.contains(c) }?.value }
+        let lengths = Set(cidrIdentities.keys.map(\.prefixLength)).sorted(by: >)
+        func cidrIdentity(of c: CIDR) -> NumericIdentity? {
+            for len in lengths where len <= c.prefixLength {
+                if let id = cidrIdentities[CIDR(address: c.address, mappedPrefixLength: len)] { return id }
+            }
+            return nil
+        }
 
         let matcher = PeerMatcher(universe: universe, cidrIdentities: cidrIdentities)
         var entries: [PolicyEntry.Slot: PolicyEntry] = [:]
@@ -302,6 +307,26 @@ public enum PolicyCompiler {
 struct PeerMatcher {
     let universe: Universe
     let cidrIdentities: [CIDR: NumericIdentity]
+    /// Policy CIDRs sorted by address, so the prefixes inside one CIDR are a
+    /// contiguous run found by binary search (10,000 CIDR rules stay linear).
+    let sortedCIDRs: [(CIDR, NumericIdentity)]
+
+    init(universe: Universe, cidrIdentities: [CIDR: NumericIdentity]) {
+        self.universe = universe
+        self.cidrIdentities = cidrIdentities
+        sortedCIDRs = cidrIdentities.sorted { $0.key < $1.key }.map { ($0.key, $0.value) }
+    }
+
+    func prefixes(inside c: CIDR) -> ArraySlice<(CIDR, NumericIdentity)> {
+        var lo = 0, hi = sortedCIDRs.count
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            if sortedCIDRs[mid].0.address < c.address { lo = mid + 1 } else { hi = mid }
+        }
+        var end = lo
+        while end < sortedCIDRs.count && c.contains(sortedCIDRs[end].0.address) { end += 1 }
+        return sortedCIDRs[lo..<end]
+    }
 
     func identities(for peers: [Peer]) -> [NumericIdentity] {
         if peers.isEmpty { return [.any] }
@@ -317,7 +342,8 @@ struct PeerMatcher {
             case .cidr(let c, let except):
                 // Every address resolves to the longest policy CIDR holding it;
                 // this rule matches those prefixes inside c and outside the excepts.
-                for (prefix, id) in cidrIdentities where c.contains(prefix) && !except.contains(where: { $0.contains(prefix) }) {
+                for (prefix, id) in prefixes(inside: c) where prefix.prefixLength >= c.prefixLength
+                    && !except.contains(where: { $0.contains(prefix) }) {
                     out.insert(id)
                 }
             }
