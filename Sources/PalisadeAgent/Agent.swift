@@ -127,7 +127,8 @@ public final class Agent {
         for w in workloads {
             let id = state.allocator.identity(for: w.spiffeID)
             if var existing = universe.workloads[id] {
-                if existing.labels != w.labels || existing.namespace != w.namespace {
+                if existing.labels != w.labels || existing.namespace != w.namespace
+                    || existing.namespaceLabels.filter({ $0.key != "kubernetes.io/metadata.name" }) != w.namespaceLabels.filter({ $0.key != "kubernetes.io/metadata.name" }) {
                     log.error("workloads sharing a SPIFFE ID must share labels and namespace", metadata: ["workload": "\(w.name)", "spiffeID": "\(w.spiffeID)"])
                     state.workloadErrors.append("\(w.source): workload '\(w.name)' shares \(w.spiffeID) with different labels or namespace")
                     continue
@@ -135,7 +136,10 @@ public final class Agent {
                 existing.addresses += w.addresses
                 universe.workloads[id] = existing
             } else {
-                universe.workloads[id] = WorkloadIdentity(spiffeID: w.spiffeID, labels: w.labels, namespace: w.namespace, addresses: w.addresses)
+                var nsLabels = w.namespaceLabels
+                nsLabels["kubernetes.io/metadata.name"] = w.namespace
+                universe.workloads[id] = WorkloadIdentity(spiffeID: w.spiffeID, labels: w.labels, namespace: w.namespace,
+                                                          namespaceLabels: nsLabels, addresses: w.addresses)
             }
             records[id.rawValue] = .init(spiffeID: w.spiffeID, namespace: w.namespace, labels: w.labels)
         }

@@ -14,6 +14,9 @@ public struct Workload: Codable, Hashable, Sendable {
     public var spiffeID: SpiffeID
     public var namespace: String
     public var labels: [String: String]
+    /// Labels of the workload's namespace (Kubernetes namespaceSelector);
+    /// kubernetes.io/metadata.name is always set to the namespace.
+    public var namespaceLabels: [String: String] = [:]
     public var addresses: [IPAddress]
     public var attachment: Attachment
     public var source: SourceLocation
@@ -24,7 +27,7 @@ public struct Workload: Codable, Hashable, Sendable {
         self.addresses = addresses; self.attachment = attachment; self.source = source
     }
 
-    static let keys: Set<String> = ["name", "spiffeID", "namespace", "labels", "addresses", "interface", "cgroup"]
+    static let keys: Set<String> = ["name", "spiffeID", "namespace", "namespaceLabels", "labels", "addresses", "interface", "cgroup"]
 
     /// Parses workload documents (one or more per file).
     public static func parse(_ text: String, file: String, trustDomain: String) throws -> [Workload] {
@@ -62,8 +65,10 @@ public struct Workload: Codable, Hashable, Sendable {
             default:
                 throw doc.error("a workload needs exactly one of 'interface' (pod-like: host side of its veth) or 'cgroup'")
             }
-            return Workload(name: name, spiffeID: id, namespace: ns, labels: labels, addresses: addresses,
-                            attachment: attachment, source: doc.location)
+            var w = Workload(name: name, spiffeID: id, namespace: ns, labels: labels, addresses: addresses,
+                             attachment: attachment, source: doc.location)
+            w.namespaceLabels = try m["namespaceLabels"].map { try PolicyParser.labels($0) } ?? [:]
+            return w
         }
     }
 

@@ -15,12 +15,14 @@ public enum PolicyParser {
             switch (api, kind) {
             case (apiVersion, "Policy"):
                 out.append(try parsePolicy(doc))
+            case (KubernetesImport.apiVersion, "NetworkPolicy"):
+                out.append(try KubernetesImport.parse(doc))
             case (nil, _):
                 throw doc.error("missing field 'apiVersion' (expected \(apiVersion))")
             case (_, nil):
                 throw doc.error("missing field 'kind'")
             default:
-                throw (top["kind"] ?? doc).error("unsupported apiVersion/kind '\(api!)/\(kind!)' (expected \(apiVersion)/Policy)")
+                throw (top["kind"] ?? doc).error("unsupported apiVersion/kind '\(api!)/\(kind!)' (expected \(apiVersion)/Policy or \(KubernetesImport.apiVersion)/NetworkPolicy)")
             }
         }
         return out
@@ -54,7 +56,8 @@ public enum PolicyParser {
         return Policy(name: name, mode: mode, selector: selector, ingress: ingress, egress: egress, location: doc.location)
     }
 
-    static let selectorKeys: Set<String> = ["spiffeID", "spiffeIDPrefix", "labels", "matchExpressions", "namespace"]
+    static let selectorKeys: Set<String> = ["spiffeID", "spiffeIDPrefix", "labels", "matchExpressions", "namespace",
+                                            "namespaceLabels", "namespaceExpressions"]
 
     static func parseSelector(_ v: YAMLValue, allowNamespace: Bool) throws -> WorkloadSelector {
         if v.isNull { return WorkloadSelector() }
@@ -69,6 +72,10 @@ public enum PolicyParser {
         if let l = m["labels"] { s.labels.matchLabels = try labels(l) }
         if let e = m["matchExpressions"] { s.labels.matchExpressions = try expressions(e) }
         if let ns = m["namespace"] { s.namespace = try ns.string() }
+        if m["namespaceLabels"] != nil || m["namespaceExpressions"] != nil {
+            s.namespaceLabels = LabelSelector(matchLabels: try m["namespaceLabels"].map(labels) ?? [:],
+                                              matchExpressions: try m["namespaceExpressions"].map(expressions) ?? [])
+        }
         return s
     }
 
@@ -90,7 +97,7 @@ public enum PolicyParser {
         return m
     }
 
-    static func expressions(_ v: YAMLValue) throws -> [LabelSelector.Requirement] {
+    public static func expressions(_ v: YAMLValue) throws -> [LabelSelector.Requirement] {
         try v.sequence().map { e in
             let m = try e.mapping(allowedKeys: ["key", "operator", "values"])
             guard let k = m["key"] else { throw e.error("missing field 'key'") }
@@ -124,7 +131,7 @@ public enum PolicyParser {
         let m = try v.mapping(allowedKeys: selectorKeys.union(["cidr", "except", "entity"]))
         let kinds = [m.keys.contains { selectorKeys.contains($0) }, m["cidr"] != nil, m["entity"] != nil].filter { $0 }.count
         guard kinds == 1 else {
-            throw v.error("a peer is exactly one of: a workload selector (spiffeID, spiffeIDPrefix, labels, matchExpressions, namespace), 'cidr' (with optional 'except'), or 'entity'")
+            throw v.error("a peer is exactly one of: a workload selector (spiffeID, spiffeIDPrefix, labels, matchExpressions, namespace, namespaceLabels, namespaceExpressions), 'cidr' (with optional 'except'), or 'entity'")
         }
         if let c = m["cidr"] {
             let cidr = try parseCIDR(c)
@@ -142,7 +149,7 @@ public enum PolicyParser {
         return .workloads(try selector(from: m, in: v))
     }
 
-    static func parseCIDR(_ v: YAMLValue) throws -> CIDR {
+    public static func parseCIDR(_ v: YAMLValue) throws -> CIDR {
         let s = try v.string()
         guard let c = CIDR(s) else { throw v.error("expected a CIDR such as 10.0.0.0/8 or fd00::/64 (no host bits set), got '\(s)'") }
         return c
@@ -185,7 +192,7 @@ public enum PolicyParser {
         return PortRule(proto: p, first: UInt16(first), last: UInt16(last))
     }
 
-    static func isDNSLabelish(_ s: String) -> Bool {
+    public static func isDNSLabelish(_ s: String) -> Bool {
         !s.isEmpty && s.count <= 253
             && s.allSatisfy { $0.isASCII && ($0.isLowercase || $0.isNumber || $0 == "-" || $0 == ".") }
             && (s.first!.isLetter || s.first!.isNumber)

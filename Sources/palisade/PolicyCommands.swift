@@ -6,7 +6,26 @@ import PalisadePolicy
 struct PolicyCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "policy", abstract: "Validate and inspect policies.",
-        subcommands: [Validate.self, Status.self, Explain.self])
+        subcommands: [Validate.self, Status.self, Explain.self, Convert.self])
+
+    struct Convert: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Print policies (Kubernetes NetworkPolicy or Palisade's) in Palisade's format.")
+        @Argument(help: "Policy files (YAML).") var files: [String]
+
+        func run() throws {
+            var inputs: [(name: String, text: String)] = []
+            for f in files {
+                guard let text = try? String(contentsOfFile: f, encoding: .utf8) else { throw CLIError("\(f): cannot read file") }
+                inputs.append((f, text))
+            }
+            do {
+                print(PolicyWriter.yaml(try PolicySet.load(inputs).policies), terminator: "")
+            } catch let e as PolicyLoadErrors {
+                for err in e.errors { FileHandle.standardError.write(Data("\(err)\n".utf8)) }
+                throw ExitCode(1)
+            }
+        }
+    }
 
     struct Validate: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Check policy files; non-zero exit with precise errors if any is bad.")

@@ -17,6 +17,7 @@ struct WorkloadCommand: ParsableCommand {
         @Option(name: .customLong("spiffe-id"), help: "spiffe://TRUST-DOMAIN/PATH") var spiffeID: String
         @Option(help: "Namespace (for Kubernetes-style selection).") var namespace = "default"
         @Option(name: .customLong("label"), help: "KEY=VALUE, repeatable.") var labels: [String] = []
+        @Option(name: .customLong("namespace-label"), help: "KEY=VALUE label of the workload's namespace, repeatable.") var namespaceLabels: [String] = []
         @Option(name: .customLong("address"), help: "The workload's IP, repeatable.") var addresses: [String] = []
         @Option(help: "Host side of the pod's veth.") var interface: String?
         @Option(help: "cgroup path, relative to the cgroup2 mount or absolute.") var cgroup: String?
@@ -29,6 +30,14 @@ struct WorkloadCommand: ParsableCommand {
                 for l in labels {
                     let kv = l.split(separator: "=", maxSplits: 1)
                     guard kv.count == 2 else { throw CLIError("--label \(l): expected KEY=VALUE") }
+                    yaml += "  \(kv[0]): \"\(kv[1])\"\n"
+                }
+            }
+            if !namespaceLabels.isEmpty {
+                yaml += "namespaceLabels:\n"
+                for l in namespaceLabels {
+                    let kv = l.split(separator: "=", maxSplits: 1)
+                    guard kv.count == 2 else { throw CLIError("--namespace-label \(l): expected KEY=VALUE") }
                     yaml += "  \(kv[0]): \"\(kv[1])\"\n"
                 }
             }
