@@ -78,6 +78,52 @@ final class PolicyOperationsTests: XCTestCase {
         XCTAssertTrue(defaultDeny.contains("default deny: policy b-in"), defaultDeny)
     }
 
+    /// A Kubernetes NetworkPolicy, as written for a cluster, enforced on real packets.
+    func testKubernetesNetworkPolicyOnRealPackets() throws {
+        try requireKernel()
+        let lab = try Lab(self, prefix: "px2", pods: ["a", "b", "c"])
+        let agent = try AgentHarness(self, lab: lab)
+        try agent.enrollPod("a", index: 1, labels: ["app": "client"], namespace: "frontend", namespaceLabels: ["team": "web"])
+        try agent.enrollPod("b", index: 2, labels: ["app": "api"], namespace: "backend")
+        try agent.enrollPod("c", index: 3, labels: ["app": "batch"], namespace: "backend")
+        try agent.writePolicy("netpol", """
+        apiVersion: networking.k8s.io/v1
+        kind: NetworkPolicy
+        metadata:
+          name: api-from-web
+          namespace: backend
+        spec:
+          podSelector:
+            matchLabels: {app: api}
+          policyTypes: [Ingress]
+          ingress:
+          - from:
+            - namespaceSelector:
+                matchLabels: {team: web}
+            ports:
+            - protocol: TCP
+              port: 8080
+        ---
+        apiVersion: networking.k8s.io/v1
+        kind: NetworkPolicy
+        metadata:
+          name: default-deny-egress
+          namespace: backend
+        spec:
+          podSelector: {}
+          policyTypes: [Egress]
+        """)
+        try agent.start()
+        try agent.waitApplied(endpoints: 3)
+        for pod in ["a", "b", "c"] { try lab.serve(pod, "tcp", port: 8080); try lab.serve(pod, "tcp", port: 9090) }
+        XCTAssertTrue(try lab.reach(from: lab.netns("a"), "tcp", "10.99.2.2", 8080), "frontend (team=web) -> api:8080")
+        XCTAssertTrue(try lab.reach(from: lab.netns("a"), "tcp", "fd00:99:2::2", 8080), "and over IPv6")
+        XCTAssertFalse(try lab.reach(from: lab.netns("a"), "tcp", "10.99.2.2", 9090, timeout: 0.5), "only port 8080")
+        XCTAssertFalse(try lab.reach(from: lab.netns("c"), "tcp", "10.99.2.2", 8080, timeout: 0.5), "backend pods may not egress")
+        XCTAssertTrue(try lab.reach(from: lab.netns("a"), "tcp", "10.99.3.2", 9090), "batch is not selected for ingress")
+        XCTAssertFalse(try lab.reach(from: lab.netns("b"), "tcp", "10.99.1.2", 8080, timeout: 0.5), "api may not egress either")
+    }
+
     /// An apply that does not fit is refused before anything is written,
     /// and the generation in force stays exactly as it was.
     func testOverCapacityApplyIsRefusedAndChangesNothing() throws {

@@ -185,11 +185,12 @@ final class AgentHarness {
         try yaml.write(toFile: "\(dir)/policies/\(name).yaml", atomically: true, encoding: .utf8)
     }
 
-    func enrollPod(_ pod: String, index: Int, labels: [String: String], namespace: String = "default") throws {
+    func enrollPod(_ pod: String, index: Int, labels: [String: String], namespace: String = "default", namespaceLabels: [String: String] = [:]) throws {
         var args = ["workload", "enroll", "--name", pod, "--spiffe-id", "spiffe://test.local/ns/\(namespace)/sa/\(pod)",
                     "--namespace", namespace, "--interface", lab.hostInterface(pod),
                     "--address", "10.99.\(index).2", "--address", "fd00:99:\(index)::2"]
         for (k, v) in labels { args += ["--label", "\(k)=\(v)"] }
+        for (k, v) in namespaceLabels { args += ["--namespace-label", "\(k)=\(v)"] }
         _ = try palisade(args)
     }
 
