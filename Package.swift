@@ -1,4 +1,5 @@
 // swift-tools-version:6.0
+import Foundation
 import PackageDescription
 
 let package = Package(
@@ -50,3 +51,8 @@ let package = Package(
     ],
     swiftLanguageModes: [.v5]
 )
+
+// The libFuzzer target exists only for tools/fuzz/run (it has no main).
+if ProcessInfo.processInfo.environment["PALISADE_FUZZ"] == "1" {
+    package.targets.append(.executableTarget(name: "PalisadeFuzz", dependencies: ["PalisadePolicy", "PalisadeIdentity"]))
+}
