@@ -6,7 +6,43 @@ import PalisadePolicy
 struct PolicyCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "policy", abstract: "Validate and inspect policies.",
-        subcommands: [Validate.self, Status.self, Explain.self, Convert.self])
+        subcommands: [Validate.self, Apply.self, Status.self, Explain.self, Convert.self])
+
+    /// Validates the files together with the policies already in force, then
+    /// places them in the agent's policy directory (write + rename, so the
+    /// agent never reads half a file). Nothing is copied if anything fails.
+    struct Apply: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Validate policy files and hand them to the agent (Palisade or Kubernetes format).")
+        @OptionGroup var options: ConfigOption
+        @Argument(help: "Policy files (YAML).") var files: [String]
+
+        func run() throws {
+            let config = try options.load()
+            let dir = config.resolvedPolicyDir
+            var incoming: [(name: String, text: String)] = []
+            for f in files {
+                guard let text = try? String(contentsOfFile: f, encoding: .utf8) else { throw CLIError("\(f): cannot read file") }
+                incoming.append((f, text))
+            }
+            let targets = incoming.map { "\(dir)/\(($0.name as NSString).lastPathComponent)" }
+            guard Set(targets).count == targets.count else { throw CLIError("two files share a name; the policy directory holds files by name") }
+            // The set the agent will see: existing files, minus the ones being replaced, plus the new ones.
+            let existing = readYAMLDirectory(dir).filter { !targets.contains($0.name) }
+            do {
+                let set = try PolicySet.load(existing + incoming)
+                try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+                for (f, target) in zip(incoming, targets) {
+                    let tmp = "\(dir)/.\((target as NSString).lastPathComponent).tmp"
+                    try f.text.write(toFile: tmp, atomically: false, encoding: .utf8)
+                    guard rename(tmp, target) == 0 else { throw CLIError("cannot place \(target): \(String(cString: strerror(errno)))") }
+                }
+                print("applied \(files.count) \(files.count == 1 ? "file" : "files"); \(set.policies.count) policies in force once the agent picks them up (palisade policy status)")
+            } catch let e as PolicyLoadErrors {
+                for err in e.errors { FileHandle.standardError.write(Data("\(err)\n".utf8)) }
+                throw ExitCode(1)
+            }
+        }
+    }
 
     struct Convert: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Print policies (Kubernetes NetworkPolicy or Palisade's) in Palisade's format.")

@@ -90,6 +90,35 @@ final class LifecycleTests: XCTestCase {
         XCTAssertTrue(validate.output.contains("broken.yaml:8:"), validate.output)
     }
 
+    /// Revoking access cuts an established connection (its conntrack entry
+    /// is swept), and `policy apply` refuses a bad file without copying it.
+    func testRevocationCutsEstablishedConnection() throws {
+        try requireKernel()
+        let (lab, agent) = try setUpPair("pl4")
+        try agent.start()
+        let gen = try agent.waitApplied(endpoints: 2).policy.generation
+        try lab.serve("b", "tcp", port: 8080)
+        let holdLog = NSTemporaryDirectory() + "pl4-hold-\(getpid()).log"
+        let hold = try lab.spawn(netns: lab.netns("a"), [Paths.python, Paths.probe, "hold", "10.99.2.2", "8080", "6", "0.05"], log: holdLog)
+        usleep(1_000_000)
+
+        let bad = "\(agent.dir)/bad.yaml"
+        try policyYAML("b-ingress", "  selector: {labels: {app: b}}\n  ingress:\n    - ports: [{port: 0}]\n").write(toFile: bad, atomically: true, encoding: .utf8)
+        let refused = try agent.palisade(["policy", "apply", bad], check: false)
+        XCTAssertEqual(refused.status, 1)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: "\(agent.dir)/policies/bad.yaml"))
+
+        let revoke = "\(agent.dir)/b.yaml"
+        try policyYAML("b-ingress", "  selector: {labels: {app: b}}\n  ingress:\n    - from: [{labels: {app: a}}]\n      ports: [{port: 9999}]\n").write(toFile: revoke, atomically: true, encoding: .utf8)
+        _ = try agent.palisade(["policy", "apply", revoke])
+        try agent.waitApplied(after: gen, endpoints: 2)
+        hold.waitUntilExit()
+        let held = (try? String(contentsOfFile: holdLog, encoding: .utf8)) ?? ""
+        XCTAssertNotEqual(hold.terminationStatus, 0, "the revoked connection kept working: \(held)")
+        XCTAssertTrue(held.contains("failed=1"), held)
+        XCTAssertFalse(try lab.reach(from: lab.netns("a"), "tcp", "10.99.2.2", 8080, timeout: 0.5))
+    }
+
     /// Applies alternate between two rule sets that both allow a->b:8080 and
     /// both deny a->b:9090, while traffic runs: no allowed connection may fail,
     /// no denied one may get through, and the held connection must live.
