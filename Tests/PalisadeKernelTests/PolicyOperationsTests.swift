@@ -149,6 +149,18 @@ final class PolicyOperationsTests: XCTestCase {
         let live = try dp.maps.policy.keys()
         XCTAssertEqual(live.count, 1000)
         XCTAssertTrue(live.allSatisfy { $0.generation == slot })
+
+        // Typed iteration: batched where the kernel allows (more entries than one batch), else key by key.
+        for i in 0..<10_000 {
+            var k = pal_defaults_key(); k.generation = 7; k.local_identity = UInt32(1000 + i)
+            var v = pal_defaults_value(); v.verdict = 2; v.rule_id = UInt32(i)
+            try dp.maps.defaults.update(k, v)
+        }
+        XCTAssertNotNil(try dp.maps.defaults.map.entriesBatchRaw())
+        XCTAssertEqual(try dp.maps.policy.entries().count, try dp.maps.policy.keys().count)
+        let read = try dp.maps.defaults.entries().filter { $0.key.generation == 7 }
+        XCTAssertEqual(read.count, 10_000)
+        XCTAssertTrue(read.allSatisfy { $0.value.rule_id + 1000 == $0.key.local_identity })
     }
 }
 
