@@ -47,6 +47,7 @@ let package = Package(
         ]),
         .plugin(name: "BPFCompiler", capability: .buildTool()),
         .testTarget(name: "PalisadePolicyTests", dependencies: ["PalisadePolicy"]),
+        .testTarget(name: "PalisadeAgentTests", dependencies: ["PalisadeAgent"]),
         .testTarget(name: "PalisadeKernelTests", dependencies: ["PalisadeAgent", "PalisadeDatapath"]),
     ],
     swiftLanguageModes: [.v5]

@@ -93,9 +93,9 @@ public final class Agent {
 
     func reconcile(workloadFiles: [(name: String, text: String)], policyFiles: [(name: String, text: String)]) {
         // Workloads: a bad file is reported and skipped; the others proceed.
-        var workloads: [Workload] = []
+        var workloads: [Workload] = config.workloads
         var workloadErrors: [String] = []
-        var seen = Set<String>()
+        var seen = Set(config.workloads.map(\.name))
         for f in workloadFiles {
             do {
                 for w in try Workload.parse(f.text, file: f.name, trustDomain: config.trustDomain) {

@@ -17,6 +17,8 @@ public struct AgentConfig: Sendable {
     public var pollIntervalMilliseconds = 1000
     /// Node addresses mapped to reserved:host; discovered when not given.
     public var hostAddresses: [IPAddress]?
+    /// Workloads enrolled by the configuration itself (besides workloadDir).
+    public var workloads: [Workload] = []
 
     public init() {}
 
@@ -27,7 +29,7 @@ public struct AgentConfig: Sendable {
     public var eventLog: String { "\(stateDir)/events.jsonl" }
 
     static let keys: Set<String> = ["trustDomain", "stateDir", "bpffs", "policyDir", "workloadDir", "cgroupRoot",
-                                    "eventsPerSecond", "pollIntervalMilliseconds", "hostAddresses"]
+                                    "eventsPerSecond", "pollIntervalMilliseconds", "hostAddresses", "workloads"]
 
     /// Loads a YAML file; unknown fields and bad values are precise errors.
     public static func load(path: String?) throws -> AgentConfig {
@@ -55,6 +57,9 @@ public struct AgentConfig: Sendable {
         }
         if let v = m["eventsPerSecond"] { c.eventsPerSecond = UInt32(try v.int(in: 0...1_000_000)) }
         if let v = m["pollIntervalMilliseconds"] { c.pollIntervalMilliseconds = try v.int(in: 50...60_000) }
+        if let v = m["workloads"] {
+            c.workloads = try v.sequence().map { try Workload.parse($0, trustDomain: c.trustDomain) }
+        }
         if let v = m["hostAddresses"] {
             c.hostAddresses = try v.sequence().map { a -> IPAddress in
                 guard let ip = IPAddress(try a.string()) else { throw a.error("expected an IP address, got \(a.kindName)") }

@@ -31,45 +31,49 @@ public struct Workload: Codable, Hashable, Sendable {
 
     /// Parses workload documents (one or more per file).
     public static func parse(_ text: String, file: String, trustDomain: String) throws -> [Workload] {
-        try YAMLValue.documents(text, file: file).filter { !$0.isNull }.map { doc in
-            let m = try doc.mapping(allowedKeys: keys)
-            guard let n = m["name"] else { throw doc.error("missing field 'name'") }
-            let name = try n.string()
-            guard !name.isEmpty, name.count <= 63, name.allSatisfy({ $0.isASCII && ($0.isLowercase || $0.isNumber || $0 == "-") }) else {
-                throw n.error("expected a name of lowercase letters, digits and '-', at most 63, got '\(name)'")
-            }
-            guard let s = m["spiffeID"] else { throw doc.error("missing field 'spiffeID'") }
-            let id = try PolicyParser.spiffe(s)
-            guard id.trustDomain == trustDomain else {
-                throw s.error("SPIFFE ID \(id) is not in this node's trust domain '\(trustDomain)'")
-            }
-            let ns = try m["namespace"].map { try $0.string() } ?? "default"
-            let labels = try m["labels"].map { try PolicyParser.labels($0) } ?? [:]
-            let addresses: [IPAddress] = try m["addresses"].map { a in
-                try a.sequence().map { v -> IPAddress in
-                    guard let ip = IPAddress(try v.string()) else { throw v.error("expected an IP address, got \(v.kindName)") }
-                    return ip
-                }
-            } ?? []
-            let attachment: Attachment
-            switch (m["interface"], m["cgroup"]) {
-            case (let i?, nil):
-                let ifname = try i.string()
-                guard !ifname.isEmpty, ifname.utf8.count < 16 else { throw i.error("expected an interface name of 1-15 bytes") }
-                guard !addresses.isEmpty else { throw doc.error("a pod-like workload needs 'addresses' (the pod's IPs)") }
-                attachment = .pod(interface: ifname)
-            case (nil, let c?):
-                let path = try c.string()
-                guard !path.split(separator: "/").contains("..") else { throw c.error("'..' is not allowed in a cgroup path") }
-                attachment = .cgroup(path: path)
-            default:
-                throw doc.error("a workload needs exactly one of 'interface' (pod-like: host side of its veth) or 'cgroup'")
-            }
-            var w = Workload(name: name, spiffeID: id, namespace: ns, labels: labels, addresses: addresses,
-                             attachment: attachment, source: doc.location)
-            w.namespaceLabels = try m["namespaceLabels"].map { try PolicyParser.labels($0) } ?? [:]
-            return w
+        try YAMLValue.documents(text, file: file).filter { !$0.isNull }.map { try parse($0, trustDomain: trustDomain) }
+    }
+
+    /// One workload from a YAML mapping (a workload file's document, or an
+    /// entry of the agent configuration's `workloads` list).
+    public static func parse(_ doc: YAMLValue, trustDomain: String) throws -> Workload {
+        let m = try doc.mapping(allowedKeys: keys)
+        guard let n = m["name"] else { throw doc.error("missing field 'name'") }
+        let name = try n.string()
+        guard !name.isEmpty, name.count <= 63, name.allSatisfy({ $0.isASCII && ($0.isLowercase || $0.isNumber || $0 == "-") }) else {
+            throw n.error("expected a name of lowercase letters, digits and '-', at most 63, got '\(name)'")
         }
+        guard let s = m["spiffeID"] else { throw doc.error("missing field 'spiffeID'") }
+        let id = try PolicyParser.spiffe(s)
+        guard id.trustDomain == trustDomain else {
+            throw s.error("SPIFFE ID \(id) is not in this node's trust domain '\(trustDomain)'")
+        }
+        let ns = try m["namespace"].map { try $0.string() } ?? "default"
+        let labels = try m["labels"].map { try PolicyParser.labels($0) } ?? [:]
+        let addresses: [IPAddress] = try m["addresses"].map { a in
+            try a.sequence().map { v -> IPAddress in
+                guard let ip = IPAddress(try v.string()) else { throw v.error("expected an IP address, got \(v.kindName)") }
+                return ip
+            }
+        } ?? []
+        let attachment: Attachment
+        switch (m["interface"], m["cgroup"]) {
+        case (let i?, nil):
+            let ifname = try i.string()
+            guard !ifname.isEmpty, ifname.utf8.count < 16 else { throw i.error("expected an interface name of 1-15 bytes") }
+            guard !addresses.isEmpty else { throw doc.error("a pod-like workload needs 'addresses' (the pod's IPs)") }
+            attachment = .pod(interface: ifname)
+        case (nil, let c?):
+            let path = try c.string()
+            guard !path.split(separator: "/").contains("..") else { throw c.error("'..' is not allowed in a cgroup path") }
+            attachment = .cgroup(path: path)
+        default:
+            throw doc.error("a workload needs exactly one of 'interface' (pod-like: host side of its veth) or 'cgroup'")
+        }
+        var w = Workload(name: name, spiffeID: id, namespace: ns, labels: labels, addresses: addresses,
+                         attachment: attachment, source: doc.location)
+        w.namespaceLabels = try m["namespaceLabels"].map { try PolicyParser.labels($0) } ?? [:]
+        return w
     }
 
     public func yaml() -> String {

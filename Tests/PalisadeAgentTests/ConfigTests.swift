@@ -1,0 +1,58 @@
+import Foundation
+import XCTest
+@testable import PalisadeAgent
+import PalisadePolicy
+
+final class ConfigTests: XCTestCase {
+    func write(_ text: String) throws -> String {
+        let path = NSTemporaryDirectory() + "palisade-config-\(UUID().uuidString).yaml"
+        try text.write(toFile: path, atomically: true, encoding: .utf8)
+        addTeardownBlock { try? FileManager.default.removeItem(atPath: path) }
+        return path
+    }
+
+    func testEmbeddedDefault() throws {
+        let c = try AgentConfig.load(path: nil)
+        XCTAssertEqual(c.stateDir, "/var/lib/palisade")
+        XCTAssertEqual(c.bpffs, "/sys/fs/bpf/palisade")
+        XCTAssertEqual(c.resolvedPolicyDir, "/var/lib/palisade/policies")
+        XCTAssertEqual(c.trustDomain, "palisade.local")
+    }
+
+    func testWorkloadsInConfig() throws {
+        let path = try write("""
+        trustDomain: example.org
+        workloads:
+          - name: web
+            spiffeID: spiffe://example.org/ns/prod/sa/web
+            labels: {app: web}
+            interface: veth-web
+            addresses: [10.0.0.2, "fd00::2"]
+          - name: batch
+            spiffeID: spiffe://example.org/batch
+            cgroup: palisade/batch
+        """)
+        let c = try AgentConfig.load(path: path)
+        XCTAssertEqual(c.workloads.map(\.name), ["web", "batch"])
+        XCTAssertEqual(c.workloads[0].addresses.map(\.description), ["10.0.0.2", "fd00::2"])
+        XCTAssertEqual(c.workloads[1].attachment, .cgroup(path: "palisade/batch"))
+    }
+
+    func assertError(_ yaml: String, contains text: String, line: Int, file: StaticString = #filePath, l: UInt = #line) throws {
+        let path = try write(yaml)
+        XCTAssertThrowsError(try AgentConfig.load(path: path), file: file, line: l) { e in
+            let d = "\(e)"
+            XCTAssertTrue(d.contains("\(path):\(line):") && d.contains(text), d, file: file, line: l)
+        }
+    }
+
+    func testPreciseErrors() throws {
+        try assertError("stateDir: relative/path\n", contains: "stateDir: expected an absolute path", line: 1)
+        try assertError("trustDomain: Example.org\n", contains: "expected a trust domain", line: 1)
+        try assertError("bpfs: /x\n", contains: "unknown field 'bpfs'", line: 1)
+        try assertError("eventsPerSecond: -1\n", contains: "expected an integer 0-1000000", line: 1)
+        try assertError("workloads:\n  - name: w\n    spiffeID: spiffe://other.org/w\n    cgroup: x\n", contains: "not in this node's trust domain", line: 3)
+        try assertError("workloads:\n  - name: w\n    spiffeID: spiffe://palisade.local/w\n    interface: v0\n", contains: "needs 'addresses'", line: 2)
+        try assertError("workloads:\n  - name: w\n    spiffeID: spiffe://palisade.local/w\n    interface: v0\n    cgroup: c\n    addresses: [10.0.0.1]\n", contains: "exactly one of 'interface'", line: 2)
+    }
+}
