@@ -12,6 +12,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
         .package(url: "https://github.com/jpsim/Yams", from: "6.0.0"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.80.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.0.0"),
     ],
     targets: [
         // libbpf from the system (Debian's libbpf-dev).
@@ -34,9 +36,17 @@ let package = Package(
             dependencies: ["PalisadeBPF", "PalisadePolicy", "CPalisadeShared"],
             plugins: ["BPFCompiler"]
         ),
+        // Prometheus exposition of kernel counters, map pressure and agent events (NIO HTTP).
+        .target(name: "PalisadeMetrics", dependencies: [
+            "PalisadeDatapath", "PalisadePolicy", "CPalisadeShared",
+            .product(name: "Prometheus", package: "swift-prometheus"),
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+        ]),
         // Configuration, workload enrollment, state directory, reconcile loop.
         .target(name: "PalisadeAgent", dependencies: [
-            "PalisadeDatapath", "PalisadePolicy",
+            "PalisadeDatapath", "PalisadePolicy", "PalisadeMetrics",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Yams", package: "Yams"),
         ]),

@@ -4,7 +4,17 @@ import Logging
 import PalisadeBPF
 import PalisadeDatapath
 import PalisadeIdentity
+import PalisadeMetrics
 import PalisadePolicy
+
+/// The agent's state as other threads (ring buffer, metrics) may read it.
+final class StateBox: @unchecked Sendable {
+    private let lock = NSLock()
+    private var value: AgentState
+    init(_ v: AgentState) { value = v }
+    var state: AgentState { lock.lock(); defer { lock.unlock() }; return value }
+    func publish(_ v: AgentState) { lock.lock(); value = v; lock.unlock() }
+}
 
 /// The node agent: keeps the kernel in step with the declared workloads and
 /// policies. Runs its loop on the calling thread (which matters when that
@@ -21,6 +31,9 @@ public final class Agent {
     /// input is not applied again, so a rejected file changes nothing at all.
     var appliedInput: String?
     var events: FlowEventWriter?
+    let shared: StateBox
+    public let metrics: DatapathMetrics
+    var metricsServer: MetricsServer?
 
     public init(config: AgentConfig, logger: Logger) throws {
         self.config = config
@@ -35,7 +48,20 @@ public final class Agent {
         log.info("datapath loaded", metadata: ["bpffs": "\(config.bpffs)", "adopted-generation": "\(gen)",
                                                "tc-programs": "\(datapath.fromPod.id),\(datapath.toPod.id)"])
         try datapath.setEventRate(perSecond: config.eventsPerSecond)
-        events = try? FlowEventWriter(maps: datapath.maps, path: config.eventLog, names: { [weak self] in self?.state ?? AgentState() })
+        let shared = StateBox(state)
+        self.shared = shared
+        let metrics = DatapathMetrics(maps: datapath.maps, maxPairs: config.metricsIdentityPairs)
+        self.metrics = metrics
+        events = try FlowEventWriter(maps: datapath.maps, path: config.eventLog, names: { shared.state }, metrics: metrics)
+        if let (host, port) = config.metricsAddress {
+            let capacities = ["conntrack": Int(PAL_MAX_CONNTRACK), "policy": Int(PAL_MAX_POLICY), "ipcache": Int(PAL_MAX_IPCACHE),
+                              "defaults": Int(PAL_MAX_DEFAULTS), "endpoints_by_ifindex": Int(PAL_MAX_ENDPOINTS),
+                              "endpoints_by_cgroup": Int(PAL_MAX_ENDPOINTS)]
+            metricsServer = try MetricsServer(host: host, port: port) {
+                metrics.render(names: { shared.state.name(of: $0) }, capacities: capacities)
+            }
+            log.info("metrics", metadata: ["address": "http://\(host.contains(":") ? "[\(host)]" : host):\(metricsServer!.localPort)/metrics"])
+        }
     }
 
     /// Reconciles until stop() returns true.
@@ -60,6 +86,7 @@ public final class Agent {
             }
         }
         events?.stop()
+        metricsServer?.stop()
         log.info("agent stopping; programs and maps stay pinned and keep enforcing")
     }
 
@@ -115,9 +142,12 @@ public final class Agent {
             lastGoodPolicies = try PolicySet.load(policyFiles)
             lastGoodPolicyFiles = policyFiles.map(\.name)
             state.policy.lastError = nil
+            metrics.setPolicyValid(true)
         } catch {
             state.policy.lastError = "\(error)"
             state.policy.lastErrorAt = Date()
+            metrics.setPolicyValid(false)
+            metrics.recordApply(seconds: 0, generation: 0, ok: false)
             log.error("policy rejected; the last good policy stays in force", metadata: ["error": "\(error)"])
         }
 
@@ -169,6 +199,7 @@ public final class Agent {
             state.policy.policies = lastGoodPolicies.policies.count
             state.policy.policyEntries = r.policyEntries
             state.policy.applySeconds = r.seconds
+            metrics.recordApply(seconds: r.seconds, generation: r.generation, ok: true)
             log.info("policy applied", metadata: [
                 "generation": "\(r.generation)", "policies": "\(lastGoodPolicies.policies.count)",
                 "entries": "\(r.policyEntries)", "ipcache": "\(r.ipcacheEntries)", "conntrack-flushed": "\(r.conntrackFlushed)",
@@ -176,6 +207,7 @@ public final class Agent {
         } catch {
             state.policy.lastError = "\(error)"
             state.policy.lastErrorAt = Date()
+            metrics.recordApply(seconds: 0, generation: 0, ok: false)
             log.error("policy apply refused; the policy in force is unchanged", metadata: ["error": "\(error)"])
         }
     }
@@ -226,6 +258,8 @@ public final class Agent {
     }
 
     func saveState() {
+        shared.publish(state)
+        metrics.setWorkloads(state.endpoints.count)
         do { try state.save(config.stateFile) } catch {
             log.error("cannot write state", metadata: ["path": "\(config.stateFile)", "error": "\(error)"])
         }

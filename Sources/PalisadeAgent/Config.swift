@@ -17,6 +17,10 @@ public struct AgentConfig: Sendable {
     public var pollIntervalMilliseconds = 1000
     /// Node addresses mapped to reserved:host; discovered when not given.
     public var hostAddresses: [IPAddress]?
+    /// Prometheus endpoint, "HOST:PORT" (loopback by default) or nil for off.
+    public var metricsAddress: (host: String, port: Int)? = ("127.0.0.1", 9654)
+    /// Most identity-pair series before further pairs are folded into "other".
+    public var metricsIdentityPairs = 200
     /// Workloads enrolled by the configuration itself (besides workloadDir).
     public var workloads: [Workload] = []
 
@@ -29,7 +33,7 @@ public struct AgentConfig: Sendable {
     public var eventLog: String { "\(stateDir)/events.jsonl" }
 
     static let keys: Set<String> = ["trustDomain", "stateDir", "bpffs", "policyDir", "workloadDir", "cgroupRoot",
-                                    "eventsPerSecond", "pollIntervalMilliseconds", "hostAddresses", "workloads"]
+                                    "eventsPerSecond", "pollIntervalMilliseconds", "hostAddresses", "workloads", "metricsAddress", "metricsIdentityPairs"]
 
     /// Loads a YAML file; unknown fields and bad values are precise errors.
     public static func load(path: String?) throws -> AgentConfig {
@@ -57,6 +61,19 @@ public struct AgentConfig: Sendable {
         }
         if let v = m["eventsPerSecond"] { c.eventsPerSecond = UInt32(try v.int(in: 0...1_000_000)) }
         if let v = m["pollIntervalMilliseconds"] { c.pollIntervalMilliseconds = try v.int(in: 50...60_000) }
+        if let v = m["metricsAddress"] {
+            let text = try v.string()
+            if text == "off" {
+                c.metricsAddress = nil
+            } else {
+                guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]), (0...65535).contains(port),
+                      IPAddress(String(text[..<colon]).trimmingCharacters(in: CharacterSet(charactersIn: "[]"))) != nil else {
+                    throw v.error("expected HOST:PORT with an IP address (for example 127.0.0.1:9654, [::1]:9654) or 'off', got '\(text)'")
+                }
+                c.metricsAddress = (String(text[..<colon]).trimmingCharacters(in: CharacterSet(charactersIn: "[]")), port)
+            }
+        }
+        if let v = m["metricsIdentityPairs"] { c.metricsIdentityPairs = try v.int(in: 1...100_000) }
         if let v = m["workloads"] {
             c.workloads = try v.sequence().map { try Workload.parse($0, trustDomain: c.trustDomain) }
         }

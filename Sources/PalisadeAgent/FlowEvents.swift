@@ -2,6 +2,7 @@ import CPalisadeShared
 import Foundation
 import PalisadeBPF
 import PalisadeDatapath
+import PalisadeMetrics
 import PalisadePolicy
 
 /// A decoded deny (or audit) event from the kernel's ring buffer.
@@ -28,7 +29,7 @@ public struct FlowEvent: Codable, Sendable {
 /// in the state directory (rotated at 16 MiB), with identities named.
 final class FlowEventWriter: @unchecked Sendable {
     let ring: RingBuffer
-    init(maps: PalisadeMaps, path: String, names: @escaping @Sendable () -> AgentState) throws {
+    init(maps: PalisadeMaps, path: String, names: @escaping @Sendable () -> AgentState, metrics: DatapathMetrics) throws {
         let file = EventFile(path: path)
         let bootOffset = Date().timeIntervalSince1970 - Double(clockMonotonicNanoseconds()) / 1e9
         ring = try RingBuffer(map: maps.events) { bytes in
@@ -47,6 +48,7 @@ final class FlowEventWriter: @unchecked Sendable {
                 localIdentity: e.local_identity, peerIdentity: e.peer_identity, local: local, peer: peer,
                 rule: state.rule(e.rule_id)?.summary, ifindex: e.ifindex, cgroupID: e.cgroup_id)
             file.append(event)
+            metrics.recordEvent(verdict: event.verdict, direction: event.direction, local: local, peer: peer)
         }
     }
     func start() { ring.start() }

@@ -1,0 +1,197 @@
+import CPalisadeShared
+import Foundation
+import PalisadeBPF
+import PalisadeDatapath
+import PalisadePolicy
+import Prometheus
+
+/// Names for identities, supplied by the agent (thread-safe snapshot).
+public typealias IdentityNamer = @Sendable (UInt32) -> String
+
+/// The agent's Prometheus metrics. Kernel counters are read and summed over
+/// CPUs at scrape time and exported as counters (by delta, so they stay
+/// monotonic); per identity pair series are bounded: past `maxPairs`
+/// distinct pairs, further traffic is counted under local="other",
+/// peer="other", so a scan cannot explode the series count.
+public final class DatapathMetrics: @unchecked Sendable {
+    public let registry = PrometheusCollectorRegistry()
+    let lock = NSLock()
+    let maps: PalisadeMaps
+    let maxPairs: Int
+
+    var packetCounters: [String: (Counter, UInt64)] = [:]
+    var byteCounters: [String: (Counter, UInt64)] = [:]
+    var suppressed: (Counter, UInt64)
+    var lost: (Counter, UInt64)
+    var pairCounters: [String: Counter] = [:]
+    var ruleHits: [String: UInt64] = [:]       // (generation slot + key bytes) -> packets last read
+    var mapEntries: [String: Gauge] = [:]
+    var mapCapacity: [String: Gauge] = [:]
+    let applies: Counter
+    let applyFailures: Counter
+    let applyDuration: DurationHistogram
+    let generation: Gauge
+    let policyValid: Gauge
+    let workloads: Gauge
+    let eventsTotal: [String: Counter]
+
+    public init(maps: PalisadeMaps, maxPairs: Int = 200) {
+        self.maps = maps
+        self.maxPairs = maxPairs
+        suppressed = (registry.makeCounter(name: "palisade_flow_events_suppressed_total",
+                                           help: "Deny events the kernel did not send because its per-CPU rate limit was reached."), 0)
+        lost = (registry.makeCounter(name: "palisade_flow_events_lost_total",
+                                     help: "Deny events lost because the ring buffer was full."), 0)
+        applies = registry.makeCounter(name: "palisade_policy_applies_total", help: "Policy generations written to the kernel.")
+        applyFailures = registry.makeCounter(name: "palisade_policy_apply_failures_total",
+                                             help: "Policy loads or applies refused (the previous policy stayed in force).")
+        applyDuration = registry.makeDurationHistogram(
+            name: "palisade_policy_apply_duration_seconds",
+            buckets: [.milliseconds(5), .milliseconds(25), .milliseconds(100), .milliseconds(250), .seconds(1), .seconds(5)],
+            help: "Time to write a policy generation, flip and sweep conntrack.")
+        generation = registry.makeGauge(name: "palisade_policy_generation", help: "Policy generation in force in the kernel.")
+        policyValid = registry.makeGauge(name: "palisade_policy_valid", help: "1 if the last policy load succeeded, 0 if a file was rejected.")
+        workloads = registry.makeGauge(name: "palisade_workloads", help: "Workloads attached to the datapath.")
+        let registry = self.registry
+        eventsTotal = Dictionary(uniqueKeysWithValues: ["denied", "audit"].map { v in
+            (v, registry.makeCounter(name: "palisade_flow_events_total", labels: [("verdict", v)],
+                                     help: "Flow events received from the kernel."))
+        })
+    }
+
+    // MARK: agent events
+
+    public func recordApply(seconds: Double, generation gen: UInt64, ok: Bool) {
+        if ok {
+            applies.increment()
+            applyDuration.recordNanoseconds(Int64(seconds * 1e9))
+            generation.set(to: Double(gen))
+        } else {
+            applyFailures.increment()
+        }
+    }
+
+    public func setPolicyValid(_ valid: Bool) { policyValid.set(to: valid ? 1 : 0) }
+    public func setWorkloads(_ n: Int) { workloads.set(to: Double(n)) }
+
+    public func recordEvent(verdict: String, direction: String, local: String, peer: String) {
+        eventsTotal[verdict]?.increment()
+        if verdict == "denied" { pair("palisade_identity_pair_denied_flows_total", "Denied new flows by identity pair (from kernel events).",
+                                      direction, local, peer).increment() }
+    }
+
+    func pair(_ name: String, _ help: String, _ direction: String, _ local: String, _ peer: String) -> Counter {
+        lock.lock(); defer { lock.unlock() }
+        var key = "\(name)|\(direction)|\(local)|\(peer)"
+        var labels = [("direction", direction), ("local", local), ("peer", peer)]
+        if pairCounters[key] == nil && pairCounters.count >= maxPairs {
+            key = "\(name)|\(direction)|other|other"
+            labels = [("direction", direction), ("local", "other"), ("peer", "other")]
+        }
+        if let c = pairCounters[key] { return c }
+        let c = registry.makeCounter(name: name, labels: labels, help: help)
+        pairCounters[key] = c
+        return c
+    }
+
+    // MARK: scrape
+
+    static func advance(_ entry: inout (Counter, UInt64), to value: UInt64) {
+        if value > entry.1 { entry.0.increment(by: Int64(value - entry.1)) }
+        entry.1 = value
+    }
+
+    /// Reads the kernel state into the registry and renders the exposition.
+    public func render(names: IdentityNamer, capacities: [String: Int]) -> [UInt8] {
+        refreshKernelCounters()
+        refreshRuleHits(names: names)
+        refreshMapPressure(capacities: capacities)
+        return registry.emitToBuffer()
+    }
+
+    func refreshKernelCounters() {
+        guard let totals = try? maps.counterTotals() else { return }
+        lock.lock(); defer { lock.unlock() }
+        for d in Direction.allCases {
+            for r in Reason.allCases {
+                let c = totals[Int(d.kernel)][Int(r.rawValue)]
+                let key = "\(d.rawValue)|\(r)"
+                let verdict = r.passes ? (r == .auditWouldDeny ? "audit" : "allowed") : "denied"
+                let labels = [("direction", d.rawValue), ("reason", r.description), ("verdict", verdict)]
+                if packetCounters[key] == nil {
+                    packetCounters[key] = (registry.makeCounter(name: "palisade_datapath_packets_total", labels: labels,
+                                                                help: "Packets judged by the datapath, by direction, verdict and reason."), 0)
+                    byteCounters[key] = (registry.makeCounter(name: "palisade_datapath_bytes_total", labels: labels,
+                                                              help: "Bytes judged by the datapath, by direction, verdict and reason."), 0)
+                }
+                DatapathMetrics.advance(&packetCounters[key]!, to: c.packets)
+                DatapathMetrics.advance(&byteCounters[key]!, to: c.bytes)
+            }
+        }
+        if let ev = try? maps.eventTotals() {
+            DatapathMetrics.advance(&suppressed, to: ev.suppressed)
+            DatapathMetrics.advance(&lost, to: ev.lost)
+        }
+    }
+
+    /// New flows per identity pair and verdict, from the hit counters every
+    /// policy entry carries (only entries of the generation in force).
+    func refreshRuleHits(names: IdentityNamer) {
+        guard let entries = try? maps.policy.entries() else { return }
+        let slot = UInt8(maps.activeConfig.active_slot & 1)
+        var deltas: [(String, String, String, String, UInt64)] = []
+        lock.lock()
+        var seen: [String: UInt64] = [:]
+        for (k, v) in entries where k.generation == slot && v.packets > 0 {
+            let id = withUnsafeBytes(of: k) { Data($0).base64EncodedString() } + "|\(maps.activeConfig.generation)"
+            let before = ruleHits[id] ?? 0
+            seen[id] = v.packets
+            guard v.packets > before else { continue }
+            let verdict = Verdict(rawValue: v.verdict).map { $0 == .audit ? "audit" : $0.description } ?? "unknown"
+            deltas.append((Direction(kernel: k.direction).rawValue, names(UInt32(bigEndian: k.local_identity)),
+                           names(UInt32(bigEndian: k.peer_identity)), verdict, v.packets - before))
+        }
+        ruleHits = seen
+        lock.unlock()
+        for (dir, local, peer, verdict, n) in deltas {
+            pairVerdict(dir, local, peer, verdict).increment(by: Int64(n))
+        }
+    }
+
+    func pairVerdict(_ direction: String, _ local: String, _ peer: String, _ verdict: String) -> Counter {
+        lock.lock(); defer { lock.unlock() }
+        let name = "palisade_identity_pair_rule_matches_total"
+        var key = "\(name)|\(direction)|\(local)|\(peer)|\(verdict)"
+        var labels = [("direction", direction), ("local", local), ("peer", peer), ("verdict", verdict)]
+        if pairCounters[key] == nil && pairCounters.count >= maxPairs {
+            key = "\(name)|\(direction)|other|other|\(verdict)"
+            labels = [("direction", direction), ("local", "other"), ("peer", "other"), ("verdict", verdict)]
+        }
+        if let c = pairCounters[key] { return c }
+        let c = registry.makeCounter(name: name, labels: labels,
+                                     help: "New flows that matched a policy rule, by identity pair and verdict (peer \"any\" for wildcard rules).")
+        pairCounters[key] = c
+        return c
+    }
+
+    func refreshMapPressure(capacities: [String: Int]) {
+        let counts: [(String, Int?)] = [
+            ("conntrack", try? maps.conntrack.entries().count),
+            ("policy", try? maps.policy.keys().count),
+            ("ipcache", try? maps.ipcache.keys().count),
+            ("defaults", try? maps.defaults.keys().count),
+            ("endpoints_by_ifindex", try? maps.endpointsByIfindex.keys().count),
+            ("endpoints_by_cgroup", try? maps.endpointsByCgroup.keys().count),
+        ]
+        lock.lock(); defer { lock.unlock() }
+        for (name, count) in counts {
+            guard let count else { continue }
+            if mapEntries[name] == nil {
+                mapEntries[name] = registry.makeGauge(name: "palisade_map_entries", labels: [("map", name)], help: "Entries in a datapath map (both generations during an apply).")
+                mapCapacity[name] = registry.makeGauge(name: "palisade_map_capacity_entries", labels: [("map", name)], help: "Capacity of a datapath map.")
+            }
+            mapEntries[name]!.set(to: Double(count))
+            mapCapacity[name]!.set(to: Double(capacities[name] ?? 0))
+        }
+    }
+}

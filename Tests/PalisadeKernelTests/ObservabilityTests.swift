@@ -1,0 +1,85 @@
+import Foundation
+import XCTest
+
+/// A real Prometheus server scrapes the agent; PromQL answers must match
+/// the traffic the test sent.
+final class ObservabilityTests: XCTestCase {
+    func query(_ lab: Lab, _ promQL: String) throws -> Double? {
+        let url = "http://127.0.0.1:9090/api/v1/query?query=" + promQL.addingPercentEncoding(withAllowedCharacters: .alphanumerics)!
+        let out = try sh(["nsenter", "--net=\(lab.node)", "curl", "-sf", url], check: false).output
+        guard let json = try? JSONSerialization.jsonObject(with: Data(out.utf8)) as? [String: Any],
+              let data = json["data"] as? [String: Any], let result = data["result"] as? [[String: Any]],
+              let first = result.first, let value = first["value"] as? [Any], let text = value.last as? String else { return nil }
+        return Double(text)
+    }
+
+    func testPrometheusScrapesKernelCountersAndPairs() throws {
+        try requireKernel()
+        for tool in ["prometheus", "promtool", "curl"] where (try? sh(["which", tool]))?.status != 0 {
+            let msg = "\(tool) is not installed (tools/install-deps installs it)"
+            if ProcessInfo.processInfo.environment["CI"] == "true" { XCTFail(msg); return }
+            throw XCTSkip(msg)
+        }
+        let lab = try Lab(self, prefix: "po1", pods: ["a", "b"])
+        let agent = try AgentHarness(self, lab: lab)
+        try agent.enrollPod("a", index: 1, labels: ["app": "a"])
+        try agent.enrollPod("b", index: 2, labels: ["app": "b"])
+        try agent.writePolicy("b", policyYAML("b-ingress", """
+          selector: {labels: {app: b}}
+          ingress:
+            - from: [{labels: {app: a}}]
+              ports: [{port: 8080}]
+        """))
+        try agent.start()
+        try agent.waitApplied(endpoints: 2)
+        try lab.serve("b", "tcp", port: 8080)
+        try lab.serve("b", "udp", port: 5000)
+
+        // The exposition is valid.
+        let exposition = try sh(["nsenter", "--net=\(lab.node)", "curl", "-sf", "http://127.0.0.1:9654/metrics"]).output
+        let promtool = Process()
+        promtool.executableURL = URL(fileURLWithPath: "/usr/bin/promtool")
+        promtool.arguments = ["check", "metrics"]
+        let input = Pipe(), output = Pipe()
+        promtool.standardInput = input
+        promtool.standardOutput = output
+        promtool.standardError = output
+        try promtool.run()
+        input.fileHandleForWriting.write(Data(exposition.utf8))
+        input.fileHandleForWriting.closeFile()
+        promtool.waitUntilExit()
+        let lint = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        XCTAssertEqual(promtool.terminationStatus, 0, "promtool check metrics: \(lint)")
+
+        // Traffic: 3 allowed connections, 7 denied datagrams.
+        for _ in 0..<3 { XCTAssertTrue(try lab.reach(from: lab.netns("a"), "tcp", "10.99.2.2", 8080)) }
+        for _ in 0..<7 { XCTAssertFalse(try lab.reach(from: lab.netns("a"), "udp", "10.99.2.2", 5000, timeout: 0.2)) }
+
+        let dir = agent.dir + "/prometheus"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        try """
+        global: {scrape_interval: 1s}
+        scrape_configs:
+          - job_name: palisade
+            static_configs: [{targets: ["127.0.0.1:9654"]}]
+        """.write(toFile: "\(dir)/prometheus.yml", atomically: true, encoding: .utf8)
+        try lab.spawn(netns: lab.node, ["prometheus", "--config.file=\(dir)/prometheus.yml", "--storage.tsdb.path=\(dir)/data",
+                                        "--web.listen-address=127.0.0.1:9090"], log: "\(dir)/prometheus.log")
+
+        let denied = "sum(palisade_datapath_packets_total{direction=\"ingress\",reason=\"denied-default\"})"
+        let allowed = "sum(palisade_datapath_packets_total{direction=\"ingress\",reason=\"allowed-by-policy\"})"
+        let pair = "sum(palisade_identity_pair_denied_flows_total{local=\"spiffe://test.local/ns/default/sa/b\",peer=\"spiffe://test.local/ns/default/sa/a\"})"
+        let ruleMatches = "sum(palisade_identity_pair_rule_matches_total{local=\"spiffe://test.local/ns/default/sa/b\",peer=\"spiffe://test.local/ns/default/sa/a\",verdict=\"allow\"})"
+        var got: [String: Double?] = [:]
+        let deadline = Date().addingTimeInterval(30)
+        repeat {
+            usleep(500_000)
+            for q in [denied, allowed, pair, ruleMatches] { got[q] = try query(lab, q) }
+        } while Date() < deadline && (got[denied] != 7 || got[allowed] != 3 || got[pair] != 7 || got[ruleMatches] != 3)
+        XCTAssertEqual(got[denied], 7, "denied datagrams seen by Prometheus")
+        XCTAssertEqual(got[allowed], 3, "allowed new connections seen by Prometheus")
+        XCTAssertEqual(got[pair], 7, "denied flows for the (b, a) identity pair")
+        XCTAssertEqual(got[ruleMatches], 3, "rule matches for the (b, a) identity pair")
+        XCTAssertEqual(try query(lab, "palisade_policy_generation"), Double(agent.generation))
+    }
+}
