@@ -48,6 +48,8 @@ let package = Package(
         .target(name: "PalisadeAgent", dependencies: [
             "PalisadeDatapath", "PalisadePolicy", "PalisadeMetrics",
             .product(name: "Logging", package: "swift-log"),
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "Yams", package: "Yams"),
         ]),
         .executableTarget(name: "palisade", dependencies: [

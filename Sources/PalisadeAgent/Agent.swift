@@ -47,12 +47,12 @@ public final class Agent {
         let gen = datapath.maps.activeConfig.generation
         log.info("datapath loaded", metadata: ["bpffs": "\(config.bpffs)", "adopted-generation": "\(gen)",
                                                "tc-programs": "\(datapath.fromPod.id),\(datapath.toPod.id)"])
-        try datapath.setEventRate(perSecond: config.eventsPerSecond)
+        try datapath.setEvents(perSecond: config.eventsPerSecond, allowedFlows: config.allowedFlowEvents)
         let shared = StateBox(state)
         self.shared = shared
         let metrics = DatapathMetrics(maps: datapath.maps, maxPairs: config.metricsIdentityPairs)
         self.metrics = metrics
-        events = try FlowEventWriter(maps: datapath.maps, path: config.eventLog, names: { shared.state }, metrics: metrics)
+        events = try FlowEventWriter(maps: datapath.maps, path: config.eventLog, socket: config.flowSocket, names: { shared.state }, metrics: metrics)
         if let (host, port) = config.metricsAddress {
             let capacities = ["conntrack": Int(PAL_MAX_CONNTRACK), "policy": Int(PAL_MAX_POLICY), "ipcache": Int(PAL_MAX_IPCACHE),
                               "defaults": Int(PAL_MAX_DEFAULTS), "endpoints_by_ifindex": Int(PAL_MAX_ENDPOINTS),

@@ -14,6 +14,8 @@ public struct AgentConfig: Sendable {
     public var cgroupRoot: String?
     /// Deny events per CPU per second sent to the agent (token bucket in the kernel).
     public var eventsPerSecond: UInt32 = 100
+    /// Also report allowed new flows (not only denied and audited ones).
+    public var allowedFlowEvents = false
     public var pollIntervalMilliseconds = 1000
     /// Node addresses mapped to reserved:host; discovered when not given.
     public var hostAddresses: [IPAddress]?
@@ -31,9 +33,10 @@ public struct AgentConfig: Sendable {
     public var resolvedCgroupRoot: String? { cgroupRoot ?? BPFFS.cgroup2Mount() }
     public var stateFile: String { "\(stateDir)/state.json" }
     public var eventLog: String { "\(stateDir)/events.jsonl" }
+    public var flowSocket: String { "\(stateDir)/flows.sock" }
 
     static let keys: Set<String> = ["trustDomain", "stateDir", "bpffs", "policyDir", "workloadDir", "cgroupRoot",
-                                    "eventsPerSecond", "pollIntervalMilliseconds", "hostAddresses", "workloads", "metricsAddress", "metricsIdentityPairs"]
+                                    "eventsPerSecond", "pollIntervalMilliseconds", "hostAddresses", "workloads", "metricsAddress", "metricsIdentityPairs", "allowedFlowEvents"]
 
     /// Loads a YAML file; unknown fields and bad values are precise errors.
     public static func load(path: String?) throws -> AgentConfig {
@@ -73,6 +76,7 @@ public struct AgentConfig: Sendable {
                 c.metricsAddress = (String(text[..<colon]).trimmingCharacters(in: CharacterSet(charactersIn: "[]")), port)
             }
         }
+        if let v = m["allowedFlowEvents"] { c.allowedFlowEvents = try v.bool() }
         if let v = m["metricsIdentityPairs"] { c.metricsIdentityPairs = try v.int(in: 1...100_000) }
         if let v = m["workloads"] {
             c.workloads = try v.sequence().map { try Workload.parse($0, trustDomain: c.trustDomain) }

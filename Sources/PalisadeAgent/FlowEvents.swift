@@ -29,8 +29,12 @@ public struct FlowEvent: Codable, Sendable {
 /// in the state directory (rotated at 16 MiB), with identities named.
 final class FlowEventWriter: @unchecked Sendable {
     let ring: RingBuffer
-    init(maps: PalisadeMaps, path: String, names: @escaping @Sendable () -> AgentState, metrics: DatapathMetrics) throws {
+    let stream: FlowStream
+
+    init(maps: PalisadeMaps, path: String, socket: String, names: @escaping @Sendable () -> AgentState, metrics: DatapathMetrics) throws {
         let file = EventFile(path: path)
+        let stream = try FlowStream(path: socket)
+        self.stream = stream
         let bootOffset = Date().timeIntervalSince1970 - Double(clockMonotonicNanoseconds()) / 1e9
         ring = try RingBuffer(map: maps.events) { bytes in
             guard bytes.count >= MemoryLayout<pal_flow_event>.size else { return }
@@ -42,17 +46,17 @@ final class FlowEventWriter: @unchecked Sendable {
             let local = state.name(of: e.local_identity), peer = state.name(of: e.peer_identity)
             let event = FlowEvent(
                 time: Date(timeIntervalSince1970: bootOffset + Double(e.timestamp_ns) / 1e9),
-                verdict: reason.passes ? "audit" : "denied", reason: reason.description, direction: dir.rawValue,
+                verdict: reason == .auditWouldDeny ? "audit" : (reason.passes ? "allowed" : "denied"), reason: reason.description, direction: dir.rawValue,
                 source: src.description, destination: dst.description, sourcePort: e.sport, destinationPort: e.dport,
                 proto: IPProtocol(rawValue: e.protocol)?.description ?? "\(e.protocol)",
                 localIdentity: e.local_identity, peerIdentity: e.peer_identity, local: local, peer: peer,
                 rule: state.rule(e.rule_id)?.summary, ifindex: e.ifindex, cgroupID: e.cgroup_id)
-            file.append(event)
+            if let line = file.append(event) { stream.publish(line) }
             metrics.recordEvent(verdict: event.verdict, direction: event.direction, local: local, peer: peer)
         }
     }
     func start() { ring.start() }
-    func stop() { ring.stop() }
+    func stop() { ring.stop(); stream.stop() }
 }
 
 func clockMonotonicNanoseconds() -> UInt64 {
@@ -72,17 +76,21 @@ final class EventFile: @unchecked Sendable {
         encoder.outputFormatting = [.sortedKeys]
         encoder.dateEncodingStrategy = .iso8601
     }
-    func append(_ e: FlowEvent) {
-        guard var data = try? encoder.encode(e) else { return }
+    /// Appends the event as a JSON line; returns the line.
+    @discardableResult
+    func append(_ e: FlowEvent) -> [UInt8]? {
+        guard var data = try? encoder.encode(e) else { return nil }
         data.append(0x0a)
         lock.lock(); defer { lock.unlock() }
         if let attrs = try? FileManager.default.attributesOfItem(atPath: path), (attrs[.size] as? Int ?? 0) > EventFile.maxBytes {
             _ = rename(path, path + ".1")
         }
         if !FileManager.default.fileExists(atPath: path) { FileManager.default.createFile(atPath: path, contents: nil, attributes: [.posixPermissions: 0o600]) }
-        guard let h = FileHandle(forWritingAtPath: path) else { return }
-        h.seekToEndOfFile()
-        h.write(data)
-        h.closeFile()
+        if let h = FileHandle(forWritingAtPath: path) {
+            h.seekToEndOfFile()
+            h.write(data)
+            h.closeFile()
+        }
+        return Array(data)
     }
 }

@@ -97,9 +97,10 @@ public final class Datapath {
         try maps.endpointsByCgroup.delete(id)
     }
 
-    public func setEventRate(perSecond: UInt32) throws {
+    public func setEvents(perSecond: UInt32, allowedFlows: Bool) throws {
         var cfg = maps.activeConfig
         cfg.events_per_second = perSecond
+        cfg.event_flags = allowedFlows ? UInt32(PAL_EVENTS_ALLOWED) : 0
         try maps.config.update(0, cfg)
     }
 

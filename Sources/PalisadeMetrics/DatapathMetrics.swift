@@ -53,7 +53,7 @@ public final class DatapathMetrics: @unchecked Sendable {
         policyValid = registry.makeGauge(name: "palisade_policy_valid", help: "1 if the last policy load succeeded, 0 if a file was rejected.")
         workloads = registry.makeGauge(name: "palisade_workloads", help: "Workloads attached to the datapath.")
         let registry = self.registry
-        eventsTotal = Dictionary(uniqueKeysWithValues: ["denied", "audit"].map { v in
+        eventsTotal = Dictionary(uniqueKeysWithValues: ["denied", "audit", "allowed"].map { v in
             (v, registry.makeCounter(name: "palisade_flow_events_total", labels: [("verdict", v)],
                                      help: "Flow events received from the kernel."))
         })

@@ -82,4 +82,44 @@ final class ObservabilityTests: XCTestCase {
         XCTAssertEqual(got[ruleMatches], 3, "rule matches for the (b, a) identity pair")
         XCTAssertEqual(try query(lab, "palisade_policy_generation"), Double(agent.generation))
     }
+
+    /// `palisade flows --follow` streams events from the agent's socket with
+    /// identities named; history and filters work; allowed flows on request.
+    func testFlowsStreamAndHistory() throws {
+        try requireKernel()
+        let lab = try Lab(self, prefix: "po2", pods: ["a", "b"])
+        let agent = try AgentHarness(self, lab: lab, extraConfig: "allowedFlowEvents: true")
+        try agent.enrollPod("a", index: 1, labels: ["app": "a"])
+        try agent.enrollPod("b", index: 2, labels: ["app": "b"])
+        try agent.writePolicy("b", policyYAML("b-ingress", """
+          selector: {labels: {app: b}}
+          ingress:
+            - from: [{labels: {app: a}}]
+              ports: [{port: 8080}]
+        """))
+        try agent.start()
+        try agent.waitApplied(endpoints: 2)
+        try lab.serve("b", "tcp", port: 8080)
+        try lab.serve("b", "tcp", port: 9090)
+        let deniedLog = agent.dir + "/follow-denied.log", allowedLog = agent.dir + "/follow-allowed.log"
+        try lab.spawn(netns: lab.node, [Paths.palisade, "flows", "--follow", "--verdict", "denied", "--output", "json", "--config", agent.configPath], log: deniedLog)
+        try lab.spawn(netns: lab.node, [Paths.palisade, "flows", "--follow", "--verdict", "allowed", "--identity", "sa/b", "--config", agent.configPath], log: allowedLog)
+        usleep(500_000)
+        XCTAssertTrue(try lab.reach(from: lab.netns("a"), "tcp", "10.99.2.2", 8080))
+        XCTAssertFalse(try lab.reach(from: lab.netns("a"), "tcp", "10.99.2.2", 9090, timeout: 0.5))
+        usleep(500_000)
+
+        let denied = (try? String(contentsOfFile: deniedLog, encoding: .utf8)) ?? ""
+        let events = denied.split(separator: "\n").compactMap { try? JSONDecoder().decode(AgentHarness.Event.self, from: Data($0.utf8)) }
+        XCTAssertTrue(events.contains { $0.destinationPort == 9090 && $0.local == "spiffe://test.local/ns/default/sa/b"
+            && $0.peer == "spiffe://test.local/ns/default/sa/a" }, denied)
+        XCTAssertTrue(events.allSatisfy { $0.verdict == "denied" }, denied)
+        let allowed = (try? String(contentsOfFile: allowedLog, encoding: .utf8)) ?? ""
+        XCTAssertTrue(allowed.contains("ALLOWED") && allowed.contains("10.99.2.2:8080") && allowed.contains("local=spiffe://test.local/ns/default/sa/b"), allowed)
+        // a -> b:9090 passes a's (unenforced) egress and is dropped at b's ingress: never allowed there.
+        XCTAssertFalse(allowed.split(separator: "\n").contains { $0.contains(":9090") && $0.contains(" ingress ") }, allowed)
+
+        let history = try agent.palisade(["flows", "--verdict", "denied", "--identity", "sa/a", "--output", "json"]).output
+        XCTAssertTrue(history.contains("\"destinationPort\":9090"), history)
+    }
 }

@@ -142,7 +142,7 @@ final class AgentHarness {
     let configPath: String
     var process: Process?
 
-    init(_ test: XCTestCase, lab: Lab) throws {
+    init(_ test: XCTestCase, lab: Lab, extraConfig: String = "") throws {
         self.lab = lab
         dir = NSTemporaryDirectory() + "palisade-test-\(lab.prefix)-\(getpid())"
         bpffs = "/sys/fs/bpf/palisade-test-\(lab.prefix)"
@@ -156,6 +156,7 @@ final class AgentHarness {
         bpffs: \(bpffs)
         pollIntervalMilliseconds: 100
         eventsPerSecond: 1000
+        \(extraConfig)
         """.write(toFile: configPath, atomically: true, encoding: .utf8)
         test.addTeardownBlock { [self] in
             stop(signal: SIGKILL)

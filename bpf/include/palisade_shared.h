@@ -159,10 +159,16 @@ struct pal_defaults_value {
  * active_slot with one write, then clears the old slot. */
 struct pal_config {
 	__u32 active_slot;        /* 0 or 1: the generation byte of live entries */
-	__u32 events_per_second;  /* deny events per CPU per second; 0 = none */
+	__u32 events_per_second;  /* flow events per CPU per second; 0 = none */
 	__u64 generation;         /* monotonic apply counter, for status */
-	__u64 _reserved[2];
+	__u32 event_flags;        /* PAL_EVENTS_* */
+	__u32 _pad;
+	__u64 _reserved;
 };
+
+/* Denied and audit flows always produce events; allowed new flows only
+ * when asked (they can be many; the same per-CPU rate limit applies). */
+#define PAL_EVENTS_ALLOWED (1u << 0)
 
 /* Packet and byte counters (per-CPU array of PAL_COUNTER_SLOTS). */
 struct pal_counter {

@@ -263,7 +263,8 @@ static __always_inline int pal_enforce(struct __sk_buff *skb, const struct pal_e
 	}
 
 	pal_count(dir, d.reason, len);
-	if (!d.pass || d.reason == PAL_REASON_AUDIT_WOULD_DENY)
+	if (!d.pass || d.reason == PAL_REASON_AUDIT_WOULD_DENY ||
+	    (cfg && (cfg->event_flags & PAL_EVENTS_ALLOWED)))
 		pal_emit_event(f, dir, &d, local_id, ifindex, cgroup_id, now);
 	return d.pass;
 }

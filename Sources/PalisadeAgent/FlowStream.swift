@@ -1,0 +1,64 @@
+import Foundation
+import NIOCore
+import NIOPosix
+
+/// The agent's local flow socket (STATE/flows.sock, mode 0600: root only):
+/// every flow event is written as one JSON line to each connected client.
+/// A client too slow to keep up loses events, and is told how many in a
+/// line {"lost": N} before the next event it gets: never silently.
+final class FlowStream: @unchecked Sendable {
+    let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+    let channel: Channel
+    let registry = ClientRegistry()
+
+    final class ClientRegistry: @unchecked Sendable {
+        let lock = NSLock()
+        var clients: [ObjectIdentifier: (channel: Channel, lost: Int)] = [:]
+        func add(_ c: Channel) { lock.lock(); clients[ObjectIdentifier(c)] = (c, 0); lock.unlock() }
+        func remove(_ c: Channel) { lock.lock(); clients[ObjectIdentifier(c)] = nil; lock.unlock() }
+    }
+
+    final class Tracker: ChannelInboundHandler, @unchecked Sendable {
+        typealias InboundIn = ByteBuffer
+        let registry: ClientRegistry
+        init(_ r: ClientRegistry) { registry = r }
+        func channelActive(context: ChannelHandlerContext) { registry.add(context.channel) }
+        func channelInactive(context: ChannelHandlerContext) { registry.remove(context.channel) }
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {}   // clients only listen
+    }
+
+    init(path: String) throws {
+        unlink(path)
+        let registry = self.registry
+        channel = try ServerBootstrap(group: group)
+            .childChannelOption(ChannelOptions.writeBufferWaterMark, value: .init(low: 32 << 10, high: 256 << 10))
+            .childChannelInitializer { $0.pipeline.addHandler(Tracker(registry)) }
+            .bind(unixDomainSocketPath: path).wait()
+        chmod(path, 0o600)
+    }
+
+    func publish(_ line: [UInt8]) {
+        registry.lock.lock()
+        var targets: [(Channel, Int)] = []
+        for (id, c) in registry.clients {
+            if c.channel.isWritable {
+                targets.append((c.channel, c.lost))
+                registry.clients[id]?.lost = 0
+            } else {
+                registry.clients[id]?.lost += 1
+            }
+        }
+        registry.lock.unlock()
+        for (ch, lost) in targets {
+            var buffer = ch.allocator.buffer(capacity: line.count + 24)
+            if lost > 0 { buffer.writeString("{\"lost\":\(lost)}\n") }
+            buffer.writeBytes(line)
+            ch.writeAndFlush(buffer, promise: nil)
+        }
+    }
+
+    func stop() {
+        try? channel.close().wait()
+        try? group.syncShutdownGracefully()
+    }
+}
