@@ -76,6 +76,16 @@ final class PolicyOperationsTests: XCTestCase {
         XCTAssertTrue(explain.contains("DENIED") && explain.contains("deny rule of policy b-in") && explain.contains("b.yaml:"), explain)
         let defaultDeny = try agent.palisade(["policy", "explain", "--from", "a", "--to", "b", "--port", "7070"]).output
         XCTAssertTrue(defaultDeny.contains("default deny: policy b-in"), defaultDeny)
+
+        // The picture of the same policy.
+        let dot = try agent.palisade(["graph", "--denied"]).output
+        let ids = try agent.palisade(["maps", "dump", "identities", "--output", "json"]).output
+        let rows = try JSONDecoder().decode([[String: String]].self, from: Data(ids.utf8))
+        func node(_ pod: String) -> String { "n" + rows.first { $0["name"] == "spiffe://test.local/ns/default/sa/\(pod)" }!["identity"]! }
+        XCTAssertTrue(dot.hasPrefix("digraph palisade {"), dot)
+        XCTAssertTrue(dot.contains("\(node("a")) -> \(node("b")) [label=\"TCP 8080, UDP 9000-9100\""), dot)
+        XCTAssertTrue(dot.contains("color=red"), "denied edges drawn with --denied: \(dot)")
+        XCTAssertTrue(dot.contains("default deny: ingress"), dot)
     }
 
     /// A Kubernetes NetworkPolicy, as written for a cluster, enforced on real packets.
