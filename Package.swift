@@ -53,7 +53,7 @@ let package = Package(
             .product(name: "Yams", package: "Yams"),
         ]),
         .executableTarget(name: "palisade", dependencies: [
-            "PalisadeAgent",
+            "PalisadeAgent", "PalisadeBPF", "PalisadeDatapath", "CPalisadeShared",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),

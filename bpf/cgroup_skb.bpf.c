@@ -34,19 +34,7 @@ static __always_inline int pal_cg(struct __sk_buff *skb, __u8 dir)
 	struct pal_endpoint *ep = pal_cgroup_endpoint(skb, &cgid);
 	if (!ep)
 		return 1;
-	struct pal_flow f = {};
-	int r = pal_parse_direct(skb, 0, &f);
-	if (r == PAL_PARSE_SLOW) {
-		__builtin_memset(&f, 0, sizeof(f));
-		r = pal_parse(skb, 0, &f);
-	}
-	if (r == PAL_PARSE_NOT_IP)
-		return 1;
-	if (r != PAL_PARSE_OK) {
-		pal_count(dir, PAL_REASON_DENY_MALFORMED, skb->len);
-		return 0;
-	}
-	return pal_enforce(skb, ep, dir, &f, 0, cgid);
+	return pal_judge(skb, ep, dir, 0, 0, cgid);
 }
 
 SEC("cgroup_skb/ingress")

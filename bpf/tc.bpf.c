@@ -19,19 +19,7 @@ static __always_inline int pal_tc(struct __sk_buff *skb, __u8 dir)
 	}
 	if (skb->protocol != bpf_htons(ETH_P_IP) && skb->protocol != bpf_htons(ETH_P_IPV6))
 		return TC_ACT_OK;
-	struct pal_flow f = {};
-	int r = pal_parse_direct(skb, ETH_HLEN, &f);
-	if (r == PAL_PARSE_SLOW) {
-		__builtin_memset(&f, 0, sizeof(f));
-		r = pal_parse(skb, ETH_HLEN, &f);
-	}
-	if (r == PAL_PARSE_NOT_IP)
-		return TC_ACT_OK;
-	if (r != PAL_PARSE_OK) {
-		pal_count(dir, PAL_REASON_DENY_MALFORMED, skb->len);
-		return TC_ACT_SHOT;
-	}
-	return pal_enforce(skb, ep, dir, &f, ifindex, 0) ? TC_ACT_OK : TC_ACT_SHOT;
+	return pal_judge(skb, ep, dir, ETH_HLEN, ifindex, 0) ? TC_ACT_OK : TC_ACT_SHOT;
 }
 
 SEC("tc")

@@ -3,6 +3,22 @@ import Foundation
 import PalisadeAgent
 import PalisadePolicy
 
+/// Reads policy files given on the command line.
+func readPolicyFiles(_ files: [String]) throws -> [(name: String, text: String)] {
+    try files.map { f in
+        guard let text = try? String(contentsOfFile: f, encoding: .utf8) else { throw CLIError("\(f): cannot read file") }
+        return (f, text)
+    }
+}
+
+/// Runs body; policy errors are printed one per line and exit 1.
+func reportingPolicyErrors(_ body: () throws -> Void) throws {
+    do { try body() } catch let e as PolicyLoadErrors {
+        for err in e.errors { FileHandle.standardError.write(Data("\(err)\n".utf8)) }
+        throw ExitCode(1)
+    }
+}
+
 struct PolicyCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "policy", abstract: "Validate and inspect policies.",
@@ -19,16 +35,12 @@ struct PolicyCommand: ParsableCommand {
         func run() throws {
             let config = try options.load()
             let dir = config.resolvedPolicyDir
-            var incoming: [(name: String, text: String)] = []
-            for f in files {
-                guard let text = try? String(contentsOfFile: f, encoding: .utf8) else { throw CLIError("\(f): cannot read file") }
-                incoming.append((f, text))
-            }
+            let incoming = try readPolicyFiles(files)
             let targets = incoming.map { "\(dir)/\(($0.name as NSString).lastPathComponent)" }
             guard Set(targets).count == targets.count else { throw CLIError("two files share a name; the policy directory holds files by name") }
             // The set the agent will see: existing files, minus the ones being replaced, plus the new ones.
             let existing = readYAMLDirectory(dir).filter { !targets.contains($0.name) }
-            do {
+            try reportingPolicyErrors {
                 let set = try PolicySet.load(existing + incoming)
                 try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
                 for (f, target) in zip(incoming, targets) {
@@ -37,9 +49,6 @@ struct PolicyCommand: ParsableCommand {
                     guard rename(tmp, target) == 0 else { throw CLIError("cannot place \(target): \(String(cString: strerror(errno)))") }
                 }
                 print("applied \(files.count) \(files.count == 1 ? "file" : "files"); \(set.policies.count) policies in force once the agent picks them up (palisade policy status)")
-            } catch let e as PolicyLoadErrors {
-                for err in e.errors { FileHandle.standardError.write(Data("\(err)\n".utf8)) }
-                throw ExitCode(1)
             }
         }
     }
@@ -49,17 +58,8 @@ struct PolicyCommand: ParsableCommand {
         @Argument(help: "Policy files (YAML).") var files: [String]
 
         func run() throws {
-            var inputs: [(name: String, text: String)] = []
-            for f in files {
-                guard let text = try? String(contentsOfFile: f, encoding: .utf8) else { throw CLIError("\(f): cannot read file") }
-                inputs.append((f, text))
-            }
-            do {
-                print(PolicyWriter.yaml(try PolicySet.load(inputs).policies), terminator: "")
-            } catch let e as PolicyLoadErrors {
-                for err in e.errors { FileHandle.standardError.write(Data("\(err)\n".utf8)) }
-                throw ExitCode(1)
-            }
+            let inputs = try readPolicyFiles(files)
+            try reportingPolicyErrors { print(PolicyWriter.yaml(try PolicySet.load(inputs).policies), terminator: "") }
         }
     }
 
@@ -68,20 +68,10 @@ struct PolicyCommand: ParsableCommand {
         @Argument(help: "Policy files (YAML).") var files: [String]
 
         func run() throws {
-            var inputs: [(name: String, text: String)] = []
-            for f in files {
-                guard let text = try? String(contentsOfFile: f, encoding: .utf8) else {
-                    FileHandle.standardError.write(Data("\(f): cannot read file\n".utf8))
-                    throw ExitCode(1)
-                }
-                inputs.append((f, text))
-            }
-            do {
+            let inputs = try readPolicyFiles(files)
+            try reportingPolicyErrors {
                 let set = try PolicySet.load(inputs)
                 print("ok: \(set.policies.count) \(set.policies.count == 1 ? "policy" : "policies") in \(files.count) \(files.count == 1 ? "file" : "files")")
-            } catch let e as PolicyLoadErrors {
-                for err in e.errors { FileHandle.standardError.write(Data("\(err)\n".utf8)) }
-                throw ExitCode(1)
             }
         }
     }

@@ -1,5 +1,8 @@
 import ArgumentParser
+import CPalisadeShared
 import Foundation
+import PalisadeBPF
+import PalisadeDatapath
 import PalisadeAgent
 import PalisadeIdentity
 import PalisadePolicy
@@ -84,37 +87,51 @@ struct WorkloadCommand: ParsableCommand {
 }
 
 struct StatusCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "status", abstract: "Datapath and policy state; non-zero exit when unhealthy.")
+    static let configuration = CommandConfiguration(commandName: "status",
+        abstract: "Datapath, attachments, map fill, policy and workloads; non-zero exit when unhealthy (usable as a probe).",
+        discussion: "Run it in the agent's network namespace: tc attachments are looked up by interface index.")
     @OptionGroup var options: ConfigOption
 
     func run() throws {
         let config = try options.load()
-        var healthy = true
+        var problems: [String] = []
         let state = AgentState.load(config.stateFile)
-        if let maps = try? PalisadeDatapathStatus.open(config.bpffs) {
-            print("datapath:     maps pinned at \(config.bpffs), generation \(maps.generation), active slot \(maps.slot)")
-        } else {
-            print("datapath:     NOT LOADED (no pinned maps at \(config.bpffs))")
-            healthy = false
+        guard let maps = try? PalisadeMaps.openPinned(at: config.bpffs) else {
+            print("datapath:   NOT LOADED (no pinned maps at \(config.bpffs))")
+            throw ExitCode(1)
         }
-        if let state {
-            print("workloads:    \(state.endpoints.count) attached, \(state.workloadErrors.count) rejected")
-            print("policy:       generation \(state.policy.generation), \(state.policy.policies) policies, \(state.policy.policyEntries) map entries")
-            if let e = state.policy.lastError { print("policy error: \(e)"); healthy = false }
-            if !state.workloadErrors.isEmpty { healthy = false }
-        } else {
-            print("agent state:  none at \(config.stateFile)")
-            healthy = false
+        let cfg = maps.activeConfig
+        print("datapath:   maps pinned at \(config.bpffs), policy generation \(cfg.generation) (slot \(cfg.active_slot))")
+        let fill: [(String, Int?, Int)] = [
+            ("policy", try? maps.policy.keys().count, Int(PAL_MAX_POLICY)),
+            ("ipcache", try? maps.ipcache.keys().count, Int(PAL_MAX_IPCACHE)),
+            ("defaults", try? maps.defaults.keys().count, Int(PAL_MAX_DEFAULTS)),
+            ("conntrack", try? maps.conntrack.entries().count, Int(PAL_MAX_CONNTRACK)),
+            ("endpoints", (try? maps.endpointsByIfindex.keys().count).map { $0 + ((try? maps.endpointsByCgroup.keys().count) ?? 0) }, 2 * Int(PAL_MAX_ENDPOINTS)),
+        ]
+        print("maps:       " + fill.map { name, n, cap in "\(name) \(n.map(String.init) ?? "?")/\(cap) (\(n.map { String(format: "%.1f%%", 100.0 * Double($0) / Double(cap)) } ?? "?"))" }.joined(separator: ", "))
+        guard let state else {
+            print("agent:      no state at \(config.stateFile)")
+            throw ExitCode(1)
         }
-        if !healthy { throw ExitCode(1) }
-    }
-}
-
-import PalisadeDatapath
-enum PalisadeDatapathStatus {
-    static func open(_ pinRoot: String) throws -> (generation: UInt64, slot: UInt32) {
-        let m = try PalisadeMaps.openPinned(at: pinRoot)
-        let c = m.activeConfig
-        return (c.generation, c.active_slot)
+        for e in state.endpoints {
+            if let ifindex = e.ifindex {
+                let ing = (try? TC.attachedProgramID(ifindex: ifindex, hook: .ingress)) ?? nil
+                let eg = (try? TC.attachedProgramID(ifindex: ifindex, hook: .egress)) ?? nil
+                let ok = ing != nil && eg != nil
+                if !ok { problems.append("workload \(e.workload): tc programs missing on \(e.interface ?? "?")") }
+                print("workload:   \(e.workload) [\(state.name(of: e.identity.rawValue))] veth \(e.interface ?? "?") tc ingress prog \(ing.map(String.init) ?? "MISSING"), egress prog \(eg.map(String.init) ?? "MISSING")")
+            } else if let cg = e.cgroupID {
+                let pins = ["ingress", "egress"].map { FileManager.default.fileExists(atPath: "\(config.bpffs)/links/cgroup-\(cg)-\($0)") }
+                if pins.contains(false) { problems.append("workload \(e.workload): cgroup link missing") }
+                print("workload:   \(e.workload) [\(state.name(of: e.identity.rawValue))] cgroup \(e.cgroupPath ?? "?") links \(pins.allSatisfy { $0 } ? "pinned" : "MISSING")")
+            }
+        }
+        for err in state.workloadErrors { problems.append(err) }
+        print("policy:     generation \(state.policy.generation), \(state.policy.policies) policies, \(state.policy.policyEntries) entries, last apply \(Int(state.policy.applySeconds * 1000)) ms")
+        if let e = state.policy.lastError { problems.append("policy: \(e)") }
+        for p in problems { print("problem:    \(p)") }
+        print(problems.isEmpty ? "healthy" : "UNHEALTHY")
+        if !problems.isEmpty { throw ExitCode(1) }
     }
 }

@@ -30,6 +30,9 @@ final class LifecycleTests: XCTestCase {
         try lab.serve("b", "tcp", port: 8080)
         try lab.serve("b", "tcp", port: 9090)
         try assertEnforced(lab, "with the agent running")
+        let status = try agent.palisade(["status"], check: false)
+        XCTAssertEqual(status.status, 0, status.output)
+        XCTAssertTrue(status.output.contains("veth \(lab.hostInterface("b")) tc ingress prog") && status.output.hasSuffix("healthy\n"), status.output)
 
         // A long-lived allowed connection must live through kill and restart.
         let holdLog = NSTemporaryDirectory() + "pl1-hold-\(getpid()).log"
@@ -51,6 +54,7 @@ final class LifecycleTests: XCTestCase {
 
         _ = try agent.palisade(["agent", "--cleanup"])
         XCTAssertFalse(FileManager.default.fileExists(atPath: agent.bpffs), "pins remain after --cleanup")
+        XCTAssertNotEqual(try agent.palisade(["status"], check: false).status, 0, "status must report a missing datapath")
         XCTAssertTrue(try lab.reach(from: lab.netns("a"), "tcp", "10.99.2.2", 9090), "after --cleanup nothing is enforced")
         let filters = try sh(["tc", "-n", "\(lab.prefix)-node", "filter", "show", "dev", lab.hostInterface("b"), "egress"]).output
         XCTAssertFalse(filters.contains("bpf"), filters)

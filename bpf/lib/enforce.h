@@ -269,4 +269,24 @@ static __always_inline int pal_enforce(struct __sk_buff *skb, const struct pal_e
 	return d.pass;
 }
 
+/* Parse the IP packet at l3_offset and judge it: 1 to pass, 0 to drop.
+ * Non-IP packets pass; malformed IP packets are dropped. */
+static __always_inline int pal_judge(struct __sk_buff *skb, const struct pal_endpoint *ep, __u8 dir,
+				     __u32 l3_offset, __u32 ifindex, __u64 cgroup_id)
+{
+	struct pal_flow f = {};
+	int r = pal_parse_direct(skb, l3_offset, &f);
+	if (r == PAL_PARSE_SLOW) {
+		__builtin_memset(&f, 0, sizeof(f));
+		r = pal_parse(skb, l3_offset, &f);
+	}
+	if (r == PAL_PARSE_NOT_IP)
+		return 1;
+	if (r != PAL_PARSE_OK) {
+		pal_count(dir, PAL_REASON_DENY_MALFORMED, skb->len);
+		return 0;
+	}
+	return pal_enforce(skb, ep, dir, &f, ifindex, cgroup_id);
+}
+
 #endif
