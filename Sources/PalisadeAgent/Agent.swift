@@ -68,13 +68,17 @@ public final class Agent {
     public func run(until stop: () -> Bool) {
         events?.start()
         var lastGC = Date()
+        var gcInterval = 30.0
         while !stop() {
             reconcileIfChanged()
-            if Date().timeIntervalSince(lastGC) > 30 {
+            if Date().timeIntervalSince(lastGC) > gcInterval {
                 lastGC = Date()
                 do {
-                    let n = try datapath.collectConntrackGarbage()
-                    if n > 0 { log.debug("conntrack garbage collected", metadata: ["entries": "\(n)"]) }
+                    let (removed, remaining) = try datapath.collectConntrackGarbage()
+                    // Under connection churn, collect often enough that closed
+                    // flows, not live ones, make room in the LRU.
+                    gcInterval = remaining > Int(PAL_MAX_CONNTRACK) / 4 ? 3 : 30
+                    if removed > 0 { log.debug("conntrack garbage collected", metadata: ["entries": "\(removed)", "remaining": "\(remaining)"]) }
                 } catch {
                     log.error("conntrack garbage collection failed", metadata: ["error": "\(error)"])
                 }

@@ -192,14 +192,16 @@ public final class Datapath {
         public init() {}
     }
 
-    /// Removes expired conntrack entries; returns how many.
+    /// Removes expired conntrack entries; returns how many were removed and
+    /// how many remain.
     @discardableResult
-    public func collectConntrackGarbage(timeouts: ConntrackTimeouts = .init()) throws -> Int {
+    public func collectConntrackGarbage(timeouts: ConntrackTimeouts = .init()) throws -> (removed: Int, remaining: Int) {
         var ts = timespec()
         clock_gettime(CLOCK_MONOTONIC_COARSE, &ts)   // the clock of bpf_ktime_get_coarse_ns()
         let now = UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
         var removed = 0
-        for (k, v) in try maps.conntrack.entries() {
+        let all = try maps.conntrack.entries()
+        for (k, v) in all {
             let idle = now > v.last_seen_ns ? now - v.last_seen_ns : 0
             let limit: UInt64
             if k.protocol == 6 {
@@ -211,7 +213,7 @@ public final class Datapath {
             }
             if idle > limit, try maps.conntrack.delete(k) { removed += 1 }
         }
-        return removed
+        return (removed, all.count - removed)
     }
 
     // MARK: Teardown

@@ -62,6 +62,8 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, PAL_MAX_CONNTRACK);
+	/* Per-CPU LRU lists: inserts and evictions take no global lock. */
+	__uint(map_flags, BPF_F_NO_COMMON_LRU);
 	__type(key, struct pal_ct_key);
 	__type(value, struct pal_ct_value);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
