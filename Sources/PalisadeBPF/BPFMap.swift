@@ -113,6 +113,31 @@ public final class BPFMap {
         return out
     }
 
+    /// Deletes many keys with BPF_MAP_DELETE_BATCH (one syscall per 4096),
+    /// falling back to one by one where batches are not supported. Keys
+    /// already gone are not an error. Returns how many were deleted.
+    public func deleteBatchRaw(_ keys: [[UInt8]]) throws -> Int {
+        var deleted = 0
+        var start = 0
+        while start < keys.count {
+            let chunk = keys[start..<min(keys.count, start + 4096)]
+            var flat = chunk.flatMap { $0 }
+            var count = UInt32(chunk.count)
+            let rc = flat.withUnsafeMutableBytes { bpf_map_delete_batch(fd, $0.baseAddress, &count, nil) }
+            if rc == 0 {
+                deleted += Int(count)
+            } else {
+                // ENOENT stops a batch at the first missing key; finish key by key.
+                deleted += Int(count)
+                for k in chunk.dropFirst(Int(count)) {
+                    if try k.withUnsafeBytes({ try deleteRaw($0.baseAddress!) }) { deleted += 1 }
+                }
+            }
+            start += chunk.count
+        }
+        return deleted
+    }
+
     /// All keys, in the kernel's iteration order.
     func keysRaw() throws -> [[UInt8]] {
         var keys: [[UInt8]] = []
@@ -182,6 +207,12 @@ public struct TypedMap<Key, Value> {
     public func delete(_ key: Key) throws -> Bool {
         var k = key
         return try withUnsafeBytes(of: &k) { try map.deleteRaw($0.baseAddress!) }
+    }
+
+    /// Deletes many keys at once (batched); returns how many were deleted.
+    @discardableResult
+    public func delete(_ keys: [Key]) throws -> Int {
+        try map.deleteBatchRaw(keys.map { k in withUnsafeBytes(of: k) { Array($0) } })
     }
 
     public func keys() throws -> [Key] {

@@ -159,26 +159,24 @@ public final class Datapath {
     }
 
     func clearSlot(_ slot: UInt8) throws {
-        for k in try maps.policy.keys() where k.generation == slot { try maps.policy.delete(k) }
-        for k in try maps.defaults.keys() where k.generation == slot { try maps.defaults.delete(k) }
-        for k in try maps.ipcache.keys() where k.generation == slot { try maps.ipcache.delete(k) }
+        try maps.policy.delete(try maps.policy.keys().filter { $0.generation == slot })
+        try maps.defaults.delete(try maps.defaults.keys().filter { $0.generation == slot })
+        try maps.ipcache.delete(try maps.ipcache.keys().filter { $0.generation == slot })
     }
 
     /// Removes conntrack entries of flows the policy now in force denies, so
     /// revoking access cuts existing connections instead of waiting them out.
     func flushDeniedConnections(_ lookup: CompiledLookup) throws -> Int {
-        var flushed = 0
+        var denied: [pal_ct_key] = []
         for (k, v) in try maps.conntrack.entries() {
             let flow = ConntrackFlow(k, v)
             let dir = Direction(kernel: v.direction)
             let peer = dir == .ingress ? flow.initiator : flow.responder
             let f = Flow(local: NumericIdentity(v.local_identity), direction: dir, peerAddress: peer,
                          proto: k.protocol, port: flow.responderPort)
-            if lookup.evaluate(f).verdict == .deny {
-                if try maps.conntrack.delete(k) { flushed += 1 }
-            }
+            if lookup.evaluate(f).verdict == .deny { denied.append(k) }
         }
-        return flushed
+        return try maps.conntrack.delete(denied)
     }
 
     // MARK: Conntrack garbage collection
@@ -199,7 +197,7 @@ public final class Datapath {
         var ts = timespec()
         clock_gettime(CLOCK_MONOTONIC_COARSE, &ts)   // the clock of bpf_ktime_get_coarse_ns()
         let now = UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
-        var removed = 0
+        var expired: [pal_ct_key] = []
         let all = try maps.conntrack.entries()
         for (k, v) in all {
             let idle = now > v.last_seen_ns ? now - v.last_seen_ns : 0
@@ -211,8 +209,9 @@ public final class Datapath {
             } else {
                 limit = timeouts.other
             }
-            if idle > limit, try maps.conntrack.delete(k) { removed += 1 }
+            if idle > limit { expired.append(k) }
         }
+        let removed = try maps.conntrack.delete(expired)
         return (removed, all.count - removed)
     }
 
