@@ -44,9 +44,10 @@ public struct KernelLookup {
             return try maps.policy.lookup(e.key(generation: slot))
         }
         func rank(_ v: pal_policy_value) -> Int { Verdict(rawValue: v.verdict)?.rank ?? 0 }
-        var win = try look(peerID)
-        if cidrID != 0, let c = try look(cidrID), win == nil || rank(c) > rank(win!) { win = c }
-        if let a = try look(0), win == nil || rank(a) > rank(win!) { win = a }
+        func may(_ bit: UInt32) -> Bool { def.lookups & UInt8(bit) != 0 }
+        var win = may(PAL_LOOKUP_PEER) ? try look(peerID) : nil
+        if cidrID != 0, may(PAL_LOOKUP_CIDR), let c = try look(cidrID), win == nil || rank(c) > rank(win!) { win = c }
+        if may(PAL_LOOKUP_ANY), let a = try look(0), win == nil || rank(a) > rank(win!) { win = a }
         let verdict = Verdict(rawValue: win?.verdict ?? def.verdict) ?? .deny
         return Answer(enforced: true, verdict: verdict, ruleID: win?.rule_id ?? def.rule_id,
                       peerIdentity: peerID, peerCIDRIdentity: cidrID, generation: cfg.generation)

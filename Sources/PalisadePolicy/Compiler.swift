@@ -89,9 +89,12 @@ public struct DefaultEntry: Hashable, Sendable {
     public var direction: Direction
     public var verdict: Verdict   // deny or audit
     public var ruleID: UInt32
+    /// PAL_LOOKUP_* bits: which peer kinds have entries (the rest are skipped).
+    public var lookups: UInt8
 
-    public init(local: NumericIdentity, direction: Direction, verdict: Verdict, ruleID: UInt32) {
-        self.local = local; self.direction = direction; self.verdict = verdict; self.ruleID = ruleID
+    public init(local: NumericIdentity, direction: Direction, verdict: Verdict, ruleID: UInt32,
+                lookups: UInt8 = UInt8(PAL_LOOKUP_PEER | PAL_LOOKUP_CIDR | PAL_LOOKUP_ANY)) {
+        self.local = local; self.direction = direction; self.verdict = verdict; self.ruleID = ruleID; self.lookups = lookups
     }
 
     public func key(generation: UInt8) -> pal_defaults_key {
@@ -105,6 +108,7 @@ public struct DefaultEntry: Hashable, Sendable {
     public var value: pal_defaults_value {
         var v = pal_defaults_value()
         v.verdict = verdict.rawValue
+        v.lookups = lookups
         v.rule_id = ruleID
         return v
     }
@@ -218,7 +222,7 @@ public enum PolicyCompiler {
                 for l in locals {
                     let key = "\(l.rawValue)/\(d)"
                     if let old = defaults[key], old.verdict.rank >= defVerdict.rank { continue }
-                    defaults[key] = DefaultEntry(local: l, direction: d, verdict: defVerdict, ruleID: defID)
+                    defaults[key] = DefaultEntry(local: l, direction: d, verdict: defVerdict, ruleID: defID, lookups: 0)
                 }
                 for r in rs {
                     let id = newRule(.rule, p, d, r.action, r.location)
@@ -249,6 +253,12 @@ public enum PolicyCompiler {
                 }
             }
             _ = e
+        }
+
+        // Tell the datapath which lookups can match for each (local, direction).
+        for e in resolved.values {
+            let bit = e.peer == .any ? PAL_LOOKUP_ANY : (e.peer.isCIDR ? PAL_LOOKUP_CIDR : PAL_LOOKUP_PEER)
+            defaults["\(e.local.rawValue)/\(e.direction)"]?.lookups |= UInt8(bit)
         }
 
         return CompiledPolicy(

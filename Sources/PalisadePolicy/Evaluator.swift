@@ -1,3 +1,4 @@
+import CPalisadeShared
 import PalisadeIdentity
 
 /// A flow as the policy sees it, from one workload's point of view.
@@ -125,9 +126,10 @@ public struct CompiledLookup {
         let (peer, cidrPeer) = identities(of: f.peerAddress)
         let port = (f.proto == 6 || f.proto == 17) ? f.port : 0
         // Same order and tie-break as the datapath: strongest verdict, then the more specific peer.
-        var win = longest(f.local, f.direction, peer, f.proto, port)
-        for candidate in [cidrPeer.flatMap { longest(f.local, f.direction, $0, f.proto, port) },
-                          longest(f.local, f.direction, .any, f.proto, port)] {
+        func may(_ bit: UInt32) -> Bool { def.lookups & UInt8(bit) != 0 }
+        var win = may(PAL_LOOKUP_PEER) ? longest(f.local, f.direction, peer, f.proto, port) : nil
+        for candidate in [may(PAL_LOOKUP_CIDR) ? cidrPeer.flatMap { longest(f.local, f.direction, $0, f.proto, port) } : nil,
+                          may(PAL_LOOKUP_ANY) ? longest(f.local, f.direction, .any, f.proto, port) : nil] {
             if let c = candidate, win == nil || c.verdict.rank > win!.verdict.rank { win = c }
         }
         if let win { return Decision(verdict: win.verdict, ruleID: win.ruleID, enforced: true) }

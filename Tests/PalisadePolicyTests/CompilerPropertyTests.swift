@@ -59,9 +59,10 @@ final class CompilerPropertyTests: XCTestCase {
                 let e = PolicyEntry(local: f.local, direction: f.direction, peer: NumericIdentity(id), proto: f.proto, port: port, portBits: 16, verdict: .none, ruleID: 0)
                 return policy.lookup(CompilerPropertyTests.bytes(e.key(generation: slot)).1)
             }
-            var win = look(peer.identity)
-            if peer.cidr_identity != 0, let c = look(peer.cidr_identity), win == nil || rank(c.verdict) > rank(win!.verdict) { win = c }
-            if let a = look(0), win == nil || rank(a.verdict) > rank(win!.verdict) { win = a }
+            func may(_ bit: UInt32) -> Bool { def.lookups & UInt8(bit) != 0 }   // as enforce.h skips lookups
+            var win = may(PAL_LOOKUP_PEER) ? look(peer.identity) : nil
+            if peer.cidr_identity != 0, may(PAL_LOOKUP_CIDR), let c = look(peer.cidr_identity), win == nil || rank(c.verdict) > rank(win!.verdict) { win = c }
+            if may(PAL_LOOKUP_ANY), let a = look(0), win == nil || rank(a.verdict) > rank(win!.verdict) { win = a }
             return Verdict(rawValue: win?.verdict ?? def.verdict)!
         }
     }

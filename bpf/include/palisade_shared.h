@@ -150,9 +150,16 @@ struct pal_defaults_key {
 
 struct pal_defaults_value {
 	__u8 verdict;         /* PAL_VERDICT_DENY or PAL_VERDICT_AUDIT */
-	__u8 _pad[3];
+	__u8 lookups;         /* PAL_LOOKUP_*: which policy lookups can match */
+	__u8 _pad[2];
 	__u32 rule_id;        /* the policy that selected the endpoint */
 };
+
+/* Which kinds of peer the (local identity, direction) has entries for, so
+ * the datapath skips policy lookups that cannot match. */
+#define PAL_LOOKUP_PEER (1u << 0)   /* a workload or reserved identity */
+#define PAL_LOOKUP_CIDR (1u << 1)   /* a CIDR identity */
+#define PAL_LOOKUP_ANY  (1u << 2)   /* the wildcard peer */
 
 /* Global configuration (array map, one entry). Policy is double-buffered:
  * the agent writes a complete rule set into the inactive slot, then flips

@@ -212,10 +212,12 @@ static __always_inline int pal_enforce(struct __sk_buff *skb, const struct pal_e
 		d.reason = PAL_REASON_DENY_FRAGMENT;
 	} else {
 		__u16 dport = (f->protocol == IPPROTO_TCP || f->protocol == IPPROTO_UDP) ? f->dport : 0;
-		struct pal_policy_value *exact = pal_policy_lookup(slot, dir, local_id, d.peer_identity, f->protocol, dport);
-		struct pal_policy_value *cidr = peer.cidr_identity ?
+		struct pal_policy_value *exact = (def->lookups & PAL_LOOKUP_PEER) ?
+			pal_policy_lookup(slot, dir, local_id, d.peer_identity, f->protocol, dport) : 0;
+		struct pal_policy_value *cidr = (peer.cidr_identity && (def->lookups & PAL_LOOKUP_CIDR)) ?
 			pal_policy_lookup(slot, dir, local_id, peer.cidr_identity, f->protocol, dport) : 0;
-		struct pal_policy_value *any = pal_policy_lookup(slot, dir, local_id, PAL_ID_ANY, f->protocol, dport);
+		struct pal_policy_value *any = (def->lookups & PAL_LOOKUP_ANY) ?
+			pal_policy_lookup(slot, dir, local_id, PAL_ID_ANY, f->protocol, dport) : 0;
 		/* The strongest verdict wins; on a tie, the more specific peer. */
 		struct pal_policy_value *win = exact;
 		if (cidr && (!win || pal_rank(cidr->verdict) > pal_rank(win->verdict)))
