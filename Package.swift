@@ -14,6 +14,8 @@ let package = Package(
         .package(url: "https://github.com/jpsim/Yams", from: "6.0.0"),
         .package(url: "https://github.com/apple/swift-nio", from: "2.80.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.0.0"),
+        .package(url: "https://github.com/apple/swift-certificates", from: "1.0.0"),
+        .package(url: "https://github.com/apple/swift-crypto", from: "3.0.0"),
     ],
     targets: [
         // libbpf from the system (Debian's libbpf-dev).
@@ -36,6 +38,12 @@ let package = Package(
             dependencies: ["PalisadeBPF", "PalisadePolicy", "CPalisadeShared"],
             plugins: ["BPFCompiler"]
         ),
+        // The trust domain's CA: X.509-SVID issuance and SPIFFE-aware verification.
+        .target(name: "PalisadeCA", dependencies: [
+            "PalisadeIdentity",
+            .product(name: "X509", package: "swift-certificates"),
+            .product(name: "Crypto", package: "swift-crypto"),
+        ]),
         // Prometheus exposition of kernel counters, map pressure and agent events (NIO HTTP).
         .target(name: "PalisadeMetrics", dependencies: [
             "PalisadeDatapath", "PalisadePolicy", "CPalisadeShared",
@@ -60,6 +68,8 @@ let package = Package(
         .plugin(name: "BPFCompiler", capability: .buildTool()),
         .testTarget(name: "PalisadePolicyTests", dependencies: ["PalisadePolicy"]),
         .testTarget(name: "PalisadeAgentTests", dependencies: ["PalisadeAgent"]),
+        .testTarget(name: "PalisadeCATests", dependencies: ["PalisadeCA",
+            .product(name: "X509", package: "swift-certificates"), .product(name: "Crypto", package: "swift-crypto")]),
         .testTarget(name: "PalisadeKernelTests", dependencies: ["PalisadeAgent", "PalisadeDatapath"]),
     ],
     swiftLanguageModes: [.v5]
