@@ -54,14 +54,14 @@ let package = Package(
         ]),
         // Configuration, workload enrollment, state directory, reconcile loop.
         .target(name: "PalisadeAgent", dependencies: [
-            "PalisadeDatapath", "PalisadePolicy", "PalisadeMetrics",
+            "PalisadeDatapath", "PalisadePolicy", "PalisadeMetrics", "PalisadeCA",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "Yams", package: "Yams"),
         ]),
         .executableTarget(name: "palisade", dependencies: [
-            "PalisadeAgent", "PalisadeBPF", "PalisadeDatapath", "CPalisadeShared",
+            "PalisadeAgent", "PalisadeBPF", "PalisadeDatapath", "CPalisadeShared", "PalisadeCA",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),

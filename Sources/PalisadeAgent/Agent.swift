@@ -2,6 +2,7 @@ import CPalisadeShared
 import Foundation
 import Logging
 import PalisadeBPF
+import PalisadeCA
 import PalisadeDatapath
 import PalisadeIdentity
 import PalisadeMetrics
@@ -34,6 +35,9 @@ public final class Agent {
     let shared: StateBox
     public let metrics: DatapathMetrics
     var metricsServer: MetricsServer?
+    public let ca: CertificateAuthority
+    let svids: SVIDStore
+    var lastSVIDs = Set<SpiffeID>()
 
     public init(config: AgentConfig, logger: Logger) throws {
         self.config = config
@@ -43,6 +47,8 @@ public final class Agent {
             try FileManager.default.createDirectory(atPath: d, withIntermediateDirectories: true)
         }
         state = AgentState.load(config.stateFile) ?? AgentState()
+        ca = try CertificateAuthority.loadOrCreate(directory: config.caDir, trustDomain: config.trustDomain)
+        svids = try SVIDStore(directory: config.svidDir, ca: ca, lifetime: TimeInterval(config.svidLifetimeSeconds))
         datapath = try Datapath(pinRoot: config.bpffs)
         let gen = datapath.maps.activeConfig.generation
         log.info("datapath loaded", metadata: ["bpffs": "\(config.bpffs)", "adopted-generation": "\(gen)",
@@ -71,6 +77,7 @@ public final class Agent {
         var gcInterval = 30.0
         while !stop() {
             reconcileIfChanged()
+            rotateSVIDs()
             if Date().timeIntervalSince(lastGC) > gcInterval {
                 lastGC = Date()
                 do {
@@ -116,6 +123,26 @@ public final class Agent {
         if fp == lastFingerprint { return }
         lastFingerprint = fp
         reconcile(workloadFiles: readYAMLDirectory(config.resolvedWorkloadDir), policyFiles: readYAMLDirectory(config.resolvedPolicyDir))
+    }
+
+    /// Issues or re-issues (at half-life) the SVIDs of every enrolled
+    /// identity and of the node itself. Keys are never logged.
+    func rotateSVIDs() {
+        var ids = Set(state.identities.values.map(\.spiffeID))
+        ids.insert(config.nodeSpiffeID)
+        do {
+            let issued = try svids.ensure(ids)
+            for id in issued {
+                let info = svids.cached(id)
+                log.info("svid issued", metadata: ["spiffe-id": "\(id)", "serial": "\(info?.serial ?? "?")",
+                                                   "not-after": "\(info.map { ISO8601DateFormatter().string(from: $0.notAfter) } ?? "?")"])
+            }
+            for id in ids { metrics.setCertificateExpiry(spiffeID: id.description, notAfter: svids.cached(id)?.notAfter) }
+            for gone in lastSVIDs.subtracting(ids) { metrics.setCertificateExpiry(spiffeID: gone.description, notAfter: nil) }
+            lastSVIDs = ids
+        } catch {
+            log.error("svid issuance failed", metadata: ["error": "\(error)"])
+        }
     }
 
     func hostAddresses() -> [IPAddress] {

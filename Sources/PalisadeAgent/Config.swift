@@ -23,6 +23,8 @@ public struct AgentConfig: Sendable {
     public var metricsAddress: (host: String, port: Int)? = ("127.0.0.1", 9654)
     /// Most identity-pair series before further pairs are folded into "other".
     public var metricsIdentityPairs = 200
+    /// Lifetime of issued X.509-SVIDs; they are re-issued at half of it.
+    public var svidLifetimeSeconds = 3600
     /// Workloads enrolled by the configuration itself (besides workloadDir).
     public var workloads: [Workload] = []
 
@@ -34,9 +36,20 @@ public struct AgentConfig: Sendable {
     public var stateFile: String { "\(stateDir)/state.json" }
     public var eventLog: String { "\(stateDir)/events.jsonl" }
     public var flowSocket: String { "\(stateDir)/flows.sock" }
+    public var caDir: String { "\(stateDir)/ca" }
+    public var svidDir: String { "\(stateDir)/svids" }
+
+    /// This node's own SPIFFE ID: spiffe://TD/palisade/node/HOSTNAME.
+    public var nodeSpiffeID: SpiffeID {
+        var buf = [CChar](repeating: 0, count: 256)
+        gethostname(&buf, buf.count)
+        let host = String(cString: buf).map { $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-" || $0 == ".") ? $0 : "-" }
+        return (try? SpiffeID("spiffe://\(trustDomain)/palisade/node/\(String(host).isEmpty ? "node" : String(host))"))
+            ?? (try! SpiffeID("spiffe://\(trustDomain)/palisade/node/node"))
+    }
 
     static let keys: Set<String> = ["trustDomain", "stateDir", "bpffs", "policyDir", "workloadDir", "cgroupRoot",
-                                    "eventsPerSecond", "pollIntervalMilliseconds", "hostAddresses", "workloads", "metricsAddress", "metricsIdentityPairs", "allowedFlowEvents"]
+                                    "eventsPerSecond", "pollIntervalMilliseconds", "hostAddresses", "workloads", "metricsAddress", "metricsIdentityPairs", "allowedFlowEvents", "svidLifetimeSeconds"]
 
     /// Loads a YAML file; unknown fields and bad values are precise errors.
     public static func load(path: String?) throws -> AgentConfig {
@@ -76,6 +89,7 @@ public struct AgentConfig: Sendable {
                 c.metricsAddress = (String(text[..<colon]).trimmingCharacters(in: CharacterSet(charactersIn: "[]")), port)
             }
         }
+        if let v = m["svidLifetimeSeconds"] { c.svidLifetimeSeconds = try v.int(in: 120...(30 * 86400)) }
         if let v = m["allowedFlowEvents"] { c.allowedFlowEvents = try v.bool() }
         if let v = m["metricsIdentityPairs"] { c.metricsIdentityPairs = try v.int(in: 1...100_000) }
         if let v = m["workloads"] {

@@ -71,6 +71,22 @@ public final class DatapathMetrics: @unchecked Sendable {
         }
     }
 
+    var certificateExpiry: [String: Gauge] = [:]
+
+    /// Expiry of the SVID currently issued for an identity (Unix seconds).
+    public func setCertificateExpiry(spiffeID: String, notAfter: Date?) {
+        lock.lock(); defer { lock.unlock() }
+        if let notAfter {
+            if certificateExpiry[spiffeID] == nil {
+                certificateExpiry[spiffeID] = registry.makeGauge(name: "palisade_certificate_expiry_timestamp_seconds", labels: [("spiffe_id", spiffeID)],
+                                                                 help: "When the X.509-SVID issued for an identity expires (it is re-issued at half-life).")
+            }
+            certificateExpiry[spiffeID]!.set(to: notAfter.timeIntervalSince1970)
+        } else if let g = certificateExpiry.removeValue(forKey: spiffeID) {
+            registry.unregisterGauge(g)
+        }
+    }
+
     public func setPolicyValid(_ valid: Bool) { policyValid.set(to: valid ? 1 : 0) }
     public func setWorkloads(_ n: Int) { workloads.set(to: Double(n)) }
 

@@ -107,4 +107,24 @@ final class SVIDTests: XCTestCase {
         chmod("\(dir!)/a/ca.key", 0o644)
         XCTAssertThrowsError(try ca("example.org")) { XCTAssertTrue("\($0)".contains("expected 0600"), "\($0)") }
     }
+
+    func testStoreIssuesRotatesAtHalfLifeAndRemoves() throws {
+        let root = try ca("example.org")
+        let store = try SVIDStore(directory: "\(dir!)/svids", ca: root, lifetime: 3600)
+        let web = try SpiffeID("spiffe://example.org/ns/prod/sa/web"), api = try SpiffeID("spiffe://example.org/ns/prod/sa/api")
+        let t0 = Date()
+        XCTAssertEqual(Set(try store.ensure([web, api], now: t0)), [web, api])
+        XCTAssertEqual(try store.ensure([web, api], now: t0.addingTimeInterval(1700)), [], "nothing is due before half-life")
+        let before = store.cached(web)!.serial
+        XCTAssertEqual(Set(try store.ensure([web, api], now: t0.addingTimeInterval(1900))), [web, api], "re-issued past half-life")
+        XCTAssertNotEqual(store.cached(web)!.serial, before)
+        let listed = SVIDStore.list(directory: "\(dir!)/svids")
+        XCTAssertEqual(Set(listed.map(\.spiffeID)), [web.description, api.description])
+        for s in listed {
+            let mode = (try FileManager.default.attributesOfItem(atPath: s.keyFile)[.posixPermissions] as! NSNumber).intValue
+            XCTAssertEqual(mode & 0o777, 0o600, s.keyFile)
+        }
+        try store.ensure([web], now: t0.addingTimeInterval(1900))
+        XCTAssertEqual(SVIDStore.list(directory: "\(dir!)/svids").map(\.spiffeID), [web.description], "an identity that left loses its SVID")
+    }
 }

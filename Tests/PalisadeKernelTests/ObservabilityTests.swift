@@ -1,6 +1,15 @@
 import Foundation
 import XCTest
 
+extension Data {
+    /// certs list JSON has dates; decode everything as strings.
+    func replacingDates() -> Data {
+        guard let obj = try? JSONSerialization.jsonObject(with: self) as? [[String: Any]] else { return self }
+        let strings = obj.map { $0.mapValues { "\($0)" } }
+        return (try? JSONSerialization.data(withJSONObject: strings)) ?? self
+    }
+}
+
 /// A real Prometheus server scrapes the agent; PromQL answers must match
 /// the traffic the test sent.
 final class ObservabilityTests: XCTestCase {
@@ -81,6 +90,20 @@ final class ObservabilityTests: XCTestCase {
         XCTAssertEqual(got[pair], 7, "denied flows for the (b, a) identity pair")
         XCTAssertEqual(got[ruleMatches], 3, "rule matches for the (b, a) identity pair")
         XCTAssertEqual(try query(lab, "palisade_policy_generation"), Double(agent.generation))
+        let expiry = try query(lab, "min(palisade_certificate_expiry_timestamp_seconds)") ?? 0
+        XCTAssertGreaterThan(expiry, Date().timeIntervalSince1970 + 1700, "every identity has a current SVID")
+
+        // The SVIDs behind that metric: workloads and the node, keys 0600.
+        let list = try agent.palisade(["certs", "list", "--output", "json"]).output
+        let svids = try JSONDecoder().decode([[String: String]].self, from: Data(list.utf8).replacingDates())
+        let ids = Set(svids.compactMap { $0["spiffeID"] })
+        XCTAssertTrue(ids.isSuperset(of: ["spiffe://test.local/ns/default/sa/a", "spiffe://test.local/ns/default/sa/b"]), "\(ids)")
+        XCTAssertTrue(ids.contains { $0.hasPrefix("spiffe://test.local/palisade/node/") }, "\(ids)")
+        for s in svids {
+            let mode = (try FileManager.default.attributesOfItem(atPath: s["keyFile"]!)[.posixPermissions] as! NSNumber).intValue
+            XCTAssertEqual(mode & 0o777, 0o600)
+        }
+        XCTAssertTrue(try agent.palisade(["ca", "bundle"]).output.hasPrefix("-----BEGIN CERTIFICATE-----"))
     }
 
     /// `palisade flows --follow` streams events from the agent's socket with

@@ -1,0 +1,60 @@
+import ArgumentParser
+import Foundation
+import PalisadeAgent
+import PalisadeCA
+
+/// `palisade certs list|show` and `palisade ca bundle`: read from the state
+/// directory, so they work while the agent is stopped. Keys are never shown.
+struct CertsCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "certs", abstract: "The node's X.509-SVIDs.",
+                                                    subcommands: [List.self, Show.self])
+
+    struct List: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Identity, serial, expiry and time to rotation of every SVID.")
+        @OptionGroup var options: ConfigOption
+        @Option var output: OutputFormat = .table
+        func run() throws {
+            let config = try options.load()
+            let svids = SVIDStore.list(directory: config.svidDir)
+            if output == .json { try printJSON(svids); return }
+            let now = Date()
+            printTable(["SPIFFE ID", "SERIAL", "NOT AFTER", "ROTATES IN"], svids.map { s in
+                let left = s.rotateAt.timeIntervalSince(now)
+                return [s.spiffeID, String(s.serial.prefix(23)), ISO8601DateFormatter().string(from: s.notAfter),
+                        left > 0 ? "\(Int(left) / 60)m\(Int(left) % 60)s" : "due"]
+            })
+        }
+    }
+
+    struct Show: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "One SVID's details and PEM certificate chain.")
+        @OptionGroup var options: ConfigOption
+        @Argument(help: "spiffe://TRUST-DOMAIN/PATH") var spiffeID: String
+        @Option var output: OutputFormat = .table
+        func run() throws {
+            let config = try options.load()
+            guard let s = SVIDStore.list(directory: config.svidDir).first(where: { $0.spiffeID == spiffeID }) else {
+                throw CLIError("no SVID for \(spiffeID) in \(config.svidDir)")
+            }
+            if output == .json { try printJSON(s); return }
+            print("spiffe id:   \(s.spiffeID)\nserial:      \(s.serial)\nnot before:  \(s.notBefore)\nnot after:   \(s.notAfter)\nrotates at:  \(s.rotateAt)\nkey file:    \(s.keyFile) (0600)")
+            print(try String(contentsOfFile: s.certificateFile, encoding: .utf8), terminator: "")
+        }
+    }
+}
+
+struct CACommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "ca", abstract: "The trust domain's certificate authority.", subcommands: [Bundle.self])
+
+    struct Bundle: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Print the trust bundle (PEM) to give to federated trust domains.")
+        @OptionGroup var options: ConfigOption
+        func run() throws {
+            let config = try options.load()
+            guard let pem = try? String(contentsOfFile: "\(config.caDir)/ca.pem", encoding: .utf8) else {
+                throw CLIError("no CA at \(config.caDir) (the agent creates it on first start)")
+            }
+            print(pem, terminator: pem.hasSuffix("\n") ? "" : "\n")
+        }
+    }
+}
