@@ -23,6 +23,9 @@ public struct AgentConfig: Sendable {
     public var metricsAddress: (host: String, port: Int)? = ("127.0.0.1", 9654)
     /// Most identity-pair series before further pairs are folded into "other".
     public var metricsIdentityPairs = 200
+    /// Trust bundles (PEM files, one or more roots each) of federated trust
+    /// domains, by trust domain name. The node's own domain uses its CA.
+    public var federatedBundles: [String: String] = [:]
     /// Lifetime of issued X.509-SVIDs; they are re-issued at half of it.
     public var svidLifetimeSeconds = 3600
     /// Workloads enrolled by the configuration itself (besides workloadDir).
@@ -49,7 +52,7 @@ public struct AgentConfig: Sendable {
     }
 
     static let keys: Set<String> = ["trustDomain", "stateDir", "bpffs", "policyDir", "workloadDir", "cgroupRoot",
-                                    "eventsPerSecond", "pollIntervalMilliseconds", "hostAddresses", "workloads", "metricsAddress", "metricsIdentityPairs", "allowedFlowEvents", "svidLifetimeSeconds"]
+                                    "eventsPerSecond", "pollIntervalMilliseconds", "hostAddresses", "workloads", "metricsAddress", "metricsIdentityPairs", "allowedFlowEvents", "svidLifetimeSeconds", "federatedBundles"]
 
     /// Loads a YAML file; unknown fields and bad values are precise errors.
     public static func load(path: String?) throws -> AgentConfig {
@@ -87,6 +90,14 @@ public struct AgentConfig: Sendable {
                     throw v.error("expected HOST:PORT with an IP address (for example 127.0.0.1:9654, [::1]:9654) or 'off', got '\(text)'")
                 }
                 c.metricsAddress = (String(text[..<colon]).trimmingCharacters(in: CharacterSet(charactersIn: "[]")), port)
+            }
+        }
+        if let v = m["federatedBundles"] {
+            for (td, path) in try v.mapping() {
+                guard (try? SpiffeIDCheck.trustDomain(td)) != nil else { throw path.error("'\(td)' is not a trust domain name") }
+                let p = try path.string()
+                guard p.hasPrefix("/") else { throw path.error("expected an absolute path to a PEM bundle, got '\(p)'") }
+                c.federatedBundles[td] = p
             }
         }
         if let v = m["svidLifetimeSeconds"] { c.svidLifetimeSeconds = try v.int(in: 120...(30 * 86400)) }

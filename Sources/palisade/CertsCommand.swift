@@ -5,9 +5,9 @@ import PalisadeCA
 
 /// `palisade certs list|show` and `palisade ca bundle`: read from the state
 /// directory, so they work while the agent is stopped. Keys are never shown.
-struct CertsCommand: ParsableCommand {
+struct CertsCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "certs", abstract: "The node's X.509-SVIDs.",
-                                                    subcommands: [List.self, Show.self])
+                                                    subcommands: [List.self, Show.self, VerifyCert.self])
 
     struct List: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Identity, serial, expiry and time to rotation of every SVID.")
@@ -55,6 +55,39 @@ struct CACommand: ParsableCommand {
                 throw CLIError("no CA at \(config.caDir) (the agent creates it on first start)")
             }
             print(pem, terminator: pem.hasSuffix("\n") ? "" : "\n")
+        }
+    }
+}
+
+import X509
+import SwiftASN1
+
+/// `palisade certs verify FILE`: checks a PEM chain (leaf first) the way the
+/// mTLS listener will: SPIFFE rules plus a chain to the bundle of the leaf's
+/// own trust domain (the node's CA, or a configured federated bundle).
+struct VerifyCert: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "verify", abstract: "Verify an X.509-SVID (PEM chain, leaf first) against the trust bundles.")
+    @OptionGroup var options: ConfigOption
+    @Argument(help: "PEM file: the leaf certificate, then any intermediates.") var file: String
+
+    func run() async throws {
+        let config = try options.load()
+        func certs(_ path: String) throws -> [Certificate] {
+            guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { throw CLIError("\(path): cannot read file") }
+            do { return try PEMDocument.parseMultiple(pemString: text).map { try Certificate(pemDocument: $0) } } catch {
+                throw CLIError("\(path): not a PEM certificate chain: \(error)")
+            }
+        }
+        var bundles: [String: [Certificate]] = [:]
+        if FileManager.default.fileExists(atPath: "\(config.caDir)/ca.pem") { bundles[config.trustDomain] = try certs("\(config.caDir)/ca.pem") }
+        for (td, path) in config.federatedBundles { bundles[td, default: []] += try certs(path) }
+        let chain = try certs(file)
+        guard let leaf = chain.first else { throw CLIError("\(file): no certificate") }
+        switch await SPIFFEVerifier(bundles: bundles).verify(leaf: leaf, intermediates: Array(chain.dropFirst())) {
+        case .success(let id): print("valid X.509-SVID for \(id)")
+        case .failure(let r):
+            FileHandle.standardError.write(Data("rejected: \(r)\n".utf8))
+            throw ExitCode(1)
         }
     }
 }

@@ -4,7 +4,7 @@ import Logging
 import PalisadeAgent
 
 @main
-struct Palisade: ParsableCommand {
+struct Palisade: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "palisade",
         abstract: "Zero-trust enforcement agent: identity-based microsegmentation in eBPF.",

@@ -104,6 +104,11 @@ final class ObservabilityTests: XCTestCase {
             XCTAssertEqual(mode & 0o777, 0o600)
         }
         XCTAssertTrue(try agent.palisade(["ca", "bundle"]).output.hasPrefix("-----BEGIN CERTIFICATE-----"))
+        let good = try agent.palisade(["certs", "verify", svids[0]["certificateFile"]!])
+        XCTAssertTrue(good.output.contains("valid X.509-SVID for spiffe://test.local/"), good.output)
+        let bad = try agent.palisade(["certs", "verify", "\(agent.dir)/ca/ca.pem"], check: false)
+        XCTAssertEqual(bad.status, 1, bad.output)
+        XCTAssertTrue(bad.output.contains("rejected:"), bad.output)
     }
 
     /// `palisade flows --follow` streams events from the agent's socket with
