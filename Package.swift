@@ -16,6 +16,7 @@ let package = Package(
         .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.0.0"),
         .package(url: "https://github.com/apple/swift-certificates", from: "1.0.0"),
         .package(url: "https://github.com/apple/swift-crypto", from: "3.0.0"),
+        .package(url: "https://github.com/apple/swift-nio-ssl", from: "2.30.0"),
     ],
     targets: [
         // libbpf from the system (Debian's libbpf-dev).
@@ -44,6 +45,15 @@ let package = Package(
             .product(name: "X509", package: "swift-certificates"),
             .product(name: "Crypto", package: "swift-crypto"),
         ]),
+        // Agent-to-agent mTLS (TLS 1.3 only, SPIFFE verification in the handshake).
+        .target(name: "PalisadeTunnel", dependencies: [
+            "PalisadeCA", "PalisadeIdentity",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOTLS", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOSSL", package: "swift-nio-ssl"),
+            .product(name: "X509", package: "swift-certificates"),
+        ]),
         // Prometheus exposition of kernel counters, map pressure and agent events (NIO HTTP).
         .target(name: "PalisadeMetrics", dependencies: [
             "PalisadeDatapath", "PalisadePolicy", "CPalisadeShared",
@@ -54,7 +64,7 @@ let package = Package(
         ]),
         // Configuration, workload enrollment, state directory, reconcile loop.
         .target(name: "PalisadeAgent", dependencies: [
-            "PalisadeDatapath", "PalisadePolicy", "PalisadeMetrics", "PalisadeCA",
+            "PalisadeDatapath", "PalisadePolicy", "PalisadeMetrics", "PalisadeCA", "PalisadeTunnel",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
@@ -68,6 +78,9 @@ let package = Package(
         .plugin(name: "BPFCompiler", capability: .buildTool()),
         .testTarget(name: "PalisadePolicyTests", dependencies: ["PalisadePolicy"]),
         .testTarget(name: "PalisadeAgentTests", dependencies: ["PalisadeAgent"]),
+        .testTarget(name: "PalisadeTunnelTests", dependencies: ["PalisadeTunnel", "PalisadeCA",
+            .product(name: "NIOSSL", package: "swift-nio-ssl"), .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "X509", package: "swift-certificates"), .product(name: "Crypto", package: "swift-crypto")]),
         .testTarget(name: "PalisadeCATests", dependencies: ["PalisadeCA",
             .product(name: "X509", package: "swift-certificates"), .product(name: "Crypto", package: "swift-crypto")]),
         .testTarget(name: "PalisadeKernelTests", dependencies: ["PalisadeAgent", "PalisadeDatapath"]),

@@ -7,6 +7,9 @@ import PalisadeDatapath
 import PalisadeIdentity
 import PalisadeMetrics
 import PalisadePolicy
+import PalisadeTunnel
+import X509
+import SwiftASN1
 
 /// The agent's state as other threads (ring buffer, metrics) may read it.
 final class StateBox: @unchecked Sendable {
@@ -38,6 +41,7 @@ public final class Agent {
     public let ca: CertificateAuthority
     let svids: SVIDStore
     var lastSVIDs = Set<SpiffeID>()
+    var listener: MTLSListener?
 
     public init(config: AgentConfig, logger: Logger) throws {
         self.config = config
@@ -98,6 +102,7 @@ public final class Agent {
         }
         events?.stop()
         metricsServer?.stop()
+        listener?.stop()
         log.info("agent stopping; programs and maps stay pinned and keep enforcing")
     }
 
@@ -132,6 +137,7 @@ public final class Agent {
         ids.insert(config.nodeSpiffeID)
         do {
             let issued = try svids.ensure(ids)
+            if issued.contains(config.nodeSpiffeID) || (listener == nil && config.tunnelAddress != nil) { try startOrReloadListener() }
             for id in issued {
                 let info = svids.cached(id)
                 log.info("svid issued", metadata: ["spiffe-id": "\(id)", "serial": "\(info?.serial ?? "?")",
@@ -143,6 +149,31 @@ public final class Agent {
         } catch {
             log.error("svid issuance failed", metadata: ["error": "\(error)"])
         }
+    }
+
+    /// The trust bundles: this trust domain's CA and the federated ones.
+    func verifier() throws -> SPIFFEVerifier {
+        var bundles: [String: [Certificate]] = [config.trustDomain: [ca.certificate]]
+        for (td, path) in config.federatedBundles {
+            let text = try String(contentsOfFile: path, encoding: .utf8)
+            bundles[td, default: []] += try PEMDocument.parseMultiple(pemString: text).map { try Certificate(pemDocument: $0) }
+        }
+        return SPIFFEVerifier(bundles: bundles)
+    }
+
+    func startOrReloadListener() throws {
+        guard let (host, port) = config.tunnelAddress, let node = svids.cached(config.nodeSpiffeID) else { return }
+        if let listener {
+            try listener.reload(certificateFile: node.certificateFile, keyFile: node.keyFile)
+            return
+        }
+        let l = try MTLSListener(host: host, port: port, certificateFile: node.certificateFile, keyFile: node.keyFile, verifier: try verifier())
+        let log = self.log, metrics = self.metrics
+        l.onReject = { reason in log.warning("mTLS peer certificate refused", metadata: ["reason": "\(reason)"]) }
+        l.onHandshakeFailure = { metrics.recordHandshake(accepted: false) }
+        l.onAccept = { _ in metrics.recordHandshake(accepted: true) }
+        listener = l
+        log.info("mTLS listener", metadata: ["address": "\(host):\(l.localPort)", "identity": "\(config.nodeSpiffeID)", "tls": "1.3 only"])
     }
 
     func hostAddresses() -> [IPAddress] {

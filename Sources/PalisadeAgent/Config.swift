@@ -26,6 +26,8 @@ public struct AgentConfig: Sendable {
     /// Trust bundles (PEM files, one or more roots each) of federated trust
     /// domains, by trust domain name. The node's own domain uses its CA.
     public var federatedBundles: [String: String] = [:]
+    /// The mTLS listener (TLS 1.3, SPIFFE-verified client certificates), or nil.
+    public var tunnelAddress: (host: String, port: Int)? = ("0.0.0.0", 15008)
     /// Lifetime of issued X.509-SVIDs; they are re-issued at half of it.
     public var svidLifetimeSeconds = 3600
     /// Workloads enrolled by the configuration itself (besides workloadDir).
@@ -52,7 +54,18 @@ public struct AgentConfig: Sendable {
     }
 
     static let keys: Set<String> = ["trustDomain", "stateDir", "bpffs", "policyDir", "workloadDir", "cgroupRoot",
-                                    "eventsPerSecond", "pollIntervalMilliseconds", "hostAddresses", "workloads", "metricsAddress", "metricsIdentityPairs", "allowedFlowEvents", "svidLifetimeSeconds", "federatedBundles"]
+                                    "eventsPerSecond", "pollIntervalMilliseconds", "hostAddresses", "workloads", "metricsAddress", "metricsIdentityPairs", "allowedFlowEvents", "svidLifetimeSeconds", "federatedBundles", "tunnelAddress"]
+
+    /// "HOST:PORT" with an IP address (IPv6 in brackets), or "off" (nil).
+    static func address(_ v: YAMLValue) throws -> (host: String, port: Int)? {
+        let text = try v.string()
+        if text == "off" { return nil }
+        guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]), (0...65535).contains(port),
+              IPAddress(String(text[..<colon]).trimmingCharacters(in: CharacterSet(charactersIn: "[]"))) != nil else {
+            throw v.error("expected HOST:PORT with an IP address (for example 127.0.0.1:9654, [::1]:9654) or 'off', got '\(text)'")
+        }
+        return (String(text[..<colon]).trimmingCharacters(in: CharacterSet(charactersIn: "[]")), port)
+    }
 
     /// Loads a YAML file; unknown fields and bad values are precise errors.
     public static func load(path: String?) throws -> AgentConfig {
@@ -80,18 +93,8 @@ public struct AgentConfig: Sendable {
         }
         if let v = m["eventsPerSecond"] { c.eventsPerSecond = UInt32(try v.int(in: 0...1_000_000)) }
         if let v = m["pollIntervalMilliseconds"] { c.pollIntervalMilliseconds = try v.int(in: 50...60_000) }
-        if let v = m["metricsAddress"] {
-            let text = try v.string()
-            if text == "off" {
-                c.metricsAddress = nil
-            } else {
-                guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]), (0...65535).contains(port),
-                      IPAddress(String(text[..<colon]).trimmingCharacters(in: CharacterSet(charactersIn: "[]"))) != nil else {
-                    throw v.error("expected HOST:PORT with an IP address (for example 127.0.0.1:9654, [::1]:9654) or 'off', got '\(text)'")
-                }
-                c.metricsAddress = (String(text[..<colon]).trimmingCharacters(in: CharacterSet(charactersIn: "[]")), port)
-            }
-        }
+        if let v = m["metricsAddress"] { c.metricsAddress = try address(v) }
+        if let v = m["tunnelAddress"] { c.tunnelAddress = try address(v) }
         if let v = m["federatedBundles"] {
             for (td, path) in try v.mapping() {
                 guard (try? SpiffeIDCheck.trustDomain(td)) != nil else { throw path.error("'\(td)' is not a trust domain name") }

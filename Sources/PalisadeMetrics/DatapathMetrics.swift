@@ -72,6 +72,15 @@ public final class DatapathMetrics: @unchecked Sendable {
     }
 
     var certificateExpiry: [String: Gauge] = [:]
+    lazy var handshakesAccepted = registry.makeCounter(name: "palisade_tls_handshakes_total", labels: [("result", "accepted")],
+                                                       help: "mTLS handshakes on the agent's listener, by result.")
+    lazy var handshakesRefused = registry.makeCounter(name: "palisade_tls_handshakes_total", labels: [("result", "refused")],
+                                                      help: "mTLS handshakes on the agent's listener, by result.")
+
+    public func recordHandshake(accepted: Bool) {
+        lock.lock(); let c = accepted ? handshakesAccepted : handshakesRefused; lock.unlock()
+        c.increment()
+    }
 
     /// Expiry of the SVID currently issued for an identity (Unix seconds).
     public func setCertificateExpiry(spiffeID: String, notAfter: Date?) {

@@ -1,0 +1,123 @@
+import Foundation
+import NIOCore
+import NIOPosix
+import NIOSSL
+import NIOTLS
+import PalisadeCA
+import PalisadeIdentity
+import X509
+
+/// The agent's mTLS listener: TLS 1.3 only, a client certificate required,
+/// and that certificate judged during the handshake by the SPIFFE verifier
+/// (trust bundle of the peer's own trust domain). This session it answers
+/// each verified peer with its SPIFFE ID and closes; the HBONE tunnel
+/// (HTTP/2 CONNECT) will be served here.
+public final class MTLSListener: @unchecked Sendable {
+    let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+    let channel: Channel
+    let lock = NSLock()
+    var context: NIOSSLContext
+    let verifier: SPIFFEVerifier
+    public var localPort: Int { channel.localAddress?.port ?? 0 }
+    /// Called with each refusal (for logs and metrics); never with key material.
+    public var onReject: (@Sendable (String) -> Void)?
+    /// Called with each verified peer.
+    public var onAccept: (@Sendable (SpiffeID) -> Void)?
+    /// Called once per failed handshake, whether the SPIFFE verifier or the
+    /// TLS library refused it (a bad key usage, TLS below 1.3, ...).
+    public var onHandshakeFailure: (@Sendable () -> Void)?
+
+    public static func context(certificateFile: String, keyFile: String, roots: [Certificate]) throws -> NIOSSLContext {
+        let chain = try NIOSSLCertificate.fromPEMFile(certificateFile).map { NIOSSLCertificateSource.certificate($0) }
+        let key = try NIOSSLPrivateKey(file: keyFile, format: .pem)
+        var tls = TLSConfiguration.makeServerConfiguration(certificateChain: chain, privateKey: .privateKey(key))
+        tls.minimumTLSVersion = .tlsv13
+        tls.maximumTLSVersion = .tlsv13
+        tls.certificateVerification = .noHostnameVerification   // a client certificate is required
+        tls.trustRoots = .certificates(try roots.map { try NIOSSLCertificate(bytes: $0.serializeAsPEM().derBytes, format: .der) })
+        return try NIOSSLContext(configuration: tls)
+    }
+
+    public init(host: String, port: Int, certificateFile: String, keyFile: String, verifier: SPIFFEVerifier) throws {
+        self.verifier = verifier
+        context = try MTLSListener.context(certificateFile: certificateFile, keyFile: keyFile, roots: verifier.bundles.values.flatMap { $0 })
+        weak var weakSelf: MTLSListener?
+        let verify: NIOSSLCustomVerificationCallbackWithMetadata = { certs, promise in
+            let verifier = verifier
+            Task {
+                let parsed = certs.compactMap { try? Certificate(derEncoded: $0.toDERBytes()) }
+                guard parsed.count == certs.count, let leaf = parsed.first else {
+                    weakSelf?.onReject?("unparsable client certificate")
+                    promise.succeed(.failed)
+                    return
+                }
+                switch await verifier.verify(leaf: leaf, intermediates: Array(parsed.dropFirst())) {
+                case .success(let id):
+                    weakSelf?.onAccept?(id)
+                    promise.succeed(.certificateVerified(VerificationMetadata(nil)))
+                case .failure(let r):
+                    weakSelf?.onReject?(r.reason)
+                    promise.succeed(.failed)
+                }
+            }
+        }
+        let bootstrap = ServerBootstrap(group: group)
+            .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
+            .childChannelInitializer { channel in
+                guard let me = weakSelf else { return channel.close() }
+                me.lock.lock(); let ctx = me.context; me.lock.unlock()
+                return channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: ctx, customVerificationCallbackWithMetadata: verify))
+                    try channel.pipeline.syncOperations.addHandler(IdentityEcho(onFailure: { weakSelf?.onHandshakeFailure?() }))
+                }
+            }
+        do { channel = try bootstrap.bind(host: host, port: port).wait() } catch {
+            try? group.syncShutdownGracefully()
+            throw error
+        }
+        weakSelf = self
+    }
+
+    /// New certificate and key (rotation): new connections use them at once.
+    public func reload(certificateFile: String, keyFile: String) throws {
+        let ctx = try MTLSListener.context(certificateFile: certificateFile, keyFile: keyFile, roots: verifier.bundles.values.flatMap { $0 })
+        lock.lock(); context = ctx; lock.unlock()
+    }
+
+    public func stop() {
+        try? channel.close().wait()
+        try? group.syncShutdownGracefully()
+    }
+}
+
+/// After a verified handshake: tell the peer who it was authenticated as.
+final class IdentityEcho: ChannelInboundHandler, @unchecked Sendable {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+    let onFailure: () -> Void
+    var handshakeDone = false
+    init(onFailure: @escaping () -> Void) { self.onFailure = onFailure }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        if !handshakeDone {
+            handshakeDone = true   // count one failure per connection
+            onFailure()
+        }
+        context.close(promise: nil)
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case TLSUserEvent.handshakeCompleted = event { handshakeDone = true }
+        if case TLSUserEvent.handshakeCompleted = event,
+           let tls = try? context.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self),
+           let peer = tls.peerCertificate, let cert = try? Certificate(derEncoded: peer.toDERBytes()),
+           case .success(let id) = SPIFFEVerifier.checkLeaf(cert, trustDomain: nil) {
+            var buffer = context.channel.allocator.buffer(capacity: 128)
+            buffer.writeString("\(id)\n")
+            context.writeAndFlush(wrapOutboundOut(buffer)).whenComplete { _ in context.close(promise: nil) }
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {}
+}
