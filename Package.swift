@@ -15,7 +15,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-nio", from: "2.80.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.0.0"),
         .package(url: "https://github.com/apple/swift-certificates", from: "1.0.0"),
-        .package(url: "https://github.com/apple/swift-crypto", from: "3.0.0"),
+        .package(url: "https://github.com/apple/swift-crypto", from: "4.1.0"),
+        .package(url: "https://github.com/vapor/jwt-kit", from: "5.0.0"),
         .package(url: "https://github.com/apple/swift-nio-ssl", from: "2.30.0"),
     ],
     targets: [
@@ -45,6 +46,8 @@ let package = Package(
             .product(name: "X509", package: "swift-certificates"),
             .product(name: "Crypto", package: "swift-crypto"),
         ]),
+        // Tokens at the edge: a JWT from a configured issuer (JWKS file) mapped to an identity.
+        .target(name: "PalisadeJWT", dependencies: [.product(name: "JWTKit", package: "jwt-kit")]),
         // Agent-to-agent mTLS (TLS 1.3 only, SPIFFE verification in the handshake).
         .target(name: "PalisadeTunnel", dependencies: [
             "PalisadeCA", "PalisadeIdentity",
@@ -64,7 +67,7 @@ let package = Package(
         ]),
         // Configuration, workload enrollment, state directory, reconcile loop.
         .target(name: "PalisadeAgent", dependencies: [
-            "PalisadeDatapath", "PalisadePolicy", "PalisadeMetrics", "PalisadeCA", "PalisadeTunnel",
+            "PalisadeDatapath", "PalisadePolicy", "PalisadeMetrics", "PalisadeCA", "PalisadeTunnel", "PalisadeJWT",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
@@ -81,6 +84,7 @@ let package = Package(
         .testTarget(name: "PalisadeTunnelTests", dependencies: ["PalisadeTunnel", "PalisadeCA",
             .product(name: "NIOSSL", package: "swift-nio-ssl"), .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "X509", package: "swift-certificates"), .product(name: "Crypto", package: "swift-crypto")]),
+        .testTarget(name: "PalisadeJWTTests", dependencies: ["PalisadeJWT", .product(name: "JWTKit", package: "jwt-kit")]),
         .testTarget(name: "PalisadeCATests", dependencies: ["PalisadeCA",
             .product(name: "X509", package: "swift-certificates"), .product(name: "Crypto", package: "swift-crypto")]),
         .testTarget(name: "PalisadeKernelTests", dependencies: ["PalisadeAgent", "PalisadeDatapath"]),

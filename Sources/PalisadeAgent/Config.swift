@@ -1,5 +1,6 @@
 import Foundation
 import PalisadeBPF
+import PalisadeJWT
 import PalisadePolicy
 
 /// Agent configuration. Every field has a default, so the agent runs with
@@ -26,6 +27,8 @@ public struct AgentConfig: Sendable {
     /// Trust bundles (PEM files, one or more roots each) of federated trust
     /// domains, by trust domain name. The node's own domain uses its CA.
     public var federatedBundles: [String: String] = [:]
+    /// Token issuers whose JWTs map to identities at the edge (for L7 rules).
+    public var jwtIssuers: [JWTIssuer] = []
     /// The mTLS listener (TLS 1.3, SPIFFE-verified client certificates), or nil.
     public var tunnelAddress: (host: String, port: Int)? = ("0.0.0.0", 15008)
     /// Lifetime of issued X.509-SVIDs; they are re-issued at half of it.
@@ -54,7 +57,7 @@ public struct AgentConfig: Sendable {
     }
 
     static let keys: Set<String> = ["trustDomain", "stateDir", "bpffs", "policyDir", "workloadDir", "cgroupRoot",
-                                    "eventsPerSecond", "pollIntervalMilliseconds", "hostAddresses", "workloads", "metricsAddress", "metricsIdentityPairs", "allowedFlowEvents", "svidLifetimeSeconds", "federatedBundles", "tunnelAddress"]
+                                    "eventsPerSecond", "pollIntervalMilliseconds", "hostAddresses", "workloads", "metricsAddress", "metricsIdentityPairs", "allowedFlowEvents", "svidLifetimeSeconds", "federatedBundles", "tunnelAddress", "jwtIssuers"]
 
     /// "HOST:PORT" with an IP address (IPv6 in brackets), or "off" (nil).
     static func address(_ v: YAMLValue) throws -> (host: String, port: Int)? {
@@ -101,6 +104,19 @@ public struct AgentConfig: Sendable {
                 let p = try path.string()
                 guard p.hasPrefix("/") else { throw path.error("expected an absolute path to a PEM bundle, got '\(p)'") }
                 c.federatedBundles[td] = p
+            }
+        }
+        if let v = m["jwtIssuers"] {
+            c.jwtIssuers = try v.sequence().map { e in
+                let f = try e.mapping(allowedKeys: ["issuer", "jwks", "audience"])
+                guard let i = f["issuer"], let j = f["jwks"], let a = f["audience"] else { throw e.error("a JWT issuer needs 'issuer', 'jwks' (a JWKS file) and 'audience'") }
+                let path = try j.string()
+                guard path.hasPrefix("/") else { throw j.error("expected an absolute path to a JWKS file, got '\(path)'") }
+                guard let data = FileManager.default.contents(atPath: path),
+                      let obj = try? JSONSerialization.jsonObject(with: data) as? [String: Any], obj["keys"] is [Any] else {
+                    throw j.error("\(path) is not a readable JWKS (a JSON object with a 'keys' list)")
+                }
+                return JWTIssuer(issuer: try i.string(), jwksFile: path, audience: try a.string())
             }
         }
         if let v = m["svidLifetimeSeconds"] { c.svidLifetimeSeconds = try v.int(in: 120...(30 * 86400)) }

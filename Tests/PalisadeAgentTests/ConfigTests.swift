@@ -56,3 +56,10 @@ final class ConfigTests: XCTestCase {
         try assertError("workloads:\n  - name: w\n    spiffeID: spiffe://palisade.local/w\n    interface: v0\n    cgroup: c\n    addresses: [10.0.0.1]\n", contains: "exactly one of 'interface'", line: 2)
     }
 }
+
+extension ConfigTests {
+    func testJWTIssuersAreCheckedAtLoad() throws {
+        try assertError("jwtIssuers:\n  - issuer: https://idp\n    jwks: /nonexistent.json\n    audience: a\n", contains: "is not a readable JWKS", line: 3)
+        try assertError("jwtIssuers:\n  - issuer: https://idp\n", contains: "needs 'issuer', 'jwks'", line: 2)
+    }
+}
