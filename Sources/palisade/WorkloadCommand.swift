@@ -2,6 +2,7 @@ import ArgumentParser
 import CPalisadeShared
 import Foundation
 import PalisadeBPF
+import PalisadeCA
 import PalisadeDatapath
 import PalisadeAgent
 import PalisadeIdentity
@@ -129,6 +130,14 @@ struct StatusCommand: ParsableCommand {
         }
         for err in state.workloadErrors { problems.append(err) }
         print("policy:     generation \(state.policy.generation), \(state.policy.policies) policies, \(state.policy.policyEntries) entries, last apply \(Int(state.policy.applySeconds * 1000)) ms")
+        let svids = SVIDStore.list(directory: config.svidDir)
+        if let soonest = svids.min(by: { $0.notAfter < $1.notAfter }) {
+            let left = Int(soonest.notAfter.timeIntervalSinceNow)
+            print("certs:      \(svids.count) SVIDs, soonest expiry in \(left / 60)m (\(soonest.spiffeID))")
+            if left <= 0 { problems.append("certificate of \(soonest.spiffeID) has expired") }
+        } else {
+            print("certs:      none issued yet")
+        }
         if let e = state.policy.lastError { problems.append("policy: \(e)") }
         for p in problems { print("problem:    \(p)") }
         print(problems.isEmpty ? "healthy" : "UNHEALTHY")

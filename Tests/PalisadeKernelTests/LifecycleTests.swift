@@ -33,6 +33,7 @@ final class LifecycleTests: XCTestCase {
         let status = try agent.palisade(["status"], check: false)
         XCTAssertEqual(status.status, 0, status.output)
         XCTAssertTrue(status.output.contains("veth \(lab.hostInterface("b")) tc ingress prog") && status.output.hasSuffix("healthy\n"), status.output)
+        XCTAssertTrue(status.output.contains("certs:      "), status.output)
 
         // A long-lived allowed connection must live through kill and restart.
         let holdLog = NSTemporaryDirectory() + "pl1-hold-\(getpid()).log"
