@@ -3,20 +3,6 @@ import XCTest
 
 /// The agent's life: killed, restarted, cleaned up, fed bad or changing policy.
 final class LifecycleTests: XCTestCase {
-    func setUpPair(_ prefix: String) throws -> (Lab, AgentHarness) {
-        let lab = try Lab(self, prefix: prefix, pods: ["a", "b"])
-        let agent = try AgentHarness(self, lab: lab)
-        try agent.enrollPod("a", index: 1, labels: ["app": "a"])
-        try agent.enrollPod("b", index: 2, labels: ["app": "b"])
-        try agent.writePolicy("b", policyYAML("b-ingress", """
-          selector: {labels: {app: b}}
-          ingress:
-            - from: [{labels: {app: a}}]
-              ports: [{port: 8080}]
-        """))
-        return (lab, agent)
-    }
-
     func assertEnforced(_ lab: Lab, _ what: String, file: StaticString = #filePath, line: UInt = #line) throws {
         XCTAssertTrue(try lab.reach(from: lab.netns("a"), "tcp", "10.99.2.2", 8080), "allowed flow, \(what)", file: file, line: line)
         XCTAssertFalse(try lab.reach(from: lab.netns("a"), "tcp", "10.99.2.2", 9090, timeout: 0.5), "denied flow, \(what)", file: file, line: line)

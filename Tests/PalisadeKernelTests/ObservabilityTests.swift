@@ -29,16 +29,7 @@ final class ObservabilityTests: XCTestCase {
             if ProcessInfo.processInfo.environment["CI"] == "true" { XCTFail(msg); return }
             throw XCTSkip(msg)
         }
-        let lab = try Lab(self, prefix: "po1", pods: ["a", "b"])
-        let agent = try AgentHarness(self, lab: lab)
-        try agent.enrollPod("a", index: 1, labels: ["app": "a"])
-        try agent.enrollPod("b", index: 2, labels: ["app": "b"])
-        try agent.writePolicy("b", policyYAML("b-ingress", """
-          selector: {labels: {app: b}}
-          ingress:
-            - from: [{labels: {app: a}}]
-              ports: [{port: 8080}]
-        """))
+        let (lab, agent) = try setUpPair("po1")
         try agent.start()
         try agent.waitApplied(endpoints: 2)
         try lab.serve("b", "tcp", port: 8080)
@@ -115,16 +106,7 @@ final class ObservabilityTests: XCTestCase {
     /// identities named; history and filters work; allowed flows on request.
     func testFlowsStreamAndHistory() throws {
         try requireKernel()
-        let lab = try Lab(self, prefix: "po2", pods: ["a", "b"])
-        let agent = try AgentHarness(self, lab: lab, extraConfig: "allowedFlowEvents: true")
-        try agent.enrollPod("a", index: 1, labels: ["app": "a"])
-        try agent.enrollPod("b", index: 2, labels: ["app": "b"])
-        try agent.writePolicy("b", policyYAML("b-ingress", """
-          selector: {labels: {app: b}}
-          ingress:
-            - from: [{labels: {app: a}}]
-              ports: [{port: 8080}]
-        """))
+        let (lab, agent) = try setUpPair("po2", extraConfig: "allowedFlowEvents: true")
         try agent.start()
         try agent.waitApplied(endpoints: 2)
         try lab.serve("b", "tcp", port: 8080)

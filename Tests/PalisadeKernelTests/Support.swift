@@ -253,3 +253,20 @@ final class AgentHarness {
 func policyYAML(_ name: String, _ spec: String) -> String {
     "apiVersion: palisade.dev/v1\nkind: Policy\nmetadata:\n  name: \(name)\nspec:\n" + spec
 }
+
+extension XCTestCase {
+    /// The common scene: pods a and b enrolled, b admits only a on TCP 8080.
+    func setUpPair(_ prefix: String, extraConfig: String = "") throws -> (Lab, AgentHarness) {
+        let lab = try Lab(self, prefix: prefix, pods: ["a", "b"])
+        let agent = try AgentHarness(self, lab: lab, extraConfig: extraConfig)
+        try agent.enrollPod("a", index: 1, labels: ["app": "a"])
+        try agent.enrollPod("b", index: 2, labels: ["app": "b"])
+        try agent.writePolicy("b", policyYAML("b-ingress", """
+          selector: {labels: {app: b}}
+          ingress:
+            - from: [{labels: {app: a}}]
+              ports: [{port: 8080}]
+        """))
+        return (lab, agent)
+    }
+}
