@@ -163,12 +163,13 @@ public final class DatapathMetrics: @unchecked Sendable {
     /// policy entry carries (only entries of the generation in force).
     func refreshRuleHits(names: IdentityNamer) {
         guard let entries = try? maps.policy.entries() else { return }
-        let slot = UInt8(maps.activeConfig.active_slot & 1)
+        let config = maps.activeConfig   // one read, not one per entry
+        let slot = UInt8(config.active_slot & 1)
         var deltas: [(String, String, String, String, UInt64)] = []
         lock.lock()
         var seen: [String: UInt64] = [:]
         for (k, v) in entries where k.generation == slot && v.packets > 0 {
-            let id = withUnsafeBytes(of: k) { Data($0).base64EncodedString() } + "|\(maps.activeConfig.generation)"
+            let id = withUnsafeBytes(of: k) { Data($0).base64EncodedString() } + "|\(config.generation)"
             let before = ruleHits[id] ?? 0
             seen[id] = v.packets
             guard v.packets > before else { continue }

@@ -26,25 +26,23 @@ struct WorkloadCommand: ParsableCommand {
         @Option(help: "Host side of the pod's veth.") var interface: String?
         @Option(help: "cgroup path, relative to the cgroup2 mount or absolute.") var cgroup: String?
 
+        /// KEY=VALUE arguments as a YAML mapping under `key` ("" when none).
+        func yamlMap(_ key: String, _ pairs: [String], flag: String) throws -> String {
+            guard !pairs.isEmpty else { return "" }
+            var out = "\(key):\n"
+            for p in pairs {
+                let kv = p.split(separator: "=", maxSplits: 1)
+                guard kv.count == 2 else { throw CLIError("\(flag) \(p): expected KEY=VALUE") }
+                out += "  \(kv[0]): \"\(kv[1])\"\n"
+            }
+            return out
+        }
+
         func run() throws {
             let config = try options.load()
             var yaml = "name: \(name)\nspiffeID: \(spiffeID)\nnamespace: \(namespace)\n"
-            if !labels.isEmpty {
-                yaml += "labels:\n"
-                for l in labels {
-                    let kv = l.split(separator: "=", maxSplits: 1)
-                    guard kv.count == 2 else { throw CLIError("--label \(l): expected KEY=VALUE") }
-                    yaml += "  \(kv[0]): \"\(kv[1])\"\n"
-                }
-            }
-            if !namespaceLabels.isEmpty {
-                yaml += "namespaceLabels:\n"
-                for l in namespaceLabels {
-                    let kv = l.split(separator: "=", maxSplits: 1)
-                    guard kv.count == 2 else { throw CLIError("--namespace-label \(l): expected KEY=VALUE") }
-                    yaml += "  \(kv[0]): \"\(kv[1])\"\n"
-                }
-            }
+            yaml += try yamlMap("labels", labels, flag: "--label")
+            yaml += try yamlMap("namespaceLabels", namespaceLabels, flag: "--namespace-label")
             if !addresses.isEmpty { yaml += "addresses: [\(addresses.map { "\"\($0)\"" }.joined(separator: ", "))]\n" }
             if let interface { yaml += "interface: \(interface)\n" }
             if let cgroup { yaml += "cgroup: \(cgroup)\n" }
