@@ -18,6 +18,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-crypto", from: "4.1.0"),
         .package(url: "https://github.com/vapor/jwt-kit", from: "5.0.0"),
         .package(url: "https://github.com/apple/swift-nio-ssl", from: "2.30.0"),
+        .package(url: "https://github.com/apple/swift-nio-http2", from: "1.30.0"),
     ],
     targets: [
         // libbpf from the system (Debian's libbpf-dev).
@@ -48,10 +49,13 @@ let package = Package(
         ]),
         // Tokens at the edge: a JWT from a configured issuer (JWKS file) mapped to an identity.
         .target(name: "PalisadeJWT", dependencies: [.product(name: "JWTKit", package: "jwt-kit")]),
-        // Agent-to-agent mTLS (TLS 1.3 only, SPIFFE verification in the handshake).
+        // Agent-to-agent mTLS (TLS 1.3 only, SPIFFE verification in the handshake),
+        // HBONE-style HTTP/2 CONNECT streams over it, the pool, the outbound listener.
         .target(name: "PalisadeTunnel", dependencies: [
             "PalisadeCA", "PalisadeIdentity",
             .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOHTTP2", package: "swift-nio-http2"),
+            .product(name: "NIOHPACK", package: "swift-nio-http2"),
             .product(name: "NIOTLS", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOSSL", package: "swift-nio-ssl"),

@@ -35,6 +35,10 @@ public final class Datapath {
     public let toPod: BPFProgram
     public let cgroupIngress: BPFProgram
     public let cgroupEgress: BPFProgram
+    let sockObject: BPFObject
+    public let connect4: BPFProgram
+    public let connect6: BPFProgram
+    public let sockops: BPFProgram
 
     /// Loads the programs, reusing maps already pinned under pinRoot (so a
     /// restarted agent adopts the state that kept enforcing while it was down).
@@ -51,18 +55,41 @@ public final class Datapath {
         toPod = try tcObject.program(named: "pal_to_pod")
         cgroupIngress = try cgroupObject.program(named: "pal_cg_ingress")
         cgroupEgress = try cgroupObject.program(named: "pal_cg_egress")
+        sockObject = try BPFObject(path: try BPFObjects.path(of: "sock"), pinRoot: pinRoot)
+        try sockObject.load()
+        connect4 = try sockObject.program(named: "pal_connect4")
+        connect6 = try sockObject.program(named: "pal_connect6")
+        sockops = try sockObject.program(named: "pal_sockops")
+    }
+
+    /// Mutual TLS mode of an endpoint, enforced on new inbound flows.
+    public enum MTLSMode: String, Sendable, CaseIterable {
+        /// Plaintext from outside the mesh is dropped in the kernel.
+        case strict
+        /// Plaintext from outside the mesh is admitted and counted.
+        case permissive
+        /// No redirection, no check.
+        case disabled
+
+        var endpointFlags: UInt32 {
+            switch self {
+            case .strict: UInt32(PAL_EP_MTLS_STRICT)
+            case .permissive: UInt32(PAL_EP_MTLS_PERMISSIVE)
+            case .disabled: 0
+            }
+        }
     }
 
     // MARK: Endpoints
 
     /// Enrolls a pod-like workload: its endpoint entry first, then the tc
     /// programs on the host side of its veth (atomically replacing old ones).
-    public func attachPod(interface: String, identity: NumericIdentity) throws -> Int32 {
+    public func attachPod(interface: String, identity: NumericIdentity, mtls: MTLSMode = .permissive) throws -> Int32 {
         let ifindex = try TC.ifindex(of: interface)
         var ep = pal_endpoint()
         ep.identity = identity.rawValue
         ep.endpoint_id = UInt32(ifindex)
-        ep.flags = UInt32(PAL_EP_VERIFY_SOURCE)
+        ep.flags = UInt32(PAL_EP_VERIFY_SOURCE) | mtls.endpointFlags
         try maps.endpointsByIfindex.update(UInt32(ifindex), ep)
         try TC.attach(fromPod, ifindex: ifindex, hook: .ingress)
         try TC.attach(toPod, ifindex: ifindex, hook: .egress)
@@ -79,10 +106,11 @@ public final class Datapath {
     func linkPin(_ cgroupID: UInt64, _ hook: String) -> String { "\(pinRoot)/links/cgroup-\(cgroupID)-\(hook)" }
 
     /// Enrolls a cgroup workload: endpoint entry, then pinned cgroup links.
-    public func attachCgroup(path: String, identity: NumericIdentity) throws -> UInt64 {
+    public func attachCgroup(path: String, identity: NumericIdentity, mtls: MTLSMode = .permissive) throws -> UInt64 {
         let id = try CgroupAttach.id(ofCgroup: path)
         var ep = pal_endpoint()
         ep.identity = identity.rawValue
+        ep.flags = mtls.endpointFlags
         // Unique per endpoint (scopes conntrack); disjoint from ifindexes.
         ep.endpoint_id = PAL_CT_ENDPOINT_CGROUP_BIT | UInt32(truncatingIfNeeded: id & 0x7fff_ffff)
         try maps.endpointsByCgroup.update(id, ep)
@@ -95,6 +123,51 @@ public final class Datapath {
         try CgroupAttach.detach(linkPin: linkPin(id, "ingress"))
         try CgroupAttach.detach(linkPin: linkPin(id, "egress"))
         try maps.endpointsByCgroup.delete(id)
+    }
+
+    /// Where a workload reaches the agent's outbound listener.
+    public struct OutboundListener: Sendable {
+        public var ipv4: IPAddress
+        public var ipv6: IPAddress
+        public var port: UInt16
+        public init(ipv4: IPAddress, ipv6: IPAddress, port: UInt16) { self.ipv4 = ipv4; self.ipv6 = ipv6; self.port = port }
+    }
+
+    /// Redirects the workload's TCP connections to remote workloads to the
+    /// agent: its cgroup (every process inside, in whatever network
+    /// namespace) gets the connect hooks and sockops, through pinned links.
+    public func attachRedirect(cgroupPath: String, identity: NumericIdentity, listener: OutboundListener) throws -> UInt64 {
+        let id = try CgroupAttach.id(ofCgroup: cgroupPath)
+        var ep = pal_mesh_endpoint()
+        ep.identity = identity.rawValue
+        let v4 = listener.ipv4.bytes
+        ep.agent_addr4 = v4[12..<16].withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) }
+        withUnsafeMutableBytes(of: &ep.agent_addr6) { $0.copyBytes(from: listener.ipv6.bytes) }
+        ep.agent_port = listener.port.bigEndian
+        try maps.meshEndpoints.update(id, ep)
+        try CgroupAttach.attach(sockops, cgroupPath: cgroupPath, linkPin: linkPin(id, "sockops"))
+        try CgroupAttach.attach(connect4, cgroupPath: cgroupPath, linkPin: linkPin(id, "connect4"))
+        try CgroupAttach.attach(connect6, cgroupPath: cgroupPath, linkPin: linkPin(id, "connect6"))
+        return id
+    }
+
+    public func detachRedirect(cgroupID id: UInt64) throws {
+        for hook in ["connect4", "connect6", "sockops"] { try CgroupAttach.detach(linkPin: linkPin(id, hook)) }
+        _ = try maps.meshEndpoints.delete(id)
+    }
+
+    /// The origin of a connection the agent accepted on its outbound
+    /// listener, or nil if the kernel did not redirect it. The entry is
+    /// consumed: a tuple is looked up once.
+    public func takeRedirect(client: IPAddress, clientPort: UInt16, agent: IPAddress, agentPort: UInt16) -> pal_redirect_origin? {
+        var k = pal_redirect_key()
+        withUnsafeMutableBytes(of: &k.client_addr) { $0.copyBytes(from: client.bytes) }
+        withUnsafeMutableBytes(of: &k.agent_addr) { $0.copyBytes(from: agent.bytes) }
+        k.client_port = clientPort.bigEndian
+        k.agent_port = agentPort.bigEndian
+        guard let o = (try? maps.redirectByFlow.lookup(k)) ?? nil else { return nil }
+        _ = try? maps.redirectByFlow.delete(k)
+        return o
     }
 
     public func setEvents(perSecond: UInt32, allowedFlows: Bool) throws {

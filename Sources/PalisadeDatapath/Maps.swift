@@ -14,6 +14,9 @@ public struct PalisadeMaps {
     public let counters: PerCPUMap<UInt32, pal_counter>
     public let eventBucket: PerCPUMap<UInt32, pal_event_bucket>
     public let events: BPFMap
+    public let meshEndpoints: TypedMap<UInt64, pal_mesh_endpoint>
+    public let redirectBySocket: TypedMap<UInt64, pal_redirect_origin>
+    public let redirectByFlow: TypedMap<pal_redirect_key, pal_redirect_origin>
 
     init(lookup: (MapName) throws -> BPFMap) throws {
         endpointsByIfindex = try TypedMap(lookup(.endpointsByIfindex))
@@ -26,6 +29,9 @@ public struct PalisadeMaps {
         counters = try PerCPUMap(lookup(.counters))
         eventBucket = try PerCPUMap(lookup(.eventBucket))
         events = try lookup(.events)
+        meshEndpoints = try TypedMap(lookup(.meshEndpoints))
+        redirectBySocket = try TypedMap(lookup(.redirectBySocket))
+        redirectByFlow = try TypedMap(lookup(.redirectByFlow))
     }
 
     /// Opens the maps pinned under pinRoot, without loading any program

@@ -13,12 +13,16 @@ public enum MapName: String, CaseIterable, Sendable {
     case counters = "pal_counters"
     case eventBucket = "pal_event_bucket"
     case events = "pal_events"
+    case meshEndpoints = "pal_mesh_ep"
+    case redirectBySocket = "pal_redir_sock"
+    case redirectByFlow = "pal_redir_flow"
 }
 
 /// Names for enum pal_reason, used in dumps, metrics and flow events.
 public enum Reason: UInt8, CaseIterable, Sendable, CustomStringConvertible {
     case allowPolicy = 0, allowEstablished, allowReply, allowUnenforced
     case denyPolicy, denyDefault, auditWouldDeny, denyMalformed, denyFragment, denyConntrackFull, denySpoofed, denyNoEndpoint
+    case denyPlaintext, allowPlaintext, allowRedirect
 
     public var description: String {
         switch self {
@@ -34,12 +38,15 @@ public enum Reason: UInt8, CaseIterable, Sendable, CustomStringConvertible {
         case .denyConntrackFull: "denied-conntrack-full"
         case .denySpoofed: "denied-spoofed-source"
         case .denyNoEndpoint: "denied-no-endpoint"
+        case .denyPlaintext: "denied-plaintext-strict-mtls"
+        case .allowPlaintext: "allowed-plaintext-permissive"
+        case .allowRedirect: "allowed-redirected-to-agent"
         }
     }
 
     public var passes: Bool {
         switch self {
-        case .allowPolicy, .allowEstablished, .allowReply, .allowUnenforced, .auditWouldDeny: true
+        case .allowPolicy, .allowEstablished, .allowReply, .allowUnenforced, .auditWouldDeny, .allowPlaintext, .allowRedirect: true
         default: false
         }
     }

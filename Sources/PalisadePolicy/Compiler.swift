@@ -119,11 +119,14 @@ public struct IPCacheEntry: Hashable, Sendable {
     public var identity: NumericIdentity
     /// Longest policy CIDR containing this prefix (nil if none).
     public var cidrIdentity: NumericIdentity?
+    /// A workload on another node (its connections are redirected to the tunnel).
+    public var remote = false
 
     public var value: pal_ipcache_value {
         var v = pal_ipcache_value()
         v.identity = identity.rawValue
         v.cidr_identity = cidrIdentity?.rawValue ?? 0
+        v.flags = remote ? UInt32(PAL_IPCACHE_REMOTE_WORKLOAD) : 0
         return v
     }
 
@@ -183,9 +186,11 @@ public enum PolicyCompiler {
 
         // ipcache: workloads, host, CIDRs. One owner per address.
         var ipcache: [CIDR: NumericIdentity] = [:]
+        var remote = Set<CIDR>()
         for (id, w) in universe.workloads.sorted(by: { $0.key < $1.key }) {
             for a in w.addresses {
                 let c = CIDR(address: a, mappedPrefixLength: 128)
+                if w.remoteAddresses.contains(a) { remote.insert(c) }
                 if let other = ipcache[c], other != id {
                     throw CompileError(message: "address \(a) belongs to two workloads (identities \(other) and \(id))")
                 }
@@ -264,7 +269,8 @@ public enum PolicyCompiler {
         return CompiledPolicy(
             entries: resolved.values.sorted { ($0.local, $0.direction.rawValue, $0.peer, $0.proto ?? 0, $0.port, $0.portBits) < ($1.local, $1.direction.rawValue, $1.peer, $1.proto ?? 0, $1.port, $1.portBits) },
             defaults: defaults.values.sorted { ($0.local, $0.direction.rawValue) < ($1.local, $1.direction.rawValue) },
-            ipcache: ipcache.map { IPCacheEntry(cidr: $0.key, identity: $0.value, cidrIdentity: cidrIdentity(of: $0.key)) }.sorted { $0.cidr < $1.cidr },
+            ipcache: ipcache.map { IPCacheEntry(cidr: $0.key, identity: $0.value, cidrIdentity: cidrIdentity(of: $0.key),
+                                                 remote: remote.contains($0.key)) }.sorted { $0.cidr < $1.cidr },
             rules: rules,
             cidrIdentities: cidrIdentities)
     }

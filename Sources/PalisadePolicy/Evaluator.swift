@@ -120,16 +120,23 @@ public struct CompiledLookup {
     }
 
     public func evaluate(_ f: Flow) -> Decision {
-        guard let def = defaults["\(f.local.rawValue)/\(f.direction)"] else {
+        let (peer, cidrPeer) = identities(of: f.peerAddress)
+        return evaluate(local: f.local, direction: f.direction, peer: peer, cidrPeer: cidrPeer, proto: f.proto, port: f.port)
+    }
+
+    /// The same lookups for a peer known by identity rather than address
+    /// (a tunnelled connection's authenticated source).
+    public func evaluate(local: NumericIdentity, direction: Direction, peer: NumericIdentity, cidrPeer: NumericIdentity?,
+                         proto: UInt8, port: UInt16) -> Decision {
+        guard let def = defaults["\(local.rawValue)/\(direction)"] else {
             return Decision(verdict: .allow, ruleID: 0, enforced: false)
         }
-        let (peer, cidrPeer) = identities(of: f.peerAddress)
-        let port = (f.proto == 6 || f.proto == 17) ? f.port : 0
+        let port = (proto == 6 || proto == 17) ? port : 0
         // Same order and tie-break as the datapath: strongest verdict, then the more specific peer.
         func may(_ bit: UInt32) -> Bool { def.lookups & UInt8(bit) != 0 }
-        var win = may(PAL_LOOKUP_PEER) ? longest(f.local, f.direction, peer, f.proto, port) : nil
-        for candidate in [may(PAL_LOOKUP_CIDR) ? cidrPeer.flatMap { longest(f.local, f.direction, $0, f.proto, port) } : nil,
-                          may(PAL_LOOKUP_ANY) ? longest(f.local, f.direction, .any, f.proto, port) : nil] {
+        var win = may(PAL_LOOKUP_PEER) ? longest(local, direction, peer, proto, port) : nil
+        for candidate in [may(PAL_LOOKUP_CIDR) ? cidrPeer.flatMap { longest(local, direction, $0, proto, port) } : nil,
+                          may(PAL_LOOKUP_ANY) ? longest(local, direction, .any, proto, port) : nil] {
             if let c = candidate, win == nil || c.verdict.rank > win!.verdict.rank { win = c }
         }
         if let win { return Decision(verdict: win.verdict, ruleID: win.ruleID, enforced: true) }

@@ -168,9 +168,13 @@ public struct WorkloadIdentity: Hashable, Codable, Sendable {
     public var namespace: String
     public var namespaceLabels: [String: String]
     public var addresses: [IPAddress]
+    /// Addresses of instances on other nodes (a subset of addresses).
+    /// Connections to them travel through the agents' mTLS tunnel.
+    public var remoteAddresses: Set<IPAddress>
 
     public init(spiffeID: SpiffeID, labels: [String: String] = [:], namespace: String = "default",
-                namespaceLabels: [String: String]? = nil, addresses: [IPAddress] = []) {
+                namespaceLabels: [String: String]? = nil, addresses: [IPAddress] = [], remoteAddresses: Set<IPAddress> = []) {
+        self.remoteAddresses = remoteAddresses
         self.spiffeID = spiffeID; self.labels = labels; self.namespace = namespace
         self.namespaceLabels = namespaceLabels ?? ["kubernetes.io/metadata.name": namespace]
         self.addresses = addresses

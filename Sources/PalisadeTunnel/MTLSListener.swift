@@ -9,9 +9,10 @@ import X509
 
 /// The agent's mTLS listener: TLS 1.3 only, a client certificate required,
 /// and that certificate judged during the handshake by the SPIFFE verifier
-/// (trust bundle of the peer's own trust domain). This session it answers
-/// each verified peer with its SPIFFE ID and closes; the HBONE tunnel
-/// (HTTP/2 CONNECT) will be served here.
+/// (trust bundle of the peer's own trust domain). A peer that negotiates
+/// ALPN "h2" gets the HBONE-style tunnel (HTTP/2 CONNECT streams, judged by
+/// `authorize`); any other verified peer is answered with the SPIFFE ID it
+/// was authenticated as, then closed (a probe for operators and tests).
 public final class MTLSListener: @unchecked Sendable {
     let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
     let channel: Channel
@@ -26,6 +27,11 @@ public final class MTLSListener: @unchecked Sendable {
     /// Called once per failed handshake, whether the SPIFFE verifier or the
     /// TLS library refused it (a bad key usage, TLS below 1.3, ...).
     public var onHandshakeFailure: (@Sendable () -> Void)?
+    /// Judges each tunnel stream; nil serves no tunnel.
+    public var authorize: InboundAuthorizer?
+    /// Called once per tunnel stream with its decision (and an error if the
+    /// destination could not be reached).
+    public var onStream: (@Sendable (InboundRequest, InboundDecision, String?) -> Void)?
 
     public static func context(certificateFile: String, keyFile: String, roots: [Certificate]) throws -> NIOSSLContext {
         let chain = try NIOSSLCertificate.fromPEMFile(certificateFile).map { NIOSSLCertificateSource.certificate($0) }
@@ -35,6 +41,7 @@ public final class MTLSListener: @unchecked Sendable {
         tls.maximumTLSVersion = .tlsv13
         tls.certificateVerification = .noHostnameVerification   // a client certificate is required
         tls.trustRoots = .certificates(try roots.map { try NIOSSLCertificate(bytes: $0.serializeAsPEM().derBytes, format: .der) })
+        tls.applicationProtocols = ["h2"]
         return try NIOSSLContext(configuration: tls)
     }
 
@@ -68,7 +75,13 @@ public final class MTLSListener: @unchecked Sendable {
                 me.lock.lock(); let ctx = me.context; me.lock.unlock()
                 return channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: ctx, customVerificationCallbackWithMetadata: verify))
-                    try channel.pipeline.syncOperations.addHandler(IdentityEcho(onFailure: { weakSelf?.onHandshakeFailure?() }))
+                    try channel.pipeline.syncOperations.addHandler(IdentityEcho(
+                        onFailure: { weakSelf?.onHandshakeFailure?() },
+                        tunnel: { ch, peer in
+                            guard let me = weakSelf, let authorize = me.authorize else { return false }
+                            try MTLSListener.configureTunnel(ch, peer: peer, authorize: authorize, onStream: me.onStream)
+                            return true
+                        }))
                 }
             }
         do { channel = try bootstrap.bind(host: host, port: port).wait() } catch {
@@ -91,12 +104,17 @@ public final class MTLSListener: @unchecked Sendable {
 }
 
 /// After a verified handshake: tell the peer who it was authenticated as.
-final class IdentityEcho: ChannelInboundHandler, @unchecked Sendable {
+final class IdentityEcho: ChannelInboundHandler, RemovableChannelHandler, @unchecked Sendable {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
     let onFailure: () -> Void
+    /// Installs the tunnel on an "h2" connection; false when none is served.
+    let tunnel: (Channel, SpiffeID) throws -> Bool
     var handshakeDone = false
-    init(onFailure: @escaping () -> Void) { self.onFailure = onFailure }
+    init(onFailure: @escaping () -> Void, tunnel: @escaping (Channel, SpiffeID) throws -> Bool) {
+        self.onFailure = onFailure
+        self.tunnel = tunnel
+    }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
         if !handshakeDone {
@@ -112,6 +130,18 @@ final class IdentityEcho: ChannelInboundHandler, @unchecked Sendable {
            let tls = try? context.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self),
            let peer = tls.peerCertificate, let cert = try? Certificate(derEncoded: peer.toDERBytes()),
            case .success(let id) = SPIFFEVerifier.checkLeaf(cert, trustDomain: nil) {
+            if case TLSUserEvent.handshakeCompleted(let proto) = event, proto == "h2" {
+                do {
+                    if try tunnel(context.channel, id) {
+                        context.fireUserInboundEventTriggered(event)
+                        context.pipeline.syncOperations.removeHandler(self, promise: nil)
+                        return
+                    }
+                } catch {
+                    context.close(promise: nil)
+                    return
+                }
+            }
             var buffer = context.channel.allocator.buffer(capacity: 128)
             buffer.writeString("\(id)\n")
             context.writeAndFlush(wrapOutboundOut(buffer)).whenComplete { _ in context.close(promise: nil) }

@@ -56,7 +56,10 @@ enum pal_reason {
 	PAL_REASON_DENY_CT_FULL = 9,      /* conntrack insert failed: fail closed */
 	PAL_REASON_DENY_SPOOFED = 10,     /* pod sent from an address that is not its own */
 	PAL_REASON_DENY_NO_ENDPOINT = 11, /* attached device with no endpoint entry */
-	PAL_REASON_MAX = 12,
+	PAL_REASON_DENY_PLAINTEXT = 12,   /* strict mTLS: plaintext from outside the mesh */
+	PAL_REASON_ALLOW_PLAINTEXT = 13,  /* permissive mTLS: plaintext from outside the mesh, allowed */
+	PAL_REASON_ALLOW_REDIRECT = 14,   /* to the agent's outbound listener; judged at connect() */
+	PAL_REASON_MAX = 15,
 };
 
 #define PAL_COUNTER_SLOTS (PAL_DIR_MAX * PAL_REASON_MAX)
@@ -83,6 +86,12 @@ struct pal_endpoint {
 /* The datapath drops packets a pod sends from an address the ipcache does
  * not map to the pod's own identity. */
 #define PAL_EP_VERIFY_SOURCE (1u << 0)
+/* Mutual TLS mode of the endpoint. Strict: a new inbound flow is dropped
+ * unless the agent delivered it from the tunnel (PAL_MARK_*) or it comes
+ * from a workload on this node. Permissive: admitted, counted. Neither:
+ * disabled. */
+#define PAL_EP_MTLS_STRICT     (1u << 1)
+#define PAL_EP_MTLS_PERMISSIVE (1u << 2)
 
 /* ipcache: LPM trie from address to identity, double-buffered like the
  * policy (the generation byte comes first in the matched bits), so that an
@@ -105,7 +114,13 @@ struct pal_ipcache_key {
 struct pal_ipcache_value {
 	__u32 identity;
 	__u32 cidr_identity;
+	__u32 flags;          /* PAL_IPCACHE_* */
+	__u32 _pad;
 };
+
+/* The address is a workload on another node, reached through the agents'
+ * mTLS tunnel: enrolled callers' connect() to it is redirected. */
+#define PAL_IPCACHE_REMOTE_WORKLOAD (1u << 0)
 
 /* Policy: LPM trie. The matched bytes follow prefixlen in memory order:
  * generation, direction, local identity, peer identity, protocol, port.
@@ -243,6 +258,52 @@ struct pal_event_bucket {
 	__u64 tokens;
 	__u64 suppressed;     /* events not sent because the bucket was empty */
 	__u64 lost;           /* ringbuf reserve failed */
+};
+
+/* ---- Mesh: socket redirection and the tunnel ------------------------ */
+
+/* The agent marks the sockets it opens to deliver tunnelled connections with
+ * the authenticated source identity: PAL_MARK_MAGIC | identity. Setting
+ * SO_MARK needs CAP_NET_ADMIN in the node's namespace and the kernel clears
+ * marks on packets that cross namespaces, so a workload cannot forge one. */
+#define PAL_MARK_MASK     0xff000000u
+#define PAL_MARK_MAGIC    0x5a000000u
+#define PAL_MARK_IDENTITY 0x00ffffffu
+
+#define PAL_MAX_REDIRECTS 65536
+
+/* A workload whose outbound TCP connections to remote workloads are
+ * redirected to the agent, keyed by its cgroup v2 id (the connect hooks
+ * find the deepest enrolled ancestor of the caller's cgroup). */
+struct pal_mesh_endpoint {
+	__u32 identity;
+	__u32 agent_addr4;    /* the agent's outbound listener as the workload reaches it (network order) */
+	__u8 agent_addr6[16];
+	__u16 agent_port;     /* network byte order */
+	__u8 _pad[2];
+	__u32 endpoint_id;    /* conntrack scope of the workload (for the counters' peer) */
+};
+
+/* Where a redirected connection was going, and who opened it. */
+struct pal_redirect_origin {
+	__u8 addr[16];        /* original destination (IPv4-mapped for IPv4) */
+	__u16 port;           /* network byte order */
+	__u8 family;          /* 4 or 6 */
+	__u8 _pad;
+	__u32 identity;       /* the caller's identity (from its cgroup, not its address) */
+	__u32 peer_identity;  /* the destination's identity */
+	__u32 rule_id;        /* the egress rule that allowed it */
+	__u64 cgroup_id;      /* the enrolled cgroup of the caller */
+};
+
+/* A redirected connection as the agent sees it when it accepts: the
+ * caller's (address, port) and the agent's (address, port). */
+struct pal_redirect_key {
+	__u8 client_addr[16]; /* IPv4-mapped for IPv4 */
+	__u8 agent_addr[16];
+	__u16 client_port;    /* network byte order */
+	__u16 agent_port;     /* network byte order */
+	__u32 _pad;
 };
 
 #endif /* PALISADE_SHARED_H */

@@ -31,7 +31,7 @@ static __always_inline struct pal_ipcache_value pal_ipcache_lookup(__u8 slot, co
 	struct pal_ipcache_key key = { .prefixlen = PAL_IPCACHE_BITS_GENERATION + 128, .generation = slot };
 	__builtin_memcpy(key.addr, addr, 16);
 	struct pal_ipcache_value *v = bpf_map_lookup_elem(&pal_ipcache, &key);
-	struct pal_ipcache_value out = { .identity = PAL_ID_WORLD, .cidr_identity = 0 };
+	struct pal_ipcache_value out = { .identity = PAL_ID_WORLD, .cidr_identity = 0, .flags = 0 };
 	if (v)
 		out = *v;
 	return out;
@@ -145,6 +145,65 @@ static __always_inline void pal_ct_track_close(struct pal_ct_value *ct, const st
 		ct->flags |= PAL_CT_CLOSING;
 }
 
+/* The policy of the active generation for a new flow: fills d (verdict
+ * reason, rule) and returns the defaults entry (0: endpoint not selected in
+ * that direction). Bumps the winning entry's hit counters. Shared by the
+ * packet programs and the connect hooks. */
+static __always_inline struct pal_defaults_value *
+pal_policy_decide(__u8 slot, __u8 dir, __u32 local_id, struct pal_ipcache_value peer, __u8 proto,
+		  __u16 dport, __u32 len, struct pal_decision *d)
+{
+	d->peer_identity = peer.identity;
+	struct pal_defaults_key dk = { .generation = slot, .direction = dir, .local_identity = local_id };
+	struct pal_defaults_value *def = bpf_map_lookup_elem(&pal_defaults, &dk);
+	if (!def) {
+		d->pass = 1;
+		d->reason = PAL_REASON_ALLOW_UNENFORCED;
+		return 0;
+	}
+	dport = (proto == IPPROTO_TCP || proto == IPPROTO_UDP) ? dport : 0;
+	struct pal_policy_value *exact = (def->lookups & PAL_LOOKUP_PEER) ?
+		pal_policy_lookup(slot, dir, local_id, peer.identity, proto, dport) : 0;
+	struct pal_policy_value *cidr = (peer.cidr_identity && (def->lookups & PAL_LOOKUP_CIDR)) ?
+		pal_policy_lookup(slot, dir, local_id, peer.cidr_identity, proto, dport) : 0;
+	struct pal_policy_value *any = (def->lookups & PAL_LOOKUP_ANY) ?
+		pal_policy_lookup(slot, dir, local_id, PAL_ID_ANY, proto, dport) : 0;
+	/* The strongest verdict wins; on a tie, the more specific peer. */
+	struct pal_policy_value *win = exact;
+	if (cidr && (!win || pal_rank(cidr->verdict) > pal_rank(win->verdict)))
+		win = cidr;
+	if (any && (!win || pal_rank(any->verdict) > pal_rank(win->verdict)))
+		win = any;
+	__u8 verdict = win ? win->verdict : def->verdict;
+	d->rule_id = win ? win->rule_id : def->rule_id;
+	if (win) {
+		__sync_fetch_and_add(&win->packets, 1);
+		__sync_fetch_and_add(&win->bytes, len);
+	}
+	switch (verdict) {
+	case PAL_VERDICT_ALLOW:
+		d->pass = 1;
+		d->reason = PAL_REASON_ALLOW_POLICY;
+		break;
+	case PAL_VERDICT_AUDIT:
+		d->pass = 1;
+		d->reason = PAL_REASON_AUDIT_WOULD_DENY;
+		break;
+	default:
+		d->pass = 0;
+		d->reason = win ? PAL_REASON_DENY_POLICY : PAL_REASON_DENY_DEFAULT;
+		break;
+	}
+	return def;
+}
+
+/* A workload on this node (not a remote one, not a reserved or CIDR identity). */
+static __always_inline int pal_is_local_workload(struct pal_ipcache_value v)
+{
+	return v.identity >= PAL_ID_FIRST_WORKLOAD && v.identity < PAL_ID_FIRST_CIDR &&
+	       !(v.flags & PAL_IPCACHE_REMOTE_WORKLOAD);
+}
+
 /* Returns 1 to pass, 0 to drop. */
 static __always_inline int pal_enforce(struct __sk_buff *skb, const struct pal_endpoint *ep,
 				       __u8 dir, struct pal_flow *f, __u32 ifindex, __u64 cgroup_id)
@@ -198,49 +257,50 @@ static __always_inline int pal_enforce(struct __sk_buff *skb, const struct pal_e
 		return 0;
 	}
 
-	/* A new flow: who the peer is and what the active generation says. */
-	struct pal_ipcache_value peer = pal_ipcache_lookup(slot, dir == PAL_DIR_INGRESS ? f->saddr : f->daddr);
-	d.peer_identity = peer.identity;
-
-	struct pal_defaults_key dk = { .generation = slot, .direction = dir, .local_identity = local_id };
-	struct pal_defaults_value *def = bpf_map_lookup_elem(&pal_defaults, &dk);
-
-	if (!def) {
-		d.reason = PAL_REASON_ALLOW_UNENFORCED;
+	struct pal_defaults_value *def = 0;
+	struct pal_redirect_origin *redirect = 0;
+	if (dir == PAL_DIR_EGRESS && f->protocol == IPPROTO_TCP && !f->fragment) {
+		/* A connection the connect hook redirected to the agent: it was
+		 * judged there against its original destination. Only the hook
+		 * (through sockops) writes this map, so a workload cannot fake it. */
+		struct pal_redirect_key rk = { .client_port = f->sport, .agent_port = f->dport };
+		__builtin_memcpy(rk.client_addr, f->saddr, 16);
+		__builtin_memcpy(rk.agent_addr, f->daddr, 16);
+		redirect = bpf_map_lookup_elem(&pal_redir_flow, &rk);
+	}
+	if (redirect) {
+		d.reason = PAL_REASON_ALLOW_REDIRECT;
+		d.peer_identity = redirect->peer_identity;
+		d.rule_id = redirect->rule_id;
 	} else if (f->fragment) {
-		d.pass = 0;
-		d.reason = PAL_REASON_DENY_FRAGMENT;
-	} else {
-		__u16 dport = (f->protocol == IPPROTO_TCP || f->protocol == IPPROTO_UDP) ? f->dport : 0;
-		struct pal_policy_value *exact = (def->lookups & PAL_LOOKUP_PEER) ?
-			pal_policy_lookup(slot, dir, local_id, d.peer_identity, f->protocol, dport) : 0;
-		struct pal_policy_value *cidr = (peer.cidr_identity && (def->lookups & PAL_LOOKUP_CIDR)) ?
-			pal_policy_lookup(slot, dir, local_id, peer.cidr_identity, f->protocol, dport) : 0;
-		struct pal_policy_value *any = (def->lookups & PAL_LOOKUP_ANY) ?
-			pal_policy_lookup(slot, dir, local_id, PAL_ID_ANY, f->protocol, dport) : 0;
-		/* The strongest verdict wins; on a tie, the more specific peer. */
-		struct pal_policy_value *win = exact;
-		if (cidr && (!win || pal_rank(cidr->verdict) > pal_rank(win->verdict)))
-			win = cidr;
-		if (any && (!win || pal_rank(any->verdict) > pal_rank(win->verdict)))
-			win = any;
-		__u8 verdict = win ? win->verdict : def->verdict;
-		d.rule_id = win ? win->rule_id : def->rule_id;
-		if (win) {
-			__sync_fetch_and_add(&win->packets, 1);
-			__sync_fetch_and_add(&win->bytes, len);
-		}
-		switch (verdict) {
-		case PAL_VERDICT_ALLOW:
-			d.reason = PAL_REASON_ALLOW_POLICY;
-			break;
-		case PAL_VERDICT_AUDIT:
-			d.reason = PAL_REASON_AUDIT_WOULD_DENY;
-			break;
-		default:
+		struct pal_defaults_key dk = { .generation = slot, .direction = dir, .local_identity = local_id };
+		if (bpf_map_lookup_elem(&pal_defaults, &dk)) {
 			d.pass = 0;
-			d.reason = win ? PAL_REASON_DENY_POLICY : PAL_REASON_DENY_DEFAULT;
-			break;
+			d.reason = PAL_REASON_DENY_FRAGMENT;
+		} else {
+			d.reason = PAL_REASON_ALLOW_UNENFORCED;
+		}
+	} else {
+		/* A new flow: who the peer is and what the active generation says.
+		 * A connection the agent delivers from the tunnel carries the
+		 * authenticated source identity in its mark (see PAL_MARK_MAGIC). */
+		struct pal_ipcache_value peer;
+		int tunnelled = dir == PAL_DIR_INGRESS && (skb->mark & PAL_MARK_MASK) == PAL_MARK_MAGIC;
+		if (tunnelled) {
+			peer.identity = skb->mark & PAL_MARK_IDENTITY;
+			peer.cidr_identity = 0;
+			peer.flags = 0;
+		} else {
+			peer = pal_ipcache_lookup(slot, dir == PAL_DIR_INGRESS ? f->saddr : f->daddr);
+		}
+		def = pal_policy_decide(slot, dir, local_id, peer, f->protocol, f->dport, len, &d);
+		if (dir == PAL_DIR_INGRESS && !tunnelled && !pal_is_local_workload(peer) && d.pass) {
+			if (ep->flags & PAL_EP_MTLS_STRICT) {
+				d.pass = 0;
+				d.reason = PAL_REASON_DENY_PLAINTEXT;
+			} else if ((ep->flags & PAL_EP_MTLS_PERMISSIVE) && d.reason != PAL_REASON_AUDIT_WOULD_DENY) {
+				d.reason = PAL_REASON_ALLOW_PLAINTEXT;
+			}
 		}
 	}
 
@@ -257,7 +317,7 @@ static __always_inline int pal_enforce(struct __sk_buff *skb, const struct pal_e
 			.direction = dir,
 			.initiator_is_b = swapped,
 		};
-		if (bpf_map_update_elem(&pal_conntrack, &ck, &nv, BPF_ANY) < 0 && def) {
+		if (bpf_map_update_elem(&pal_conntrack, &ck, &nv, BPF_ANY) < 0 && (def || redirect)) {
 			/* Without an entry the reply would be judged as new: fail closed. */
 			d.pass = 0;
 			d.reason = PAL_REASON_DENY_CT_FULL;

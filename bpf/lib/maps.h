@@ -91,4 +91,31 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } pal_events SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, PAL_MAX_ENDPOINTS);
+	__type(key, __u64);                 /* cgroup v2 id */
+	__type(value, struct pal_mesh_endpoint);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pal_mesh_ep SEC(".maps");
+
+/* connect() rewrote the destination: socket cookie -> origin. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, PAL_MAX_REDIRECTS);
+	__type(key, __u64);
+	__type(value, struct pal_redirect_origin);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pal_redir_sock SEC(".maps");
+
+/* The same, by the connection's addresses, for the agent's accept() and
+ * for the packet programs; written by sockops before the SYN leaves. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, PAL_MAX_REDIRECTS);
+	__type(key, struct pal_redirect_key);
+	__type(value, struct pal_redirect_origin);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pal_redir_flow SEC(".maps");
+
 #endif

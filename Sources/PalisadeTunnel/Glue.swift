@@ -1,0 +1,148 @@
+import NIOCore
+import NIOHTTP2
+
+/// Joins two channels on the same event loop byte for byte: what one reads
+/// the other writes, with backpressure (a side stops reading while its
+/// partner cannot write) and half-close (end of input on one side closes
+/// the partner's output; the pair closes when both directions are done).
+final class GlueHandler: ChannelDuplexHandler, @unchecked Sendable {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    private var partner: GlueHandler?
+    private var context: ChannelHandlerContext?
+    private var pendingRead = false
+    private var inputClosed = false
+    private var partnerInputClosed = false
+
+    /// Two handlers that forward to each other; add one to each channel.
+    static func pair() -> (GlueHandler, GlueHandler) {
+        let a = GlueHandler(), b = GlueHandler()
+        a.partner = b
+        b.partner = a
+        return (a, b)
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+        // The second half joining: reads held back until now may start.
+        if let p = partner, p.context != nil {
+            p.resumeRead()
+            resumeRead()
+        }
+    }
+
+    private func resumeRead() {
+        if pendingRead {
+            pendingRead = false
+            context?.read()
+        }
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+        partner = nil
+    }
+
+    private func partnerWrite(_ data: NIOAny) { partner?.context?.write(data, promise: nil) }
+    private func partnerFlush() { partner?.context?.flush() }
+    private func partnerWritable() -> Bool { partner?.context?.channel.isWritable ?? false }
+    private func partnerCloseOutput() {
+        guard let ctx = partner?.context else { return }
+        ctx.close(mode: .output, promise: nil)
+    }
+    private func partnerClose() { partner?.context?.close(promise: nil) }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) { partnerWrite(data) }
+
+    func channelReadComplete(context: ChannelHandlerContext) { partnerFlush() }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        partnerClose()
+        context.fireChannelInactive()
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let e = event as? ChannelEvent, e == .inputClosed {
+            inputClosed = true
+            partner?.partnerInputClosed = true
+            partnerFlush()
+            partnerCloseOutput()
+            if partnerInputClosed {
+                context.close(promise: nil)
+                partnerClose()
+            }
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        context.close(promise: nil)
+        partnerClose()
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable { partner?.partnerBecameWritable() }
+        context.fireChannelWritabilityChanged()
+    }
+
+    private func partnerBecameWritable() { resumeRead() }
+
+    func read(context: ChannelHandlerContext) {
+        if partnerWritable() {
+            context.read()
+        } else {
+            pendingRead = true
+        }
+    }
+}
+
+/// Turns an HTTP/2 CONNECT stream, once established, into a byte stream:
+/// DATA frames in and out, END_STREAM as end of input / close of output,
+/// so GlueHandler can join it to a TCP connection.
+final class ConnectStreamCodec: ChannelDuplexHandler, @unchecked Sendable {
+    typealias InboundIn = HTTP2Frame.FramePayload
+    typealias InboundOut = ByteBuffer
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = HTTP2Frame.FramePayload
+
+    private var outputClosed = false
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .data(let d):
+            if case .byteBuffer(let b) = d.data, b.readableBytes > 0 { context.fireChannelRead(wrapInboundOut(b)) }
+            if d.endStream {
+                context.fireChannelReadComplete()
+                context.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
+            }
+        case .rstStream:
+            context.close(promise: nil)
+        case .headers(let h) where h.endStream:
+            context.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
+        default:
+            break   // trailers, window updates, priority: nothing for the byte stream
+        }
+    }
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        let payload = HTTP2Frame.FramePayload.data(.init(data: .byteBuffer(unwrapOutboundIn(data))))
+        context.write(wrapOutboundOut(payload), promise: promise)
+    }
+
+    func close(context: ChannelHandlerContext, mode: CloseMode, promise: EventLoopPromise<Void>?) {
+        guard mode == .output else {
+            context.close(mode: mode, promise: promise)
+            return
+        }
+        guard !outputClosed else {
+            promise?.succeed(())
+            return
+        }
+        outputClosed = true
+        let end = HTTP2Frame.FramePayload.data(.init(data: .byteBuffer(ByteBuffer()), endStream: true))
+        context.writeAndFlush(wrapOutboundOut(end), promise: promise)
+    }
+}

@@ -1,0 +1,169 @@
+import Foundation
+import NIOCore
+import NIOHPACK
+import NIOHTTP2
+import NIOPosix
+import PalisadeIdentity
+
+/// What the receiving agent decides for one CONNECT stream.
+public enum InboundDecision: Sendable {
+    /// Connect to the destination with this socket mark (the authenticated
+    /// source identity for the kernel's policy check).
+    case deliver(mark: UInt32)
+    /// Refuse with an HTTP status and a short reason (no internals).
+    case refuse(status: Int, reason: String)
+}
+
+/// One inbound HBONE stream's facts, for the decision and for logs.
+public struct InboundRequest: Sendable {
+    public var peer: SpiffeID
+    public var host: String
+    public var port: Int
+}
+
+public typealias InboundAuthorizer = @Sendable (InboundRequest) -> InboundDecision
+
+/// Parses ":authority" of a CONNECT request: "a.b.c.d:port" or "[v6]:port".
+func parseAuthority(_ a: String) -> (host: String, port: Int)? {
+    guard let colon = a.lastIndex(of: ":"), let port = Int(a[a.index(after: colon)...]), (1...65535).contains(port) else { return nil }
+    var host = String(a[..<colon])
+    if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+    else if host.contains(":") { return nil }
+    guard !host.isEmpty else { return nil }
+    return (host, port)
+}
+
+/// Serves one HTTP/2 stream of the tunnel: a CONNECT to HOST:PORT is judged,
+/// then the agent connects to the destination (marked with the source
+/// identity) and the stream and that connection are glued together.
+final class TunnelInboundStream: ChannelInboundHandler, RemovableChannelHandler, @unchecked Sendable {
+    typealias InboundIn = HTTP2Frame.FramePayload
+    typealias OutboundOut = HTTP2Frame.FramePayload
+
+    let peer: SpiffeID
+    let authorize: InboundAuthorizer
+    let connectTimeout: TimeAmount
+    let onStream: (@Sendable (InboundRequest, InboundDecision, String?) -> Void)?
+    private var started = false
+    private var forwarding = false
+    private var buffered: [NIOAny] = []
+
+    init(peer: SpiffeID, authorize: @escaping InboundAuthorizer, connectTimeout: TimeAmount,
+         onStream: (@Sendable (InboundRequest, InboundDecision, String?) -> Void)?) {
+        self.peer = peer; self.authorize = authorize; self.connectTimeout = connectTimeout; self.onStream = onStream
+    }
+
+    func respond(_ context: ChannelHandlerContext, status: Int, body: String? = nil) {
+        let headers = HPACKHeaders([(":status", "\(status)"), ("content-type", "text/plain")])
+        context.write(wrapOutboundOut(.headers(.init(headers: headers, endStream: body == nil))), promise: nil)
+        if let body {
+            var b = context.channel.allocator.buffer(capacity: body.utf8.count + 1)
+            b.writeString(body + "\n")
+            context.write(wrapOutboundOut(.data(.init(data: .byteBuffer(b), endStream: true))), promise: nil)
+        }
+        context.flush()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        if forwarding {
+            context.fireChannelRead(data)
+            return
+        }
+        if started {
+            buffered.append(data)   // data sent before the destination answered
+            return
+        }
+        let frame = unwrapInboundIn(data)
+        guard case .headers(let h) = frame else {
+            respond(context, status: 400, body: "expected a CONNECT request")
+            return
+        }
+        started = true
+        let method = h.headers.first(name: ":method")
+        guard method == "CONNECT", let authority = h.headers.first(name: ":authority"), let (host, port) = parseAuthority(authority) else {
+            respond(context, status: 400, body: "expected CONNECT with :authority HOST:PORT")
+            return
+        }
+        let request = InboundRequest(peer: peer, host: host, port: port)
+        let decision = authorize(request)
+        guard case .deliver(let mark) = decision else {
+            if case .refuse(let status, let reason) = decision {
+                onStream?(request, decision, nil)
+                respond(context, status: status, body: reason)
+            }
+            return
+        }
+        let stream = context.channel
+        let (streamGlue, tcpGlue) = GlueHandler.pair()
+        ClientBootstrap(group: context.eventLoop)
+            .connectTimeout(connectTimeout)
+            .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+            .channelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
+            .channelOption(ChannelOptions.Types.SocketOption(level: NIOBSDSocket.OptionLevel(rawValue: SOL_SOCKET), name: NIOBSDSocket.Option(rawValue: SO_MARK)), value: Int(mark))
+            .channelInitializer { ch in
+                ch.eventLoop.makeCompletedFuture { try ch.pipeline.syncOperations.addHandler(tcpGlue) }
+            }
+            .connect(host: host, port: port)
+            .hop(to: context.eventLoop)
+            .whenComplete { result in
+                switch result {
+                case .success:
+                    self.onStream?(request, decision, nil)
+                    self.respond(context, status: 200)
+                    do {
+                        let codec = ConnectStreamCodec()
+                        try stream.pipeline.syncOperations.addHandler(codec, position: .after(self))
+                        try stream.pipeline.syncOperations.addHandler(streamGlue, position: .after(codec))
+                        self.forwarding = true
+                        let pending = self.buffered
+                        self.buffered = []
+                        for d in pending { context.fireChannelRead(d) }
+                        context.fireChannelReadComplete()
+                        stream.pipeline.syncOperations.removeHandler(self, promise: nil)
+                    } catch {
+                        stream.close(promise: nil)
+                    }
+                case .failure(let error):
+                    self.onStream?(request, .refuse(status: 503, reason: "destination unreachable"), "\(error)")
+                    self.respond(context, status: 503, body: "destination unreachable")
+                }
+            }
+    }
+}
+
+extension MTLSListener {
+    /// HTTP/2 server for the tunnel on a verified connection.
+    static func configureTunnel(_ channel: Channel, peer: SpiffeID, authorize: @escaping InboundAuthorizer,
+                                onStream: (@Sendable (InboundRequest, InboundDecision, String?) -> Void)?) throws {
+        _ = try channel.pipeline.syncOperations.configureHTTP2Pipeline(
+            mode: .server, connectionConfiguration: TunnelSettings.connection, streamConfiguration: TunnelSettings.stream
+        ) { stream in
+            stream.eventLoop.makeCompletedFuture {
+                try stream.pipeline.syncOperations.addHandler(
+                    TunnelInboundStream(peer: peer, authorize: authorize, connectTimeout: .seconds(3), onStream: onStream))
+            }
+        }
+    }
+}
+
+/// HTTP/2 settings of both ends of the tunnel: many concurrent streams per
+/// connection (one per proxied TCP connection) and windows large enough
+/// for bulk transfers between nodes.
+enum TunnelSettings {
+    static var connection: NIOHTTP2Handler.ConnectionConfiguration {
+        var c = NIOHTTP2Handler.ConnectionConfiguration()
+        c.initialSettings = [
+            HTTP2Setting(parameter: .maxConcurrentStreams, value: 4096),
+            HTTP2Setting(parameter: .initialWindowSize, value: 4 << 20),
+            HTTP2Setting(parameter: .maxFrameSize, value: 1 << 16),
+        ]
+        return c
+    }
+    static var stream: NIOHTTP2Handler.StreamConfiguration {
+        var s = NIOHTTP2Handler.StreamConfiguration()
+        s.targetWindowSize = 4 << 20
+        s.outboundBufferSizeHighWatermark = 1 << 20
+        s.outboundBufferSizeLowWatermark = 256 << 10
+        return s
+    }
+}

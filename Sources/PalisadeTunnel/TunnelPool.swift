@@ -1,0 +1,267 @@
+import Foundation
+import NIOCore
+import NIOHPACK
+import NIOHTTP2
+import NIOPosix
+import NIOSSL
+import PalisadeCA
+import PalisadeIdentity
+import X509
+
+/// The agent of another node, as a tunnel destination.
+public struct TunnelPeer: Hashable, Sendable, CustomStringConvertible {
+    public var host: String
+    public var port: Int
+    /// The peer node's trust domain: its certificate must chain to that bundle.
+    public var trustDomain: String
+    /// The peer node's SPIFFE ID, when known; otherwise any node identity
+    /// (spiffe://TD/palisade/node/...) of that trust domain is accepted.
+    public var expectedIdentity: SpiffeID?
+    public init(host: String, port: Int, trustDomain: String, expectedIdentity: SpiffeID? = nil) {
+        self.host = host; self.port = port; self.trustDomain = trustDomain; self.expectedIdentity = expectedIdentity
+    }
+    public var description: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
+}
+
+/// The source workload's X.509-SVID, presented as the client certificate.
+public struct ClientCredentials: Hashable, Sendable {
+    public var spiffeID: SpiffeID
+    public var certificateFile: String
+    public var keyFile: String
+    /// Changes on rotation: a new serial opens a new pooled connection and
+    /// retires the old one once its streams are done.
+    public var serial: String
+    public init(spiffeID: SpiffeID, certificateFile: String, keyFile: String, serial: String) {
+        self.spiffeID = spiffeID; self.certificateFile = certificateFile; self.keyFile = keyFile; self.serial = serial
+    }
+}
+
+public struct TunnelError: Error, CustomStringConvertible {
+    public var description: String
+    init(_ d: String) { description = d }
+}
+
+/// Pooled mTLS + HTTP/2 connections to peer agents, one per (peer, source
+/// identity, certificate serial); each carries many CONNECT streams. All
+/// state lives on one event loop, shared with the outbound listener, so
+/// streams and accepted sockets can be glued directly.
+public final class TunnelPool: @unchecked Sendable {
+    public let eventLoop: EventLoop
+    let verifier: @Sendable () -> SPIFFEVerifier
+    let connectTimeout: TimeAmount
+
+    struct Key: Hashable {
+        var peer: TunnelPeer
+        var identity: SpiffeID
+        var serial: String
+    }
+    final class Entry {
+        let multiplexer: EventLoopFuture<NIOHTTP2Handler.StreamMultiplexer>
+        var channel: Channel?
+        var activeStreams = 0
+        var retired = false
+        init(_ m: EventLoopFuture<NIOHTTP2Handler.StreamMultiplexer>) { multiplexer = m }
+        func closeIfDone() {
+            if retired && activeStreams == 0 { channel?.close(promise: nil) }
+        }
+    }
+    private var entries: [Key: Entry] = [:]
+    private var contexts: [ClientCredentials: NIOSSLContext] = [:]
+    /// Connections opened so far (for tests and metrics).
+    public private(set) var connectionsOpened = 0
+
+    public init(eventLoop: EventLoop, connectTimeout: TimeAmount = .seconds(2), verifier: @escaping @Sendable () -> SPIFFEVerifier) {
+        self.eventLoop = eventLoop
+        self.connectTimeout = connectTimeout
+        self.verifier = verifier
+    }
+
+    func tlsContext(_ creds: ClientCredentials) throws -> NIOSSLContext {
+        if let c = contexts[creds] { return c }
+        let chain = try NIOSSLCertificate.fromPEMFile(creds.certificateFile).map { NIOSSLCertificateSource.certificate($0) }
+        let key = try NIOSSLPrivateKey(file: creds.keyFile, format: .pem)
+        var tls = TLSConfiguration.makeClientConfiguration()
+        tls.certificateChain = chain
+        tls.privateKey = .privateKey(key)
+        tls.minimumTLSVersion = .tlsv13
+        tls.maximumTLSVersion = .tlsv13
+        tls.certificateVerification = .noHostnameVerification
+        tls.trustRoots = .certificates(try verifier().bundles.values.flatMap { $0 }.map {
+            try NIOSSLCertificate(bytes: $0.serializeAsPEM().derBytes, format: .der)
+        })
+        tls.applicationProtocols = ["h2"]
+        let ctx = try NIOSSLContext(configuration: tls)
+        // Contexts of rotated-away certificates are dropped with their serial.
+        contexts = contexts.filter { $0.key.spiffeID != creds.spiffeID }
+        contexts[creds] = ctx
+        return ctx
+    }
+
+    /// Opens a CONNECT stream for `authority` to `peer` as `credentials`.
+    /// On a 200 answer the stream becomes a byte stream joined to `glue`
+    /// (the other half sits on the caller's channel, on this event loop).
+    func openStream(peer: TunnelPeer, credentials: ClientCredentials, authority: String, glue: GlueHandler) -> EventLoopFuture<Void> {
+        eventLoop.assertInEventLoop()
+        let entry: Entry
+        do { entry = try connection(peer: peer, credentials: credentials) } catch {
+            return eventLoop.makeFailedFuture(error)
+        }
+        return entry.multiplexer.flatMap { mux in
+            let ready = self.eventLoop.makePromise(of: Void.self)
+            let streamPromise = self.eventLoop.makePromise(of: Channel.self)
+            mux.createStreamChannel(promise: streamPromise) { stream in
+                stream.eventLoop.makeCompletedFuture {
+                    try stream.pipeline.syncOperations.addHandler(ConnectRequestHandler(authority: authority, glue: glue, ready: ready))
+                }
+            }
+            streamPromise.futureResult.whenComplete { result in
+                switch result {
+                case .success(let stream):
+                    entry.activeStreams += 1
+                    stream.closeFuture.whenComplete { _ in
+                        entry.activeStreams -= 1
+                        entry.closeIfDone()
+                    }
+                case .failure(let e):
+                    ready.fail(e)
+                }
+            }
+            return ready.futureResult
+        }
+    }
+
+    private func connection(peer: TunnelPeer, credentials: ClientCredentials) throws -> Entry {
+        let key = Key(peer: peer, identity: credentials.spiffeID, serial: credentials.serial)
+        if let e = entries[key] { return e }
+        // A rotated certificate: new connections use the new one; the old
+        // connection finishes the streams it carries, then closes.
+        for (k, e) in entries where k.peer == peer && k.identity == credentials.spiffeID {
+            e.retired = true
+            entries[k] = nil
+            e.closeIfDone()
+        }
+        let ctx = try tlsContext(credentials)
+        let verifier = self.verifier
+        let verify: NIOSSLCustomVerificationCallbackWithMetadata = { certs, promise in
+            let v = verifier()
+            Task {
+                let parsed = certs.compactMap { try? Certificate(derEncoded: $0.toDERBytes()) }
+                guard parsed.count == certs.count, let leaf = parsed.first else { return promise.succeed(.failed) }
+                switch await v.verify(leaf: leaf, intermediates: Array(parsed.dropFirst())) {
+                case .success(let id)
+                    where id.trustDomain == peer.trustDomain && id.path.hasPrefix("/palisade/node/")
+                    && (peer.expectedIdentity == nil || peer.expectedIdentity == id):
+                    promise.succeed(.certificateVerified(VerificationMetadata(nil)))
+                default:
+                    promise.succeed(.failed)
+                }
+            }
+        }
+        connectionsOpened += 1
+        let entryBox = EntryBox()
+        let mux = ClientBootstrap(group: eventLoop)
+            .connectTimeout(connectTimeout)
+            .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+            .channelInitializer { ch in
+                ch.eventLoop.makeCompletedFuture {
+                    try ch.pipeline.syncOperations.addHandler(NIOSSLClientHandler(context: ctx, serverHostname: nil, customVerificationCallbackWithMetadata: verify))
+                    let mux = try ch.pipeline.syncOperations.configureHTTP2Pipeline(
+                        mode: .client, connectionConfiguration: TunnelSettings.connection, streamConfiguration: TunnelSettings.stream
+                    ) { $0.close() }   // the peer never opens streams to us
+                    entryBox.mux = mux
+                }
+            }
+            .connect(host: peer.host, port: peer.port)
+            .flatMapThrowing { ch -> NIOHTTP2Handler.StreamMultiplexer in
+                guard let m = entryBox.mux else { throw TunnelError("no HTTP/2 multiplexer") }
+                entryBox.channel = ch
+                return m
+            }
+        let entry = Entry(mux)
+        entries[key] = entry
+        mux.whenComplete { result in
+            switch result {
+            case .success:
+                entry.channel = entryBox.channel
+                entryBox.channel?.closeFuture.whenComplete { _ in
+                    // Gone (peer restarted, network cut): the next connection reconnects.
+                    if self.entries[key] === entry { self.entries[key] = nil }
+                }
+            case .failure:
+                if self.entries[key] === entry { self.entries[key] = nil }
+            }
+        }
+        return entry
+    }
+
+    /// Live pooled connections (for status and tests).
+    public var connectionCount: EventLoopFuture<Int> {
+        eventLoop.submit { self.entries.count }
+    }
+}
+
+private final class EntryBox: @unchecked Sendable {
+    var mux: NIOHTTP2Handler.StreamMultiplexer?
+    var channel: Channel?
+}
+
+/// Client side of one CONNECT stream: sends the request, waits for the
+/// answer; on 200 installs the byte-stream codec and the glue.
+final class ConnectRequestHandler: ChannelInboundHandler, RemovableChannelHandler, @unchecked Sendable {
+    typealias InboundIn = HTTP2Frame.FramePayload
+    typealias OutboundOut = HTTP2Frame.FramePayload
+    let authority: String
+    let glue: GlueHandler
+    let ready: EventLoopPromise<Void>
+    var answered = false
+
+    init(authority: String, glue: GlueHandler, ready: EventLoopPromise<Void>) {
+        self.authority = authority; self.glue = glue; self.ready = ready
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        let headers = HPACKHeaders([(":method", "CONNECT"), (":authority", authority)])
+        context.writeAndFlush(wrapOutboundOut(.headers(.init(headers: headers))), promise: nil)
+        context.fireChannelActive()
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        if context.channel.isActive { channelActive(context: context) }
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        if answered {
+            context.fireChannelRead(data)
+            return
+        }
+        guard case .headers(let h) = unwrapInboundIn(data), let status = h.headers.first(name: ":status") else { return }
+        answered = true
+        guard status == "200" else {
+            ready.fail(TunnelError("the peer agent refused the connection (HTTP \(status))"))
+            context.close(promise: nil)
+            return
+        }
+        do {
+            let codec = ConnectStreamCodec()
+            try context.pipeline.syncOperations.addHandler(codec, position: .after(self))
+            try context.pipeline.syncOperations.addHandler(glue, position: .after(codec))
+            ready.succeed(())
+            context.pipeline.syncOperations.removeHandler(self, promise: nil)
+        } catch {
+            ready.fail(error)
+            context.close(promise: nil)
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        if !answered { ready.fail(TunnelError("the tunnel stream closed before an answer")) }
+        answered = true
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        if !answered { ready.fail(error) }
+        answered = true
+        context.close(promise: nil)
+    }
+}

@@ -1,0 +1,145 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* Socket redirection for enrolled workloads (attached to each workload's
+ * cgroup): connect() to a workload on another node is judged against the
+ * egress policy at once (a denied connect fails with EPERM, no packet is
+ * sent) and, when allowed, rewritten to the agent's outbound listener; the
+ * original destination is remembered by socket cookie. sockops then files
+ * it under the connection's addresses before the SYN leaves, which is what
+ * the agent looks up on accept() and what the packet programs recognise. */
+#include <linux/bpf.h>
+#define PAL_SOCK_STREAM 1  /* sys/socket.h drags in glibc headers */
+#include "lib/enforce.h"
+
+#define PAL_MAX_CGROUP_DEPTH 16
+
+/* The deepest enrolled cgroup containing the caller. */
+static __always_inline struct pal_mesh_endpoint *pal_mesh_caller(__u64 *cgroup_id)
+{
+	__u64 cg = bpf_get_current_cgroup_id();
+	struct pal_mesh_endpoint *ep = bpf_map_lookup_elem(&pal_mesh_ep, &cg);
+	if (ep) {
+		*cgroup_id = cg;
+		return ep;
+	}
+	for (int level = PAL_MAX_CGROUP_DEPTH; level >= 1; level--) {
+		__u64 anc = bpf_get_current_ancestor_cgroup_id(level);
+		if (anc == 0 || anc == cg)
+			continue;
+		ep = bpf_map_lookup_elem(&pal_mesh_ep, &anc);
+		if (ep) {
+			*cgroup_id = anc;
+			return ep;
+		}
+	}
+	return 0;
+}
+
+/* Returns 1 to let connect() proceed (rewritten or not), 0 to refuse it. */
+static __always_inline int pal_connect(struct bpf_sock_addr *ctx, const __u8 daddr[16], __u8 family, int v6_socket)
+{
+	if (ctx->type != PAL_SOCK_STREAM)
+		return 1;
+	__u64 cgid = 0;
+	struct pal_mesh_endpoint *ep = pal_mesh_caller(&cgid);
+	if (!ep)
+		return 1;
+	__u32 zero = 0;
+	struct pal_config *cfg = bpf_map_lookup_elem(&pal_config, &zero);
+	__u8 slot = cfg ? (cfg->active_slot & 1) : 0;
+	struct pal_ipcache_value peer = pal_ipcache_lookup(slot, daddr);
+	if (!(peer.flags & PAL_IPCACHE_REMOTE_WORKLOAD))
+		return 1;   /* not a mesh destination: the packet programs judge it */
+
+	__u16 dport = (__u16)ctx->user_port;
+	struct pal_decision d = { .pass = 1 };
+	pal_policy_decide(slot, PAL_DIR_EGRESS, ep->identity, peer, IPPROTO_TCP, dport, 0, &d);
+	pal_count(PAL_DIR_EGRESS, d.reason, 0);
+	if (!d.pass || d.reason == PAL_REASON_AUDIT_WOULD_DENY || (cfg && (cfg->event_flags & PAL_EVENTS_ALLOWED))) {
+		struct pal_flow f = { .protocol = IPPROTO_TCP, .family = family, .dport = dport };
+		__builtin_memcpy(f.daddr, daddr, 16);
+		pal_emit_event(&f, PAL_DIR_EGRESS, &d, ep->identity, 0, cgid, bpf_ktime_get_coarse_ns());
+	}
+	if (!d.pass)
+		return 0;
+
+	struct pal_redirect_origin o = {
+		.port = dport,
+		.family = family,
+		.identity = ep->identity,
+		.peer_identity = peer.identity,
+		.rule_id = d.rule_id,
+		.cgroup_id = cgid,
+	};
+	__builtin_memcpy(o.addr, daddr, 16);
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	if (bpf_map_update_elem(&pal_redir_sock, &cookie, &o, BPF_ANY) < 0)
+		return 0;   /* cannot remember the destination: refuse rather than leak plaintext */
+
+	if (!v6_socket) {
+		ctx->user_ip4 = ep->agent_addr4;
+	} else if (family == 4) {
+		ctx->user_ip6[0] = 0;
+		ctx->user_ip6[1] = 0;
+		ctx->user_ip6[2] = bpf_htonl(0xffff);
+		ctx->user_ip6[3] = ep->agent_addr4;
+	} else {
+		__u32 a[4];
+		__builtin_memcpy(a, ep->agent_addr6, 16);
+		ctx->user_ip6[0] = a[0];
+		ctx->user_ip6[1] = a[1];
+		ctx->user_ip6[2] = a[2];
+		ctx->user_ip6[3] = a[3];
+	}
+	ctx->user_port = ep->agent_port;
+	return 1;
+}
+
+SEC("cgroup/connect4")
+int pal_connect4(struct bpf_sock_addr *ctx)
+{
+	__u8 daddr[16];
+	pal_v4_mapped(daddr, ctx->user_ip4);
+	return pal_connect(ctx, daddr, 4, 0);
+}
+
+SEC("cgroup/connect6")
+int pal_connect6(struct bpf_sock_addr *ctx)
+{
+	__u32 a[4] = { ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3] };
+	__u8 daddr[16];
+	__builtin_memcpy(daddr, a, 16);
+	/* An IPv4-mapped destination on an IPv6 socket is an IPv4 connection. */
+	int mapped = a[0] == 0 && a[1] == 0 && a[2] == bpf_htonl(0xffff);
+	return pal_connect(ctx, daddr, mapped ? 4 : 6, 1);
+}
+
+/* Before the SYN leaves (local port chosen): file the origin under the
+ * connection's addresses. */
+SEC("sockops")
+int pal_sockops(struct bpf_sock_ops *skops)
+{
+	if (skops->op != BPF_SOCK_OPS_TCP_CONNECT_CB)
+		return 1;
+	__u64 cookie = bpf_get_socket_cookie(skops);
+	struct pal_redirect_origin *o = bpf_map_lookup_elem(&pal_redir_sock, &cookie);
+	if (!o)
+		return 1;
+	struct pal_redirect_key k = {};
+	if (skops->family == 2 /* AF_INET */) {
+		pal_v4_mapped(k.client_addr, skops->local_ip4);
+		pal_v4_mapped(k.agent_addr, skops->remote_ip4);
+	} else {
+		__u32 l[4] = { skops->local_ip6[0], skops->local_ip6[1], skops->local_ip6[2], skops->local_ip6[3] };
+		__u32 r[4] = { skops->remote_ip6[0], skops->remote_ip6[1], skops->remote_ip6[2], skops->remote_ip6[3] };
+		__builtin_memcpy(k.client_addr, l, 16);
+		__builtin_memcpy(k.agent_addr, r, 16);
+	}
+	k.client_port = bpf_htons((__u16)skops->local_port);
+	/* remote_port holds the port in network order in its upper 16 bits. */
+	k.agent_port = (__u16)(skops->remote_port >> 16);
+	bpf_map_update_elem(&pal_redir_flow, &k, o, BPF_ANY);
+	bpf_map_delete_elem(&pal_redir_sock, &cookie);
+	return 1;
+}
+
+char LICENSE[] SEC("license") = "GPL";
