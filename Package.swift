@@ -85,7 +85,7 @@ let package = Package(
         .plugin(name: "BPFCompiler", capability: .buildTool()),
         .testTarget(name: "PalisadePolicyTests", dependencies: ["PalisadePolicy"]),
         .testTarget(name: "PalisadeAgentTests", dependencies: ["PalisadeAgent"]),
-        .testTarget(name: "PalisadeTunnelTests", dependencies: ["PalisadeTunnel", "PalisadeCA",
+        .testTarget(name: "PalisadeTunnelTests", dependencies: ["PalisadeTunnel", "PalisadeCA", "PalisadeIdentity",
             .product(name: "NIOSSL", package: "swift-nio-ssl"), .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "X509", package: "swift-certificates"), .product(name: "Crypto", package: "swift-crypto")]),
         .testTarget(name: "PalisadeJWTTests", dependencies: ["PalisadeJWT", .product(name: "JWTKit", package: "jwt-kit")]),

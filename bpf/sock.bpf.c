@@ -12,6 +12,17 @@
 
 #define PAL_MAX_CGROUP_DEPTH 16
 
+/* Context fields must be read 4 bytes at a time; a volatile read keeps the
+ * compiler from merging two of them into one 8-byte load the verifier
+ * refuses. */
+#define PAL_CTX_U32(field) (*(volatile __u32 *)&(field))
+
+static __always_inline void pal_ctx_ip6(__u8 out[16], __u32 a0, __u32 a1, __u32 a2, __u32 a3)
+{
+	__u32 a[4] = { a0, a1, a2, a3 };
+	__builtin_memcpy(out, a, 16);
+}
+
 /* The deepest enrolled cgroup containing the caller. */
 static __always_inline struct pal_mesh_endpoint *pal_mesh_caller(__u64 *cgroup_id)
 {
@@ -105,7 +116,8 @@ int pal_connect4(struct bpf_sock_addr *ctx)
 SEC("cgroup/connect6")
 int pal_connect6(struct bpf_sock_addr *ctx)
 {
-	__u32 a[4] = { ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3] };
+	__u32 a[4] = { PAL_CTX_U32(ctx->user_ip6[0]), PAL_CTX_U32(ctx->user_ip6[1]),
+		       PAL_CTX_U32(ctx->user_ip6[2]), PAL_CTX_U32(ctx->user_ip6[3]) };
 	__u8 daddr[16];
 	__builtin_memcpy(daddr, a, 16);
 	/* An IPv4-mapped destination on an IPv6 socket is an IPv4 connection. */
@@ -129,10 +141,10 @@ int pal_sockops(struct bpf_sock_ops *skops)
 		pal_v4_mapped(k.client_addr, skops->local_ip4);
 		pal_v4_mapped(k.agent_addr, skops->remote_ip4);
 	} else {
-		__u32 l[4] = { skops->local_ip6[0], skops->local_ip6[1], skops->local_ip6[2], skops->local_ip6[3] };
-		__u32 r[4] = { skops->remote_ip6[0], skops->remote_ip6[1], skops->remote_ip6[2], skops->remote_ip6[3] };
-		__builtin_memcpy(k.client_addr, l, 16);
-		__builtin_memcpy(k.agent_addr, r, 16);
+		pal_ctx_ip6(k.client_addr, PAL_CTX_U32(skops->local_ip6[0]), PAL_CTX_U32(skops->local_ip6[1]),
+			    PAL_CTX_U32(skops->local_ip6[2]), PAL_CTX_U32(skops->local_ip6[3]));
+		pal_ctx_ip6(k.agent_addr, PAL_CTX_U32(skops->remote_ip6[0]), PAL_CTX_U32(skops->remote_ip6[1]),
+			    PAL_CTX_U32(skops->remote_ip6[2]), PAL_CTX_U32(skops->remote_ip6[3]));
 	}
 	k.client_port = bpf_htons((__u16)skops->local_port);
 	/* remote_port holds the port in network order in its upper 16 bits. */

@@ -8,6 +8,7 @@ import PalisadeIdentity
 import PalisadeMetrics
 import PalisadePolicy
 import PalisadeTunnel
+import NIOPosix
 import X509
 import SwiftASN1
 
@@ -42,6 +43,12 @@ public final class Agent {
     let svids: SVIDStore
     var lastSVIDs = Set<SpiffeID>()
     var listener: MTLSListener?
+    var outbound: OutboundProxy?
+    let meshGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+    let directory = MeshDirectoryBox()
+    /// SPIFFE IDs of this node's workloads (remote ones get no SVID here).
+    var localSpiffeIDs = Set<SpiffeID>()
+    var lastCompiled: CompiledPolicy?
 
     public init(config: AgentConfig, logger: Logger) throws {
         self.config = config
@@ -72,6 +79,7 @@ public final class Agent {
             }
             log.info("metrics", metadata: ["address": "http://\(host.contains(":") ? "[\(host)]" : host):\(metricsServer!.localPort)/metrics"])
         }
+        try startMesh()
     }
 
     /// Reconciles until stop() returns true.
@@ -103,6 +111,8 @@ public final class Agent {
         events?.stop()
         metricsServer?.stop()
         listener?.stop()
+        outbound?.stop()
+        try? meshGroup.syncShutdownGracefully()
         log.info("agent stopping; programs and maps stay pinned and keep enforcing")
     }
 
@@ -133,7 +143,7 @@ public final class Agent {
     /// Issues or re-issues (at half-life) the SVIDs of every enrolled
     /// identity and of the node itself. Keys are never logged.
     func rotateSVIDs() {
-        var ids = Set(state.identities.values.map(\.spiffeID))
+        var ids = localSpiffeIDs
         ids.insert(config.nodeSpiffeID)
         do {
             let issued = try svids.ensure(ids)
@@ -146,6 +156,7 @@ public final class Agent {
             for id in ids { metrics.setCertificateExpiry(spiffeID: id.description, notAfter: svids.cached(id)?.notAfter) }
             for gone in lastSVIDs.subtracting(ids) { metrics.setCertificateExpiry(spiffeID: gone.description, notAfter: nil) }
             lastSVIDs = ids
+            if !issued.isEmpty { publishCredentials() }
         } catch {
             log.error("svid issuance failed", metadata: ["error": "\(error)"])
         }
@@ -168,8 +179,19 @@ public final class Agent {
             return
         }
         let l = try MTLSListener(host: host, port: port, certificateFile: node.certificateFile, keyFile: node.keyFile, verifier: try verifier())
-        let log = self.log, metrics = self.metrics
+        let log = self.log, metrics = self.metrics, directory = self.directory
         l.onReject = { reason in log.warning("mTLS peer certificate refused", metadata: ["reason": "\(reason)"]) }
+        l.authorize = { Agent.authorizeInbound($0, directory: directory.current) }
+        l.onStream = { request, decision, error in
+            var delivered = false
+            if case .deliver = decision, error == nil { delivered = true }
+            metrics.recordTunnelStream(delivered: delivered)
+            if !delivered {
+                var reason = error ?? ""
+                if case .refuse(let status, let r) = decision { reason = "\(status) \(r)" + (error.map { ": \($0)" } ?? "") }
+                log.warning("tunnel stream refused", metadata: ["source": "\(request.peer)", "destination": "\(request.host):\(request.port)", "reason": "\(reason)"])
+            }
+        }
         l.onHandshakeFailure = { metrics.recordHandshake(accepted: false) }
         l.onAccept = { _ in metrics.recordHandshake(accepted: true) }
         listener = l
@@ -235,7 +257,22 @@ public final class Agent {
             }
             records[id.rawValue] = .init(spiffeID: w.spiffeID, namespace: w.namespace, labels: w.labels)
         }
-        state.allocator.retain(only: Set(workloads.map(\.spiffeID)))
+        localSpiffeIDs = Set(workloads.map(\.spiffeID))
+        for r in config.remoteWorkloads {
+            let id = state.allocator.identity(for: r.spiffeID)
+            if var existing = universe.workloads[id] {
+                existing.addresses += r.addresses
+                existing.remoteAddresses.formUnion(r.addresses)
+                universe.workloads[id] = existing
+            } else {
+                var nsLabels = r.namespaceLabels
+                nsLabels["kubernetes.io/metadata.name"] = r.namespace
+                universe.workloads[id] = WorkloadIdentity(spiffeID: r.spiffeID, labels: r.labels, namespace: r.namespace,
+                                                          namespaceLabels: nsLabels, addresses: r.addresses, remoteAddresses: Set(r.addresses))
+            }
+            records[id.rawValue] = .init(spiffeID: r.spiffeID, namespace: r.namespace, labels: r.labels)
+        }
+        state.allocator.retain(only: localSpiffeIDs.union(config.remoteWorkloads.map(\.spiffeID)))
         state.identities = records
 
         let wanted = workloads.filter { w in universe.workloads[state.allocator.identity(for: w.spiffeID)] != nil }
@@ -247,12 +284,15 @@ public final class Agent {
         }
         attach(wanted)
         saveState()
+        publishDirectory(universe: universe, compiled: lastCompiled)
+        publishCredentials()
     }
 
     func applyPolicy(universe: Universe) {
         do {
             let compiled = try PolicyCompiler.compile(lastGoodPolicies, universe: universe)
             let r = try datapath.apply(compiled)
+            lastCompiled = compiled
             state.rules = compiled.rules
             state.cidrIdentities = Dictionary(uniqueKeysWithValues: compiled.cidrIdentities.map { ($0.key.description, $0.value.rawValue) })
             state.policy.generation = r.generation
@@ -284,15 +324,32 @@ public final class Agent {
         for w in workloads {
             let id = state.allocator.identity(for: w.spiffeID)
             do {
+                let mode = Datapath.MTLSMode(rawValue: w.mtls) ?? .permissive
+                var record: AgentState.EndpointRecord
                 switch w.attachment {
                 case .pod(let ifname):
-                    let ifindex = try datapath.attachPod(interface: ifname, identity: id)
-                    records.append(.init(workload: w.name, identity: id, interface: ifname, ifindex: ifindex))
+                    let ifindex = try datapath.attachPod(interface: ifname, identity: id, mtls: mode)
+                    record = .init(workload: w.name, identity: id, interface: ifname, ifindex: ifindex)
                 case .cgroup(let p):
                     guard let path = cgroupPath(p) else { throw DatapathError("no cgroup2 mount found; set cgroupRoot") }
-                    let cg = try datapath.attachCgroup(path: path, identity: id)
-                    records.append(.init(workload: w.name, identity: id, cgroupPath: path, cgroupID: cg))
+                    let cg = try datapath.attachCgroup(path: path, identity: id, mtls: mode)
+                    record = .init(workload: w.name, identity: id, cgroupPath: path, cgroupID: cg)
                 }
+                record.mtls = mode.rawValue
+                // Socket redirection to the tunnel: the workload's processes, by cgroup.
+                let redirectPath: String? = {
+                    if case .cgroup(let p) = w.attachment { return self.cgroupPath(p) }
+                    return w.podCgroup.flatMap { self.cgroupPath($0) }
+                }()
+                if mode != .disabled, let port = config.outboundPort, let path = redirectPath {
+                    guard let listener = outboundListener(for: w, port: port) else {
+                        throw DatapathError("interface of \(w.name) has no IPv4 address for the outbound listener")
+                    }
+                    record.redirectCgroupID = try datapath.attachRedirect(cgroupPath: path, identity: id, listener: listener)
+                } else if let old = state.endpoints.first(where: { $0.workload == w.name })?.redirectCgroupID {
+                    try? datapath.detachRedirect(cgroupID: old)
+                }
+                records.append(record)
             } catch {
                 state.workloadErrors.append("\(w.source): workload '\(w.name)' could not be attached: \(error)")
                 log.error("workload not attached", metadata: ["workload": "\(w.name)", "error": "\(error)"])
@@ -307,7 +364,9 @@ public final class Agent {
     func detachRemoved(_ workloads: [Workload]) {
         let wantedPods = Set(workloads.compactMap { w -> String? in if case .pod(let i) = w.attachment { return i }; return nil })
         let wantedCgroups = Set(workloads.compactMap { w -> String? in if case .cgroup(let p) = w.attachment { return cgroupPath(p) }; return nil })
+        let wantedNames = Set(workloads.map(\.name))
         for e in state.endpoints {
+            if let r = e.redirectCgroupID, !wantedNames.contains(e.workload) { try? datapath.detachRedirect(cgroupID: r) }
             if let i = e.interface, let idx = e.ifindex, !wantedPods.contains(i) {
                 try? datapath.detachPod(ifindex: idx)
                 log.info("workload removed", metadata: ["workload": "\(e.workload)"])

@@ -19,6 +19,9 @@ public struct AgentState: Codable, Sendable {
         public var ifindex: Int32?
         public var cgroupPath: String?
         public var cgroupID: UInt64?
+        /// The cgroup whose connections are redirected to the tunnel.
+        public var redirectCgroupID: UInt64?
+        public var mtls: String?
     }
     public struct PolicyStatus: Codable, Sendable {
         public var generation: UInt64 = 0

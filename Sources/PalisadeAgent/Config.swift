@@ -35,6 +35,13 @@ public struct AgentConfig: Sendable {
     public var svidLifetimeSeconds = 3600
     /// Workloads enrolled by the configuration itself (besides workloadDir).
     public var workloads: [Workload] = []
+    /// The outbound listener port that enrolled workloads' connections to
+    /// remote workloads are redirected to (nil: no redirection).
+    public var outboundPort: Int? = 15001
+    /// Other nodes' agents, by name (until the distributed store shares them).
+    public var nodes: [MeshNode] = []
+    /// Workloads running on other nodes, reached through their node's agent.
+    public var remoteWorkloads: [RemoteWorkload] = []
 
     public init() {}
 
@@ -57,7 +64,8 @@ public struct AgentConfig: Sendable {
     }
 
     static let keys: Set<String> = ["trustDomain", "stateDir", "bpffs", "policyDir", "workloadDir", "cgroupRoot",
-                                    "eventsPerSecond", "pollIntervalMilliseconds", "hostAddresses", "workloads", "metricsAddress", "metricsIdentityPairs", "allowedFlowEvents", "svidLifetimeSeconds", "federatedBundles", "tunnelAddress", "jwtIssuers"]
+                                    "eventsPerSecond", "pollIntervalMilliseconds", "hostAddresses", "workloads", "metricsAddress", "metricsIdentityPairs", "allowedFlowEvents", "svidLifetimeSeconds", "federatedBundles", "tunnelAddress", "jwtIssuers",
+                                    "outboundPort", "nodes", "remoteWorkloads"]
 
     /// "HOST:PORT" with an IP address (IPv6 in brackets), or "off" (nil).
     static func address(_ v: YAMLValue) throws -> (host: String, port: Int)? {
@@ -125,6 +133,24 @@ public struct AgentConfig: Sendable {
         if let v = m["workloads"] {
             c.workloads = try v.sequence().map { try Workload.parse($0, trustDomain: c.trustDomain) }
         }
+        if let v = m["outboundPort"] {
+            if (try? v.string()) == "off" { c.outboundPort = nil } else { c.outboundPort = try v.int(in: 1...65535) }
+        }
+        if let v = m["nodes"] {
+            c.nodes = try v.sequence().map { try MeshNode.parse($0, defaultTrustDomain: c.trustDomain) }
+            var seen = Set<String>()
+            for (n, e) in zip(c.nodes, try v.sequence()) where !seen.insert(n.name).inserted {
+                throw e.error("node '\(n.name)' is listed twice")
+            }
+        }
+        if let v = m["remoteWorkloads"] {
+            let names = Set(c.nodes.map(\.name))
+            c.remoteWorkloads = try v.sequence().map { e in
+                let r = try RemoteWorkload.parse(e)
+                guard names.contains(r.node) else { throw e.error("node '\(r.node)' is not in 'nodes' (known: \(names.sorted().joined(separator: ", ")))") }
+                return r
+            }
+        }
         if let v = m["hostAddresses"] {
             c.hostAddresses = try v.sequence().map { a -> IPAddress in
                 guard let ip = IPAddress(try a.string()) else { throw a.error("expected an IP address, got \(a.kindName)") }
@@ -138,4 +164,63 @@ public struct AgentConfig: Sendable {
 import PalisadeIdentity
 enum SpiffeIDCheck {
     static func trustDomain(_ td: String) throws -> SpiffeID { try SpiffeID("spiffe://\(td)") }
+}
+
+/// Another node's agent: where its tunnel listens and who it must be.
+public struct MeshNode: Sendable, Hashable {
+    public var name: String
+    public var tunnelHost: String
+    public var tunnelPort: Int
+    public var trustDomain: String
+    /// Its node SPIFFE ID, if pinned; else any spiffe://TD/palisade/node/... of its trust domain.
+    public var spiffeID: SpiffeID?
+
+    static func parse(_ v: YAMLValue, defaultTrustDomain: String) throws -> MeshNode {
+        let m = try v.mapping(allowedKeys: ["name", "tunnelAddress", "trustDomain", "spiffeID"])
+        guard let n = m["name"], let a = m["tunnelAddress"] else { throw v.error("a node needs 'name' and 'tunnelAddress' (IP:PORT of its agent's mTLS listener)") }
+        guard let (host, port) = try AgentConfig.address(a) else { throw a.error("a node's tunnelAddress cannot be 'off'") }
+        var node = MeshNode(name: try n.string(), tunnelHost: host, tunnelPort: port, trustDomain: defaultTrustDomain, spiffeID: nil)
+        if let t = m["trustDomain"] {
+            let td = try t.string()
+            guard (try? SpiffeIDCheck.trustDomain(td)) != nil else { throw t.error("'\(td)' is not a trust domain name") }
+            node.trustDomain = td
+        }
+        if let s = m["spiffeID"] {
+            let id = try PolicyParser.spiffe(s)
+            guard id.trustDomain == node.trustDomain, id.path.hasPrefix("/palisade/node/") else {
+                throw s.error("expected a node identity spiffe://\(node.trustDomain)/palisade/node/NAME, got \(id)")
+            }
+            node.spiffeID = id
+        }
+        return node
+    }
+}
+
+/// A workload on another node: its identity, labels and addresses (for
+/// policy and the ipcache) and the node whose agent delivers to it.
+public struct RemoteWorkload: Sendable, Hashable {
+    public var name: String
+    public var spiffeID: SpiffeID
+    public var namespace: String
+    public var labels: [String: String]
+    public var namespaceLabels: [String: String]
+    public var addresses: [IPAddress]
+    public var node: String
+
+    static func parse(_ v: YAMLValue) throws -> RemoteWorkload {
+        let m = try v.mapping(allowedKeys: ["name", "spiffeID", "namespace", "labels", "namespaceLabels", "addresses", "node"])
+        guard let n = m["name"], let s = m["spiffeID"], let a = m["addresses"], let node = m["node"] else {
+            throw v.error("a remote workload needs 'name', 'spiffeID', 'addresses' and 'node'")
+        }
+        let addresses = try a.sequence().map { e -> IPAddress in
+            guard let ip = IPAddress(try e.string()) else { throw e.error("expected an IP address, got \(e.kindName)") }
+            return ip
+        }
+        guard !addresses.isEmpty else { throw a.error("expected at least one address") }
+        return RemoteWorkload(name: try n.string(), spiffeID: try PolicyParser.spiffe(s),
+                              namespace: try m["namespace"].map { try $0.string() } ?? "default",
+                              labels: try m["labels"].map { try PolicyParser.labels($0) } ?? [:],
+                              namespaceLabels: try m["namespaceLabels"].map { try PolicyParser.labels($0) } ?? [:],
+                              addresses: addresses, node: try node.string())
+    }
 }

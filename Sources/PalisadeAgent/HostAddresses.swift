@@ -4,7 +4,8 @@ import PalisadePolicy
 
 /// The node's own addresses (getifaddrs in the agent's network namespace).
 public enum HostAddresses {
-    public static func discover() -> [IPAddress] {
+    /// All addresses, or those of one interface.
+    public static func discover(interface: String? = nil) -> [IPAddress] {
         var head: UnsafeMutablePointer<ifaddrs>?
         guard getifaddrs(&head) == 0 else { return [] }
         defer { freeifaddrs(head) }
@@ -13,6 +14,7 @@ public enum HostAddresses {
         while let ifa = p {
             defer { p = ifa.pointee.ifa_next }
             guard let sa = ifa.pointee.ifa_addr else { continue }
+            if let interface, String(cString: ifa.pointee.ifa_name) != interface { continue }
             switch Int32(sa.pointee.sa_family) {
             case AF_INET:
                 let a = sa.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { $0.pointee.sin_addr.s_addr }

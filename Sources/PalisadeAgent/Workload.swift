@@ -20,6 +20,13 @@ public struct Workload: Codable, Hashable, Sendable {
     public var addresses: [IPAddress]
     public var attachment: Attachment
     public var source: SourceLocation
+    /// Mutual TLS mode (strict, permissive, disabled); permissive unless set,
+    /// so enrolling a workload does not cut its existing plaintext clients.
+    public var mtls: String = "permissive"
+    /// A pod-like workload's cgroup (its container's), whose processes get
+    /// the socket redirection to the tunnel. Without it, a pod's connections
+    /// to remote workloads are judged by the packet programs only.
+    public var podCgroup: String?
 
     public init(name: String, spiffeID: SpiffeID, namespace: String = "default", labels: [String: String] = [:],
                 addresses: [IPAddress] = [], attachment: Attachment, source: SourceLocation) {
@@ -27,7 +34,8 @@ public struct Workload: Codable, Hashable, Sendable {
         self.addresses = addresses; self.attachment = attachment; self.source = source
     }
 
-    static let keys: Set<String> = ["name", "spiffeID", "namespace", "namespaceLabels", "labels", "addresses", "interface", "cgroup"]
+    static let keys: Set<String> = ["name", "spiffeID", "namespace", "namespaceLabels", "labels", "addresses", "interface", "cgroup", "mtls"]
+    public static let mtlsModes = ["strict", "permissive", "disabled"]
 
     /// Parses workload documents (one or more per file).
     public static func parse(_ text: String, file: String, trustDomain: String) throws -> [Workload] {
@@ -57,22 +65,33 @@ public struct Workload: Codable, Hashable, Sendable {
             }
         } ?? []
         let attachment: Attachment
+        var podCgroup: String?
+        func cgroupPath(_ c: YAMLValue) throws -> String {
+            let path = try c.string()
+            guard !path.isEmpty, !path.split(separator: "/").contains("..") else { throw c.error("expected a cgroup path without '..'") }
+            return path
+        }
         switch (m["interface"], m["cgroup"]) {
-        case (let i?, nil):
+        case (let i?, let c):
             let ifname = try i.string()
             guard !ifname.isEmpty, ifname.utf8.count < 16 else { throw i.error("expected an interface name of 1-15 bytes") }
             guard !addresses.isEmpty else { throw doc.error("a pod-like workload needs 'addresses' (the pod's IPs)") }
             attachment = .pod(interface: ifname)
+            podCgroup = try c.map(cgroupPath)
         case (nil, let c?):
-            let path = try c.string()
-            guard !path.split(separator: "/").contains("..") else { throw c.error("'..' is not allowed in a cgroup path") }
-            attachment = .cgroup(path: path)
+            attachment = .cgroup(path: try cgroupPath(c))
         default:
-            throw doc.error("a workload needs exactly one of 'interface' (pod-like: host side of its veth) or 'cgroup'")
+            throw doc.error("a workload needs 'interface' (pod-like: host side of its veth, optionally with its 'cgroup') or 'cgroup' (processes sharing the node's network)")
         }
         var w = Workload(name: name, spiffeID: id, namespace: ns, labels: labels, addresses: addresses,
                          attachment: attachment, source: doc.location)
         w.namespaceLabels = try m["namespaceLabels"].map { try PolicyParser.labels($0) } ?? [:]
+        w.podCgroup = podCgroup
+        if let v = m["mtls"] {
+            let mode = try v.string()
+            guard mtlsModes.contains(mode) else { throw v.error("expected one of \(mtlsModes.joined(separator: ", ")), got '\(mode)'") }
+            w.mtls = mode
+        }
         return w
     }
 
@@ -84,9 +103,12 @@ public struct Workload: Codable, Hashable, Sendable {
         }
         if !addresses.isEmpty { lines.append("addresses: [\(addresses.map { "\"\($0)\"" }.joined(separator: ", "))]") }
         switch attachment {
-        case .pod(let i): lines.append("interface: \(i)")
+        case .pod(let i):
+            lines.append("interface: \(i)")
+            if let c = podCgroup { lines.append("cgroup: \(c)") }
         case .cgroup(let p): lines.append("cgroup: \(p)")
         }
+        if mtls != "permissive" { lines.append("mtls: \(mtls)") }
         return lines.joined(separator: "\n") + "\n"
     }
 }

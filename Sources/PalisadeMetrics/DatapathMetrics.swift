@@ -77,6 +77,25 @@ public final class DatapathMetrics: @unchecked Sendable {
     lazy var handshakesRefused = registry.makeCounter(name: "palisade_tls_handshakes_total", labels: [("result", "refused")],
                                                       help: "mTLS handshakes on the agent's listener, by result.")
 
+    lazy var tunnelOutOK = registry.makeCounter(name: "palisade_tunnel_outbound_connections_total", labels: [("result", "tunnelled")],
+                                                help: "Workload connections redirected to the agent, by result.")
+    lazy var tunnelOutFailed = registry.makeCounter(name: "palisade_tunnel_outbound_connections_total", labels: [("result", "refused")],
+                                                    help: "Workload connections redirected to the agent, by result.")
+    lazy var tunnelInDelivered = registry.makeCounter(name: "palisade_tunnel_inbound_streams_total", labels: [("result", "delivered")],
+                                                      help: "Tunnel streams received from peer agents, by result.")
+    lazy var tunnelInRefused = registry.makeCounter(name: "palisade_tunnel_inbound_streams_total", labels: [("result", "refused")],
+                                                    help: "Tunnel streams received from peer agents, by result.")
+
+    public func recordTunnelConnection(ok: Bool) {
+        lock.lock(); let c = ok ? tunnelOutOK : tunnelOutFailed; lock.unlock()
+        c.increment()
+    }
+
+    public func recordTunnelStream(delivered: Bool) {
+        lock.lock(); let c = delivered ? tunnelInDelivered : tunnelInRefused; lock.unlock()
+        c.increment()
+    }
+
     public func recordHandshake(accepted: Bool) {
         lock.lock(); let c = accepted ? handshakesAccepted : handshakesRefused; lock.unlock()
         c.increment()

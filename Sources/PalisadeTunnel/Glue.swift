@@ -11,10 +11,16 @@ final class GlueHandler: ChannelDuplexHandler, @unchecked Sendable {
     typealias OutboundOut = ByteBuffer
 
     private var partner: GlueHandler?
+    /// An HTTP/2 stream closes by itself once END_STREAM went both ways;
+    /// closing it explicitly could reset it with frames still queued
+    /// behind flow control.
+    var isStream = false
     private var context: ChannelHandlerContext?
     private var pendingRead = false
     private var inputClosed = false
-    private var partnerInputClosed = false
+    private var failed = false
+    private var early: [NIOAny] = []
+    private var earlyInputClosed = false
 
     /// Two handlers that forward to each other; add one to each channel.
     static func pair() -> (GlueHandler, GlueHandler) {
@@ -28,8 +34,22 @@ final class GlueHandler: ChannelDuplexHandler, @unchecked Sendable {
         self.context = context
         // The second half joining: reads held back until now may start.
         if let p = partner, p.context != nil {
+            p.flushEarly()
+            flushEarly()
             p.resumeRead()
             resumeRead()
+        }
+    }
+
+    private func flushEarly() {
+        guard let context, !early.isEmpty || earlyInputClosed else { return }
+        let held = early
+        early = []
+        for d in held { partnerWrite(d) }
+        partnerFlush()
+        if earlyInputClosed {
+            earlyInputClosed = false
+            userInboundEventTriggered(context: context, event: ChannelEvent.inputClosed)
         }
     }
 
@@ -48,37 +68,64 @@ final class GlueHandler: ChannelDuplexHandler, @unchecked Sendable {
     private func partnerWrite(_ data: NIOAny) { partner?.context?.write(data, promise: nil) }
     private func partnerFlush() { partner?.context?.flush() }
     private func partnerWritable() -> Bool { partner?.context?.channel.isWritable ?? false }
+    /// Ends the partner's output after what was written to it; once the
+    /// partner's input has ended too, closes it (after the data, never
+    /// before: closing an HTTP/2 stream with frames queued would reset it).
     private func partnerCloseOutput() {
-        guard let ctx = partner?.context else { return }
-        ctx.close(mode: .output, promise: nil)
+        guard let p = partner, let ctx = p.context else { return }
+        ctx.flush()
+        let done = ctx.eventLoop.makePromise(of: Void.self)
+        ctx.close(mode: .output, promise: done)
+        done.futureResult.whenComplete { _ in
+            if p.inputClosed && !p.isStream { ctx.close(promise: nil) }
+        }
     }
     private func partnerClose() { partner?.context?.close(promise: nil) }
 
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) { partnerWrite(data) }
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        // A channel's first read can happen before the other half joins
+        // (NIO reads on activation): hold those bytes until it does.
+        if partner?.context == nil {
+            early.append(data)
+            return
+        }
+        partnerWrite(data)
+    }
 
     func channelReadComplete(context: ChannelHandlerContext) { partnerFlush() }
 
     func channelInactive(context: ChannelHandlerContext) {
-        partnerClose()
+        // After a clean end the partner finishes on its own (its queued
+        // bytes still go out); a side cut by an error cuts both.
+        if failed {
+            partnerClose()
+        } else if !inputClosed {
+            // NIO closes a socket without an input-closed event when EOF
+            // arrives after our own output was shut: still a clean end.
+            inputClosed = true
+            partnerCloseOutput()
+        }
         context.fireChannelInactive()
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if let e = event as? ChannelEvent, e == .inputClosed {
-            inputClosed = true
-            partner?.partnerInputClosed = true
-            partnerFlush()
-            partnerCloseOutput()
-            if partnerInputClosed {
-                context.close(promise: nil)
-                partnerClose()
+            if partner?.context == nil {
+                earlyInputClosed = true
+                return
             }
+            inputClosed = true
+            partnerCloseOutput()
+            // Our output was ended when the partner's input ended: both
+            // directions are done on this channel.
+            if partner?.inputClosed == true && !isStream { context.close(promise: nil) }
             return
         }
         context.fireUserInboundEventTriggered(event)
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
+        failed = true
         context.close(promise: nil)
         partnerClose()
     }

@@ -97,7 +97,15 @@ public final class MTLSListener: @unchecked Sendable {
         lock.lock(); context = ctx; lock.unlock()
     }
 
+    private var stopped = false
+
+    /// Closes the listener (idempotent).
     public func stop() {
+        lock.lock()
+        let first = !stopped
+        stopped = true
+        lock.unlock()
+        guard first else { return }
         try? channel.close().wait()
         try? group.syncShutdownGracefully()
     }

@@ -57,6 +57,7 @@ public final class OutboundProxy: @unchecked Sendable {
                     return OutboundProxy.reset(ch)
                 }
                 let (tcpGlue, streamGlue) = GlueHandler.pair()
+                streamGlue.isStream = true
                 do { try ch.pipeline.syncOperations.addHandler(tcpGlue) } catch { return ch.eventLoop.makeFailedFuture(error) }
                 pool.openStream(peer: route.peer, credentials: route.credentials, authority: route.authority, glue: streamGlue)
                     .whenComplete { result in

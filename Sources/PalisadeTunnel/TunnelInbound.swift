@@ -53,9 +53,12 @@ final class TunnelInboundStream: ChannelInboundHandler, RemovableChannelHandler,
         self.peer = peer; self.authorize = authorize; self.connectTimeout = connectTimeout; self.onStream = onStream
     }
 
+    /// The answer to the CONNECT: 200 opens the byte stream; a refusal ends
+    /// the stream with a short plain-text reason.
     func respond(_ context: ChannelHandlerContext, status: Int, body: String? = nil) {
-        let headers = HPACKHeaders([(":status", "\(status)"), ("content-type", "text/plain")])
-        context.write(wrapOutboundOut(.headers(.init(headers: headers, endStream: body == nil))), promise: nil)
+        let headers = status == 200 ? HPACKHeaders([(":status", "200")])
+            : HPACKHeaders([(":status", "\(status)"), ("content-type", "text/plain")])
+        context.write(wrapOutboundOut(.headers(.init(headers: headers, endStream: status != 200 && body == nil))), promise: nil)
         if let body {
             var b = context.channel.allocator.buffer(capacity: body.utf8.count + 1)
             b.writeString(body + "\n")
@@ -95,6 +98,7 @@ final class TunnelInboundStream: ChannelInboundHandler, RemovableChannelHandler,
         }
         let stream = context.channel
         let (streamGlue, tcpGlue) = GlueHandler.pair()
+        streamGlue.isStream = true
         ClientBootstrap(group: context.eventLoop)
             .connectTimeout(connectTimeout)
             .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)

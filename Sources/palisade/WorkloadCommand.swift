@@ -24,7 +24,8 @@ struct WorkloadCommand: ParsableCommand {
         @Option(name: .customLong("namespace-label"), help: "KEY=VALUE label of the workload's namespace, repeatable.") var namespaceLabels: [String] = []
         @Option(name: .customLong("address"), help: "The workload's IP, repeatable.") var addresses: [String] = []
         @Option(help: "Host side of the pod's veth.") var interface: String?
-        @Option(help: "cgroup path, relative to the cgroup2 mount or absolute.") var cgroup: String?
+        @Option(help: "cgroup path, relative to the cgroup2 mount or absolute (with --interface: the pod's cgroup, for socket redirection).") var cgroup: String?
+        @Option(help: "Mutual TLS mode: strict, permissive or disabled.") var mtls: String?
 
         /// KEY=VALUE arguments as a YAML mapping under `key` ("" when none).
         func yamlMap(_ key: String, _ pairs: [String], flag: String) throws -> String {
@@ -46,6 +47,7 @@ struct WorkloadCommand: ParsableCommand {
             if !addresses.isEmpty { yaml += "addresses: [\(addresses.map { "\"\($0)\"" }.joined(separator: ", "))]\n" }
             if let interface { yaml += "interface: \(interface)\n" }
             if let cgroup { yaml += "cgroup: \(cgroup)\n" }
+            if let mtls { yaml += "mtls: \(mtls)\n" }
             let path = "\(config.resolvedWorkloadDir)/\(name).yaml"
             // Validate exactly as the agent will, before writing anything.
             do { _ = try Workload.parse(yaml, file: path, trustDomain: config.trustDomain) } catch { throw CLIError("\(error)") }

@@ -1,0 +1,144 @@
+import CPalisadeShared
+import Foundation
+import Logging
+import NIOCore
+import NIOPosix
+import PalisadeCA
+import PalisadeDatapath
+import PalisadeIdentity
+import PalisadePolicy
+import PalisadeTunnel
+
+/// What the tunnel's event loops need from the reconcile loop, published as
+/// one immutable snapshot after every change (workloads, policy, SVIDs).
+struct MeshDirectory: @unchecked Sendable {  // immutable snapshots; CompiledLookup is read-only
+    /// Remote workload address -> the node whose agent delivers to it.
+    var remoteEndpoints: [IPAddress: TunnelPeer] = [:]
+    /// Local workload address -> its identity (tunnel destinations).
+    var localEndpoints: [IPAddress: NumericIdentity] = [:]
+    var identityBySpiffeID: [SpiffeID: NumericIdentity] = [:]
+    var spiffeIDByIdentity: [UInt32: SpiffeID] = [:]
+    var credentials: [SpiffeID: ClientCredentials] = [:]
+    var lookup: CompiledLookup?
+}
+
+final class MeshDirectoryBox: @unchecked Sendable {
+    private let lock = NSLock()
+    private var value = MeshDirectory()
+    var current: MeshDirectory { lock.lock(); defer { lock.unlock() }; return value }
+    func update(_ f: (inout MeshDirectory) -> Void) { lock.lock(); f(&value); lock.unlock() }
+}
+
+/// The kernel's redirect records, read from the tunnel's event loop.
+struct RedirectTable: @unchecked Sendable {
+    let datapath: Datapath
+    func take(_ c: AcceptedConnection) -> pal_redirect_origin? {
+        datapath.takeRedirect(client: IPAddress(bytes16: c.client), clientPort: c.clientPort,
+                              agent: IPAddress(bytes16: c.local), agentPort: c.localPort)
+    }
+}
+
+extension Agent {
+    /// Starts the outbound listener and the tunnel pool (one event loop).
+    func startMesh() throws {
+        guard let port = config.outboundPort else { return }
+        let directory = self.directory, log = self.log
+        let table = RedirectTable(datapath: datapath)
+        let bundles = try verifier()
+        let pool = TunnelPool(eventLoop: meshGroup.next(), verifier: { bundles })
+        let proxy = try OutboundProxy(port: port, pool: pool) { accepted in
+            Agent.route(accepted, table: table, directory: directory.current)
+        }
+        let metrics = self.metrics
+        proxy.onOutcome = { (outcome: OutboundOutcome) in
+            metrics.recordTunnelConnection(ok: outcome.error == nil)
+            if let e = outcome.error {
+                log.warning("outbound connection refused", metadata: [
+                    "destination": "\(outcome.route?.authority ?? "?")", "source": "\(outcome.route?.credentials.spiffeID.description ?? "?")",
+                    "peer-node": "\(outcome.route?.peer.description ?? "?")", "error": "\(e)"])
+            }
+        }
+        outbound = proxy
+        log.info("outbound listener", metadata: ["port": "\(proxy.localPort)", "redirects": "connect4/connect6 of enrolled workloads"])
+    }
+
+    /// Where a redirected connection goes: the kernel's record says who
+    /// opened it (from its cgroup) and where it was going; the directory
+    /// says which node serves that address and which SVID to present.
+    static func route(_ c: AcceptedConnection, table: RedirectTable, directory: MeshDirectory) -> OutboundRoute? {
+        guard let origin = table.take(c) else { return nil }
+        let dst = IPAddress(tuple: origin.addr)
+        guard let peer = directory.remoteEndpoints[dst],
+              let source = directory.spiffeIDByIdentity[origin.identity],
+              let creds = directory.credentials[source] else { return nil }
+        let port = UInt16(bigEndian: origin.port)
+        let host = dst.isV4 ? dst.description : "[\(dst)]"
+        return OutboundRoute(peer: peer, credentials: creds, authority: "\(host):\(port)")
+    }
+
+    /// The receiving side: the destination must be a workload of this node,
+    /// and the authenticated source's identity must be allowed in by policy
+    /// (the kernel checks again on the delivered connection, by its mark).
+    static func authorizeInbound(_ r: InboundRequest, directory: MeshDirectory) -> InboundDecision {
+        guard let dst = IPAddress(r.host), let local = directory.localEndpoints[dst] else {
+            return .refuse(status: 404, reason: "no such workload on this node")
+        }
+        let source = directory.identityBySpiffeID[r.peer] ?? .unknown
+        if let lookup = directory.lookup {
+            let d = lookup.evaluate(local: local, direction: .ingress, peer: source, cidrPeer: nil, proto: 6, port: UInt16(r.port))
+            if d.verdict == .deny { return .refuse(status: 403, reason: "denied by policy") }
+        }
+        return .deliver(mark: PAL_MARK_MAGIC | (source.rawValue & PAL_MARK_IDENTITY))
+    }
+
+    /// Publishes what the tunnel needs after a reconcile or a rotation.
+    func publishDirectory(universe: Universe, compiled: CompiledPolicy?) {
+        var remote: [IPAddress: TunnelPeer] = [:]
+        let nodes = Dictionary(uniqueKeysWithValues: config.nodes.map { ($0.name, $0) })
+        for w in config.remoteWorkloads {
+            guard let n = nodes[w.node] else { continue }
+            for a in w.addresses {
+                remote[a] = TunnelPeer(host: n.tunnelHost, port: n.tunnelPort, trustDomain: n.trustDomain, expectedIdentity: n.spiffeID)
+            }
+        }
+        var local: [IPAddress: NumericIdentity] = [:]
+        var bySpiffe: [SpiffeID: NumericIdentity] = [:]
+        var byID: [UInt32: SpiffeID] = [:]
+        for (id, w) in universe.workloads {
+            bySpiffe[w.spiffeID] = id
+            byID[id.rawValue] = w.spiffeID
+            for a in w.addresses where !w.remoteAddresses.contains(a) { local[a] = id }
+        }
+        directory.update { d in
+            d.remoteEndpoints = remote
+            d.localEndpoints = local
+            d.identityBySpiffeID = bySpiffe
+            d.spiffeIDByIdentity = byID
+            if let compiled { d.lookup = CompiledLookup(compiled) }
+        }
+    }
+
+    func publishCredentials() {
+        var creds: [SpiffeID: ClientCredentials] = [:]
+        for id in Set(state.identities.values.map(\.spiffeID)) {
+            if let i = svids.cached(id) {
+                creds[id] = ClientCredentials(spiffeID: id, certificateFile: i.certificateFile, keyFile: i.keyFile, serial: i.serial)
+            }
+        }
+        directory.update { $0.credentials = creds }
+    }
+
+    /// Where a workload reaches the outbound listener: the node side of a
+    /// pod's veth, or loopback for processes sharing the node's network.
+    func outboundListener(for w: Workload, port: Int) -> Datapath.OutboundListener? {
+        let v4Loopback = IPAddress.v4(127, 0, 0, 1), v6Loopback = IPAddress("::1")!
+        switch w.attachment {
+        case .cgroup:
+            return .init(ipv4: v4Loopback, ipv6: v6Loopback, port: UInt16(port))
+        case .pod(let ifname):
+            let addrs = HostAddresses.discover(interface: ifname)
+            guard let v4 = addrs.first(where: \.isV4) else { return nil }
+            return .init(ipv4: v4, ipv6: addrs.first { !$0.isV4 } ?? v4, port: UInt16(port))
+        }
+    }
+}

@@ -1,0 +1,130 @@
+import Foundation
+import NIOCore
+import NIOPosix
+import XCTest
+@testable import PalisadeCA
+import PalisadeIdentity
+@testable import PalisadeTunnel
+
+/// The tunnel without the kernel: a plain TCP client -> outbound proxy ->
+/// pooled mTLS HTTP/2 CONNECT stream -> inbound listener -> echo server,
+/// all on loopback. Bytes, half-close, refusals, pooling and rotation.
+final class TunnelTests: XCTestCase {
+    var dir: String!
+    var ca: CertificateAuthority!
+    var store: SVIDStore!
+    var listener: MTLSListener!
+    var proxy: OutboundProxy!
+    var echo: Process!
+    var echoPort = 0
+    let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+    let source = try! SpiffeID("spiffe://example.org/ns/default/sa/client")
+    let node = try! SpiffeID("spiffe://example.org/palisade/node/server")
+    /// What the route resolver returns for the next accepted connection.
+    var authority = ""
+    let seen = NSLock()
+    var decisions: [String] = []
+
+    override func setUpWithError() throws {
+        dir = NSTemporaryDirectory() + "palisade-tunnel-\(UUID().uuidString)"
+        ca = try CertificateAuthority.loadOrCreate(directory: "\(dir!)/ca", trustDomain: "example.org")
+        store = try SVIDStore(directory: "\(dir!)/svids", ca: ca, lifetime: 3600)
+        try store.ensure([source, node])
+        let verifier = SPIFFEVerifier(bundles: ["example.org": [ca.certificate]])
+        let n = store.cached(node)!
+        listener = try MTLSListener(host: "127.0.0.1", port: 0, certificateFile: n.certificateFile, keyFile: n.keyFile, verifier: verifier)
+        listener.authorize = { [unowned self] r in
+            seen.lock(); decisions.append("\(r.peer) \(r.host):\(r.port)"); seen.unlock()
+            return r.port == 1 ? .refuse(status: 403, reason: "denied by policy") : .deliver(mark: 0)
+        }
+        let pool = TunnelPool(eventLoop: group.next(), verifier: { verifier })
+        proxy = try OutboundProxy(port: 0, pool: pool) { [unowned self] _ in
+            let s = store.cached(source)!
+            return OutboundRoute(peer: TunnelPeer(host: "127.0.0.1", port: listener.localPort, trustDomain: "example.org"),
+                                 credentials: ClientCredentials(spiffeID: source, certificateFile: s.certificateFile, keyFile: s.keyFile, serial: s.serial),
+                                 authority: authority)
+        }
+        // An echo server (the repository's test probe).
+        echoPort = Int.random(in: 20000...40000)
+        echo = Process()
+        echo.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
+        echo.arguments = [Self.netprobe, "serve", "tcp", "127.0.0.1", "\(echoPort)"]
+        let out = Pipe()
+        echo.standardOutput = out
+        try echo.run()
+        _ = out.fileHandleForReading.availableData   // "ready"
+        authority = "127.0.0.1:\(echoPort)"
+    }
+
+    static var netprobe: String {
+        URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("tools/testing/netprobe.py").path
+    }
+
+    override func tearDownWithError() throws {
+        echo?.terminate()
+        proxy?.stop()
+        listener?.stop()
+        try? group.syncShutdownGracefully()
+        try? FileManager.default.removeItem(atPath: dir)
+    }
+
+    /// Connects to the proxy, sends `payload`, half-closes, reads to EOF.
+    func roundTrip(_ payload: [UInt8]) throws -> [UInt8]? {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(fd) }
+        var tv = timeval(tv_sec: 5, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_port = UInt16(proxy.localPort).bigEndian
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        let rc = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        XCTAssertEqual(rc, 0)
+        var sent = 0
+        while sent < payload.count {
+            let n = payload[sent...].withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            if n <= 0 { return nil }
+            sent += n
+        }
+        shutdown(fd, Int32(SHUT_WR))
+        var got: [UInt8] = []
+        var buf = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = recv(fd, &buf, buf.count, 0)
+            if n < 0 { return nil }   // reset or timeout
+            if n == 0 { break }
+            got += buf[0..<n]
+        }
+        return got
+    }
+
+    func testBytesAndHalfCloseCrossTheTunnel() throws {
+        XCTAssertEqual(try roundTrip(Array("hello through the tunnel".utf8)), Array("hello through the tunnel".utf8))
+        let big = (0..<3_000_000).map { UInt8(truncatingIfNeeded: $0 &* 31) }
+        let back = try roundTrip(big)
+        XCTAssertEqual(back?.count, big.count)
+        XCTAssertTrue(back == big, "3 MB came back altered")
+        seen.lock(); defer { seen.unlock() }
+        XCTAssertEqual(decisions.first, "\(source) 127.0.0.1:\(echoPort)")
+    }
+
+    func testOneConnectionCarriesManyStreams() throws {
+        for i in 0..<20 { XCTAssertEqual(try roundTrip(Array("n\(i)".utf8)), Array("n\(i)".utf8)) }
+        XCTAssertEqual(proxy.pool.connectionsOpened, 1)
+    }
+
+    func testRefusalResetsTheCallerAtOnce() throws {
+        authority = "127.0.0.1:1"
+        let start = Date()
+        XCTAssertNil(try roundTrip(Array("x".utf8)))
+        XCTAssertLessThan(Date().timeIntervalSince(start), 2)
+    }
+
+    func testPeerAgentDownIsAPromptRefusal() throws {
+        listener.stop()
+        let start = Date()
+        XCTAssertNil(try roundTrip(Array("x".utf8)))
+        XCTAssertLessThan(Date().timeIntervalSince(start), 2)
+    }
+}
