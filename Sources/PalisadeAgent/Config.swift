@@ -54,18 +54,21 @@ public struct AgentConfig: Sendable {
     public var caDir: String { "\(stateDir)/ca" }
     public var svidDir: String { "\(stateDir)/svids" }
 
-    /// This node's own SPIFFE ID: spiffe://TD/palisade/node/HOSTNAME.
+    /// This node's name (its SPIFFE ID's last segment); the host name when not set.
+    public var nodeName: String?
+
+    /// This node's own SPIFFE ID: spiffe://TD/palisade/node/NAME.
     public var nodeSpiffeID: SpiffeID {
         var buf = [CChar](repeating: 0, count: 256)
         gethostname(&buf, buf.count)
-        let host = String(cString: buf).map { $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-" || $0 == ".") ? $0 : "-" }
+        let host = (nodeName ?? String(cString: buf)).map { $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-" || $0 == ".") ? $0 : "-" }
         return (try? SpiffeID("spiffe://\(trustDomain)/palisade/node/\(String(host).isEmpty ? "node" : String(host))"))
             ?? (try! SpiffeID("spiffe://\(trustDomain)/palisade/node/node"))
     }
 
     static let keys: Set<String> = ["trustDomain", "stateDir", "bpffs", "policyDir", "workloadDir", "cgroupRoot",
                                     "eventsPerSecond", "pollIntervalMilliseconds", "hostAddresses", "workloads", "metricsAddress", "metricsIdentityPairs", "allowedFlowEvents", "svidLifetimeSeconds", "federatedBundles", "tunnelAddress", "jwtIssuers",
-                                    "outboundPort", "nodes", "remoteWorkloads"]
+                                    "outboundPort", "nodes", "remoteWorkloads", "nodeName"]
 
     /// "HOST:PORT" with an IP address (IPv6 in brackets), or "off" (nil).
     static func address(_ v: YAMLValue) throws -> (host: String, port: Int)? {
@@ -127,11 +130,18 @@ public struct AgentConfig: Sendable {
                 return JWTIssuer(issuer: try i.string(), jwksFile: path, audience: try a.string())
             }
         }
-        if let v = m["svidLifetimeSeconds"] { c.svidLifetimeSeconds = try v.int(in: 120...(30 * 86400)) }
+        if let v = m["svidLifetimeSeconds"] { c.svidLifetimeSeconds = try v.int(in: 10...(30 * 86400)) }
         if let v = m["allowedFlowEvents"] { c.allowedFlowEvents = try v.bool() }
         if let v = m["metricsIdentityPairs"] { c.metricsIdentityPairs = try v.int(in: 1...100_000) }
         if let v = m["workloads"] {
             c.workloads = try v.sequence().map { try Workload.parse($0, trustDomain: c.trustDomain) }
+        }
+        if let v = m["nodeName"] {
+            let n = try v.string()
+            guard !n.isEmpty, n.count <= 63, n.allSatisfy({ $0.isASCII && ($0.isLowercase || $0.isNumber || $0 == "-" || $0 == ".") }) else {
+                throw v.error("expected a node name of lowercase letters, digits, '-' and '.', got '\(n)'")
+            }
+            c.nodeName = n
         }
         if let v = m["outboundPort"] {
             if (try? v.string()) == "off" { c.outboundPort = nil } else { c.outboundPort = try v.int(in: 1...65535) }

@@ -120,9 +120,9 @@ extension Agent {
 
     func publishCredentials() {
         var creds: [SpiffeID: ClientCredentials] = [:]
-        for id in Set(state.identities.values.map(\.spiffeID)) {
+        for id in localSpiffeIDs {
             if let i = svids.cached(id) {
-                creds[id] = ClientCredentials(spiffeID: id, certificateFile: i.certificateFile, keyFile: i.keyFile, serial: i.serial)
+                creds[id] = ClientCredentials(spiffeID: id, serial: i.serial, certificateFile: i.certificateFile, keyFile: i.keyFile)
             }
         }
         directory.update { $0.credentials = creds }

@@ -7,7 +7,7 @@ import Glibc
 public enum CgroupAttach {
     /// Attaches (or re-points the pinned link at `linkPin` to) the program.
     public static func attach(_ program: BPFProgram, cgroupPath: String, linkPin: String) throws {
-        if let existing = bpf_link__open(linkPin), libbpf_get_error(UnsafeRawPointer(existing)) == 0 {
+        if access(linkPin, F_OK) == 0, let existing = bpf_link__open(linkPin), libbpf_get_error(UnsafeRawPointer(existing)) == 0 {
             defer { bpf_link__disconnect(existing); bpf_link__destroy(existing) }
             try BPFError.check(bpf_link__update_program(existing, program.handle), "update cgroup link", linkPin)
             return

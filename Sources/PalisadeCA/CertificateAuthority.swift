@@ -13,6 +13,8 @@ public struct CAError: Error, CustomStringConvertible {
 /// made on first start, or a root/intermediate the operator supplies as PEM.
 /// The key lives only in the state directory, mode 0600.
 public final class CertificateAuthority: @unchecked Sendable {
+    /// SVIDs are valid from this long before issuance, for peers whose clocks lag.
+    public static let clockSkewAllowance: TimeInterval = 60
     public let trustDomain: String
     public let certificate: Certificate
     let key: P256.Signing.PrivateKey
@@ -72,7 +74,7 @@ public final class CertificateAuthority: @unchecked Sendable {
         let notAfter = min(now.addingTimeInterval(lifetime), certificate.notValidAfter)
         return try Certificate(
             version: .v3, serialNumber: Certificate.SerialNumber(), publicKey: publicKey,
-            notValidBefore: now.addingTimeInterval(-60), notValidAfter: notAfter,
+            notValidBefore: now.addingTimeInterval(-CertificateAuthority.clockSkewAllowance), notValidAfter: notAfter,
             issuer: certificate.subject,
             subject: try DistinguishedName { OrganizationName("Palisade") },
             signatureAlgorithm: .ecdsaWithSHA256,

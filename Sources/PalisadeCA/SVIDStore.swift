@@ -41,7 +41,11 @@ public final class SVIDStore: @unchecked Sendable {
     }
 
     public static func info(of cert: Certificate, id: String, cert certPath: String, key keyPath: String) -> SVIDInfo {
-        let half = cert.notValidBefore.addingTimeInterval(cert.notValidAfter.timeIntervalSince(cert.notValidBefore) / 2)
+        // Half-life of the lifetime asked for: notBefore is backdated by the
+        // clock-skew allowance, which must not count (with a short lifetime
+        // it would put the rotation in the past and re-issue endlessly).
+        let start = min(cert.notValidBefore.addingTimeInterval(CertificateAuthority.clockSkewAllowance), cert.notValidAfter)
+        let half = start.addingTimeInterval(cert.notValidAfter.timeIntervalSince(start) / 2)
         return SVIDInfo(spiffeID: id, serial: cert.serialNumber.description, notBefore: cert.notValidBefore, notAfter: cert.notValidAfter,
                         rotateAt: half, certificateFile: certPath, keyFile: keyPath)
     }

@@ -24,16 +24,25 @@ public struct TunnelPeer: Hashable, Sendable, CustomStringConvertible {
 }
 
 /// The source workload's X.509-SVID, presented as the client certificate.
+/// Held in memory (read once when issued), so a rotation rewriting the
+/// files can never hand the event loop a certificate without its key.
 public struct ClientCredentials: Hashable, Sendable {
     public var spiffeID: SpiffeID
-    public var certificateFile: String
-    public var keyFile: String
     /// Changes on rotation: a new serial opens a new pooled connection and
     /// retires the old one once its streams are done.
     public var serial: String
-    public init(spiffeID: SpiffeID, certificateFile: String, keyFile: String, serial: String) {
-        self.spiffeID = spiffeID; self.certificateFile = certificateFile; self.keyFile = keyFile; self.serial = serial
+    let chainPEM: [UInt8]
+    let keyPEM: [UInt8]
+    public init(spiffeID: SpiffeID, serial: String, chainPEM: [UInt8], keyPEM: [UInt8]) {
+        self.spiffeID = spiffeID; self.serial = serial; self.chainPEM = chainPEM; self.keyPEM = keyPEM
     }
+    /// Reads a certificate chain and key; nil if either is missing.
+    public init?(spiffeID: SpiffeID, serial: String, certificateFile: String, keyFile: String) {
+        guard let c = FileManager.default.contents(atPath: certificateFile), let k = FileManager.default.contents(atPath: keyFile) else { return nil }
+        self.init(spiffeID: spiffeID, serial: serial, chainPEM: Array(c), keyPEM: Array(k))
+    }
+    public static func == (a: Self, b: Self) -> Bool { a.spiffeID == b.spiffeID && a.serial == b.serial }
+    public func hash(into h: inout Hasher) { h.combine(spiffeID); h.combine(serial) }
 }
 
 public struct TunnelError: Error, CustomStringConvertible {
@@ -78,8 +87,8 @@ public final class TunnelPool: @unchecked Sendable {
 
     func tlsContext(_ creds: ClientCredentials) throws -> NIOSSLContext {
         if let c = contexts[creds] { return c }
-        let chain = try NIOSSLCertificate.fromPEMFile(creds.certificateFile).map { NIOSSLCertificateSource.certificate($0) }
-        let key = try NIOSSLPrivateKey(file: creds.keyFile, format: .pem)
+        let chain = try NIOSSLCertificate.fromPEMBytes(creds.chainPEM).map { NIOSSLCertificateSource.certificate($0) }
+        let key = try NIOSSLPrivateKey(bytes: creds.keyPEM, format: .pem)
         var tls = TLSConfiguration.makeClientConfiguration()
         tls.certificateChain = chain
         tls.privateKey = .privateKey(key)

@@ -56,6 +56,19 @@ final class Lab {
         test.addTeardownBlock { [self] in teardown() }
     }
 
+    /// Two nodes joined by a "cloud network" (tools/lab mesh); pods given as
+    /// "NODE:NAME", each also a cgroup.
+    init(_ test: XCTestCase, prefix: String, meshPods: [String]) throws {
+        self.prefix = prefix
+        test.addTeardownBlock { [self] in teardown() }
+        try sh([Paths.lab, "mesh", prefix] + meshPods)
+    }
+
+    /// A mesh lab's node namespace (1 or 2).
+    func nodeNetns(_ n: Int) -> String { "/run/netns/\(prefix)-n\(n)" }
+    /// A mesh lab pod's cgroup (its processes are the workload).
+    func podCgroup(_ pod: String) -> String { "\(cgroup2Mount() ?? "/sys/fs/cgroup")/palisade-lab-\(prefix)/\(pod)" }
+
     func netns(_ pod: String) -> String { "/run/netns/\(prefix)-\(pod)" }
     func hostInterface(_ pod: String) -> String { "\(prefix)\(pod)" }
 
@@ -140,12 +153,16 @@ final class AgentHarness {
     let dir: String
     let bpffs: String
     let configPath: String
+    /// The node namespace the agent runs in.
+    let netns: String
     var process: Process?
 
-    init(_ test: XCTestCase, lab: Lab, extraConfig: String = "") throws {
+    init(_ test: XCTestCase, lab: Lab, extraConfig: String = "", node: Int? = nil) throws {
         self.lab = lab
-        dir = NSTemporaryDirectory() + "palisade-test-\(lab.prefix)-\(getpid())"
-        bpffs = "/sys/fs/bpf/palisade-test-\(lab.prefix)"
+        let suffix = node.map { "-n\($0)" } ?? ""
+        netns = node.map { lab.nodeNetns($0) } ?? lab.node
+        dir = NSTemporaryDirectory() + "palisade-test-\(lab.prefix)\(suffix)-\(getpid())"
+        bpffs = "/sys/fs/bpf/palisade-test-\(lab.prefix)\(suffix)"
         configPath = "\(dir)/agent.yaml"
         try? FileManager.default.removeItem(atPath: dir)
         try FileManager.default.createDirectory(atPath: "\(dir)/policies", withIntermediateDirectories: true)
@@ -160,14 +177,14 @@ final class AgentHarness {
         """.write(toFile: configPath, atomically: true, encoding: .utf8)
         test.addTeardownBlock { [self] in
             stop(signal: SIGKILL)
-            _ = try? sh(["nsenter", "--net=\(lab.node)", Paths.palisade, "agent", "--config", configPath, "--cleanup"], check: false)
+            _ = try? sh(["nsenter", "--net=\(netns)", Paths.palisade, "agent", "--config", configPath, "--cleanup"], check: false)
             _ = try? sh(["rm", "-rf", bpffs], check: false)
             try? FileManager.default.removeItem(atPath: dir)
         }
     }
 
     func start() throws {
-        let p = try lab.spawn(netns: lab.node, [Paths.palisade, "agent", "--config", configPath], log: "\(dir)/agent-\(Date().timeIntervalSince1970).log")
+        let p = try lab.spawn(netns: netns, [Paths.palisade, "agent", "--config", configPath], log: "\(dir)/agent-\(Date().timeIntervalSince1970).log")
         process = p
     }
 
@@ -179,7 +196,7 @@ final class AgentHarness {
     }
 
     func palisade(_ args: [String], check: Bool = true) throws -> (status: Int32, output: String) {
-        try sh(["nsenter", "--net=\(lab.node)", Paths.palisade] + args + ["--config", configPath], check: check)
+        try sh(["nsenter", "--net=\(netns)", Paths.palisade] + args + ["--config", configPath], check: check)
     }
 
     func writePolicy(_ name: String, _ yaml: String) throws {
@@ -231,6 +248,13 @@ final class AgentHarness {
     }
 
     var generation: UInt64 { state()?.policy.generation ?? 0 }
+
+    /// Warning and error lines of the agent's logs (for failure messages).
+    func warnings() -> String {
+        ((try? FileManager.default.contentsOfDirectory(atPath: dir))?.filter { $0.hasPrefix("agent-") } ?? [])
+            .compactMap { try? String(contentsOfFile: "\(dir)/\($0)", encoding: .utf8) }
+            .joined(separator: "\n").split(separator: "\n").filter { $0.contains(" warning ") || $0.contains(" error ") }.joined(separator: "\n")
+    }
 
     struct Event: Decodable { var verdict: String; var reason: String; var direction: String; var source: String; var destination: String
         var destinationPort: UInt16; var proto: String; var local: String; var peer: String }

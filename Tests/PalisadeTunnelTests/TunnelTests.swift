@@ -41,7 +41,7 @@ final class TunnelTests: XCTestCase {
         proxy = try OutboundProxy(port: 0, pool: pool) { [unowned self] _ in
             let s = store.cached(source)!
             return OutboundRoute(peer: TunnelPeer(host: "127.0.0.1", port: listener.localPort, trustDomain: "example.org"),
-                                 credentials: ClientCredentials(spiffeID: source, certificateFile: s.certificateFile, keyFile: s.keyFile, serial: s.serial),
+                                 credentials: ClientCredentials(spiffeID: source, serial: s.serial, certificateFile: s.certificateFile, keyFile: s.keyFile)!,
                                  authority: authority)
         }
         // An echo server (the repository's test probe).

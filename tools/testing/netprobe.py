@@ -5,6 +5,7 @@ whether a round trip succeeded. Run inside test namespaces via nsenter.
   netprobe.py serve tcp|udp ADDR PORT            echo until killed
   netprobe.py connect tcp|udp ADDR PORT [TIMEOUT [SOURCE]]
                                                  exit 0 if an echo came back
+                                                 (the message: $PROBE_MESSAGE or "palisade-probe")
   netprobe.py hold ADDR PORT SECONDS INTERVAL    one TCP connection, a round trip
                                                  every INTERVAL; prints ok/failed counts
 """
@@ -41,7 +42,7 @@ def serve(proto, addr, port):
             s.sendto(d, peer)
 
 def connect(proto, addr, port, timeout, source=None):
-    msg = b"palisade-probe"
+    msg = os.environ.get("PROBE_MESSAGE", "palisade-probe").encode()
     try:
         if proto == "tcp":
             s = socket.create_connection((addr, port), timeout=timeout,
