@@ -53,7 +53,32 @@ final class ConfigTests: XCTestCase {
         try assertError("eventsPerSecond: -1\n", contains: "expected an integer 0-1000000", line: 1)
         try assertError("workloads:\n  - name: w\n    spiffeID: spiffe://other.org/w\n    cgroup: x\n", contains: "not in this node's trust domain", line: 3)
         try assertError("workloads:\n  - name: w\n    spiffeID: spiffe://palisade.local/w\n    interface: v0\n", contains: "needs 'addresses'", line: 2)
-        try assertError("workloads:\n  - name: w\n    spiffeID: spiffe://palisade.local/w\n    interface: v0\n    cgroup: c\n    addresses: [10.0.0.1]\n", contains: "exactly one of 'interface'", line: 2)
+        try assertError("workloads:\n  - name: w\n    spiffeID: spiffe://palisade.local/w\n    addresses: [10.0.0.1]\n", contains: "a workload needs 'interface'", line: 2)
+        try assertError("workloads:\n  - name: w\n    spiffeID: spiffe://palisade.local/w\n    cgroup: c\n    mtls: sometimes\n", contains: "expected one of strict, permissive, disabled", line: 5)
+    }
+
+    func testMeshErrorsAndPodCgroups() throws {
+        try assertError("nodes:\n  - {name: n2, tunnelAddress: \"off\"}\n", contains: "tunnelAddress cannot be 'off'", line: 2)
+        try assertError("nodes:\n  - {name: n2, tunnelAddress: \"10.0.0.2:15008\", spiffeID: \"spiffe://palisade.local/ns/x\"}\n",
+                        contains: "expected a node identity", line: 2)
+        try assertError("nodes:\n  - {name: n2, tunnelAddress: \"10.0.0.2:15008\"}\nremoteWorkloads:\n  - {name: b, spiffeID: \"spiffe://palisade.local/b\", addresses: [10.1.0.2], node: n3}\n",
+                        contains: "node 'n3' is not in 'nodes'", line: 4)
+        let ok = try write("""
+            nodeName: n1
+            outboundPort: 15001
+            workloads:
+              - {name: a, spiffeID: "spiffe://palisade.local/a", addresses: [10.1.0.2], interface: v0, cgroup: pods/a, mtls: strict}
+            nodes:
+              - {name: n2, tunnelAddress: "10.0.0.2:15008", trustDomain: other.org}
+            remoteWorkloads:
+              - {name: b, spiffeID: "spiffe://other.org/b", addresses: [10.2.0.2], node: n2}
+            """)
+        let c = try AgentConfig.load(path: ok)
+        XCTAssertEqual(c.workloads.first?.podCgroup, "pods/a")
+        XCTAssertEqual(c.workloads.first?.mtls, "strict")
+        XCTAssertEqual(c.nodes.first?.trustDomain, "other.org")
+        XCTAssertEqual(c.remoteWorkloads.first?.node, "n2")
+        XCTAssertEqual(c.nodeSpiffeID.description, "spiffe://palisade.local/palisade/node/n1")
     }
 }
 
