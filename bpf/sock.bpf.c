@@ -12,6 +12,8 @@
 
 #define PAL_MAX_CGROUP_DEPTH 16
 
+/* sock_ops holds remote_port in network order in its upper 16 bits. */
+#define pal_sockops_remote_port(skops) ((__u16)((skops)->remote_port >> 16))
 /* Context fields must be read 4 bytes at a time; a volatile read keeps the
  * compiler from merging two of them into one 8-byte load the verifier
  * refuses. */
@@ -21,6 +23,19 @@ static __always_inline void pal_ctx_ip6(__u8 out[16], __u32 a0, __u32 a1, __u32 
 {
 	__u32 a[4] = { a0, a1, a2, a3 };
 	__builtin_memcpy(out, a, 16);
+}
+
+static __always_inline void pal_sockops_addrs(struct bpf_sock_ops *skops, __u8 local[16], __u8 remote[16])
+{
+	if (skops->family == 2 /* AF_INET */) {
+		pal_v4_mapped(local, skops->local_ip4);
+		pal_v4_mapped(remote, skops->remote_ip4);
+	} else {
+		pal_ctx_ip6(local, PAL_CTX_U32(skops->local_ip6[0]), PAL_CTX_U32(skops->local_ip6[1]),
+			    PAL_CTX_U32(skops->local_ip6[2]), PAL_CTX_U32(skops->local_ip6[3]));
+		pal_ctx_ip6(remote, PAL_CTX_U32(skops->remote_ip6[0]), PAL_CTX_U32(skops->remote_ip6[1]),
+			    PAL_CTX_U32(skops->remote_ip6[2]), PAL_CTX_U32(skops->remote_ip6[3]));
+	}
 }
 
 /* The deepest enrolled cgroup containing the caller. */
@@ -127,31 +142,70 @@ int pal_connect6(struct bpf_sock_addr *ctx)
 
 /* Before the SYN leaves (local port chosen): file the origin under the
  * connection's addresses. */
-SEC("sockops")
-int pal_sockops(struct bpf_sock_ops *skops)
+static __always_inline void pal_sockops_redirect(struct bpf_sock_ops *skops)
 {
-	if (skops->op != BPF_SOCK_OPS_TCP_CONNECT_CB)
-		return 1;
 	__u64 cookie = bpf_get_socket_cookie(skops);
 	struct pal_redirect_origin *o = bpf_map_lookup_elem(&pal_redir_sock, &cookie);
 	if (!o)
-		return 1;
+		return;
 	struct pal_redirect_key k = {};
-	if (skops->family == 2 /* AF_INET */) {
-		pal_v4_mapped(k.client_addr, skops->local_ip4);
-		pal_v4_mapped(k.agent_addr, skops->remote_ip4);
-	} else {
-		pal_ctx_ip6(k.client_addr, PAL_CTX_U32(skops->local_ip6[0]), PAL_CTX_U32(skops->local_ip6[1]),
-			    PAL_CTX_U32(skops->local_ip6[2]), PAL_CTX_U32(skops->local_ip6[3]));
-		pal_ctx_ip6(k.agent_addr, PAL_CTX_U32(skops->remote_ip6[0]), PAL_CTX_U32(skops->remote_ip6[1]),
-			    PAL_CTX_U32(skops->remote_ip6[2]), PAL_CTX_U32(skops->remote_ip6[3]));
-	}
+	pal_sockops_addrs(skops, k.client_addr, k.agent_addr);
 	k.client_port = bpf_htons((__u16)skops->local_port);
-	/* remote_port holds the port in network order in its upper 16 bits. */
-	k.agent_port = (__u16)(skops->remote_port >> 16);
+	k.agent_port = pal_sockops_remote_port(skops);
 	bpf_map_update_elem(&pal_redir_flow, &k, o, BPF_ANY);
 	bpf_map_delete_elem(&pal_redir_sock, &cookie);
+}
+
+/* An established connection between two workloads of this node (the
+ * packet programs admitted its handshake): into the fast path. */
+static __always_inline void pal_sockops_fast(struct bpf_sock_ops *skops)
+{
+	struct pal_sock_key k = {};
+	pal_sockops_addrs(skops, k.local_addr, k.remote_addr);
+	__u32 zero = 0;
+	struct pal_config *cfg = bpf_map_lookup_elem(&pal_config, &zero);
+	__u8 slot = cfg ? (cfg->active_slot & 1) : 0;
+	if (!pal_is_local_workload(pal_ipcache_lookup(slot, k.local_addr)) ||
+	    !pal_is_local_workload(pal_ipcache_lookup(slot, k.remote_addr)))
+		return;
+	k.local_port = bpf_htons((__u16)skops->local_port);
+	k.remote_port = pal_sockops_remote_port(skops);
+	bpf_sock_hash_update(skops, &pal_sock_fast, &k, BPF_NOEXIST);
+}
+
+SEC("sockops")
+int pal_sockops(struct bpf_sock_ops *skops)
+{
+	switch (skops->op) {
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+		pal_sockops_redirect(skops);
+		break;
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		pal_sockops_fast(skops);
+		break;
+	}
 	return 1;
+}
+
+/* Data a fast-path socket sends goes straight to its peer's receive queue. */
+SEC("sk_msg")
+int pal_sk_msg(struct sk_msg_md *msg)
+{
+	struct pal_sock_key peer = {};
+	if (msg->family == 2 /* AF_INET */) {
+		pal_v4_mapped(peer.local_addr, msg->remote_ip4);
+		pal_v4_mapped(peer.remote_addr, msg->local_ip4);
+	} else {
+		pal_ctx_ip6(peer.local_addr, PAL_CTX_U32(msg->remote_ip6[0]), PAL_CTX_U32(msg->remote_ip6[1]),
+			    PAL_CTX_U32(msg->remote_ip6[2]), PAL_CTX_U32(msg->remote_ip6[3]));
+		pal_ctx_ip6(peer.remote_addr, PAL_CTX_U32(msg->local_ip6[0]), PAL_CTX_U32(msg->local_ip6[1]),
+			    PAL_CTX_U32(msg->local_ip6[2]), PAL_CTX_U32(msg->local_ip6[3]));
+	}
+	peer.local_port = (__u16)(msg->remote_port >> 16);
+	peer.remote_port = bpf_htons((__u16)msg->local_port);
+	bpf_msg_redirect_hash(msg, &pal_sock_fast, &peer, BPF_F_INGRESS);
+	return SK_PASS;   /* no peer in the map: the normal path */
 }
 
 char LICENSE[] SEC("license") = "GPL";

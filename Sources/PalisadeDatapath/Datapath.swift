@@ -1,3 +1,4 @@
+import CLibbpf
 import CPalisadeShared
 import Foundation
 import PalisadeBPF
@@ -39,6 +40,7 @@ public final class Datapath {
     public let connect4: BPFProgram
     public let connect6: BPFProgram
     public let sockops: BPFProgram
+    public let skMsg: BPFProgram
 
     /// Loads the programs, reusing maps already pinned under pinRoot (so a
     /// restarted agent adopts the state that kept enforcing while it was down).
@@ -60,6 +62,12 @@ public final class Datapath {
         connect4 = try sockObject.program(named: "pal_connect4")
         connect6 = try sockObject.program(named: "pal_connect6")
         sockops = try sockObject.program(named: "pal_sockops")
+        skMsg = try sockObject.program(named: "pal_sk_msg")
+        // The sk_msg verdict program belongs to the pinned sockhash (it is
+        // replaced, not stacked, when a restarted agent attaches again).
+        if bpf_prog_attach(skMsg.fd, maps.fastPath.map.fd, BPF_SK_MSG_VERDICT, 0) != 0 {
+            throw DatapathError("attach pal_sk_msg to pal_sock_fast: \(String(cString: strerror(errno)))")
+        }
     }
 
     /// Mutual TLS mode of an endpoint, enforced on new inbound flows.
@@ -227,8 +235,17 @@ public final class Datapath {
         usleep(UInt32(graceMilliseconds * 1000))
         try clearSlot(active)
         let flushed = try flushDeniedConnections(CompiledLookup(compiled))
+        // Fast-path sockets bypass the packet programs: after any change of
+        // policy they go back to the enforced path (new connections that the
+        // new policy admits join the fast path again).
+        try clearFastPath()
         return ApplyResult(generation: cfg.generation, policyEntries: compiled.entries.count, ipcacheEntries: compiled.ipcache.count,
                            defaultEntries: compiled.defaults.count, conntrackFlushed: flushed, seconds: Date().timeIntervalSince(start))
+    }
+
+    /// Moves every same-node fast-path connection back to the packet path.
+    public func clearFastPath() throws {
+        for k in try maps.fastPath.keys() { _ = try? maps.fastPath.delete(k) }
     }
 
     func clearSlot(_ slot: UInt8) throws {

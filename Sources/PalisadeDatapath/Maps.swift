@@ -17,6 +17,8 @@ public struct PalisadeMaps {
     public let meshEndpoints: TypedMap<UInt64, pal_mesh_endpoint>
     public let redirectBySocket: TypedMap<UInt64, pal_redirect_origin>
     public let redirectByFlow: TypedMap<pal_redirect_key, pal_redirect_origin>
+    /// Same-node fast path sockets (values are socket cookies when read).
+    public let fastPath: TypedMap<pal_sock_key, UInt64>
 
     init(lookup: (MapName) throws -> BPFMap) throws {
         endpointsByIfindex = try TypedMap(lookup(.endpointsByIfindex))
@@ -32,6 +34,7 @@ public struct PalisadeMaps {
         meshEndpoints = try TypedMap(lookup(.meshEndpoints))
         redirectBySocket = try TypedMap(lookup(.redirectBySocket))
         redirectByFlow = try TypedMap(lookup(.redirectByFlow))
+        fastPath = try TypedMap(lookup(.fastPath))
     }
 
     /// Opens the maps pinned under pinRoot, without loading any program

@@ -16,6 +16,7 @@ public enum MapName: String, CaseIterable, Sendable {
     case meshEndpoints = "pal_mesh_ep"
     case redirectBySocket = "pal_redir_sock"
     case redirectByFlow = "pal_redir_flow"
+    case fastPath = "pal_sock_fast"
 }
 
 /// Names for enum pal_reason, used in dumps, metrics and flow events.

@@ -170,3 +170,40 @@ final class MeshTests: XCTestCase {
         XCTAssertNotEqual(try serial(m.n1), before, "a's SVID was rotated during the stream")
     }
 }
+
+extension MeshTests {
+    /// Same node, a -> c: after the handshake the data skips the TCP/IP
+    /// stack (sk_msg hands it from socket to socket), yet revoking access
+    /// still cuts the established connection.
+    func testSameNodeFastPathAndRevocation() throws {
+        let m = try setUpMesh("pmesh5")
+        try m.lab.serve("c", "tcp", port: 9000, address: "::", cgroup: m.lab.podCgroup("c"))
+        let log1 = "\(m.n1.dir)/hold1.log"
+        let hold1 = try m.lab.spawn(netns: m.lab.netns("a"), cgroup: m.lab.podCgroup("a"),
+                                    [Paths.python, Paths.probe, "hold", "10.101.2.2", "9000", "2", "0.01"], log: log1)
+        hold1.waitUntilExit()
+        let out1 = try String(contentsOfFile: log1, encoding: .utf8)
+        let roundTrips = Int(out1.split(separator: " ").first?.dropFirst(3) ?? "") ?? 0
+        XCTAssertTrue(out1.contains("failed=0") && roundTrips > 50, out1)
+        let ct = try m.n1.palisade(["maps", "dump", "conntrack", "--output", "json"]).output
+        let rows = try JSONDecoder().decode([[String: String]].self, from: Data(ct.utf8)).filter { $0["destination"] == "10.101.2.2:9000" }
+        XCTAssertFalse(rows.isEmpty, "the handshake went through the packet programs")
+        for r in rows {
+            XCTAssertLessThan(Int(r["packets"] ?? "") ?? .max, roundTrips / 4, "data took the fast path, not the packet path: \(r)")
+        }
+
+        // Revocation under the fast path: c now admits only b.
+        let log2 = "\(m.n1.dir)/hold2.log"
+        let hold2 = try m.lab.spawn(netns: m.lab.netns("a"), cgroup: m.lab.podCgroup("a"),
+                                    [Paths.python, Paths.probe, "hold", "10.101.2.2", "9000", "6", "0.05"], log: log2)
+        sleep(2)
+        try m.n1.writePolicy("c", policyYAML("c-from-b", """
+          selector: {labels: {app: c}}
+          ingress:
+            - from: [{labels: {app: b}}]
+        """))
+        hold2.waitUntilExit()
+        let out2 = try String(contentsOfFile: log2, encoding: .utf8)
+        XCTAssertTrue(out2.contains("failed=1"), "the revoked connection was cut: \(out2)")
+    }
+}

@@ -306,4 +306,15 @@ struct pal_redirect_key {
 	__u32 _pad;
 };
 
+/* Same-node fast path: established TCP connections between two workloads
+ * of this node, keyed by their (local, remote) ends as each socket sees
+ * them; sk_msg hands a sender's data straight to its peer socket. */
+struct pal_sock_key {
+	__u8 local_addr[16];  /* IPv4-mapped for IPv4 */
+	__u8 remote_addr[16];
+	__u16 local_port;     /* network byte order */
+	__u16 remote_port;    /* network byte order */
+	__u32 _pad;
+};
+
 #endif /* PALISADE_SHARED_H */

@@ -118,4 +118,14 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } pal_redir_flow SEC(".maps");
 
+/* Same-node fast path (sockops adds, sk_msg redirects; closed sockets
+ * leave by themselves; the agent empties it when policy changes). */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, PAL_MAX_REDIRECTS);
+	__type(key, struct pal_sock_key);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pal_sock_fast SEC(".maps");
+
 #endif
