@@ -1,6 +1,7 @@
 import CPalisadeShared
 import Foundation
 import Logging
+import NIOCore
 import PalisadeBPF
 import PalisadeCA
 import PalisadeDatapath
@@ -44,7 +45,7 @@ public final class Agent {
     var lastSVIDs = Set<SpiffeID>()
     var listener: MTLSListener?
     var outbound: OutboundProxy?
-    let meshGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+    let meshGroup = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
     let directory = MeshDirectoryBox()
     /// SPIFFE IDs of this node's workloads (remote ones get no SVID here).
     var localSpiffeIDs = Set<SpiffeID>()

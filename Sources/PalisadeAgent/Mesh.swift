@@ -45,8 +45,7 @@ extension Agent {
         let directory = self.directory, log = self.log
         let table = RedirectTable(datapath: datapath)
         let bundles = try verifier()
-        let pool = TunnelPool(eventLoop: meshGroup.next(), verifier: { bundles })
-        let proxy = try OutboundProxy(port: port, pool: pool) { accepted in
+        let proxy = try OutboundProxy(port: port, group: meshGroup, makePool: { TunnelPool(eventLoop: $0, verifier: { bundles }) }) { accepted in
             Agent.route(accepted, table: table, directory: directory.current)
         }
         let metrics = self.metrics

@@ -14,7 +14,7 @@ import X509
 /// `authorize`); any other verified peer is answered with the SPIFFE ID it
 /// was authenticated as, then closed (a probe for operators and tests).
 public final class MTLSListener: @unchecked Sendable {
-    let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+    let group = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
     let channel: Channel
     let lock = NSLock()
     var context: NIOSSLContext

@@ -38,14 +38,22 @@ public struct OutboundOutcome: Sendable {
 /// the caller sees a prompt failure, not a hang.
 public final class OutboundProxy: @unchecked Sendable {
     let channel: Channel
-    public let pool: TunnelPool
+    /// One pool per event loop: an accepted connection and the tunnel stream
+    /// carrying it live on the same loop (no locks, no hops), and each loop
+    /// keeps its own connections to peer agents.
+    public let pools: [TunnelPool]
+    public var pool: TunnelPool { pools[0] }
     public var localPort: Int { channel.localAddress?.port ?? 0 }
     public var onOutcome: (@Sendable (OutboundOutcome) -> Void)?
 
-    public init(port: Int, pool: TunnelPool, resolve: @escaping @Sendable (AcceptedConnection) -> OutboundRoute?) throws {
-        self.pool = pool
+    /// Serves on every loop of `group`, with a pool per loop from `makePool`.
+    public init(port: Int, group: EventLoopGroup, makePool: (EventLoop) -> TunnelPool,
+                resolve: @escaping @Sendable (AcceptedConnection) -> OutboundRoute?) throws {
+        let pools = group.makeIterator().map(makePool)
+        self.pools = pools
         weak var weakSelf: OutboundProxy?
-        let bootstrap = ServerBootstrap(group: pool.eventLoop)
+        let byLoop = Dictionary(uniqueKeysWithValues: pools.map { (ObjectIdentifier($0.eventLoop), $0) })
+        let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
             .serverChannelOption(ChannelOptions.backlog, value: 4096)
             .childChannelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
@@ -56,6 +64,7 @@ public final class OutboundProxy: @unchecked Sendable {
                     weakSelf?.onOutcome?(OutboundOutcome(route: nil, error: "not a redirected connection", seconds: 0))
                     return OutboundProxy.reset(ch)
                 }
+                guard let pool = byLoop[ObjectIdentifier(ch.eventLoop)] else { return OutboundProxy.reset(ch) }
                 let (tcpGlue, streamGlue) = GlueHandler.pair()
                 streamGlue.isStream = true
                 do { try ch.pipeline.syncOperations.addHandler(tcpGlue) } catch { return ch.eventLoop.makeFailedFuture(error) }
@@ -112,3 +121,4 @@ public final class OutboundProxy: @unchecked Sendable {
         try? channel.close().wait()
     }
 }
+

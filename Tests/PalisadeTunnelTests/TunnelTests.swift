@@ -37,8 +37,7 @@ final class TunnelTests: XCTestCase {
             seen.lock(); decisions.append("\(r.peer) \(r.host):\(r.port)"); seen.unlock()
             return r.port == 1 ? .refuse(status: 403, reason: "denied by policy") : .deliver(mark: 0)
         }
-        let pool = TunnelPool(eventLoop: group.next(), verifier: { verifier })
-        proxy = try OutboundProxy(port: 0, pool: pool) { [unowned self] _ in
+        proxy = try OutboundProxy(port: 0, group: group, makePool: { TunnelPool(eventLoop: $0, verifier: { verifier }) }) { [unowned self] _ in
             let s = store.cached(source)!
             return OutboundRoute(peer: TunnelPeer(host: "127.0.0.1", port: listener.localPort, trustDomain: "example.org"),
                                  credentials: ClientCredentials(spiffeID: source, serial: s.serial, certificateFile: s.certificateFile, keyFile: s.keyFile)!,
