@@ -19,6 +19,7 @@ let package = Package(
         .package(url: "https://github.com/vapor/jwt-kit", from: "5.0.0"),
         .package(url: "https://github.com/apple/swift-nio-ssl", from: "2.30.0"),
         .package(url: "https://github.com/apple/swift-nio-http2", from: "1.30.0"),
+        .package(url: "https://github.com/swift-server/async-http-client", from: "1.20.0"),
     ],
     targets: [
         // libbpf from the system (Debian's libbpf-dev).
@@ -61,6 +62,14 @@ let package = Package(
             .product(name: "NIOSSL", package: "swift-nio-ssl"),
             .product(name: "X509", package: "swift-certificates"),
         ]),
+        // Shared state: the Store interface, the embedded file store and etcd v3
+        // (its JSON gateway over AsyncHTTPClient), cluster-wide identity allocation.
+        .target(name: "PalisadeStore", dependencies: [
+            "PalisadeIdentity",
+            .product(name: "AsyncHTTPClient", package: "async-http-client"),
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOSSL", package: "swift-nio-ssl"),
+        ]),
         // Prometheus exposition of kernel counters, map pressure and agent events (NIO HTTP).
         .target(name: "PalisadeMetrics", dependencies: [
             "PalisadeDatapath", "PalisadePolicy", "CPalisadeShared",
@@ -91,6 +100,7 @@ let package = Package(
         .testTarget(name: "PalisadeJWTTests", dependencies: ["PalisadeJWT", .product(name: "JWTKit", package: "jwt-kit")]),
         .testTarget(name: "PalisadeCATests", dependencies: ["PalisadeCA",
             .product(name: "X509", package: "swift-certificates"), .product(name: "Crypto", package: "swift-crypto")]),
+        .testTarget(name: "PalisadeStoreTests", dependencies: ["PalisadeStore", "PalisadeIdentity"]),
         .testTarget(name: "PalisadeKernelTests", dependencies: ["PalisadeAgent", "PalisadeDatapath"]),
     ],
     swiftLanguageModes: [.v5]

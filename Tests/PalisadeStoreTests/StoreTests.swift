@@ -1,0 +1,163 @@
+import Foundation
+import XCTest
+import PalisadeIdentity
+@testable import PalisadeStore
+
+/// A real etcd (Debian's etcd-server) on loopback, started per test with
+/// its own data directory and ports, killed at teardown.
+final class EtcdProcess {
+    let process = Process()
+    let dir: String
+    let url: String
+
+    init(_ test: XCTestCase) throws {
+        guard let etcd = ["/usr/bin/etcd", "/usr/local/bin/etcd"].first(where: FileManager.default.isExecutableFile) else {
+            let msg = "etcd-server is not installed (tools/install-deps installs it)"
+            if ProcessInfo.processInfo.environment["CI"] == "true" { XCTFail(msg) }
+            throw XCTSkip(msg)
+        }
+        dir = NSTemporaryDirectory() + "palisade-etcd-\(UUID().uuidString)"
+        let client = Int.random(in: 30000...39999), peer = client + 10000
+        url = "http://127.0.0.1:\(client)"
+        process.executableURL = URL(fileURLWithPath: etcd)
+        process.arguments = ["--name", "test", "--data-dir", dir, "--listen-client-urls", url, "--advertise-client-urls", url,
+                             "--listen-peer-urls", "http://127.0.0.1:\(peer)", "--initial-advertise-peer-urls", "http://127.0.0.1:\(peer)",
+                             "--initial-cluster", "test=http://127.0.0.1:\(peer)", "--log-level", "error"]
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        test.addTeardownBlock { [self] in
+            process.terminate()
+            process.waitUntilExit()
+            try? FileManager.default.removeItem(atPath: dir)
+        }
+        // Ready when the gateway answers.
+        for _ in 0..<100 {
+            let curl = Process()
+            curl.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
+            curl.arguments = ["-sf", "--max-time", "1", url + "/health"]
+            let out = Pipe()
+            curl.standardOutput = out
+            curl.standardError = FileHandle.nullDevice
+            try curl.run()
+            let d = out.fileHandleForReading.readDataToEndOfFile()
+            curl.waitUntilExit()
+            if String(decoding: d, as: UTF8.self).contains("\"true\"") { return }
+            usleep(100_000)
+        }
+        throw StoreError.unavailable("etcd did not start at \(url)")
+    }
+}
+
+final class StoreTests: XCTestCase {
+    func exercise(_ store: Store) async throws {
+        try await store.put("/p/a", "1")
+        try await store.put("/p/b", "2")
+        try await store.put("/q/c", "3")
+        let a1 = try await store.get("/p/a")
+        XCTAssertEqual(a1?.string, "1")
+        let (kvs, rev) = try await store.list(prefix: "/p/")
+        XCTAssertEqual(kvs.map(\.key), ["/p/a", "/p/b"])
+        XCTAssertGreaterThan(rev, 0)
+        let created1 = try await store.createAll([("/p/a", Array("x".utf8)), ("/p/new", [])])
+        XCTAssertFalse(created1, "an existing key fails the whole transaction")
+        let new1 = try await store.get("/p/new")
+        XCTAssertNil(new1, "nothing of a failed transaction is written")
+        let created2 = try await store.createAll([("/p/new", Array("n".utf8)), ("/p/new2", [])])
+        XCTAssertTrue(created2)
+        let a = try await store.get("/p/a")!
+        try await store.put("/p/u/1", "")
+        let blocked = try await store.deleteAllIf(unchanged: [("/p/a", a.modRevision)], emptyPrefix: "/p/u/")
+        XCTAssertFalse(blocked, "a user blocks deletion")
+        try await store.delete("/p/u/1")
+        let deleted = try await store.deleteAllIf(unchanged: [("/p/a", a.modRevision)], emptyPrefix: "/p/u/")
+        XCTAssertTrue(deleted)
+        let gone = try await store.get("/p/a")
+        XCTAssertNil(gone)
+
+        // A watch sees later changes under its prefix only.
+        let (_, now) = try await store.list(prefix: "/w/")
+        let stream = store.watch(prefix: "/w/", afterRevision: now)
+        try await Task.sleep(nanoseconds: 300_000_000)
+        try await store.put("/w/x", "1")
+        try await store.put("/elsewhere", "1")
+        try await store.delete("/w/x")
+        var seen: [WatchEvent] = []
+        for try await e in stream {
+            seen.append(e)
+            if seen.count == 2 { break }
+        }
+        guard seen.count == 2, case .put(let kv) = seen[0], case .delete(let key, _) = seen[1] else { return XCTFail("\(seen)") }
+        XCTAssertEqual(kv.key, "/w/x")
+        XCTAssertEqual(key, "/w/x")
+    }
+
+    func testEtcdStore() async throws {
+        let etcd = try EtcdProcess(self)
+        let store = try EtcdStore(endpoints: [etcd.url])
+        try await exercise(store)
+        await store.shutdown()
+    }
+
+    func testFileStore() async throws {
+        let dir = NSTemporaryDirectory() + "palisade-filestore-\(UUID().uuidString)"
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try await exercise(try FileStore(path: "\(dir)/store.json"))
+    }
+
+    func testUnreachableEtcdIsAnErrorNotAHang() async throws {
+        let store = try EtcdStore(endpoints: ["http://127.0.0.1:1"])
+        let start = Date()
+        do {
+            _ = try await store.get("/x")
+            XCTFail("expected an error")
+        } catch let e as StoreError {
+            guard case .unavailable = e else { return XCTFail("\(e)") }
+        }
+        XCTAssertLessThan(Date().timeIntervalSince(start), 3)
+        await store.shutdown()
+    }
+
+    /// Many agents (each its own etcd client) allocate overlapping SPIFFE
+    /// IDs at once: every ID gets one number, every number one ID.
+    func testConcurrentAllocationNeverDuplicates() async throws {
+        let etcd = try EtcdProcess(self)
+        let ids = try (0..<30).map { try SpiffeID("spiffe://test.local/ns/default/sa/w\($0)") }
+        let agents = 8
+        let results = try await withThrowingTaskGroup(of: [SpiffeID: UInt32].self) { group in
+            for a in 0..<agents {
+                group.addTask {
+                    let store = try EtcdStore(endpoints: [etcd.url])
+                    let allocator = ClusterIdentities(store: store)
+                    var mine: [SpiffeID: UInt32] = [:]
+                    for id in ids.shuffled() { mine[id] = try await allocator.identity(for: id, node: "node\(a)").rawValue }
+                    await store.shutdown()
+                    return mine
+                }
+            }
+            var all: [[SpiffeID: UInt32]] = []
+            for try await r in group { all.append(r) }
+            return all
+        }
+        XCTAssertEqual(results.count, agents)
+        for id in ids {
+            XCTAssertEqual(Set(results.map { $0[id] }).count, 1, "\(id) got one number everywhere")
+        }
+        let numbers = ids.map { results[0][$0]! }
+        XCTAssertEqual(Set(numbers).count, ids.count, "no number was given to two SPIFFE IDs")
+        XCTAssertTrue(numbers.allSatisfy { $0 >= NumericIdentity.firstWorkload })
+
+        // Garbage collection: an identity goes only when no node uses it.
+        let store = try EtcdStore(endpoints: [etcd.url])
+        let allocator = ClusterIdentities(store: store)
+        let none = try await allocator.collectGarbage()
+        XCTAssertEqual(none, 0, "all in use")
+        for a in 0..<agents { try await allocator.release(NumericIdentity(numbers[0]), node: "node\(a)") }
+        let one = try await allocator.collectGarbage()
+        XCTAssertEqual(one, 1)
+        let left = try await allocator.all()
+        XCTAssertNil(left[numbers[0]])
+        XCTAssertEqual(left.count, ids.count - 1)
+        await store.shutdown()
+    }
+}
