@@ -9,6 +9,7 @@ import PalisadeIdentity
 import PalisadeMetrics
 import PalisadePolicy
 import PalisadeTunnel
+import PalisadeStore
 import NIOPosix
 import X509
 import SwiftASN1
@@ -50,6 +51,10 @@ public final class Agent {
     /// SPIFFE IDs of this node's workloads (remote ones get no SVID here).
     var localSpiffeIDs = Set<SpiffeID>()
     var lastCompiled: CompiledPolicy?
+    var storeSync: StoreSync?
+    /// Other nodes and their workloads: the configuration's, plus the store's.
+    var meshNodes: [MeshNode] = []
+    var meshRemoteWorkloads: [RemoteWorkload] = []
 
     public init(config: AgentConfig, logger: Logger) throws {
         self.config = config
@@ -81,6 +86,13 @@ public final class Agent {
             log.info("metrics", metadata: ["address": "http://\(host.contains(":") ? "[\(host)]" : host):\(metricsServer!.localPort)/metrics"])
         }
         try startMesh()
+        if let sc = config.store {
+            let tls = sc.caFile.map { EtcdStore.TLS(caFile: $0, certificateFile: sc.certificateFile, keyFile: sc.keyFile) }
+            let sync = StoreSync(store: try EtcdStore(endpoints: sc.endpoints, tls: tls), prefix: sc.prefix, node: config.nodeSpiffeID.path.split(separator: "/").last.map(String.init) ?? "node", log: log)
+            sync.start()
+            storeSync = sync
+            log.info("shared store", metadata: ["etcd": "\(sc.endpoints.joined(separator: ","))", "prefix": "\(sc.prefix)"])
+        }
     }
 
     /// Reconciles until stop() returns true.
@@ -110,6 +122,7 @@ public final class Agent {
             }
         }
         events?.stop()
+        storeSync?.stop()
         metricsServer?.stop()
         listener?.stop()
         outbound?.stop()
@@ -131,6 +144,7 @@ public final class Agent {
             }
         }
         parts.append(hostAddresses().map(\.description).joined(separator: ","))
+        if let s = storeSync { parts.append("store/\(s.version)") }
         return parts.joined(separator: "\u{0}")
     }
 
@@ -259,7 +273,8 @@ public final class Agent {
             records[id.rawValue] = .init(spiffeID: w.spiffeID, namespace: w.namespace, labels: w.labels)
         }
         localSpiffeIDs = Set(workloads.map(\.spiffeID))
-        for r in config.remoteWorkloads {
+        mergeStorePeers()
+        for r in meshRemoteWorkloads {
             let id = state.allocator.identity(for: r.spiffeID)
             if var existing = universe.workloads[id] {
                 existing.addresses += r.addresses
@@ -273,7 +288,8 @@ public final class Agent {
             }
             records[id.rawValue] = .init(spiffeID: r.spiffeID, namespace: r.namespace, labels: r.labels)
         }
-        state.allocator.retain(only: localSpiffeIDs.union(config.remoteWorkloads.map(\.spiffeID)))
+        state.allocator.retain(only: localSpiffeIDs.union(meshRemoteWorkloads.map(\.spiffeID)))
+        publishToStore(workloads)
         state.identities = records
 
         let wanted = workloads.filter { w in universe.workloads[state.allocator.identity(for: w.spiffeID)] != nil }

@@ -41,6 +41,14 @@ public struct AgentState: Codable, Sendable {
     public var endpoints: [EndpointRecord] = []
     public var policy = PolicyStatus()
     public var workloadErrors: [String] = []
+    /// The shared store, when configured: reachable, revision seen, last error.
+    public struct StoreStatus: Codable, Sendable {
+        public var connected: Bool
+        public var revision: Int64
+        public var lastError: String?
+        public var peers: Int
+    }
+    public var store: StoreStatus?
 
     public init() {}
 

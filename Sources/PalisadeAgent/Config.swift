@@ -42,6 +42,12 @@ public struct AgentConfig: Sendable {
     public var nodes: [MeshNode] = []
     /// Workloads running on other nodes, reached through their node's agent.
     public var remoteWorkloads: [RemoteWorkload] = []
+    /// The shared store (etcd v3) where nodes publish themselves and their
+    /// workloads and learn everyone else's; nil: this node alone, with the
+    /// static `nodes`/`remoteWorkloads`.
+    public var store: StoreConfig?
+    /// The tunnel address other nodes use (published in the store).
+    public var advertiseAddress: String?
 
     public init() {}
 
@@ -68,7 +74,7 @@ public struct AgentConfig: Sendable {
 
     static let keys: Set<String> = ["trustDomain", "stateDir", "bpffs", "policyDir", "workloadDir", "cgroupRoot",
                                     "eventsPerSecond", "pollIntervalMilliseconds", "hostAddresses", "workloads", "metricsAddress", "metricsIdentityPairs", "allowedFlowEvents", "svidLifetimeSeconds", "federatedBundles", "tunnelAddress", "jwtIssuers",
-                                    "outboundPort", "nodes", "remoteWorkloads", "nodeName"]
+                                    "outboundPort", "nodes", "remoteWorkloads", "nodeName", "store", "advertiseAddress"]
 
     /// "HOST:PORT" with an IP address (IPv6 in brackets), or "off" (nil).
     static func address(_ v: YAMLValue) throws -> (host: String, port: Int)? {
@@ -161,6 +167,17 @@ public struct AgentConfig: Sendable {
                 return r
             }
         }
+        if let v = m["store"] { c.store = try StoreConfig.parse(v) }
+        if let v = m["advertiseAddress"] {
+            guard let a = try address(v) else { throw v.error("advertiseAddress cannot be 'off'") }
+            c.advertiseAddress = a.host.contains(":") ? "[\(a.host)]:\(a.port)" : "\(a.host):\(a.port)"
+        }
+        if c.store != nil && c.advertiseAddress == nil {
+            guard let t = c.tunnelAddress, t.host != "0.0.0.0", t.host != "::" else {
+                throw doc.error("with a 'store', set 'advertiseAddress' (the IP:PORT other nodes reach this node's tunnel at)")
+            }
+            c.advertiseAddress = t.host.contains(":") ? "[\(t.host)]:\(t.port)" : "\(t.host):\(t.port)"
+        }
         if let v = m["hostAddresses"] {
             c.hostAddresses = try v.sequence().map { a -> IPAddress in
                 guard let ip = IPAddress(try a.string()) else { throw a.error("expected an IP address, got \(a.kindName)") }
@@ -232,5 +249,43 @@ public struct RemoteWorkload: Sendable, Hashable {
                               labels: try m["labels"].map { try PolicyParser.labels($0) } ?? [:],
                               namespaceLabels: try m["namespaceLabels"].map { try PolicyParser.labels($0) } ?? [:],
                               addresses: addresses, node: try node.string())
+    }
+}
+
+/// `store: {etcd: [URL...], ca: FILE, cert: FILE, key: FILE, prefix: /palisade/}`.
+public struct StoreConfig: Sendable {
+    public var endpoints: [String]
+    public var caFile: String?
+    public var certificateFile: String?
+    public var keyFile: String?
+    public var prefix = "/palisade/"
+
+    static func parse(_ v: YAMLValue) throws -> StoreConfig {
+        let m = try v.mapping(allowedKeys: ["etcd", "ca", "cert", "key", "prefix"])
+        guard let e = m["etcd"] else { throw v.error("a store needs 'etcd' (a list of client URLs)") }
+        let urls = try e.sequence().map { u -> String in
+            let s = try u.string()
+            guard s.hasPrefix("http://") || s.hasPrefix("https://"), URL(string: s)?.host != nil else {
+                throw u.error("expected an etcd client URL (http://HOST:PORT or https://HOST:PORT), got '\(s)'")
+            }
+            return s
+        }
+        guard !urls.isEmpty else { throw e.error("expected at least one etcd URL") }
+        var c = StoreConfig(endpoints: urls)
+        for (key, set) in [("ca", { (s: String) in c.caFile = s }), ("cert", { c.certificateFile = $0 }), ("key", { c.keyFile = $0 })] {
+            if let f = m[key] {
+                let path = try f.string()
+                guard path.hasPrefix("/"), FileManager.default.isReadableFile(atPath: path) else { throw f.error("expected a readable absolute path, got '\(path)'") }
+                set(path)
+            }
+        }
+        if (c.certificateFile == nil) != (c.keyFile == nil) { throw v.error("'cert' and 'key' go together") }
+        if urls.contains(where: { $0.hasPrefix("https://") }) && c.caFile == nil { throw v.error("https etcd URLs need 'ca' (the etcd CA bundle)") }
+        if let p = m["prefix"] {
+            let s = try p.string()
+            guard s.hasPrefix("/") && s.hasSuffix("/") else { throw p.error("expected a key prefix like /palisade/, got '\(s)'") }
+            c.prefix = s
+        }
+        return c
     }
 }

@@ -93,8 +93,8 @@ extension Agent {
     /// Publishes what the tunnel needs after a reconcile or a rotation.
     func publishDirectory(universe: Universe, compiled: CompiledPolicy?) {
         var remote: [IPAddress: TunnelPeer] = [:]
-        let nodes = Dictionary(uniqueKeysWithValues: config.nodes.map { ($0.name, $0) })
-        for w in config.remoteWorkloads {
+        let nodes = Dictionary(meshNodes.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
+        for w in meshRemoteWorkloads {
             guard let n = nodes[w.node] else { continue }
             for a in w.addresses {
                 remote[a] = TunnelPeer(host: n.tunnelHost, port: n.tunnelPort, trustDomain: n.trustDomain, expectedIdentity: n.spiffeID)
@@ -139,5 +139,50 @@ extension Agent {
             guard let v4 = addrs.first(where: \.isV4) else { return nil }
             return .init(ipv4: v4, ipv6: addrs.first { !$0.isV4 } ?? v4, port: UInt16(port))
         }
+    }
+}
+
+extension Agent {
+    /// Nodes and remote workloads: the configuration's first, then what the
+    /// other nodes published in the store (the last known copy while the
+    /// store is unreachable).
+    func mergeStorePeers() {
+        var nodes = config.nodes
+        var remote = config.remoteWorkloads
+        if let sync = storeSync {
+            let (n, w) = sync.peers()
+            let known = Set(nodes.map(\.name))
+            for r in n where !known.contains(r.name) {
+                guard let colon = r.tunnelAddress.lastIndex(of: ":"), let port = Int(r.tunnelAddress[r.tunnelAddress.index(after: colon)...]) else { continue }
+                let host = String(r.tunnelAddress[..<colon]).trimmingCharacters(in: CharacterSet(charactersIn: "[]"))
+                nodes.append(MeshNode(name: r.name, tunnelHost: host, tunnelPort: port, trustDomain: r.trustDomain, spiffeID: try? SpiffeID(r.spiffeID)))
+            }
+            let names = Set(remote.map { "\($0.node)/\($0.name)" })
+            for r in w where !names.contains("\(r.node)/\(r.name)") {
+                guard let id = try? SpiffeID(r.spiffeID) else { continue }
+                remote.append(RemoteWorkload(name: r.name, spiffeID: id, namespace: r.namespace, labels: r.labels,
+                                             namespaceLabels: r.namespaceLabels, addresses: r.addresses.compactMap(IPAddress.init), node: r.node))
+            }
+            let st = sync.status
+            state.store = .init(connected: st.connected, revision: st.revision, lastError: st.error, peers: n.count)
+            metrics.setStoreConnected(st.connected)
+        }
+        // A remote workload whose node is unknown cannot be reached.
+        let nodeNames = Set(nodes.map(\.name))
+        meshNodes = nodes
+        meshRemoteWorkloads = remote.filter { nodeNames.contains($0.node) }
+    }
+
+    /// Tells the store about this node and its workloads.
+    func publishToStore(_ workloads: [Workload]) {
+        guard let sync = storeSync, let advertise = config.advertiseAddress else { return }
+        let node = NodeRecord(name: sync.node, tunnelAddress: advertise, trustDomain: config.trustDomain, spiffeID: config.nodeSpiffeID.description)
+        let records = workloads.map {
+            var ns = $0.namespaceLabels
+            ns["kubernetes.io/metadata.name"] = $0.namespace
+            return WorkloadRecord(name: $0.name, node: sync.node, spiffeID: $0.spiffeID.description, namespace: $0.namespace,
+                                  labels: $0.labels, namespaceLabels: ns, addresses: $0.addresses.map(\.description))
+        }
+        sync.publish(node: node, workloads: records)
     }
 }

@@ -116,6 +116,12 @@ public final class DatapathMetrics: @unchecked Sendable {
     }
 
     public func setPolicyValid(_ valid: Bool) { policyValid.set(to: valid ? 1 : 0) }
+    lazy var storeConnected = registry.makeGauge(name: "palisade_store_connected",
+                                                 help: "1 if the shared store (etcd) is reachable; 0 while enforcing the last known state.")
+    public func setStoreConnected(_ up: Bool) {
+        lock.lock(); let g = storeConnected; lock.unlock()
+        g.set(to: up ? 1 : 0)
+    }
     public func setWorkloads(_ n: Int) { workloads.set(to: Double(n)) }
 
     public func recordEvent(verdict: String, direction: String, local: String, peer: String) {

@@ -104,9 +104,10 @@ struct MapDumper {
         for (k, v) in try maps.ipcache.entries() where k.generation == slot {
             let cidr = CIDR(address: IPAddress(tuple: k.addr), mappedPrefixLength: Int(k.prefixlen) - Int(PAL_IPCACHE_BITS_GENERATION))
             rows.append(["prefix": cidr.description, "identity": "\(v.identity)", "name": name(v.identity),
-                         "cidr-identity": v.cidr_identity == 0 ? "-" : name(v.cidr_identity)])
+                         "cidr-identity": v.cidr_identity == 0 ? "-" : name(v.cidr_identity),
+                         "remote": v.flags & UInt32(PAL_IPCACHE_REMOTE_WORKLOAD) != 0 ? "tunnel" : "-"])
         }
-        return (["prefix", "identity", "name", "cidr-identity"], rows.sorted { $0["prefix"]! < $1["prefix"]! })
+        return (["prefix", "identity", "name", "cidr-identity", "remote"], rows.sorted { $0["prefix"]! < $1["prefix"]! })
     }
 
     func conntrack() throws -> ([String], [[String: String]]) {

@@ -139,6 +139,13 @@ struct StatusCommand: ParsableCommand {
             print("certs:      none issued yet")
         }
         if let e = state.policy.lastError { problems.append("policy: \(e)") }
+        if let st = state.store {
+            print("store:      \(st.connected ? "connected" : "UNREACHABLE (enforcing the last known state)"), revision \(st.revision), \(st.peers) other nodes")
+            if !st.connected { problems.append("store unreachable: \(st.lastError ?? "?")") }
+        }
+        if let redirects = state.endpoints.filter({ $0.redirectCgroupID != nil }).map(\.workload) as [String]?, !redirects.isEmpty {
+            print("mesh:       redirected to the tunnel: \(redirects.joined(separator: ", "))")
+        }
         for p in problems { print("problem:    \(p)") }
         print(problems.isEmpty ? "healthy" : "UNHEALTHY")
         if !problems.isEmpty { throw ExitCode(1) }

@@ -1,0 +1,147 @@
+import Foundation
+import Logging
+import PalisadeIdentity
+import PalisadePolicy
+import PalisadeStore
+
+/// What one node publishes about itself in the shared store.
+struct NodeRecord: Codable, Equatable, Sendable {
+    var name: String
+    var tunnelAddress: String
+    var trustDomain: String
+    var spiffeID: String
+}
+
+/// One workload of a node, as other nodes need it (identity, labels, addresses).
+struct WorkloadRecord: Codable, Equatable, Sendable {
+    var name: String
+    var node: String
+    var spiffeID: String
+    var namespace: String
+    var labels: [String: String]
+    var namespaceLabels: [String: String]
+    var addresses: [String]
+}
+
+/// Keeps this node's records in the store and a live copy of everyone
+/// else's: a full list, then a watch from that revision; on any error the
+/// last known copy stays in force (enforcement never opens), the failure is
+/// reported, and the sync starts over (list again: also covers compaction).
+final class StoreSync: @unchecked Sendable {
+    let store: Store
+    let prefix: String
+    let node: String
+    let log: Logger
+    private let lock = NSLock()
+    private var records: [String: [UInt8]] = [:]   // key -> value, everything under prefix
+    private var published: [String: [UInt8]] = [:]  // what this node wants in the store
+    private var task: Task<Void, Never>?
+    private(set) var revision: Int64 = 0
+    private(set) var connected = false
+    private(set) var lastError: String?
+    /// Bumped on every change seen; the reconcile loop compares it.
+    private(set) var version = 0
+
+    init(store: Store, prefix: String, node: String, log: Logger) {
+        self.store = store; self.prefix = prefix; self.node = node; self.log = log
+    }
+
+    var nodesPrefix: String { "\(prefix)nodes/" }
+    var workloadsPrefix: String { "\(prefix)workloads/" }
+
+    func start() {
+        task = Task { [weak self] in
+            var backoff: UInt64 = 200_000_000
+            while !Task.isCancelled {
+                guard let self else { return }
+                do {
+                    try await self.publishPending(force: true)
+                    let (kvs, rev) = try await self.store.list(prefix: self.prefix)
+                    self.replaceAll(kvs, revision: rev)
+                    backoff = 200_000_000
+                    for try await e in self.store.watch(prefix: self.prefix, afterRevision: rev) {
+                        self.apply(e)
+                        try await self.publishPending(force: false)
+                    }
+                } catch {
+                    self.failed("\(error)")
+                }
+                try? await Task.sleep(nanoseconds: backoff)
+                backoff = min(backoff * 2, 5_000_000_000)
+            }
+        }
+    }
+
+    func stop() { task?.cancel() }
+
+    private func replaceAll(_ kvs: [KeyValue], revision rev: Int64) {
+        lock.withLock {
+            records = Dictionary(kvs.map { ($0.key, $0.value) }, uniquingKeysWith: { a, _ in a })
+            revision = rev
+            if !connected { log.info("store connected", metadata: ["revision": "\(rev)"]) }
+            connected = true
+            lastError = nil
+            version += 1
+        }
+    }
+
+    private func apply(_ e: WatchEvent) {
+        lock.withLock {
+            switch e {
+            case .put(let kv):
+                records[kv.key] = kv.value
+                revision = max(revision, kv.modRevision)
+            case .delete(let key, let rev):
+                records[key] = nil
+                revision = max(revision, rev)
+            }
+            version += 1
+        }
+    }
+
+    private func failed(_ error: String) {
+        let first = lock.withLock { () -> Bool in
+            let was = connected
+            connected = false
+            lastError = error
+            version += 1
+            return was
+        }
+        if first { log.error("store unreachable; enforcing the last known state", metadata: ["error": "\(error)"]) }
+    }
+
+    /// Sets what this node publishes (its node record and workloads); the
+    /// sync writes it now if connected, else when the store is back.
+    func publish(node record: NodeRecord, workloads: [WorkloadRecord]) {
+        let enc = JSONEncoder()
+        enc.outputFormatting = .sortedKeys
+        var want: [String: [UInt8]] = [:]
+        if let d = try? enc.encode(record) { want["\(nodesPrefix)\(node)"] = Array(d) }
+        for w in workloads { if let d = try? enc.encode(w) { want["\(workloadsPrefix)\(node)/\(w.name)"] = Array(d) } }
+        lock.withLock { published = want }
+        Task { try? await publishPending(force: false) }
+    }
+
+    /// Writes what differs between `published` and the store's copy, and
+    /// deletes this node's keys it no longer publishes.
+    func publishPending(force: Bool) async throws {
+        let (want, have) = lock.withLock { (published, records) }
+        for (k, v) in want where force || have[k] != v { try await store.put(k, v) }
+        let mine = [nodesPrefix + node] + have.keys.filter { $0.hasPrefix("\(workloadsPrefix)\(node)/") }
+        for k in mine where want[k] == nil && have[k] != nil { try await store.delete(k) }
+    }
+
+    /// Other nodes and their workloads, from the live copy.
+    func peers() -> (nodes: [NodeRecord], workloads: [WorkloadRecord]) {
+        let snapshot = lock.withLock { records }
+        let dec = JSONDecoder()
+        var nodes: [NodeRecord] = [], workloads: [WorkloadRecord] = []
+        for (k, v) in snapshot {
+            if k.hasPrefix(nodesPrefix), let n = try? dec.decode(NodeRecord.self, from: Data(v)), n.name != node { nodes.append(n) }
+            if k.hasPrefix(workloadsPrefix), let w = try? dec.decode(WorkloadRecord.self, from: Data(v)), w.node != node { workloads.append(w) }
+        }
+        return (nodes.sorted { $0.name < $1.name }, workloads.sorted { ($0.node, $0.name) < ($1.node, $1.name) })
+    }
+
+    var status: (connected: Bool, revision: Int64, error: String?) { lock.withLock { (connected, revision, lastError) } }
+}
