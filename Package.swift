@@ -87,7 +87,7 @@ let package = Package(
             .product(name: "Yams", package: "Yams"),
         ]),
         .executableTarget(name: "palisade", dependencies: [
-            "PalisadeAgent", "PalisadeBPF", "PalisadeDatapath", "CPalisadeShared", "PalisadeCA",
+            "PalisadeAgent", "PalisadeBPF", "PalisadeDatapath", "CPalisadeShared", "PalisadeCA", "PalisadeStore",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),

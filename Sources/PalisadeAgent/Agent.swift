@@ -152,7 +152,8 @@ public final class Agent {
         let fp = fingerprint()
         if fp == lastFingerprint { return }
         lastFingerprint = fp
-        reconcile(workloadFiles: readYAMLDirectory(config.resolvedWorkloadDir), policyFiles: readYAMLDirectory(config.resolvedPolicyDir))
+        reconcile(workloadFiles: readYAMLDirectory(config.resolvedWorkloadDir),
+                  policyFiles: readYAMLDirectory(config.resolvedPolicyDir) + (storeSync?.policies() ?? []))
     }
 
     /// Issues or re-issues (at half-life) the SVIDs of every enrolled

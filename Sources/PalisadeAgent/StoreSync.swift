@@ -143,5 +143,15 @@ final class StoreSync: @unchecked Sendable {
         return (nodes.sorted { $0.name < $1.name }, workloads.sorted { ($0.node, $0.name) < ($1.node, $1.name) })
     }
 
+    var policiesPrefix: String { "\(prefix)policies/" }
+
+    /// Policies kept in the store (written once, enforced on every node),
+    /// named "etcd:KEY" in errors and status.
+    func policies() -> [(name: String, text: String)] {
+        let snapshot = lock.withLock { records }
+        return snapshot.filter { $0.key.hasPrefix(policiesPrefix) }.sorted { $0.key < $1.key }
+            .map { ("etcd:\($0.key)", String(decoding: $0.value, as: UTF8.self)) }
+    }
+
     var status: (connected: Bool, revision: Int64, error: String?) { lock.withLock { (connected, revision, lastError) } }
 }

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import PalisadeAgent
+import PalisadeStore
 import PalisadePolicy
 
 /// Reads policy files given on the command line.
@@ -30,10 +31,12 @@ struct PolicyCommand: ParsableCommand {
     struct Apply: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Validate policy files and hand them to the agent (Palisade or Kubernetes format).")
         @OptionGroup var options: ConfigOption
+        @Flag(help: "Write them to the shared store (etcd): enforced on every node.") var store = false
         @Argument(help: "Policy files (YAML).") var files: [String]
 
         func run() throws {
             let config = try options.load()
+            if store { return try applyToStore(config) }
             let dir = config.resolvedPolicyDir
             let incoming = try readPolicyFiles(files)
             let targets = incoming.map { "\(dir)/\(($0.name as NSString).lastPathComponent)" }
@@ -94,4 +97,38 @@ struct PolicyCommand: ParsableCommand {
             if p.lastError != nil { throw ExitCode(1) }
         }
     }
+}
+
+extension PolicyCommand.Apply {
+    /// Validates the files together with the policies already in the store,
+    /// then writes each under PREFIX/policies/NAME.
+    func applyToStore(_ config: AgentConfig) throws {
+        guard let sc = config.store else { throw CLIError("--store needs a 'store' in the configuration") }
+        let incoming = try readPolicyFiles(files)
+        let names = incoming.map { (($0.name as NSString).lastPathComponent as NSString).deletingPathExtension }
+        guard Set(names).count == names.count else { throw CLIError("two files share a name; the store holds policies by name") }
+        let tls = sc.caFile.map { EtcdStore.TLS(caFile: $0, certificateFile: sc.certificateFile, keyFile: sc.keyFile) }
+        let etcd = try EtcdStore(endpoints: sc.endpoints, tls: tls)
+        let prefix = "\(sc.prefix)policies/"
+        let existing = try blocking { try await etcd.list(prefix: prefix).kvs }
+            .filter { kv in !names.contains { prefix + $0 == kv.key } }
+            .map { (name: "etcd:\($0.key)", text: $0.string) }
+        try reportingPolicyErrors {
+            let set = try PolicySet.load(existing + incoming)
+            for (f, n) in zip(incoming, names) { try blocking { try await etcd.put(prefix + n, f.text) } }
+            print("stored \(files.count) \(files.count == 1 ? "policy file" : "policy files") under \(prefix); \(set.policies.count) policies in the store")
+        }
+    }
+}
+
+/// Runs async work from a synchronous command.
+func blocking<T: Sendable>(_ work: @escaping @Sendable () async throws -> T) throws -> T {
+    let done = DispatchSemaphore(value: 0)
+    nonisolated(unsafe) var result: Result<T, Error>!
+    Task {
+        do { result = .success(try await work()) } catch { result = .failure(error) }
+        done.signal()
+    }
+    done.wait()
+    return try result.get()
 }

@@ -299,6 +299,31 @@ final class MeshStoreTests: XCTestCase {
         print("propagation to the other node's ipcache: \(String(format: "%.2f", seenAt ?? -1)) s")
         XCTAssertFalse(try t.reach(mesh, from: "c", "10.102.1.2"), "c is known everywhere now, and not allowed into b")
 
+        // A policy written once, into etcd from node 1, is enforced on node 2.
+        let file = "\(n1.dir)/c-to-b.yaml"
+        try policyYAML("c-to-b", """
+          selector: {labels: {app: b}}
+          ingress:
+            - from: [{labels: {app: c}}]
+              ports: [{port: 8080}]
+        """).write(toFile: file, atomically: true, encoding: .utf8)
+        _ = try n1.palisade(["policy", "apply", "--store", file])
+        var allowed = false
+        let policyStart = Date()
+        while !allowed && Date().timeIntervalSince(policyStart) < 5 {
+            allowed = try t.reach(mesh, from: "c", "10.102.1.2")
+            if !allowed { usleep(100_000) }
+        }
+        XCTAssertTrue(allowed, "the store's policy admits c into b on node 2")
+        _ = try sh(["nsenter", "--net=\(lab.nodeNetns(1))", "curl", "-sf", "-X", "POST", "http://10.200.0.1:\(port)/v3/kv/deleterange",
+                    "-d", "{\"key\": \"\(Data("/palisade/policies/c-to-b".utf8).base64EncodedString())\"}"])
+        var denied = false
+        for _ in 0..<50 where !denied {
+            denied = !(try t.reach(mesh, from: "c", "10.102.1.2"))
+            if !denied { usleep(100_000) }
+        }
+        XCTAssertTrue(denied, "deleting it from the store revokes it")
+
         // etcd gone: enforcement stays as it was, and status says so.
         kill(etcd.processIdentifier, SIGKILL)
         etcd.waitUntilExit()
