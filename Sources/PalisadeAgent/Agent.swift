@@ -55,6 +55,7 @@ public final class Agent {
     /// Other nodes and their workloads: the configuration's, plus the store's.
     var meshNodes: [MeshNode] = []
     var meshRemoteWorkloads: [RemoteWorkload] = []
+    var meshServices: [GlobalService] = []
 
     public init(config: AgentConfig, logger: Logger) throws {
         self.config = config
@@ -288,6 +289,15 @@ public final class Agent {
                                                           namespaceLabels: nsLabels, addresses: r.addresses, remoteAddresses: Set(r.addresses))
             }
             records[id.rawValue] = .init(spiffeID: r.spiffeID, namespace: r.namespace, labels: r.labels)
+        }
+        // A global service's virtual IP carries its endpoints' identity (they
+        // share one: the same app wherever it runs) and is redirected to the
+        // agent like a remote workload, which picks the endpoint.
+        for svc in meshServices {
+            guard let (id, _) = universe.workloads.sorted(by: { $0.key < $1.key })
+                .first(where: { e in svc.selector.allSatisfy { e.value.labels[$0.key] == $0.value } }) else { continue }
+            universe.workloads[id]!.addresses.append(svc.vip)
+            universe.workloads[id]!.remoteAddresses.insert(svc.vip)
         }
         state.allocator.retain(only: localSpiffeIDs.union(meshRemoteWorkloads.map(\.spiffeID)))
         publishToStore(workloads)

@@ -48,6 +48,12 @@ public struct AgentConfig: Sendable {
     public var store: StoreConfig?
     /// The tunnel address other nodes use (published in the store).
     public var advertiseAddress: String?
+    /// Where this node runs: global services prefer endpoints in the same
+    /// zone, then region, then cloud.
+    public var locality = Locality()
+    /// Global services: a virtual IP and port whose endpoints are the
+    /// workloads (on any node, in any cloud) matching the selector.
+    public var services: [GlobalService] = []
 
     public init() {}
 
@@ -74,7 +80,8 @@ public struct AgentConfig: Sendable {
 
     static let keys: Set<String> = ["trustDomain", "stateDir", "bpffs", "policyDir", "workloadDir", "cgroupRoot",
                                     "eventsPerSecond", "pollIntervalMilliseconds", "hostAddresses", "workloads", "metricsAddress", "metricsIdentityPairs", "allowedFlowEvents", "svidLifetimeSeconds", "federatedBundles", "tunnelAddress", "jwtIssuers",
-                                    "outboundPort", "nodes", "remoteWorkloads", "nodeName", "store", "advertiseAddress"]
+                                    "outboundPort", "nodes", "remoteWorkloads", "nodeName", "store", "advertiseAddress",
+                                    "locality", "services"]
 
     /// "HOST:PORT" with an IP address (IPv6 in brackets), or "off" (nil).
     static func address(_ v: YAMLValue) throws -> (host: String, port: Int)? {
@@ -168,6 +175,14 @@ public struct AgentConfig: Sendable {
             }
         }
         if let v = m["store"] { c.store = try StoreConfig.parse(v) }
+        if let v = m["locality"] { c.locality = try Locality.parse(v) }
+        if let v = m["services"] {
+            c.services = try v.sequence().map(GlobalService.parse)
+            var seen = Set<IPAddress>()
+            for (svc, e) in zip(c.services, try v.sequence()) where !seen.insert(svc.vip).inserted {
+                throw e.error("virtual IP \(svc.vip) is used by two services")
+            }
+        }
         if let v = m["advertiseAddress"] {
             guard let a = try address(v) else { throw v.error("advertiseAddress cannot be 'off'") }
             c.advertiseAddress = a.host.contains(":") ? "[\(a.host)]:\(a.port)" : "\(a.host):\(a.port)"
@@ -193,8 +208,39 @@ enum SpiffeIDCheck {
     static func trustDomain(_ td: String) throws -> SpiffeID { try SpiffeID("spiffe://\(td)") }
 }
 
+public struct Locality: Sendable, Hashable, Codable {
+    public var cloud: String?
+    public var region: String?
+    public var zone: String?
+    public init(cloud: String? = nil, region: String? = nil, zone: String? = nil) { self.cloud = cloud; self.region = region; self.zone = zone }
+    static func parse(_ v: YAMLValue) throws -> Locality {
+        let m = try v.mapping(allowedKeys: ["cloud", "region", "zone"])
+        return Locality(cloud: try m["cloud"]?.string(), region: try m["region"]?.string(), zone: try m["zone"]?.string())
+    }
+}
+
+/// `{name, vip, port, selector: {labels}}`.
+public struct GlobalService: Sendable, Hashable, Codable {
+    public var name: String
+    public var vip: IPAddress
+    public var port: Int
+    public var selector: [String: String]
+    public init(name: String, vip: IPAddress, port: Int, selector: [String: String]) { self.name = name; self.vip = vip; self.port = port; self.selector = selector }
+    static func parse(_ v: YAMLValue) throws -> GlobalService {
+        let m = try v.mapping(allowedKeys: ["name", "vip", "port", "selector"])
+        guard let n = m["name"], let ip = m["vip"], let p = m["port"], let sel = m["selector"] else {
+            throw v.error("a service needs 'name', 'vip', 'port' and 'selector' (labels of its endpoints)")
+        }
+        guard let vip = IPAddress(try ip.string()) else { throw ip.error("expected an IP address for the virtual IP") }
+        let labels = try PolicyParser.labels(sel)
+        guard !labels.isEmpty else { throw sel.error("an empty selector would pick every workload") }
+        return GlobalService(name: try n.string(), vip: vip, port: try p.int(in: 1...65535), selector: labels)
+    }
+}
+
 /// Another node's agent: where its tunnel listens and who it must be.
 public struct MeshNode: Sendable, Hashable {
+    public var locality = Locality()
     public var name: String
     public var tunnelHost: String
     public var tunnelPort: Int
@@ -203,10 +249,11 @@ public struct MeshNode: Sendable, Hashable {
     public var spiffeID: SpiffeID?
 
     static func parse(_ v: YAMLValue, defaultTrustDomain: String) throws -> MeshNode {
-        let m = try v.mapping(allowedKeys: ["name", "tunnelAddress", "trustDomain", "spiffeID"])
+        let m = try v.mapping(allowedKeys: ["name", "tunnelAddress", "trustDomain", "spiffeID", "locality"])
         guard let n = m["name"], let a = m["tunnelAddress"] else { throw v.error("a node needs 'name' and 'tunnelAddress' (IP:PORT of its agent's mTLS listener)") }
         guard let (host, port) = try AgentConfig.address(a) else { throw a.error("a node's tunnelAddress cannot be 'off'") }
         var node = MeshNode(name: try n.string(), tunnelHost: host, tunnelPort: port, trustDomain: defaultTrustDomain, spiffeID: nil)
+        if let l = m["locality"] { node.locality = try Locality.parse(l) }
         if let t = m["trustDomain"] {
             let td = try t.string()
             guard (try? SpiffeIDCheck.trustDomain(td)) != nil else { throw t.error("'\(td)' is not a trust domain name") }

@@ -20,6 +20,20 @@ struct MeshDirectory: @unchecked Sendable {  // immutable snapshots; CompiledLoo
     var spiffeIDByIdentity: [UInt32: SpiffeID] = [:]
     var credentials: [SpiffeID: ClientCredentials] = [:]
     var lookup: CompiledLookup?
+    /// Global services by virtual IP.
+    var services: [IPAddress: ServiceRoute] = [:]
+}
+
+/// A global service's endpoints, with how close each one is to this node.
+struct ServiceRoute: Sendable {
+    struct Endpoint: Sendable {
+        var peer: TunnelPeer?     // nil: on this node
+        var address: IPAddress
+        var distance: Int         // 0 this node, 1 zone, 2 region, 3 cloud, 4 elsewhere
+    }
+    var name: String
+    var port: Int
+    var endpoints: [Endpoint]
 }
 
 final class MeshDirectoryBox: @unchecked Sendable {
@@ -45,8 +59,10 @@ extension Agent {
         let directory = self.directory, log = self.log
         let table = RedirectTable(datapath: datapath)
         let bundles = try verifier()
-        let proxy = try OutboundProxy(port: port, group: meshGroup, makePool: { TunnelPool(eventLoop: $0, verifier: { bundles }) }) { accepted in
-            Agent.route(accepted, table: table, directory: directory.current)
+        let outliers = OutlierDetector()
+        let proxy = try OutboundProxy(port: port, group: meshGroup, makePool: { TunnelPool(eventLoop: $0, verifier: { bundles }) },
+                                      outliers: outliers) { accepted in
+            Agent.route(accepted, table: table, directory: directory.current, outliers: outliers)
         }
         let metrics = self.metrics
         proxy.onOutcome = { (outcome: OutboundOutcome) in
@@ -54,7 +70,7 @@ extension Agent {
             if let e = outcome.error {
                 log.warning("outbound connection refused", metadata: [
                     "destination": "\(outcome.route?.authority ?? "?")", "source": "\(outcome.route?.credentials.spiffeID.description ?? "?")",
-                    "peer-node": "\(outcome.route?.peer.description ?? "?")", "error": "\(e)"])
+                    "tried": "\(outcome.route?.candidates.map(\.key).joined(separator: ",") ?? "?")", "error": "\(e)"])
             }
         }
         outbound = proxy
@@ -64,9 +80,25 @@ extension Agent {
     /// Where a redirected connection goes: the kernel's record says who
     /// opened it (from its cgroup) and where it was going; the directory
     /// says which node serves that address and which SVID to present.
-    static func route(_ c: AcceptedConnection, table: RedirectTable, directory: MeshDirectory) -> OutboundRoute? {
+    static func route(_ c: AcceptedConnection, table: RedirectTable, directory: MeshDirectory, outliers: OutlierDetector) -> OutboundRoute? {
         guard let origin = table.take(c) else { return nil }
         let dst = IPAddress(tuple: origin.addr)
+        let mark = PAL_MARK_MAGIC | (origin.identity & PAL_MARK_IDENTITY)
+        if let service = directory.services[dst] {
+            // A global service: nearest healthy endpoints first; ejected ones
+            // last (still tried: better a retry than a refusal).
+            guard Int(UInt16(bigEndian: origin.port)) == service.port, let source = directory.spiffeIDByIdentity[origin.identity],
+                  let creds = directory.credentials[source] else { return nil }
+            let candidates = service.endpoints.map { e in
+                OutboundRoute.Candidate(peer: e.peer, host: e.address.isV4 ? e.address.description : e.address.description, port: service.port)
+            }
+            let ranked = zip(service.endpoints, candidates).sorted { a, b in
+                let ea = outliers.isEjected(a.1.key), eb = outliers.isEjected(b.1.key)
+                if ea != eb { return !ea }
+                return (a.0.distance, a.0.address) < (b.0.distance, b.0.address)
+            }.map(\.1)
+            return OutboundRoute(credentials: creds, candidates: ranked, mark: mark)
+        }
         guard let peer = directory.remoteEndpoints[dst],
               let source = directory.spiffeIDByIdentity[origin.identity],
               let creds = directory.credentials[source] else { return nil }
@@ -108,7 +140,9 @@ extension Agent {
             byID[id.rawValue] = w.spiffeID
             for a in w.addresses where !w.remoteAddresses.contains(a) { local[a] = id }
         }
+        let services = serviceRoutes(universe: universe, remote: remote, nodes: nodes)
         directory.update { d in
+            d.services = services
             d.remoteEndpoints = remote
             d.localEndpoints = local
             d.identityBySpiffeID = bySpiffe
@@ -149,13 +183,18 @@ extension Agent {
     func mergeStorePeers() {
         var nodes = config.nodes
         var remote = config.remoteWorkloads
+        var services = config.services
         if let sync = storeSync {
+            let vips = Set(services.map(\.vip))
+            services += sync.services().filter { !vips.contains($0.vip) }
             let (n, w) = sync.peers()
             let known = Set(nodes.map(\.name))
             for r in n where !known.contains(r.name) {
                 guard let colon = r.tunnelAddress.lastIndex(of: ":"), let port = Int(r.tunnelAddress[r.tunnelAddress.index(after: colon)...]) else { continue }
                 let host = String(r.tunnelAddress[..<colon]).trimmingCharacters(in: CharacterSet(charactersIn: "[]"))
-                nodes.append(MeshNode(name: r.name, tunnelHost: host, tunnelPort: port, trustDomain: r.trustDomain, spiffeID: try? SpiffeID(r.spiffeID)))
+                var m = MeshNode(name: r.name, tunnelHost: host, tunnelPort: port, trustDomain: r.trustDomain, spiffeID: try? SpiffeID(r.spiffeID))
+                m.locality = r.locality ?? Locality()
+                nodes.append(m)
             }
             let names = Set(remote.map { "\($0.node)/\($0.name)" })
             for r in w where !names.contains("\(r.node)/\(r.name)") {
@@ -171,12 +210,14 @@ extension Agent {
         let nodeNames = Set(nodes.map(\.name))
         meshNodes = nodes
         meshRemoteWorkloads = remote.filter { nodeNames.contains($0.node) }
+        meshServices = services
     }
 
     /// Tells the store about this node and its workloads.
     func publishToStore(_ workloads: [Workload]) {
         guard let sync = storeSync, let advertise = config.advertiseAddress else { return }
-        let node = NodeRecord(name: sync.node, tunnelAddress: advertise, trustDomain: config.trustDomain, spiffeID: config.nodeSpiffeID.description)
+        let node = NodeRecord(name: sync.node, tunnelAddress: advertise, trustDomain: config.trustDomain, spiffeID: config.nodeSpiffeID.description,
+                              locality: config.locality)
         let records = workloads.map {
             var ns = $0.namespaceLabels
             ns["kubernetes.io/metadata.name"] = $0.namespace
@@ -184,5 +225,39 @@ extension Agent {
                                   labels: $0.labels, namespaceLabels: ns, addresses: $0.addresses.map(\.description))
         }
         sync.publish(node: node, workloads: records)
+    }
+}
+
+extension Agent {
+    /// Locality distance from this node to a node (0 = this node).
+    func distance(to node: MeshNode?) -> Int {
+        guard let node else { return 0 }
+        let me = config.locality
+        if let z = me.zone, z == node.locality.zone { return 1 }
+        if let r = me.region, r == node.locality.region { return 2 }
+        if let c = me.cloud, c == node.locality.cloud { return 3 }
+        return 4
+    }
+
+    /// Endpoints of every global service: the workloads, here and on other
+    /// nodes, whose labels match its selector.
+    func serviceRoutes(universe: Universe, remote: [IPAddress: TunnelPeer], nodes: [String: MeshNode]) -> [IPAddress: ServiceRoute] {
+        var out: [IPAddress: ServiceRoute] = [:]
+        let remoteNodeOf = Dictionary(meshRemoteWorkloads.flatMap { w in w.addresses.map { ($0, w.node) } }, uniquingKeysWith: { a, _ in a })
+        for s in meshServices {
+            var endpoints: [ServiceRoute.Endpoint] = []
+            for w in universe.workloads.values where s.selector.allSatisfy({ w.labels[$0.key] == $0.value }) {
+                for a in w.addresses where a.isV4 == s.vip.isV4 {
+                    if w.remoteAddresses.contains(a) {
+                        guard let peer = remote[a] else { continue }
+                        endpoints.append(.init(peer: peer, address: a, distance: distance(to: remoteNodeOf[a].flatMap { nodes[$0] })))
+                    } else {
+                        endpoints.append(.init(peer: nil, address: a, distance: 0))
+                    }
+                }
+            }
+            if !endpoints.isEmpty { out[s.vip] = ServiceRoute(name: s.name, port: s.port, endpoints: endpoints) }
+        }
+        return out
     }
 }

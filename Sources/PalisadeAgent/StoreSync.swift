@@ -10,6 +10,7 @@ struct NodeRecord: Codable, Equatable, Sendable {
     var tunnelAddress: String
     var trustDomain: String
     var spiffeID: String
+    var locality: Locality?
 }
 
 /// One workload of a node, as other nodes need it (identity, labels, addresses).
@@ -144,6 +145,14 @@ final class StoreSync: @unchecked Sendable {
     }
 
     var policiesPrefix: String { "\(prefix)policies/" }
+    var servicesPrefix: String { "\(prefix)services/" }
+
+    /// Global services defined in the store (JSON: name, vip, port, selector).
+    func services() -> [GlobalService] {
+        let snapshot = lock.withLock { records }
+        return snapshot.filter { $0.key.hasPrefix(servicesPrefix) }.sorted { $0.key < $1.key }
+            .compactMap { try? JSONDecoder().decode(GlobalService.self, from: Data($0.value)) }
+    }
 
     /// Policies kept in the store (written once, enforced on every node),
     /// named "etcd:KEY" in errors and status.

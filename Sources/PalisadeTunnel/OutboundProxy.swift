@@ -3,15 +3,56 @@ import NIOCore
 import NIOPosix
 import PalisadeIdentity
 
-/// Where an accepted, kernel-redirected connection goes.
+/// Where an accepted, kernel-redirected connection goes: one destination,
+/// or for a global service several, in order of preference (locality, then
+/// health); the proxy tries them in turn, so a failed endpoint costs the
+/// caller nothing but a retry.
 public struct OutboundRoute: Sendable {
-    public var peer: TunnelPeer
-    public var credentials: ClientCredentials
-    /// The original destination, "ip:port" or "[ip6]:port".
-    public var authority: String
-    public init(peer: TunnelPeer, credentials: ClientCredentials, authority: String) {
-        self.peer = peer; self.credentials = credentials; self.authority = authority
+    public struct Candidate: Sendable {
+        /// The agent of the endpoint's node; nil for an endpoint on this node
+        /// (connected directly, marked with the caller's identity).
+        public var peer: TunnelPeer?
+        public var host: String
+        public var port: Int
+        public init(peer: TunnelPeer?, host: String, port: Int) { self.peer = peer; self.host = host; self.port = port }
+        /// "ip:port" or "[ip6]:port" (the CONNECT authority).
+        public var authority: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
+        /// Identifies the endpoint for outlier detection.
+        public var key: String { "\(peer?.description ?? "local")/\(authority)" }
     }
+    public var credentials: ClientCredentials
+    public var candidates: [Candidate]
+    /// SO_MARK for direct connections (the caller's identity).
+    public var mark: UInt32
+    public init(credentials: ClientCredentials, candidates: [Candidate], mark: UInt32) {
+        self.credentials = credentials; self.candidates = candidates; self.mark = mark
+    }
+    public init(peer: TunnelPeer, credentials: ClientCredentials, authority: String) {
+        let colon = authority.lastIndex(of: ":")!
+        let host = String(authority[..<colon]).trimmingCharacters(in: CharacterSet(charactersIn: "[]"))
+        self.init(credentials: credentials, candidates: [Candidate(peer: peer, host: host, port: Int(authority[authority.index(after: colon)...]) ?? 0)], mark: 0)
+    }
+    public var peer: TunnelPeer? { candidates.first?.peer }
+    public var authority: String { candidates.first?.authority ?? "?" }
+}
+
+/// Passive health: an endpoint that fails to connect is ejected for a
+/// while (doubling on repeated failures, up to 30 s); after that it is tried
+/// again, and one success restores it.
+public final class OutlierDetector: @unchecked Sendable {
+    private let lock = NSLock()
+    private var state: [String: (failures: Int, until: Date)] = [:]
+    public let baseEjection: TimeInterval
+    public init(baseEjection: TimeInterval = 2) { self.baseEjection = baseEjection }
+
+    public func failed(_ key: String) {
+        lock.withLock {
+            let n = (state[key]?.failures ?? 0) + 1
+            state[key] = (n, Date().addingTimeInterval(min(baseEjection * pow(2, Double(n - 1)), 30)))
+        }
+    }
+    public func succeeded(_ key: String) { _ = lock.withLock { state.removeValue(forKey: key) } }
+    public func isEjected(_ key: String, now: Date = Date()) -> Bool { lock.withLock { (state[key]?.until ?? .distantPast) > now } }
 }
 
 /// An accepted connection on the outbound listener: the caller's address
@@ -47,8 +88,11 @@ public final class OutboundProxy: @unchecked Sendable {
     public var onOutcome: (@Sendable (OutboundOutcome) -> Void)?
 
     /// Serves on every loop of `group`, with a pool per loop from `makePool`.
-    public init(port: Int, group: EventLoopGroup, makePool: (EventLoop) -> TunnelPool,
+    public let outliers: OutlierDetector
+
+    public init(port: Int, group: EventLoopGroup, makePool: (EventLoop) -> TunnelPool, outliers: OutlierDetector = OutlierDetector(),
                 resolve: @escaping @Sendable (AcceptedConnection) -> OutboundRoute?) throws {
+        self.outliers = outliers
         let pools = group.makeIterator().map(makePool)
         self.pools = pools
         weak var weakSelf: OutboundProxy?
@@ -58,6 +102,9 @@ public final class OutboundProxy: @unchecked Sendable {
             .serverChannelOption(ChannelOptions.backlog, value: 4096)
             .childChannelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
             .childChannelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
+            // Nothing is read from the caller until a destination answered:
+            // its first bytes then go to whichever endpoint was reached.
+            .childChannelOption(ChannelOptions.autoRead, value: false)
             .childChannelInitializer { ch in
                 let start = Date()
                 guard let accepted = OutboundProxy.addresses(of: ch), let route = resolve(accepted) else {
@@ -65,19 +112,9 @@ public final class OutboundProxy: @unchecked Sendable {
                     return OutboundProxy.reset(ch)
                 }
                 guard let pool = byLoop[ObjectIdentifier(ch.eventLoop)] else { return OutboundProxy.reset(ch) }
-                let (tcpGlue, streamGlue) = GlueHandler.pair()
-                streamGlue.isStream = true
-                do { try ch.pipeline.syncOperations.addHandler(tcpGlue) } catch { return ch.eventLoop.makeFailedFuture(error) }
-                pool.openStream(peer: route.peer, credentials: route.credentials, authority: route.authority, glue: streamGlue)
-                    .whenComplete { result in
-                        switch result {
-                        case .success:
-                            weakSelf?.onOutcome?(OutboundOutcome(route: route, error: nil, seconds: Date().timeIntervalSince(start)))
-                        case .failure(let e):
-                            weakSelf?.onOutcome?(OutboundOutcome(route: route, error: "\(e)", seconds: Date().timeIntervalSince(start)))
-                            _ = OutboundProxy.reset(ch)
-                        }
-                    }
+                OutboundProxy.attempt(route, 0, ch, pool, outliers, lastError: "no endpoint") { error in
+                    weakSelf?.onOutcome?(OutboundOutcome(route: route, error: error, seconds: Date().timeIntervalSince(start)))
+                }
                 return ch.eventLoop.makeSucceededVoidFuture()
             }
         // One dual-stack socket serves IPv4 (as mapped addresses) and IPv6.
@@ -87,6 +124,51 @@ public final class OutboundProxy: @unchecked Sendable {
             channel = try bootstrap.bind(host: "0.0.0.0", port: port).wait()
         }
         weakSelf = self
+    }
+
+    /// Tries candidate `i`, then the next ones; `done` gets nil or the last error.
+    static func attempt(_ route: OutboundRoute, _ i: Int, _ ch: Channel, _ pool: TunnelPool, _ outliers: OutlierDetector,
+                        lastError: String, done: @escaping (String?) -> Void) {
+        guard i < route.candidates.count else {
+            done(lastError)
+            _ = reset(ch)
+            return
+        }
+        let c = route.candidates[i]
+        let (tcpGlue, otherGlue) = GlueHandler.pair()
+        let connected: EventLoopFuture<Void>
+        if let peer = c.peer {
+            otherGlue.isStream = true
+            connected = pool.openStream(peer: peer, credentials: route.credentials, authority: c.authority, glue: otherGlue)
+        } else {
+            connected = ClientBootstrap(group: ch.eventLoop)
+                .connectTimeout(.seconds(2))
+                .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+                .channelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
+                .channelOption(ChannelOptions.Types.SocketOption(level: NIOBSDSocket.OptionLevel(rawValue: SOL_SOCKET),
+                                                                 name: NIOBSDSocket.Option(rawValue: SO_MARK)), value: Int(route.mark))
+                .channelInitializer { out in out.eventLoop.makeCompletedFuture { try out.pipeline.syncOperations.addHandler(otherGlue) } }
+                .connect(host: c.host, port: c.port)
+                .map { _ in }
+        }
+        connected.hop(to: ch.eventLoop).whenComplete { result in
+            switch result {
+            case .success:
+                outliers.succeeded(c.key)
+                do {
+                    try ch.pipeline.syncOperations.addHandler(tcpGlue)
+                    ch.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
+                    done(nil)
+                } catch {
+                    done("\(error)")
+                    _ = reset(ch)
+                }
+            case .failure(let e):
+                // A refusal by policy says nothing about the endpoint's health.
+                if (e as? TunnelError)?.status != 403 { outliers.failed(c.key) }
+                attempt(route, i + 1, ch, pool, outliers, lastError: "\(c.authority): \(e)", done: done)
+            }
+        }
     }
 
     /// Closes with a reset (SO_LINGER 0): the caller's read or write fails

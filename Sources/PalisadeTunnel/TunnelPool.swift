@@ -47,7 +47,9 @@ public struct ClientCredentials: Hashable, Sendable {
 
 public struct TunnelError: Error, CustomStringConvertible {
     public var description: String
-    init(_ d: String) { description = d }
+    /// The peer agent's HTTP status when it answered the CONNECT.
+    public var status: Int?
+    init(_ d: String, status: Int? = nil) { description = d; self.status = status }
 }
 
 /// Pooled mTLS + HTTP/2 connections to peer agents, one per (peer, source
@@ -246,7 +248,7 @@ final class ConnectRequestHandler: ChannelInboundHandler, RemovableChannelHandle
         guard case .headers(let h) = unwrapInboundIn(data), let status = h.headers.first(name: ":status") else { return }
         answered = true
         guard status == "200" else {
-            ready.fail(TunnelError("the peer agent refused the connection (HTTP \(status))"))
+            ready.fail(TunnelError("the peer agent refused the connection (HTTP \(status))", status: Int(status)))
             context.close(promise: nil)
             return
         }

@@ -6,6 +6,8 @@ whether a round trip succeeded. Run inside test namespaces via nsenter.
   netprobe.py connect tcp|udp ADDR PORT [TIMEOUT [SOURCE]]
                                                  exit 0 if an echo came back
                                                  (the message: $PROBE_MESSAGE or "palisade-probe")
+  netprobe.py whoami ADDR PORT NAME              answer every TCP connection with NAME
+  netprobe.py ask ADDR PORT [TIMEOUT]            print what the server said (exit 1 on failure)
   netprobe.py hold ADDR PORT SECONDS INTERVAL    one TCP connection, a round trip
                                                  every INTERVAL; prints ok/failed counts
 """
@@ -62,6 +64,30 @@ def connect(proto, addr, port, timeout, source=None):
     except (OSError, socket.timeout) as e:
         print("failed: %s" % e); return 1
 
+def whoami(addr, port, name):
+    s = socket.socket(family(addr), socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((addr, port)); s.listen(512)
+    print("ready", flush=True)
+    while True:
+        c, _ = s.accept()
+        try: c.sendall(name.encode())
+        except OSError: pass
+        c.close()
+
+def ask(addr, port, timeout):
+    try:
+        s = socket.create_connection((addr, port), timeout=timeout)
+        got = b""
+        while True:
+            d = s.recv(1024)
+            if not d: break
+            got += d
+        s.close()
+        print(got.decode()); return 0 if got else 1
+    except (OSError, socket.timeout) as e:
+        print("failed: %s" % e); return 1
+
 def hold(addr, port, seconds, interval):
     ok = failed = 0
     s = socket.create_connection((addr, port), timeout=2)
@@ -82,5 +108,7 @@ if __name__ == "__main__":
     a = sys.argv[1:]
     if a[0] == "serve": serve(a[1], a[2], int(a[3]))
     elif a[0] == "connect": sys.exit(connect(a[1], a[2], int(a[3]), float(a[4]) if len(a) > 4 else 1.0, a[5] if len(a) > 5 else None))
+    elif a[0] == "whoami": whoami(a[1], int(a[2]), a[3])
+    elif a[0] == "ask": sys.exit(ask(a[1], int(a[2]), float(a[3]) if len(a) > 3 else 2.0))
     elif a[0] == "hold": sys.exit(hold(a[1], int(a[2]), float(a[3]), float(a[4])))
     else: sys.exit(2)
