@@ -56,6 +56,8 @@ public final class Agent {
     var meshNodes: [MeshNode] = []
     var meshRemoteWorkloads: [RemoteWorkload] = []
     var meshServices: [GlobalService] = []
+    /// The trust bundles in force (own CA, configured and store federation).
+    let trust = TrustBox()
 
     public init(config: AgentConfig, logger: Logger) throws {
         self.config = config
@@ -86,10 +88,12 @@ public final class Agent {
             }
             log.info("metrics", metadata: ["address": "http://\(host.contains(":") ? "[\(host)]" : host):\(metricsServer!.localPort)/metrics"])
         }
+        trust.set(try verifier())
         try startMesh()
         if let sc = config.store {
             let tls = sc.caFile.map { EtcdStore.TLS(caFile: $0, certificateFile: sc.certificateFile, keyFile: sc.keyFile) }
-            let sync = StoreSync(store: try EtcdStore(endpoints: sc.endpoints, tls: tls), prefix: sc.prefix, node: config.nodeSpiffeID.path.split(separator: "/").last.map(String.init) ?? "node", log: log)
+            let sync = StoreSync(store: try EtcdStore(endpoints: sc.endpoints, tls: tls), prefix: sc.prefix, node: config.nodeSpiffeID.path.split(separator: "/").last.map(String.init) ?? "node", log: log,
+                                 cachePath: "\(config.stateDir)/store-cache.json")
             sync.start()
             storeSync = sync
             log.info("shared store", metadata: ["etcd": "\(sc.endpoints.joined(separator: ","))", "prefix": "\(sc.prefix)"])
@@ -186,6 +190,13 @@ public final class Agent {
             let text = try String(contentsOfFile: path, encoding: .utf8)
             bundles[td, default: []] += try PEMDocument.parseMultiple(pemString: text).map { try Certificate(pemDocument: $0) }
         }
+        // Federation through the store: other trust domains' bundles as
+        // their nodes published them (configured files take precedence).
+        for (td, pem) in storeSync?.bundles() ?? [:] where td != config.trustDomain && config.federatedBundles[td] == nil {
+            if let certs = try? PEMDocument.parseMultiple(pemString: pem).map({ try Certificate(pemDocument: $0) }), !certs.isEmpty {
+                bundles[td] = certs
+            }
+        }
         return SPIFFEVerifier(bundles: bundles)
     }
 
@@ -195,7 +206,7 @@ public final class Agent {
             try listener.reload(certificateFile: node.certificateFile, keyFile: node.keyFile)
             return
         }
-        let l = try MTLSListener(host: host, port: port, certificateFile: node.certificateFile, keyFile: node.keyFile, verifier: try verifier())
+        let l = try MTLSListener(host: host, port: port, certificateFile: node.certificateFile, keyFile: node.keyFile, verifier: trust.current)
         let log = self.log, metrics = self.metrics, directory = self.directory
         l.onReject = { reason in log.warning("mTLS peer certificate refused", metadata: ["reason": "\(reason)"]) }
         l.authorize = { Agent.authorizeInbound($0, directory: directory.current) }
@@ -276,6 +287,7 @@ public final class Agent {
         }
         localSpiffeIDs = Set(workloads.map(\.spiffeID))
         mergeStorePeers()
+        refreshTrust()
         for r in meshRemoteWorkloads {
             let id = state.allocator.identity(for: r.spiffeID)
             if var existing = universe.workloads[id] {

@@ -58,9 +58,9 @@ extension Agent {
         guard let port = config.outboundPort else { return }
         let directory = self.directory, log = self.log
         let table = RedirectTable(datapath: datapath)
-        let bundles = try verifier()
+        let trust = self.trust
         let outliers = OutlierDetector()
-        let proxy = try OutboundProxy(port: port, group: meshGroup, makePool: { TunnelPool(eventLoop: $0, verifier: { bundles }) },
+        let proxy = try OutboundProxy(port: port, group: meshGroup, makePool: { TunnelPool(eventLoop: $0, verifier: { trust.current }) },
                                       outliers: outliers) { accepted in
             Agent.route(accepted, table: table, directory: directory.current, outliers: outliers)
         }
@@ -224,7 +224,7 @@ extension Agent {
             return WorkloadRecord(name: $0.name, node: sync.node, spiffeID: $0.spiffeID.description, namespace: $0.namespace,
                                   labels: $0.labels, namespaceLabels: ns, addresses: $0.addresses.map(\.description))
         }
-        sync.publish(node: node, workloads: records)
+        sync.publish(node: node, workloads: records, bundlePEM: try? ca.certificate.serializeAsPEM().pemString)
     }
 }
 
@@ -259,5 +259,38 @@ extension Agent {
             if !endpoints.isEmpty { out[s.vip] = ServiceRoute(name: s.name, port: s.port, endpoints: endpoints) }
         }
         return out
+    }
+}
+
+/// The trust bundles in force, read by the tunnel's event loops.
+final class TrustBox: @unchecked Sendable {
+    private let lock = NSLock()
+    private var value = SPIFFEVerifier(bundles: [:])
+    private var fingerprint = ""
+    var current: SPIFFEVerifier { lock.withLock { value } }
+    /// Returns true if the bundles changed.
+    @discardableResult
+    func set(_ v: SPIFFEVerifier) -> Bool {
+        let fp = v.bundles.map { "\($0.key)=\($0.value.map { $0.serialNumber.description }.sorted())" }.sorted().joined(separator: ";")
+        return lock.withLock {
+            guard fp != fingerprint else { return false }
+            value = v
+            fingerprint = fp
+            return true
+        }
+    }
+}
+
+extension Agent {
+    /// Re-reads the trust bundles; a change reaches the listener and pools.
+    func refreshTrust() {
+        do {
+            if trust.set(try verifier()) {
+                try listener?.updateVerifier(trust.current)
+                log.info("trust bundles", metadata: ["trust-domains": "\(trust.current.bundles.keys.sorted().joined(separator: ","))"])
+            }
+        } catch {
+            log.error("trust bundles not updated", metadata: ["error": "\(error)"])
+        }
     }
 }

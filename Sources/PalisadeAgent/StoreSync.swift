@@ -43,8 +43,26 @@ final class StoreSync: @unchecked Sendable {
     /// Bumped on every change seen; the reconcile loop compares it.
     private(set) var version = 0
 
-    init(store: Store, prefix: String, node: String, log: Logger) {
-        self.store = store; self.prefix = prefix; self.node = node; self.log = log
+    /// The last copy seen, saved so that an agent restarted while the store
+    /// is unreachable starts from it instead of from nothing.
+    let cachePath: String?
+
+    init(store: Store, prefix: String, node: String, log: Logger, cachePath: String? = nil) {
+        self.store = store; self.prefix = prefix; self.node = node; self.log = log; self.cachePath = cachePath
+        if let cachePath, let data = FileManager.default.contents(atPath: cachePath),
+           let saved = try? JSONDecoder().decode([String: Data].self, from: data) {
+            records = saved.mapValues { Array($0) }
+            version = 1
+            log.info("store: starting from the last saved copy", metadata: ["keys": "\(records.count)"])
+        }
+    }
+
+    private func save() {
+        guard let cachePath else { return }
+        let snapshot = lock.withLock { records }
+        guard let data = try? JSONEncoder().encode(snapshot.mapValues { Data($0) }) else { return }
+        let tmp = cachePath + ".tmp"
+        if FileManager.default.createFile(atPath: tmp, contents: data, attributes: [.posixPermissions: 0o600]) { rename(tmp, cachePath) }
     }
 
     var nodesPrefix: String { "\(prefix)nodes/" }
@@ -59,9 +77,11 @@ final class StoreSync: @unchecked Sendable {
                     try await self.publishPending(force: true)
                     let (kvs, rev) = try await self.store.list(prefix: self.prefix)
                     self.replaceAll(kvs, revision: rev)
+                    self.save()
                     backoff = 200_000_000
                     for try await e in self.store.watch(prefix: self.prefix, afterRevision: rev) {
                         self.apply(e)
+                        self.save()
                         try await self.publishPending(force: false)
                     }
                 } catch {
@@ -113,10 +133,13 @@ final class StoreSync: @unchecked Sendable {
 
     /// Sets what this node publishes (its node record and workloads); the
     /// sync writes it now if connected, else when the store is back.
-    func publish(node record: NodeRecord, workloads: [WorkloadRecord]) {
+    func publish(node record: NodeRecord, workloads: [WorkloadRecord], bundlePEM: String? = nil) {
         let enc = JSONEncoder()
         enc.outputFormatting = .sortedKeys
         var want: [String: [UInt8]] = [:]
+        // The trust domain's bundle, for federation (every node of a domain
+        // writes the same roots).
+        if let pem = bundlePEM { want["\(bundlesPrefix)\(record.trustDomain)"] = Array(pem.utf8) }
         if let d = try? enc.encode(record) { want["\(nodesPrefix)\(node)"] = Array(d) }
         for w in workloads { if let d = try? enc.encode(w) { want["\(workloadsPrefix)\(node)/\(w.name)"] = Array(d) } }
         lock.withLock { published = want }
@@ -129,6 +152,7 @@ final class StoreSync: @unchecked Sendable {
         let (want, have) = lock.withLock { (published, records) }
         for (k, v) in want where force || have[k] != v { try await store.put(k, v) }
         let mine = [nodesPrefix + node] + have.keys.filter { $0.hasPrefix("\(workloadsPrefix)\(node)/") }
+        // (Bundles are shared by a trust domain's nodes: never deleted here.)
         for k in mine where want[k] == nil && have[k] != nil { try await store.delete(k) }
     }
 
@@ -146,6 +170,15 @@ final class StoreSync: @unchecked Sendable {
 
     var policiesPrefix: String { "\(prefix)policies/" }
     var servicesPrefix: String { "\(prefix)services/" }
+    var bundlesPrefix: String { "\(prefix)bundles/" }
+
+    /// Trust bundles published by the nodes of every trust domain (PEM).
+    func bundles() -> [String: String] {
+        let snapshot = lock.withLock { records }
+        var out: [String: String] = [:]
+        for (k, v) in snapshot where k.hasPrefix(bundlesPrefix) { out[String(k.dropFirst(bundlesPrefix.count))] = String(decoding: v, as: UTF8.self) }
+        return out
+    }
 
     /// Global services defined in the store (JSON: name, vip, port, selector).
     func services() -> [GlobalService] {

@@ -30,15 +30,36 @@ final class GlueHandler: ChannelDuplexHandler, @unchecked Sendable {
         return (a, b)
     }
 
+    /// Both halves are in their pipelines and both channels are active.
+    private var joined = false
+
+    /// Gives this handler (already in its pipeline) a new partner: when one
+    /// destination failed, the caller's bytes held so far go to the next.
+    func attach(_ other: GlueHandler) {
+        partner = other
+        other.partner = self
+    }
+
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
-        // The second half joining: reads held back until now may start.
-        if let p = partner, p.context != nil {
-            p.flushEarly()
-            flushEarly()
-            p.resumeRead()
-            resumeRead()
-        }
+        tryJoin()
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        context.fireChannelActive()
+        tryJoin()
+        partner?.tryJoin()
+    }
+
+    /// The second half joining: bytes and reads held back until now flow.
+    private func tryJoin() {
+        guard !joined, let p = partner, let c = context, let pc = p.context, c.channel.isActive, pc.channel.isActive else { return }
+        joined = true
+        p.joined = true
+        p.flushEarly()
+        flushEarly()
+        p.resumeRead()
+        resumeRead()
     }
 
     private func flushEarly() {
@@ -85,7 +106,7 @@ final class GlueHandler: ChannelDuplexHandler, @unchecked Sendable {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         // A channel's first read can happen before the other half joins
         // (NIO reads on activation): hold those bytes until it does.
-        if partner?.context == nil {
+        if !joined {
             early.append(data)
             return
         }
@@ -95,6 +116,12 @@ final class GlueHandler: ChannelDuplexHandler, @unchecked Sendable {
     func channelReadComplete(context: ChannelHandlerContext) { partnerFlush() }
 
     func channelInactive(context: ChannelHandlerContext) {
+        guard joined else {
+            // Not joined yet: a failed attempt (the proxy tries the next
+            // destination) or a caller that left (the attempt fails).
+            context.fireChannelInactive()
+            return
+        }
         // After a clean end the partner finishes on its own (its queued
         // bytes still go out); a side cut by an error cuts both.
         if failed {
@@ -110,7 +137,7 @@ final class GlueHandler: ChannelDuplexHandler, @unchecked Sendable {
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if let e = event as? ChannelEvent, e == .inputClosed {
-            if partner?.context == nil {
+            if !joined {
                 earlyInputClosed = true
                 return
             }
@@ -125,6 +152,10 @@ final class GlueHandler: ChannelDuplexHandler, @unchecked Sendable {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
+        guard joined else {
+            context.close(promise: nil)
+            return
+        }
         failed = true
         context.close(promise: nil)
         partnerClose()

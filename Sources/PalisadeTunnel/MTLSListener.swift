@@ -18,7 +18,10 @@ public final class MTLSListener: @unchecked Sendable {
     let channel: Channel
     let lock = NSLock()
     var context: NIOSSLContext
-    let verifier: SPIFFEVerifier
+    private var _verifier: SPIFFEVerifier
+    var verifier: SPIFFEVerifier { lock.withLock { _verifier } }
+    private var certificateFile: String
+    private var keyFile: String
     public var localPort: Int { channel.localAddress?.port ?? 0 }
     /// Called with each refusal (for logs and metrics); never with key material.
     public var onReject: (@Sendable (String) -> Void)?
@@ -46,11 +49,13 @@ public final class MTLSListener: @unchecked Sendable {
     }
 
     public init(host: String, port: Int, certificateFile: String, keyFile: String, verifier: SPIFFEVerifier) throws {
-        self.verifier = verifier
+        _verifier = verifier
+        self.certificateFile = certificateFile
+        self.keyFile = keyFile
         context = try MTLSListener.context(certificateFile: certificateFile, keyFile: keyFile, roots: verifier.bundles.values.flatMap { $0 })
         weak var weakSelf: MTLSListener?
         let verify: NIOSSLCustomVerificationCallbackWithMetadata = { certs, promise in
-            let verifier = verifier
+            guard let verifier = weakSelf?.verifier else { return promise.succeed(.failed) }
             Task {
                 let parsed = certs.compactMap { try? Certificate(derEncoded: $0.toDERBytes()) }
                 guard parsed.count == certs.count, let leaf = parsed.first else {
@@ -94,7 +99,22 @@ public final class MTLSListener: @unchecked Sendable {
     /// New certificate and key (rotation): new connections use them at once.
     public func reload(certificateFile: String, keyFile: String) throws {
         let ctx = try MTLSListener.context(certificateFile: certificateFile, keyFile: keyFile, roots: verifier.bundles.values.flatMap { $0 })
-        lock.lock(); context = ctx; lock.unlock()
+        lock.withLock {
+            context = ctx
+            self.certificateFile = certificateFile
+            self.keyFile = keyFile
+        }
+    }
+
+    /// New trust bundles (a federated domain joined or a root rotated):
+    /// new handshakes are judged against them.
+    public func updateVerifier(_ v: SPIFFEVerifier) throws {
+        let (c, k) = lock.withLock { (certificateFile, keyFile) }
+        let ctx = try MTLSListener.context(certificateFile: c, keyFile: k, roots: v.bundles.values.flatMap { $0 })
+        lock.withLock {
+            _verifier = v
+            context = ctx
+        }
     }
 
     private var stopped = false

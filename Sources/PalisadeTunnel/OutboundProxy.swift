@@ -102,9 +102,6 @@ public final class OutboundProxy: @unchecked Sendable {
             .serverChannelOption(ChannelOptions.backlog, value: 4096)
             .childChannelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
             .childChannelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
-            // Nothing is read from the caller until a destination answered:
-            // its first bytes then go to whichever endpoint was reached.
-            .childChannelOption(ChannelOptions.autoRead, value: false)
             .childChannelInitializer { ch in
                 let start = Date()
                 guard let accepted = OutboundProxy.addresses(of: ch), let route = resolve(accepted) else {
@@ -112,7 +109,11 @@ public final class OutboundProxy: @unchecked Sendable {
                     return OutboundProxy.reset(ch)
                 }
                 guard let pool = byLoop[ObjectIdentifier(ch.eventLoop)] else { return OutboundProxy.reset(ch) }
-                OutboundProxy.attempt(route, 0, ch, pool, outliers, lastError: "no endpoint") { error in
+                // The caller's half of the glue holds what it sends until a
+                // destination answered, whichever endpoint that is.
+                let tcpGlue = GlueHandler()
+                do { try ch.pipeline.syncOperations.addHandler(tcpGlue) } catch { return ch.eventLoop.makeFailedFuture(error) }
+                OutboundProxy.attempt(route, 0, ch, tcpGlue, pool, outliers, lastError: "no endpoint") { error in
                     weakSelf?.onOutcome?(OutboundOutcome(route: route, error: error, seconds: Date().timeIntervalSince(start)))
                 }
                 return ch.eventLoop.makeSucceededVoidFuture()
@@ -127,7 +128,7 @@ public final class OutboundProxy: @unchecked Sendable {
     }
 
     /// Tries candidate `i`, then the next ones; `done` gets nil or the last error.
-    static func attempt(_ route: OutboundRoute, _ i: Int, _ ch: Channel, _ pool: TunnelPool, _ outliers: OutlierDetector,
+    static func attempt(_ route: OutboundRoute, _ i: Int, _ ch: Channel, _ tcpGlue: GlueHandler, _ pool: TunnelPool, _ outliers: OutlierDetector,
                         lastError: String, done: @escaping (String?) -> Void) {
         guard i < route.candidates.count else {
             done(lastError)
@@ -135,7 +136,8 @@ public final class OutboundProxy: @unchecked Sendable {
             return
         }
         let c = route.candidates[i]
-        let (tcpGlue, otherGlue) = GlueHandler.pair()
+        let otherGlue = GlueHandler()
+        tcpGlue.attach(otherGlue)
         let connected: EventLoopFuture<Void>
         if let peer = c.peer {
             otherGlue.isStream = true
@@ -155,18 +157,11 @@ public final class OutboundProxy: @unchecked Sendable {
             switch result {
             case .success:
                 outliers.succeeded(c.key)
-                do {
-                    try ch.pipeline.syncOperations.addHandler(tcpGlue)
-                    ch.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in }
-                    done(nil)
-                } catch {
-                    done("\(error)")
-                    _ = reset(ch)
-                }
+                done(nil)
             case .failure(let e):
                 // A refusal by policy says nothing about the endpoint's health.
                 if (e as? TunnelError)?.status != 403 { outliers.failed(c.key) }
-                attempt(route, i + 1, ch, pool, outliers, lastError: "\(c.authority): \(e)", done: done)
+                attempt(route, i + 1, ch, tcpGlue, pool, outliers, lastError: "\(c.authority): \(e)", done: done)
             }
         }
     }

@@ -87,7 +87,15 @@ public final class TunnelPool: @unchecked Sendable {
         self.verifier = verifier
     }
 
+    private var trustFingerprint = ""
+
     func tlsContext(_ creds: ClientCredentials) throws -> NIOSSLContext {
+        // Trust bundles changed (federation, root rotation): rebuild contexts.
+        let fp = verifier().bundles.map { "\($0.key)=\($0.value.map { $0.serialNumber.description }.sorted())" }.sorted().joined(separator: ";")
+        if fp != trustFingerprint {
+            contexts.removeAll()
+            trustFingerprint = fp
+        }
         if let c = contexts[creds] { return c }
         let chain = try NIOSSLCertificate.fromPEMBytes(creds.chainPEM).map { NIOSSLCertificateSource.certificate($0) }
         let key = try NIOSSLPrivateKey(bytes: creds.keyPEM, format: .pem)
