@@ -52,6 +52,10 @@ public final class Agent {
     var localSpiffeIDs = Set<SpiffeID>()
     var lastCompiled: CompiledPolicy?
     var storeSync: StoreSync?
+    var clusterIdentities: ClusterIdentities?
+    /// SPIFFE IDs whose number came from the store (this run).
+    var clusterAssigned = Set<SpiffeID>()
+    var lastIdentityGC = Date()
     /// Other nodes and their workloads: the configuration's, plus the store's.
     var meshNodes: [MeshNode] = []
     var meshRemoteWorkloads: [RemoteWorkload] = []
@@ -96,6 +100,7 @@ public final class Agent {
                                  cachePath: "\(config.stateDir)/store-cache.json")
             sync.start()
             storeSync = sync
+            clusterIdentities = ClusterIdentities(store: sync.store, prefix: "\(sc.prefix)identities/")
             log.info("shared store", metadata: ["etcd": "\(sc.endpoints.joined(separator: ","))", "prefix": "\(sc.prefix)"])
         }
     }
@@ -263,7 +268,10 @@ public final class Agent {
             log.error("policy rejected; the last good policy stays in force", metadata: ["error": "\(error)"])
         }
 
-        // Identities.
+        // Peers and trust from the store, then identities (cluster-wide numbers when shared).
+        mergeStorePeers()
+        refreshTrust()
+        allocateClusterIdentities(local: workloads.map(\.spiffeID), remote: meshRemoteWorkloads.map(\.spiffeID))
         var universe = Universe(workloads: [:], hostAddresses: hostAddresses())
         var records: [UInt32: AgentState.IdentityRecord] = [:]
         for w in workloads {
@@ -286,8 +294,6 @@ public final class Agent {
             records[id.rawValue] = .init(spiffeID: w.spiffeID, namespace: w.namespace, labels: w.labels)
         }
         localSpiffeIDs = Set(workloads.map(\.spiffeID))
-        mergeStorePeers()
-        refreshTrust()
         for r in meshRemoteWorkloads {
             let id = state.allocator.identity(for: r.spiffeID)
             if var existing = universe.workloads[id] {

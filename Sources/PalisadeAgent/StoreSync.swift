@@ -197,3 +197,36 @@ final class StoreSync: @unchecked Sendable {
 
     var status: (connected: Bool, revision: Int64, error: String?) { lock.withLock { (connected, revision, lastError) } }
 }
+
+extension Agent {
+    /// Numeric identities from the store, cluster-wide: the same number for a
+    /// SPIFFE ID on every node (flows, metrics and map dumps agree). Done on
+    /// the reconcile thread; while the store is unreachable, an identity not
+    /// yet allocated there keeps a node-local number (the tunnel carries
+    /// SPIFFE IDs, so enforcement does not depend on numbers agreeing).
+    func allocateClusterIdentities(local: [SpiffeID], remote: [SpiffeID]) {
+        guard let cluster = clusterIdentities, let sync = storeSync, sync.status.connected else { return }
+        let node = sync.node
+        let localSet = Set(local)
+        for id in Set(local + remote).sorted() where !clusterAssigned.contains(id) {
+            let isLocal = localSet.contains(id)
+            do {
+                let n = try runBlocking { try await cluster.identity(for: id, node: isLocal ? node : nil) }
+                state.allocator.assign(id, n)
+                clusterAssigned.insert(id)
+            } catch {
+                log.warning("identity not allocated in the store yet; using a node-local number", metadata: ["spiffe-id": "\(id)", "error": "\(error)"])
+                return
+            }
+        }
+        // This node no longer uses identities of workloads it dropped.
+        for id in clusterAssigned.subtracting(local + remote) {
+            if let n = state.allocator.byID[id] { _ = try? runBlocking { try await cluster.release(n, node: node) } }
+            clusterAssigned.remove(id)
+        }
+        if Date().timeIntervalSince(lastIdentityGC) > 60 {
+            lastIdentityGC = Date()
+            _ = try? runBlocking { try await cluster.collectGarbage() }
+        }
+    }
+}

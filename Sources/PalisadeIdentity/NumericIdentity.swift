@@ -52,6 +52,14 @@ public struct IdentityAllocator: Codable, Sendable {
         return n
     }
 
+    /// Takes a number allocated elsewhere (cluster-wide, in the store); a
+    /// different SPIFFE ID holding it locally loses it (and is renumbered
+    /// the next time it is asked for).
+    public mutating func assign(_ id: SpiffeID, _ n: NumericIdentity) {
+        for (other, m) in byID where m == n && other != id { byID[other] = nil }
+        byID[id] = n
+    }
+
     /// Releases identities no longer used, so numbers can be reused later.
     public mutating func retain(only live: Set<SpiffeID>) {
         byID = byID.filter { live.contains($0.key) }

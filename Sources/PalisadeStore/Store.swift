@@ -71,3 +71,16 @@ func prefixEnd(_ prefix: String) -> [UInt8] {
     }
     return [0]
 }
+
+/// Runs async store work from a synchronous caller (the CLI, the agent's
+/// reconcile thread — never from an event loop or the cooperative pool).
+public func runBlocking<T: Sendable>(_ work: @escaping @Sendable () async throws -> T) throws -> T {
+    let done = DispatchSemaphore(value: 0)
+    nonisolated(unsafe) var result: Result<T, Error>!
+    Task {
+        do { result = .success(try await work()) } catch { result = .failure(error) }
+        done.signal()
+    }
+    done.wait()
+    return try result.get()
+}

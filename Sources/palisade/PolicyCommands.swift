@@ -110,25 +110,13 @@ extension PolicyCommand.Apply {
         let tls = sc.caFile.map { EtcdStore.TLS(caFile: $0, certificateFile: sc.certificateFile, keyFile: sc.keyFile) }
         let etcd = try EtcdStore(endpoints: sc.endpoints, tls: tls)
         let prefix = "\(sc.prefix)policies/"
-        let existing = try blocking { try await etcd.list(prefix: prefix).kvs }
+        let existing = try runBlocking { try await etcd.list(prefix: prefix).kvs }
             .filter { kv in !names.contains { prefix + $0 == kv.key } }
             .map { (name: "etcd:\($0.key)", text: $0.string) }
         try reportingPolicyErrors {
             let set = try PolicySet.load(existing + incoming)
-            for (f, n) in zip(incoming, names) { try blocking { try await etcd.put(prefix + n, f.text) } }
+            for (f, n) in zip(incoming, names) { try runBlocking { try await etcd.put(prefix + n, f.text) } }
             print("stored \(files.count) \(files.count == 1 ? "policy file" : "policy files") under \(prefix); \(set.policies.count) policies in the store")
         }
     }
-}
-
-/// Runs async work from a synchronous command.
-func blocking<T: Sendable>(_ work: @escaping @Sendable () async throws -> T) throws -> T {
-    let done = DispatchSemaphore(value: 0)
-    nonisolated(unsafe) var result: Result<T, Error>!
-    Task {
-        do { result = .success(try await work()) } catch { result = .failure(error) }
-        done.signal()
-    }
-    done.wait()
-    return try result.get()
 }

@@ -284,6 +284,18 @@ final class MeshStoreTests: XCTestCase {
         }
         XCTAssertTrue(ok, "a reaches b through the tunnel, both learned from etcd: \(n1.warnings())\n\(n2.warnings())")
 
+        // Numeric identities are allocated in etcd: both nodes agree.
+        func numbers(_ h: AgentHarness) throws -> [String: String] {
+            let out = try h.palisade(["maps", "dump", "identities", "--output", "json"]).output
+            let rows = try JSONDecoder().decode([[String: String]].self, from: Data(out.utf8))
+            return Dictionary(rows.map { ($0["name"] ?? "", $0["identity"] ?? "") }, uniquingKeysWith: { a, _ in a })
+        }
+        let (i1, i2) = (try numbers(n1), try numbers(n2))
+        for id in ["spiffe://test.local/ns/default/sa/a", "spiffe://test.local/ns/default/sa/b"] {
+            XCTAssertNotNil(i1[id], "\(i1)")
+            XCTAssertEqual(i1[id], i2[id], "\(id) has one number on both nodes")
+        }
+
         // A workload enrolled on node 1 reaches node 2's kernel maps quickly.
         let start = Date()
         _ = try n1.palisade(["workload", "enroll", "--name", "c", "--spiffe-id", "spiffe://test.local/ns/default/sa/c", "--label", "app=c",
