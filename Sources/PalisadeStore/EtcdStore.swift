@@ -36,7 +36,7 @@ public final class EtcdStore: Store, @unchecked Sendable {
             t.trustRoots = .file(tls.caFile)
             if let c = tls.certificateFile, let k = tls.keyFile {
                 t.certificateChain = try NIOSSLCertificate.fromPEMFile(c).map { .certificate($0) }
-                t.privateKey = .file(k)
+                t.privateKey = .privateKey(try NIOSSLPrivateKey(file: k, format: .pem))
             }
             config.tlsConfiguration = t
         }

@@ -10,7 +10,11 @@ final class EtcdProcess {
     let dir: String
     let url: String
 
-    init(_ test: XCTestCase) throws {
+    /// TLS material (CA, server and client certificates) when asked for.
+    struct TLSFiles { var ca: String; var cert: String; var key: String }
+    var tls: TLSFiles?
+
+    init(_ test: XCTestCase, tls withTLS: Bool = false) throws {
         guard let etcd = ["/usr/bin/etcd", "/usr/local/bin/etcd"].first(where: FileManager.default.isExecutableFile) else {
             let msg = "etcd-server is not installed (tools/install-deps installs it)"
             if ProcessInfo.processInfo.environment["CI"] == "true" { XCTFail(msg) }
@@ -18,11 +22,36 @@ final class EtcdProcess {
         }
         dir = NSTemporaryDirectory() + "palisade-etcd-\(UUID().uuidString)"
         let client = Int.random(in: 30000...39999), peer = client + 10000
-        url = "http://127.0.0.1:\(client)"
+        url = "\(withTLS ? "https" : "http")://127.0.0.1:\(client)"
+        var tlsArgs: [String] = []
+        if withTLS {
+            // A CA, a server certificate for 127.0.0.1 and a client certificate (openssl).
+            let d = dir + "-pki"
+            try FileManager.default.createDirectory(atPath: d, withIntermediateDirectories: true)
+            test.addTeardownBlock { try? FileManager.default.removeItem(atPath: d) }
+            let script = """
+            set -e; cd '\(d)'
+            openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key -out ca.pem -days 1 -subj /CN=etcd-ca
+            printf 'subjectAltName=IP:127.0.0.1\\n' > san.ext
+            for who in server client; do
+              openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout $who.key -out $who.csr -subj /CN=$who
+              openssl x509 -req -in $who.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out $who.pem -days 1 -extfile san.ext
+            done
+            """
+            let sh = Process()
+            sh.executableURL = URL(fileURLWithPath: "/bin/sh")
+            sh.arguments = ["-c", script]
+            sh.standardOutput = FileHandle.nullDevice
+            sh.standardError = FileHandle.nullDevice
+            try sh.run()
+            sh.waitUntilExit()
+            tlsArgs = ["--cert-file", "\(d)/server.pem", "--key-file", "\(d)/server.key", "--client-cert-auth", "--trusted-ca-file", "\(d)/ca.pem"]
+            tls = TLSFiles(ca: "\(d)/ca.pem", cert: "\(d)/client.pem", key: "\(d)/client.key")
+        }
         process.executableURL = URL(fileURLWithPath: etcd)
         process.arguments = ["--name", "test", "--data-dir", dir, "--listen-client-urls", url, "--advertise-client-urls", url,
                              "--listen-peer-urls", "http://127.0.0.1:\(peer)", "--initial-advertise-peer-urls", "http://127.0.0.1:\(peer)",
-                             "--initial-cluster", "test=http://127.0.0.1:\(peer)", "--log-level", "error"]
+                             "--initial-cluster", "test=http://127.0.0.1:\(peer)", "--log-level", "error"] + tlsArgs
         process.standardOutput = FileHandle.nullDevice
         process.standardError = FileHandle.nullDevice
         try process.run()
@@ -35,7 +64,7 @@ final class EtcdProcess {
         for _ in 0..<100 {
             let curl = Process()
             curl.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
-            curl.arguments = ["-sf", "--max-time", "1", url + "/health"]
+            curl.arguments = ["-sf", "--max-time", "1"] + (tls.map { ["--cacert", $0.ca, "--cert", $0.cert, "--key", $0.key] } ?? []) + [url + "/health"]
             let out = Pipe()
             curl.standardOutput = out
             curl.standardError = FileHandle.nullDevice
@@ -97,6 +126,22 @@ final class StoreTests: XCTestCase {
         let store = try EtcdStore(endpoints: [etcd.url])
         try await exercise(store)
         await store.shutdown()
+    }
+
+    /// etcd requiring client certificates: the store works with them, and a
+    /// client without one is refused.
+    func testEtcdStoreWithMutualTLS() async throws {
+        let etcd = try EtcdProcess(self, tls: true)
+        let t = etcd.tls!
+        let store = try EtcdStore(endpoints: [etcd.url], tls: .init(caFile: t.ca, certificateFile: t.cert, keyFile: t.key))
+        try await exercise(store)
+        await store.shutdown()
+        let anonymous = try EtcdStore(endpoints: [etcd.url], tls: .init(caFile: t.ca))
+        do {
+            _ = try await anonymous.get("/p/new")
+            XCTFail("a client without a certificate must be refused")
+        } catch {}
+        await anonymous.shutdown()
     }
 
     func testFileStore() async throws {
