@@ -1,0 +1,254 @@
+import Foundation
+import PalisadeIdentity
+
+/// L7 rules: which requests a destination accepts, by source identity,
+/// method, path, host and headers. Pure: the in-agent HTTP proxy asks
+/// `HTTPRuleSet.decide` for every request. Deny wins; once a destination
+/// (and port) has rules, a request no rule allows is denied.
+public struct HTTPPolicy: Hashable, Sendable {
+    public enum Action: String, Hashable, Sendable { case allow, deny, audit }
+
+    /// Who sent the request (from the tunnel's SVID, or a JWT at the edge).
+    public enum Source: Hashable, Sendable {
+        case spiffeID(SpiffeID)
+        case spiffePrefix(String)           // "spiffe://td/ns/shop/" (ends with '/')
+        case jwt(String)                    // "jwt:ISSUER/SUBJECT"
+        case namespace(String)              // Kubernetes-style: spiffe://TD/ns/NAME/...
+    }
+
+    public struct Rule: Hashable, Sendable {
+        public var action: Action
+        public var from: [Source]            // empty: anyone
+        public var methods: [String]         // upper case; empty: any
+        public var paths: [PathPattern]      // empty: any
+        public var hosts: [String]           // lower case, port stripped; empty: any
+        public var headers: [String: String] // lower-case names, exact values
+        public var location: SourceLocation
+        public init(action: Action, from: [Source] = [], methods: [String] = [], paths: [PathPattern] = [], hosts: [String] = [],
+                    headers: [String: String] = [:], location: SourceLocation) {
+            self.action = action; self.from = from; self.methods = methods; self.paths = paths; self.hosts = hosts
+            self.headers = headers; self.location = location
+        }
+    }
+
+    public var name: String
+    public var selector: [String: String]     // destination workloads' labels
+    public var port: Int?                      // nil: every port
+    public var rules: [Rule]
+    public var location: SourceLocation
+    /// Only workloads of this namespace (Istio policies are namespaced).
+    public var namespace: String? = nil
+}
+
+/// `/exact`, a prefix `/api/` followed by `*` or `**`, or a safe glob where
+/// `*` matches within one path segment and `**` across segments.
+public struct PathPattern: Hashable, Sendable, CustomStringConvertible {
+    public let text: String
+    let segments: [String]
+
+    public init?(_ text: String) {
+        guard text.hasPrefix("/"), !text.contains("//"), !text.contains("?"), !text.contains("#"),
+              !text.split(separator: "/").contains(where: { $0 == "." || $0 == ".." }) else { return nil }
+        let segs = text.split(separator: "/", omittingEmptySubsequences: false).dropFirst().map(String.init)
+        // "**" only as a whole segment; "*" anywhere within one.
+        guard segs.allSatisfy({ !$0.contains("**") || $0 == "**" }) else { return nil }
+        self.text = text
+        segments = segs
+    }
+
+    public var description: String { text }
+
+    /// Matches a normalized request path (see `HTTPRuleSet.normalize`).
+    public func matches(_ path: String) -> Bool {
+        let p = path.split(separator: "/", omittingEmptySubsequences: false).dropFirst().map(String.init)
+        return Self.match(segments[...], p[...])
+    }
+
+    static func match(_ pat: ArraySlice<String>, _ path: ArraySlice<String>) -> Bool {
+        guard let first = pat.first else { return path.isEmpty }
+        if first == "**" {
+            // Zero or more segments.
+            for k in 0...path.count where match(pat.dropFirst(), path.dropFirst(k)) { return true }
+            return false
+        }
+        guard let seg = path.first, glob(first, seg) else { return false }
+        return match(pat.dropFirst(), path.dropFirst())
+    }
+
+    /// `*` within one segment.
+    static func glob(_ pattern: String, _ s: String) -> Bool {
+        let parts = pattern.split(separator: "*", omittingEmptySubsequences: false).map(String.init)
+        if parts.count == 1 { return pattern == s }
+        guard s.hasPrefix(parts[0]) else { return false }
+        var rest = s.dropFirst(parts[0].count)
+        for (i, part) in parts.enumerated().dropFirst() {
+            if i == parts.count - 1 { return rest.hasSuffix(part) && rest.count >= part.count }
+            guard let r = rest.range(of: part) else { return false }
+            rest = rest[r.upperBound...]
+        }
+        return true
+    }
+}
+
+/// The facts of one request, as the proxy parsed them.
+public struct HTTPRequestFacts: Sendable {
+    public var source: SpiffeID?
+    public var jwtIdentity: String?
+    public var method: String
+    public var path: String
+    public var host: String
+    public var headers: [String: String]   // lower-case names
+    public init(source: SpiffeID?, jwtIdentity: String? = nil, method: String, path: String, host: String, headers: [String: String] = [:]) {
+        self.source = source; self.jwtIdentity = jwtIdentity; self.method = method; self.path = path; self.host = host; self.headers = headers
+    }
+}
+
+public struct HTTPDecision: Hashable, Sendable {
+    public var allowed: Bool
+    /// Short, for the 403 body and the access log: never internals.
+    public var reason: String
+    /// "policy/rule-index" of the deciding rule, nil for the default.
+    public var rule: String?
+    /// An audit rule matched: allowed, but logged as would-be-denied.
+    public var audited: Bool
+}
+
+/// The L7 rules that apply to one destination (its labels) and port.
+public struct HTTPRuleSet: Sendable {
+    public let policies: [HTTPPolicy]
+    public init(_ policies: [HTTPPolicy]) { self.policies = policies }
+
+    func rules(labels: [String: String], namespace: String? = nil, port: Int) -> [(String, HTTPPolicy.Rule)] {
+        policies.filter { p in (p.port == nil || p.port == port) && p.selector.allSatisfy { labels[$0.key] == $0.value }
+                               && (p.namespace == nil || p.namespace == namespace) }
+            .flatMap { p in p.rules.enumerated().map { ("\(p.name)/\($0.offset)", $0.element) } }
+    }
+
+    /// Does the destination have L7 rules (so its traffic needs the proxy)?
+    public func applies(labels: [String: String], namespace: String? = nil, port: Int) -> Bool {
+        !rules(labels: labels, namespace: namespace, port: port).isEmpty
+    }
+
+    /// Percent-decodes unreserved characters, collapses nothing: a path with
+    /// dot segments, empty segments or an encoded '/' is refused outright
+    /// (it would be read differently by the proxy and the server).
+    public static func normalize(_ raw: String) -> String? {
+        let path = raw.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false).first.map(String.init) ?? raw
+        guard path.hasPrefix("/") else { return nil }
+        let lower = path.lowercased()
+        if lower.contains("%2f") || lower.contains("%5c") || lower.contains("%2e") || path.contains("\\") { return nil }
+        guard let decoded = path.removingPercentEncoding else { return nil }
+        if decoded.contains("//") || decoded.split(separator: "/").contains(where: { $0 == "." || $0 == ".." }) { return nil }
+        return decoded
+    }
+
+    func matches(_ r: HTTPPolicy.Rule, _ f: HTTPRequestFacts, path: String) -> Bool {
+        if !r.from.isEmpty {
+            let ok = r.from.contains { s in
+                switch s {
+                case .spiffeID(let id): return f.source == id
+                case .spiffePrefix(let p): return f.source.map { $0.description.hasPrefix(p) } ?? false
+                case .jwt(let j): return f.jwtIdentity == j
+                case .namespace(let ns): return f.source.map { $0.path.hasPrefix("/ns/\(ns)/") } ?? false
+                }
+            }
+            if !ok { return false }
+        }
+        if !r.methods.isEmpty && !r.methods.contains(f.method.uppercased()) { return false }
+        if !r.paths.isEmpty && !r.paths.contains(where: { $0.matches(path) }) { return false }
+        if !r.hosts.isEmpty {
+            let host = f.host.split(separator: ":").first.map { $0.lowercased() } ?? ""
+            if !r.hosts.contains(host) { return false }
+        }
+        for (k, v) in r.headers where f.headers[k] != v { return false }
+        return true
+    }
+
+    public func decide(_ f: HTTPRequestFacts, labels: [String: String], namespace: String? = nil, port: Int) -> HTTPDecision {
+        let rules = rules(labels: labels, namespace: namespace, port: port)
+        guard !rules.isEmpty else { return HTTPDecision(allowed: true, reason: "no L7 rules", rule: nil, audited: false) }
+        guard let path = Self.normalize(f.path) else {
+            return HTTPDecision(allowed: false, reason: "denied: ambiguous path", rule: nil, audited: false)
+        }
+        var allow: String?, audit: String?
+        for (id, r) in rules where matches(r, f, path: path) {
+            switch r.action {
+            case .deny: return HTTPDecision(allowed: false, reason: "denied by policy \(id)", rule: id, audited: false)
+            case .audit: audit = audit ?? id
+            case .allow: allow = allow ?? id
+            }
+        }
+        if let a = allow { return HTTPDecision(allowed: true, reason: "allowed by policy \(a)", rule: a, audited: audit != nil) }
+        if let a = audit { return HTTPDecision(allowed: true, reason: "audit: would be denied (\(a))", rule: a, audited: true) }
+        return HTTPDecision(allowed: false, reason: "denied: no rule allows this request", rule: nil, audited: false)
+    }
+}
+
+/// Parses `kind: HTTPPolicy` documents (palisade.dev/v1).
+public enum HTTPPolicyParser {
+    public static func parse(_ text: String, file: String) throws -> [HTTPPolicy] {
+        try YAMLValue.documents(text, file: file).filter { !$0.isNull }.map(parse)
+    }
+
+    static func parse(_ doc: YAMLValue) throws -> HTTPPolicy {
+        let m = try doc.mapping(allowedKeys: ["apiVersion", "kind", "metadata", "spec"])
+        guard try m["apiVersion"]?.string() == "palisade.dev/v1" else { throw doc.error("expected apiVersion: palisade.dev/v1") }
+        guard try m["kind"]?.string() == "HTTPPolicy" else { throw doc.error("expected kind: HTTPPolicy") }
+        guard let meta = m["metadata"], let nameV = try meta.mapping(allowedKeys: ["name", "namespace", "labels", "annotations"])["name"] else {
+            throw doc.error("missing metadata.name")
+        }
+        guard let spec = m["spec"] else { throw doc.error("missing spec") }
+        let s = try spec.mapping(allowedKeys: ["selector", "port", "rules"])
+        guard let sel = s["selector"] else { throw spec.error("missing field 'selector' (labels of the destination workloads)") }
+        let selector = try PolicyParser.labels(try sel.mapping(allowedKeys: ["labels"])["labels"] ?? sel)
+        guard let rulesV = s["rules"] else { throw spec.error("missing field 'rules'") }
+        let rules = try rulesV.sequence().map(parseRule)
+        return HTTPPolicy(name: try nameV.string(), selector: selector, port: try s["port"].map { try $0.int(in: 1...65535) },
+                          rules: rules, location: doc.location)
+    }
+
+    static func parseRule(_ v: YAMLValue) throws -> HTTPPolicy.Rule {
+        let m = try v.mapping(allowedKeys: ["action", "from", "methods", "paths", "hosts", "headers"])
+        var action = HTTPPolicy.Action.allow
+        if let a = m["action"] {
+            guard let act = HTTPPolicy.Action(rawValue: try a.string()) else { throw a.error("expected allow, deny or audit") }
+            action = act
+        }
+        let from = try (m["from"]?.sequence() ?? []).map { e -> HTTPPolicy.Source in
+            let f = try e.mapping(allowedKeys: ["spiffeID", "spiffeIDPrefix", "jwt", "namespace"])
+            guard f.count == 1, let (k, val) = f.first else { throw e.error("expected exactly one of spiffeID, spiffeIDPrefix, jwt, namespace") }
+            switch k {
+            case "spiffeID": return .spiffeID(try PolicyParser.spiffe(val))
+            case "spiffeIDPrefix":
+                let p = try val.string()
+                guard p.hasPrefix("spiffe://"), p.hasSuffix("/") else { throw val.error("expected a prefix like spiffe://TD/ns/NAME/ (ending with '/')") }
+                return .spiffePrefix(p)
+            case "jwt":
+                let j = try val.string()
+                guard j.hasPrefix("jwt:") else { throw val.error("expected a JWT identity jwt:ISSUER/SUBJECT") }
+                return .jwt(j)
+            default: return .namespace(try val.string())
+            }
+        }
+        let methods = try (m["methods"]?.stringList() ?? []).map { $0.uppercased() }
+        let known: Set<String> = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"]
+        if let bad = methods.first(where: { !known.contains($0) }), let mv = m["methods"] { throw mv.error("unknown HTTP method '\(bad)'") }
+        let paths = try (m["paths"]?.sequence() ?? []).map { p -> PathPattern in
+            let t = try p.string()
+            guard let pat = PathPattern(t) else {
+                throw p.error("expected a path starting with '/', without '//', '.', '..', '?' or '#', with '*' within a segment or '**' as a whole segment, got '\(t)'")
+            }
+            return pat
+        }
+        let hosts = try (m["hosts"]?.stringList() ?? []).map { $0.lowercased() }
+        var headers: [String: String] = [:]
+        if let h = m["headers"] {
+            for (k, val) in try h.stringMap() {
+                guard !k.isEmpty, k.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-") }) else { throw h.error("invalid header name '\(k)'") }
+                guard k.lowercased() != "authorization" else { throw h.error("matching on the Authorization header is not allowed (use a jwt source)") }
+                headers[k.lowercased()] = val
+            }
+        }
+        return HTTPPolicy.Rule(action: action, from: from, methods: methods, paths: paths, hosts: hosts, headers: headers, location: v.location)
+    }
+}

@@ -1,0 +1,138 @@
+import XCTest
+import PalisadeIdentity
+@testable import PalisadePolicy
+
+/// L7 rules (issue 6, the pure part): matching, deny wins, default deny,
+/// safe paths, precise errors.
+final class HTTPRulesTests: XCTestCase {
+    let billing = """
+    apiVersion: palisade.dev/v1
+    kind: HTTPPolicy
+    metadata: {name: billing}
+    spec:
+      selector: {labels: {app: billing}}
+      port: 8080
+      rules:
+        - from: [{spiffeID: "spiffe://shop.test/ns/shop/sa/frontend"}]
+          methods: [POST]
+          paths: ["/charges", "/charges/*/refund"]
+        - from: [{spiffeIDPrefix: "spiffe://shop.test/ns/ops/"}]
+          methods: [GET]
+          paths: ["/admin/**"]
+          headers: {x-env: prod}
+        - action: deny
+          paths: ["/admin/secrets/**"]
+        - from: [{jwt: "jwt:https://idp.test/alice"}]
+          methods: [GET]
+          hosts: [billing.shop]
+          paths: ["/invoices/*"]
+    """
+
+    func facts(_ source: String?, _ method: String, _ path: String, host: String = "billing", headers: [String: String] = [:], jwt: String? = nil) -> HTTPRequestFacts {
+        HTTPRequestFacts(source: source.flatMap { try? SpiffeID($0) }, jwtIdentity: jwt, method: method, path: path, host: host, headers: headers)
+    }
+
+    func testDecisions() throws {
+        let set = HTTPRuleSet(try HTTPPolicyParser.parse(billing, file: "billing.yaml"))
+        let labels = ["app": "billing"]
+        func allowed(_ f: HTTPRequestFacts, port: Int = 8080) -> Bool { set.decide(f, labels: labels, port: port).allowed }
+        let fe = "spiffe://shop.test/ns/shop/sa/frontend", ops = "spiffe://shop.test/ns/ops/sa/oncall"
+        XCTAssertTrue(allowed(facts(fe, "POST", "/charges")))
+        XCTAssertTrue(allowed(facts(fe, "POST", "/charges/ch_123/refund")))
+        XCTAssertTrue(allowed(facts(fe, "POST", "/charges?x=1")), "the query is not part of the path")
+        XCTAssertFalse(allowed(facts(fe, "GET", "/charges")), "method")
+        XCTAssertFalse(allowed(facts(fe, "POST", "/charges/a/b/refund")), "* is one segment")
+        XCTAssertFalse(allowed(facts("spiffe://shop.test/ns/shop/sa/other", "POST", "/charges")), "source")
+        XCTAssertTrue(allowed(facts(ops, "GET", "/admin/users/1", headers: ["x-env": "prod"])))
+        XCTAssertFalse(allowed(facts(ops, "GET", "/admin/users/1", headers: ["x-env": "dev"])), "header")
+        XCTAssertFalse(allowed(facts(ops, "GET", "/admin/secrets/k", headers: ["x-env": "prod"])), "deny wins over allow")
+        let d = set.decide(facts(ops, "GET", "/admin/secrets/k", headers: ["x-env": "prod"]), labels: labels, port: 8080)
+        XCTAssertEqual(d.rule, "billing/2")
+        XCTAssertTrue(allowed(facts(nil, "GET", "/invoices/7", host: "Billing.Shop:8080", jwt: "jwt:https://idp.test/alice")))
+        XCTAssertFalse(allowed(facts(nil, "GET", "/invoices/7", host: "other", jwt: "jwt:https://idp.test/alice")), "host")
+        XCTAssertFalse(allowed(facts(nil, "GET", "/x")), "default deny once the destination has rules")
+        XCTAssertTrue(allowed(facts(nil, "GET", "/x"), port: 9090), "other port: no L7 rules")
+        XCTAssertTrue(set.decide(facts(nil, "GET", "/x"), labels: ["app": "other"], port: 8080).allowed, "other workload")
+        // Paths that servers and proxies could read differently are refused.
+        for p in ["/charges/../admin/secrets/k", "/charges//x", "/admin/%2e%2e/secrets", "/admin%2fsecrets", "/a\\b"] {
+            XCTAssertFalse(allowed(facts(fe, "POST", p)), p)
+        }
+    }
+
+    func testGlobs() {
+        let p = PathPattern("/api/*/items/**")!
+        XCTAssertTrue(p.matches("/api/v1/items"))
+        XCTAssertTrue(p.matches("/api/v1/items/a/b"))
+        XCTAssertFalse(p.matches("/api/v1/x/items"))
+        XCTAssertTrue(PathPattern("/files/*.png")!.matches("/files/cat.png"))
+        XCTAssertFalse(PathPattern("/files/*.png")!.matches("/files/a/cat.png"))
+        XCTAssertNil(PathPattern("relative"))
+        XCTAssertNil(PathPattern("/a/**b"))
+        XCTAssertNil(PathPattern("/a/../b"))
+    }
+
+    func testPreciseErrors() {
+        func error(_ rules: String) -> String {
+            let text = "apiVersion: palisade.dev/v1\nkind: HTTPPolicy\nmetadata: {name: p}\nspec:\n  selector: {labels: {app: x}}\n  rules:\n" + rules
+            do { _ = try HTTPPolicyParser.parse(text, file: "p.yaml"); return "no error" } catch { return "\(error)" }
+        }
+        XCTAssertTrue(error("    - methods: [FETCH]\n").contains("p.yaml:7"), error("    - methods: [FETCH]\n"))
+        XCTAssertTrue(error("    - methods: [FETCH]\n").contains("unknown HTTP method 'FETCH'"))
+        XCTAssertTrue(error("    - paths: [\"/a/../b\"]\n").contains("expected a path"))
+        XCTAssertTrue(error("    - headers: {Authorization: x}\n").contains("Authorization header is not allowed"))
+        XCTAssertTrue(error("    - action: maybe\n").contains("expected allow, deny or audit"))
+        XCTAssertTrue(error("    - from: [{spiffeIDPrefix: \"spiffe://a/ns\"}]\n").contains("ending with '/'"))
+    }
+}
+
+/// Istio AuthorizationPolicy import: what maps, and precise refusals.
+final class IstioImportTests: XCTestCase {
+    func testMapping() throws {
+        let text = """
+        apiVersion: security.istio.io/v1
+        kind: AuthorizationPolicy
+        metadata: {name: billing, namespace: shop}
+        spec:
+          selector: {matchLabels: {app: billing}}
+          action: ALLOW
+          rules:
+          - from: [{source: {principals: ["shop.test/ns/shop/sa/frontend"]}}]
+            to: [{operation: {methods: ["POST"], paths: ["/charges", "/charges/*"], ports: ["8080"]}}]
+            when: [{key: "request.headers[x-env]", values: ["prod"]}]
+        ---
+        apiVersion: security.istio.io/v1
+        kind: AuthorizationPolicy
+        metadata: {name: no-admin, namespace: shop}
+        spec:
+          selector: {matchLabels: {app: billing}}
+          action: DENY
+          rules:
+          - to: [{operation: {paths: ["/admin/*"]}}]
+        """
+        let set = HTTPRuleSet(try IstioImport.parse(text, file: "istio.yaml"))
+        let fe = try SpiffeID("spiffe://shop.test/ns/shop/sa/frontend")
+        func ok(_ method: String, _ path: String, _ src: SpiffeID? = nil, env: String = "prod", ns: String = "shop") -> Bool {
+            set.decide(HTTPRequestFacts(source: src ?? fe, method: method, path: path, host: "billing", headers: ["x-env": env]),
+                       labels: ["app": "billing"], namespace: ns, port: 8080).allowed
+        }
+        XCTAssertTrue(ok("POST", "/charges"))
+        XCTAssertTrue(ok("POST", "/charges/a/b"), "Istio's prefix match spans segments")
+        XCTAssertFalse(ok("GET", "/charges"))
+        XCTAssertFalse(ok("POST", "/charges", env: "dev"))
+        XCTAssertFalse(ok("POST", "/charges", try SpiffeID("spiffe://shop.test/ns/shop/sa/x")))
+        XCTAssertFalse(ok("POST", "/admin/x"), "DENY wins")
+        XCTAssertTrue(ok("POST", "/charges", ns: "other"), "namespaced: not applied elsewhere")
+    }
+
+    func testRefusals() {
+        func error(_ spec: String) -> String {
+            let text = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n" + spec
+            do { _ = try IstioImport.parse(text, file: "i.yaml"); return "no error" } catch { return "\(error)" }
+        }
+        XCTAssertTrue(error("  action: CUSTOM\n").contains("CUSTOM"))
+        XCTAssertTrue(error("  rules:\n  - from: [{source: {ipBlocks: [10.0.0.0/8]}}]\n").contains("use a Palisade Policy with cidr"))
+        XCTAssertTrue(error("  rules:\n  - from: [{source: {notPrincipals: [x]}}]\n").contains("source.notPrincipals is not supported"))
+        XCTAssertTrue(error("  rules:\n  - to: [{operation: {paths: [\"*.png\"]}}]\n").contains("suffix path"))
+        XCTAssertTrue(error("  rules:\n  - when: [{key: source.ip, values: [x]}]\n").contains("i.yaml:6"))
+    }
+}
