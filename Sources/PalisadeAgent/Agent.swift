@@ -51,6 +51,8 @@ public final class Agent {
     /// SPIFFE IDs of this node's workloads (remote ones get no SVID here).
     var localSpiffeIDs = Set<SpiffeID>()
     var lastCompiled: CompiledPolicy?
+    var lastGoodHTTP = HTTPRuleSet([])
+    var accessLogFile: FileHandle?
     var storeSync: StoreSync?
     var clusterIdentities: ClusterIdentities?
     /// SPIFFE IDs whose number came from the store (this run).
@@ -215,6 +217,19 @@ public final class Agent {
         let log = self.log, metrics = self.metrics, directory = self.directory
         l.onReject = { reason in log.warning("mTLS peer certificate refused", metadata: ["reason": "\(reason)"]) }
         l.authorize = { Agent.authorizeInbound($0, directory: directory.current) }
+        // Access log: one JSON line per request through the L7 proxy.
+        let path = "\(config.stateDir)/access.jsonl"
+        if !FileManager.default.fileExists(atPath: path) { FileManager.default.createFile(atPath: path, contents: nil, attributes: [.posixPermissions: 0o600]) }
+        let sampling = config.accessLogSampling
+        if let fh = FileHandle(forWritingAtPath: path) {
+            fh.seekToEndOfFile()
+            accessLogFile = fh
+            let box = AccessLogBox(fh)
+            l.accessLog = { entry in
+                if sampling < 1, Double.random(in: 0..<1) >= sampling { return }
+                box.write(entry)
+            }
+        }
         l.onStream = { request, decision, error in
             var delivered = false
             if case .deliver = decision, error == nil { delivered = true }
@@ -257,6 +272,7 @@ public final class Agent {
         // Policies: any error keeps the last good set in force.
         do {
             lastGoodPolicies = try PolicySet.load(policyFiles)
+            lastGoodHTTP = try HTTPRuleSet.load(policyFiles)
             lastGoodPolicyFiles = policyFiles.map(\.name)
             state.policy.lastError = nil
             metrics.setPolicyValid(true)
@@ -440,5 +456,18 @@ public final class Agent {
         cleared.endpoints = []
         try? cleared.save(config.stateFile)
         logger.info("removed Palisade's programs, links and pinned maps", metadata: ["bpffs": "\(config.bpffs)"])
+    }
+}
+
+/// Serializes access-log writes from the tunnel's event loops.
+final class AccessLogBox: @unchecked Sendable {
+    let lock = NSLock()
+    let fh: FileHandle
+    let encoder = JSONEncoder()
+    init(_ fh: FileHandle) { self.fh = fh; encoder.outputFormatting = .sortedKeys }
+    func write(_ e: AccessLogEntry) {
+        guard var data = try? encoder.encode(e) else { return }
+        data.append(0x0a)
+        lock.withLock { fh.write(data) }
     }
 }

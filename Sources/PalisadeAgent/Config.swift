@@ -54,6 +54,8 @@ public struct AgentConfig: Sendable {
     /// Global services: a virtual IP and port whose endpoints are the
     /// workloads (on any node, in any cloud) matching the selector.
     public var services: [GlobalService] = []
+    /// Fraction of L7 requests written to STATE/access.jsonl (0...1).
+    public var accessLogSampling = 1.0
 
     public init() {}
 
@@ -81,7 +83,7 @@ public struct AgentConfig: Sendable {
     static let keys: Set<String> = ["trustDomain", "stateDir", "bpffs", "policyDir", "workloadDir", "cgroupRoot",
                                     "eventsPerSecond", "pollIntervalMilliseconds", "hostAddresses", "workloads", "metricsAddress", "metricsIdentityPairs", "allowedFlowEvents", "svidLifetimeSeconds", "federatedBundles", "tunnelAddress", "jwtIssuers",
                                     "outboundPort", "nodes", "remoteWorkloads", "nodeName", "store", "advertiseAddress",
-                                    "locality", "services"]
+                                    "locality", "services", "accessLogSampling"]
 
     /// "HOST:PORT" with an IP address (IPv6 in brackets), or "off" (nil).
     static func address(_ v: YAMLValue) throws -> (host: String, port: Int)? {
@@ -176,6 +178,10 @@ public struct AgentConfig: Sendable {
         }
         if let v = m["store"] { c.store = try StoreConfig.parse(v) }
         if let v = m["locality"] { c.locality = try Locality.parse(v) }
+        if let v = m["accessLogSampling"] {
+            guard let d = Double(try v.string()), (0...1).contains(d) else { throw v.error("expected a fraction between 0 and 1") }
+            c.accessLogSampling = d
+        }
         if let v = m["services"] {
             c.services = try v.sequence().map(GlobalService.parse)
             var seen = Set<IPAddress>()

@@ -22,6 +22,9 @@ struct MeshDirectory: @unchecked Sendable {  // immutable snapshots; CompiledLoo
     var lookup: CompiledLookup?
     /// Global services by virtual IP.
     var services: [IPAddress: ServiceRoute] = [:]
+    /// L7 rules, and the labels/namespace of local workloads they select on.
+    var http = HTTPRuleSet([])
+    var localWorkloads: [IPAddress: (labels: [String: String], namespace: String)] = [:]
 }
 
 /// A global service's endpoints, with how close each one is to this node.
@@ -119,7 +122,16 @@ extension Agent {
             let d = lookup.evaluate(local: local, direction: .ingress, peer: source, cidrPeer: nil, proto: 6, port: UInt16(r.port))
             if d.verdict == .deny { return .refuse(status: 403, reason: "denied by policy") }
         }
-        return .deliver(mark: PAL_MARK_MAGIC | (source.rawValue & PAL_MARK_IDENTITY))
+        let mark = PAL_MARK_MAGIC | (source.rawValue & PAL_MARK_IDENTITY)
+        if let w = directory.localWorkloads[dst], directory.http.applies(labels: w.labels, namespace: w.namespace, port: r.port) {
+            let rules = directory.http, peer = r.peer, port = r.port
+            return .deliverHTTP(mark: mark) { method, uri, host, headers in
+                let d = rules.decide(HTTPRequestFacts(source: peer, method: method, path: uri, host: host, headers: headers),
+                                     labels: w.labels, namespace: w.namespace, port: port)
+                return HTTPVerdict(allowed: d.allowed, reason: d.reason, rule: d.rule)
+            }
+        }
+        return .deliver(mark: mark)
     }
 
     /// Publishes what the tunnel needs after a reconcile or a rotation.
@@ -141,8 +153,13 @@ extension Agent {
             for a in w.addresses where !w.remoteAddresses.contains(a) { local[a] = id }
         }
         let services = serviceRoutes(universe: universe, remote: remote, nodes: nodes)
+        var workloadsByAddress: [IPAddress: (labels: [String: String], namespace: String)] = [:]
+        for w in universe.workloads.values { for a in w.addresses where !w.remoteAddresses.contains(a) { workloadsByAddress[a] = (w.labels, w.namespace) } }
+        let http = lastGoodHTTP
         directory.update { d in
             d.services = services
+            d.http = http
+            d.localWorkloads = workloadsByAddress
             d.remoteEndpoints = remote
             d.localEndpoints = local
             d.identityBySpiffeID = bySpiffe

@@ -118,6 +118,26 @@ public struct HTTPRuleSet: Sendable {
     public let policies: [HTTPPolicy]
     public init(_ policies: [HTTPPolicy]) { self.policies = policies }
 
+    /// The L7 documents (HTTPPolicy, Istio AuthorizationPolicy) of policy
+    /// files that also hold L3/L4 policies; every error is reported.
+    public static func load(_ files: [(name: String, text: String)]) throws -> HTTPRuleSet {
+        var out: [HTTPPolicy] = []
+        var errors: [InputError] = []
+        for f in files {
+            do {
+                for doc in try YAMLValue.documents(f.text, file: f.name) where !doc.isNull {
+                    let kind = try? doc.mapping()["kind"]?.string()
+                    do {
+                        if kind == "HTTPPolicy" { out.append(try HTTPPolicyParser.parse(doc)) }
+                        else if kind == "AuthorizationPolicy" { out.append(try IstioImport.parse(doc)) }
+                    } catch let e as InputError { errors.append(e) }
+                }
+            } catch let e as InputError { errors.append(e) }
+        }
+        if !errors.isEmpty { throw PolicyLoadErrors(errors: errors) }
+        return HTTPRuleSet(out)
+    }
+
     func rules(labels: [String: String], namespace: String? = nil, port: Int) -> [(String, HTTPPolicy.Rule)] {
         policies.filter { p in (p.port == nil || p.port == port) && p.selector.allSatisfy { labels[$0.key] == $0.value }
                                && (p.namespace == nil || p.namespace == namespace) }

@@ -17,6 +17,8 @@ public enum PolicyParser {
                 out.append(try parsePolicy(doc))
             case (KubernetesImport.apiVersion, "NetworkPolicy"):
                 out.append(try KubernetesImport.parse(doc))
+            case (apiVersion, "HTTPPolicy"), ("security.istio.io/v1", "AuthorizationPolicy"), ("security.istio.io/v1beta1", "AuthorizationPolicy"):
+                continue   // L7 rules: HTTPRuleSet.load reads these
             case (nil, _):
                 throw doc.error("missing field 'apiVersion' (expected \(apiVersion))")
             case (_, nil):

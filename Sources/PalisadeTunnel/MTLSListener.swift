@@ -35,6 +35,8 @@ public final class MTLSListener: @unchecked Sendable {
     /// Called once per tunnel stream with its decision (and an error if the
     /// destination could not be reached).
     public var onStream: (@Sendable (InboundRequest, InboundDecision, String?) -> Void)?
+    /// One entry per request through the L7 proxy.
+    public var accessLog: (@Sendable (AccessLogEntry) -> Void)?
 
     public static func context(certificateFile: String, keyFile: String, roots: [Certificate]) throws -> NIOSSLContext {
         let chain = try NIOSSLCertificate.fromPEMFile(certificateFile).map { NIOSSLCertificateSource.certificate($0) }
@@ -84,7 +86,7 @@ public final class MTLSListener: @unchecked Sendable {
                         onFailure: { weakSelf?.onHandshakeFailure?() },
                         tunnel: { ch, peer in
                             guard let me = weakSelf, let authorize = me.authorize else { return false }
-                            try MTLSListener.configureTunnel(ch, peer: peer, authorize: authorize, onStream: me.onStream)
+                            try MTLSListener.configureTunnel(ch, peer: peer, authorize: authorize, onStream: me.onStream, accessLog: me.accessLog)
                             return true
                         }))
                 }

@@ -1,6 +1,7 @@
 import Foundation
 import NIOCore
 import NIOHPACK
+import NIOHTTP1
 import NIOHTTP2
 import NIOPosix
 import PalisadeIdentity
@@ -10,6 +11,9 @@ public enum InboundDecision: Sendable {
     /// Connect to the destination with this socket mark (the authenticated
     /// source identity for the kernel's policy check).
     case deliver(mark: UInt32)
+    /// Deliver through the in-agent HTTP proxy: each request is judged by
+    /// the destination's L7 rules.
+    case deliverHTTP(mark: UInt32, gate: HTTPGate)
     /// Refuse with an HTTP status and a short reason (no internals).
     case refuse(status: Int, reason: String)
 }
@@ -44,9 +48,10 @@ final class TunnelInboundStream: ChannelInboundHandler, RemovableChannelHandler,
     let authorize: InboundAuthorizer
     let connectTimeout: TimeAmount
     let onStream: (@Sendable (InboundRequest, InboundDecision, String?) -> Void)?
+    var accessLog: (@Sendable (AccessLogEntry) -> Void)?
     private var started = false
-    private var forwarding = false
-    private var buffered: [NIOAny] = []
+    fileprivate(set) var forwarding = false
+    fileprivate(set) var buffered: [NIOAny] = []
 
     init(peer: SpiffeID, authorize: @escaping InboundAuthorizer, connectTimeout: TimeAmount,
          onStream: (@Sendable (InboundRequest, InboundDecision, String?) -> Void)?) {
@@ -89,14 +94,21 @@ final class TunnelInboundStream: ChannelInboundHandler, RemovableChannelHandler,
         }
         let request = InboundRequest(peer: peer, host: host, port: port)
         let decision = authorize(request)
-        guard case .deliver(let mark) = decision else {
-            if case .refuse(let status, let reason) = decision {
-                onStream?(request, decision, nil)
-                respond(context, status: status, body: reason)
-            }
+        let mark: UInt32
+        var httpGate: HTTPGate?
+        switch decision {
+        case .deliver(let m): mark = m
+        case .deliverHTTP(let m, let g): mark = m; httpGate = g
+        case .refuse(let status, let reason):
+            onStream?(request, decision, nil)
+            respond(context, status: status, body: reason)
             return
         }
         let stream = context.channel
+        if let httpGate {
+            deliverHTTP(context, request: request, decision: decision, mark: mark, gate: httpGate)
+            return
+        }
         let (streamGlue, tcpGlue) = GlueHandler.pair()
         streamGlue.isStream = true
         ClientBootstrap(group: context.eventLoop)
@@ -135,16 +147,69 @@ final class TunnelInboundStream: ChannelInboundHandler, RemovableChannelHandler,
     }
 }
 
+extension TunnelInboundStream {
+    /// Connects to the workload and puts the HTTP proxy between the stream
+    /// and that connection.
+    func deliverHTTP(_ context: ChannelHandlerContext, request: InboundRequest, decision: InboundDecision, mark: UInt32, gate: @escaping HTTPGate) {
+        let stream = context.channel
+        let l7 = L7Gate(gate: gate, source: request.peer.description, destination: "\(request.host):\(request.port)", log: accessLog)
+        ClientBootstrap(group: context.eventLoop)
+            .connectTimeout(connectTimeout)
+            .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+            .channelOption(ChannelOptions.Types.SocketOption(level: NIOBSDSocket.OptionLevel(rawValue: SOL_SOCKET), name: NIOBSDSocket.Option(rawValue: SO_MARK)), value: Int(mark))
+            .channelInitializer { ch in
+                ch.eventLoop.makeCompletedFuture {
+                    try ch.pipeline.syncOperations.addHTTPClientHandlers()
+                    try ch.pipeline.syncOperations.addHandler(L7Upstream(gate: l7, stream: stream))
+                }
+            }
+            .connect(host: request.host, port: request.port)
+            .hop(to: context.eventLoop)
+            .whenComplete { result in
+                switch result {
+                case .success(let upstream):
+                    self.onStream?(request, decision, nil)
+                    self.respond(context, status: 200)
+                    do {
+                        l7.upstream = upstream
+                        let codec = ConnectStreamCodec()
+                        let ops = stream.pipeline.syncOperations
+                        try ops.addHandler(codec, position: .after(self))
+                        let decoder = ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes))
+                        try ops.addHandler(decoder, position: .after(codec))
+                        let encoder = HTTPResponseEncoder()
+                        try ops.addHandler(encoder, position: .after(decoder))
+                        try ops.addHandler(l7, position: .after(encoder))
+                        self.forwarding = true
+                        let pending = self.buffered
+                        self.buffered = []
+                        for d in pending { context.fireChannelRead(d) }
+                        context.fireChannelReadComplete()
+                        ops.removeHandler(self, promise: nil)
+                    } catch {
+                        stream.close(promise: nil)
+                        upstream.close(promise: nil)
+                    }
+                case .failure(let error):
+                    self.onStream?(request, .refuse(status: 503, reason: "destination unreachable"), "\(error)")
+                    self.respond(context, status: 503, body: "destination unreachable")
+                }
+            }
+    }
+}
+
 extension MTLSListener {
     /// HTTP/2 server for the tunnel on a verified connection.
     static func configureTunnel(_ channel: Channel, peer: SpiffeID, authorize: @escaping InboundAuthorizer,
-                                onStream: (@Sendable (InboundRequest, InboundDecision, String?) -> Void)?) throws {
+                                onStream: (@Sendable (InboundRequest, InboundDecision, String?) -> Void)?,
+                                accessLog: (@Sendable (AccessLogEntry) -> Void)?) throws {
         _ = try channel.pipeline.syncOperations.configureHTTP2Pipeline(
             mode: .server, connectionConfiguration: TunnelSettings.connection, streamConfiguration: TunnelSettings.stream
         ) { stream in
             stream.eventLoop.makeCompletedFuture {
-                try stream.pipeline.syncOperations.addHandler(
-                    TunnelInboundStream(peer: peer, authorize: authorize, connectTimeout: .seconds(3), onStream: onStream))
+                let handler = TunnelInboundStream(peer: peer, authorize: authorize, connectTimeout: .seconds(3), onStream: onStream)
+                handler.accessLog = accessLog
+                try stream.pipeline.syncOperations.addHandler(handler)
             }
         }
     }

@@ -543,3 +543,65 @@ final class MultiCloudTests: XCTestCase {
         XCTAssertEqual(try ask("a", "10.102.1.2"), "w1", "a -> w1 directly after n2's agent restart")
     }
 }
+
+/// Issue 6 on the tunnel's receiving side: b has L7 rules, so requests to
+/// it are judged one by one by the in-agent HTTP proxy.
+extension MeshTests {
+    func testHTTPRulesJudgeEachRequest() throws {
+        let m = try setUpMesh("pmesh6")
+        let www = "\(m.n2.dir)/www"
+        for (p, body) in [("public/a.txt", "public a"), ("public/secret.txt", "nope"), ("private/b.txt", "private b")] {
+            try FileManager.default.createDirectory(atPath: (("\(www)/\(p)") as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+            try body.write(toFile: "\(www)/\(p)", atomically: true, encoding: .utf8)
+        }
+        try m.lab.spawn(netns: m.lab.netns("b"), [Paths.python, Paths.probe, "http", www, "8081"])
+        try m.n2.writePolicy("b8081", policyYAML("b-ingress-8081", """
+          selector: {labels: {app: b}}
+          ingress:
+            - from: [{labels: {app: a}}]
+              ports: [{port: 8081}]
+        """) + """
+
+        ---
+        apiVersion: palisade.dev/v1
+        kind: HTTPPolicy
+        metadata: {name: b-http}
+        spec:
+          selector: {labels: {app: b}}
+          port: 8081
+          rules:
+            - from: [{spiffeID: "spiffe://test.local/ns/default/sa/a"}]
+              methods: [GET]
+              paths: ["/public/**"]
+            - action: deny
+              paths: ["/public/secret.txt"]
+        """)
+        usleep(1_500_000)
+        func curl(_ args: [String]) throws -> String {
+            let command = (["nsenter", "--net=\(m.lab.netns("a"))", "curl", "-s", "--max-time", "3"] + args).map { "'\($0)'" }.joined(separator: " ")
+            return try sh(["sh", "-c", "echo $$ > '\(m.lab.podCgroup("a"))/cgroup.procs' && exec \(command)"], check: false).output
+        }
+        let url = "http://10.102.1.2:8081"
+        XCTAssertEqual(try curl([url + "/public/a.txt"]), "public a", m.n2.warnings())
+        // Three requests on one connection: allowed, denied (403 with the reason), allowed again.
+        let out = try curl(["-w", "%{http_code} %{num_connects}\n", "-o", "/dev/null", url + "/public/a.txt",
+                            "-o", "/dev/null", url + "/private/b.txt", "-o", "/dev/null", url + "/public/secret.txt",
+                            "-o", "/dev/null", url + "/public/a.txt"])
+        XCTAssertEqual(out.split(separator: "\n").map(String.init), ["200 1", "403 0", "403 0", "200 0"],
+                       "judged one by one; a 403 leaves the connection usable; deny wins")
+        XCTAssertTrue(try curl([url + "/private/b.txt"]).contains("denied: no rule allows this request"))
+        XCTAssertEqual(try curl(["-X", "POST", "-o", "/dev/null", "-w", "%{http_code}", url + "/public/a.txt"]), "403", "method")
+        // A smuggling attempt (Content-Length and Transfer-Encoding together) is refused, never forwarded.
+        let smuggle = "POST /public/a.txt HTTP/1.1\\r\\nHost: b\\r\\nContent-Length: 4\\r\\nTransfer-Encoding: chunked\\r\\n\\r\\n0\\r\\n\\r\\nGET /private/b.txt HTTP/1.1\\r\\nHost: b\\r\\n\\r\\n"
+        let py = "import socket; s=socket.create_connection(('10.102.1.2', 8081), timeout=3); s.sendall(b'\(smuggle)'); print(s.recv(4096).decode(errors='replace'))"
+        let answer = try sh(["sh", "-c", "echo $$ > '\(m.lab.podCgroup("a"))/cgroup.procs' && exec nsenter --net=\(m.lab.netns("a")) \(Paths.python) -c \"\(py)\""], check: false).output
+        XCTAssertTrue(answer.contains("400"), "smuggling refused: \(answer)")
+        XCTAssertFalse(answer.contains("private b"))
+        // The access log: one JSON line per request, with identities and decisions.
+        let log = try String(contentsOfFile: "\(m.n2.dir)/access.jsonl", encoding: .utf8)
+        let lines = log.split(separator: "\n")
+        XCTAssertGreaterThanOrEqual(lines.count, 6)
+        XCTAssertTrue(lines.contains { $0.contains("\"path\":\"\\/private\\/b.txt\"") && $0.contains("\"decision\":\"denied\"") && $0.contains("sa\\/a") }, log)
+        XCTAssertFalse(log.lowercased().contains("authorization"))
+    }
+}

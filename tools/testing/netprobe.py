@@ -8,6 +8,7 @@ whether a round trip succeeded. Run inside test namespaces via nsenter.
                                                  (the message: $PROBE_MESSAGE or "palisade-probe")
   netprobe.py whoami ADDR PORT NAME              answer every TCP connection with NAME
   netprobe.py ask ADDR PORT [TIMEOUT]            print what the server said (exit 1 on failure)
+  netprobe.py http DIR PORT                      HTTP/1.1 (keep-alive) file server for DIR
   netprobe.py hold ADDR PORT SECONDS INTERVAL    one TCP connection, a round trip
                                                  every INTERVAL; prints ok/failed counts
 """
@@ -88,6 +89,15 @@ def ask(addr, port, timeout):
     except (OSError, socket.timeout) as e:
         print("failed: %s" % e); return 1
 
+def http(directory, port):
+    import functools, http.server
+    class H(http.server.SimpleHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        def log_message(self, *a): pass
+    srv = http.server.ThreadingHTTPServer(("0.0.0.0", port), functools.partial(H, directory=directory))
+    print("ready", flush=True)
+    srv.serve_forever()
+
 def hold(addr, port, seconds, interval):
     ok = failed = 0
     s = socket.create_connection((addr, port), timeout=2)
@@ -110,5 +120,6 @@ if __name__ == "__main__":
     elif a[0] == "connect": sys.exit(connect(a[1], a[2], int(a[3]), float(a[4]) if len(a) > 4 else 1.0, a[5] if len(a) > 5 else None))
     elif a[0] == "whoami": whoami(a[1], int(a[2]), a[3])
     elif a[0] == "ask": sys.exit(ask(a[1], int(a[2]), float(a[3]) if len(a) > 3 else 2.0))
+    elif a[0] == "http": http(a[1], int(a[2]))
     elif a[0] == "hold": sys.exit(hold(a[1], int(a[2]), float(a[3]), float(a[4])))
     else: sys.exit(2)
