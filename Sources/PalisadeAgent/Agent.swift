@@ -226,6 +226,8 @@ public final class Agent {
             accessLogFile = fh
             let box = AccessLogBox(fh)
             l.accessLog = { entry in
+                metrics.recordHTTP(source: entry.source, destination: entry.destination, status: entry.status,
+                                   decision: entry.decision, seconds: entry.durationMs / 1000)
                 if sampling < 1, Double.random(in: 0..<1) >= sampling { return }
                 box.write(entry)
             }

@@ -125,7 +125,8 @@ extension Agent {
         let mark = PAL_MARK_MAGIC | (source.rawValue & PAL_MARK_IDENTITY)
         if let w = directory.localWorkloads[dst], directory.http.applies(labels: w.labels, namespace: w.namespace, port: r.port) {
             let rules = directory.http, peer = r.peer, port = r.port
-            return .deliverHTTP(mark: mark) { method, uri, host, headers in
+            let destination = directory.spiffeIDByIdentity[local.rawValue]?.description ?? "\(r.host):\(r.port)"
+            return .deliverHTTP(mark: mark, destination: destination) { method, uri, host, headers in
                 let d = rules.decide(HTTPRequestFacts(source: peer, method: method, path: uri, host: host, headers: headers),
                                      labels: w.labels, namespace: w.namespace, port: port)
                 return HTTPVerdict(allowed: d.allowed, reason: d.reason, rule: d.rule)

@@ -19,6 +19,7 @@ public struct AccessLogEntry: Codable, Sendable {
     public var time: String
     public var source: String
     public var destination: String
+    public var destinationAddress: String
     public var method: String
     public var path: String
     public var status: Int
@@ -42,6 +43,7 @@ final class L7Gate: ChannelInboundHandler, @unchecked Sendable {
     let gate: HTTPGate
     let source: String
     let destination: String
+    let destinationAddress: String
     let log: (@Sendable (AccessLogEntry) -> Void)?
     var upstream: Channel?
     private var context: ChannelHandlerContext?
@@ -53,8 +55,8 @@ final class L7Gate: ChannelInboundHandler, @unchecked Sendable {
     private var inputClosed = false
     static let maxQueuedParts = 4096
 
-    init(gate: @escaping HTTPGate, source: String, destination: String, log: (@Sendable (AccessLogEntry) -> Void)?) {
-        self.gate = gate; self.source = source; self.destination = destination; self.log = log
+    init(gate: @escaping HTTPGate, source: String, destination: String, destinationAddress: String, log: (@Sendable (AccessLogEntry) -> Void)?) {
+        self.gate = gate; self.source = source; self.destination = destination; self.destinationAddress = destinationAddress; self.log = log
     }
 
     func handlerAdded(context: ChannelHandlerContext) { self.context = context }
@@ -115,6 +117,7 @@ final class L7Gate: ChannelInboundHandler, @unchecked Sendable {
     private func record(_ cur: (head: HTTPRequestHead, verdict: HTTPVerdict, start: Date, bytesIn: Int), status: Int, bytesOut: Int) {
         let path = cur.head.uri.split(separator: "?", maxSplits: 1).first.map(String.init) ?? cur.head.uri
         log?(AccessLogEntry(time: ISO8601DateFormatter().string(from: cur.start), source: source, destination: destination,
+                            destinationAddress: destinationAddress,
                             method: cur.head.method.rawValue, path: path, status: status, requestBytes: cur.bytesIn,
                             responseBytes: bytesOut, durationMs: Date().timeIntervalSince(cur.start) * 1000,
                             decision: cur.verdict.allowed ? "allowed" : "denied", rule: cur.verdict.rule))

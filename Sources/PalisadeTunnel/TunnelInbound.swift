@@ -13,7 +13,7 @@ public enum InboundDecision: Sendable {
     case deliver(mark: UInt32)
     /// Deliver through the in-agent HTTP proxy: each request is judged by
     /// the destination's L7 rules.
-    case deliverHTTP(mark: UInt32, gate: HTTPGate)
+    case deliverHTTP(mark: UInt32, destination: String, gate: HTTPGate)
     /// Refuse with an HTTP status and a short reason (no internals).
     case refuse(status: Int, reason: String)
 }
@@ -96,9 +96,10 @@ final class TunnelInboundStream: ChannelInboundHandler, RemovableChannelHandler,
         let decision = authorize(request)
         let mark: UInt32
         var httpGate: HTTPGate?
+        var destinationID = "\(host):\(port)"
         switch decision {
         case .deliver(let m): mark = m
-        case .deliverHTTP(let m, let g): mark = m; httpGate = g
+        case .deliverHTTP(let m, let d, let g): mark = m; httpGate = g; destinationID = d
         case .refuse(let status, let reason):
             onStream?(request, decision, nil)
             respond(context, status: status, body: reason)
@@ -106,7 +107,7 @@ final class TunnelInboundStream: ChannelInboundHandler, RemovableChannelHandler,
         }
         let stream = context.channel
         if let httpGate {
-            deliverHTTP(context, request: request, decision: decision, mark: mark, gate: httpGate)
+            deliverHTTP(context, request: request, decision: decision, mark: mark, destination: destinationID, gate: httpGate)
             return
         }
         let (streamGlue, tcpGlue) = GlueHandler.pair()
@@ -150,9 +151,11 @@ final class TunnelInboundStream: ChannelInboundHandler, RemovableChannelHandler,
 extension TunnelInboundStream {
     /// Connects to the workload and puts the HTTP proxy between the stream
     /// and that connection.
-    func deliverHTTP(_ context: ChannelHandlerContext, request: InboundRequest, decision: InboundDecision, mark: UInt32, gate: @escaping HTTPGate) {
+    func deliverHTTP(_ context: ChannelHandlerContext, request: InboundRequest, decision: InboundDecision, mark: UInt32,
+                     destination: String, gate: @escaping HTTPGate) {
         let stream = context.channel
-        let l7 = L7Gate(gate: gate, source: request.peer.description, destination: "\(request.host):\(request.port)", log: accessLog)
+        let l7 = L7Gate(gate: gate, source: request.peer.description, destination: destination,
+                        destinationAddress: "\(request.host):\(request.port)", log: accessLog)
         ClientBootstrap(group: context.eventLoop)
             .connectTimeout(connectTimeout)
             .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)

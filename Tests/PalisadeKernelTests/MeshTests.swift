@@ -603,5 +603,12 @@ extension MeshTests {
         XCTAssertGreaterThanOrEqual(lines.count, 6)
         XCTAssertTrue(lines.contains { $0.contains("\"path\":\"\\/private\\/b.txt\"") && $0.contains("\"decision\":\"denied\"") && $0.contains("sa\\/a") }, log)
         XCTAssertFalse(log.lowercased().contains("authorization"))
+        XCTAssertTrue(log.contains("\"destination\":\"spiffe:\\/\\/test.local\\/ns\\/default\\/sa\\/b\""), log)
+        // Golden signals per identity pair on node 2's /metrics.
+        let metrics = try sh(["nsenter", "--net=\(m.lab.nodeNetns(2))", "curl", "-sf", "http://127.0.0.1:9654/metrics"]).output
+        let series = metrics.split(separator: "\n").filter { $0.hasPrefix("palisade_http_requests_total{") }
+        XCTAssertTrue(series.contains { $0.contains("source=\"spiffe://test.local/ns/default/sa/a\"") && $0.contains("destination=\"spiffe://test.local/ns/default/sa/b\"")
+                                        && $0.contains("code=\"4xx\"") && $0.contains("decision=\"denied\"") }, "\(series)")
+        XCTAssertTrue(metrics.contains("palisade_http_request_duration_seconds_bucket{"))
     }
 }
