@@ -93,7 +93,7 @@ extension Agent {
             guard Int(UInt16(bigEndian: origin.port)) == service.port, let source = directory.spiffeIDByIdentity[origin.identity],
                   let creds = directory.credentials[source] else { return nil }
             let candidates = service.endpoints.map { e in
-                OutboundRoute.Candidate(peer: e.peer, host: e.address.isV4 ? e.address.description : e.address.description, port: service.port)
+                OutboundRoute.Candidate(peer: e.peer, host: e.address.description, port: service.port)
             }
             let ranked = zip(service.endpoints, candidates).sorted { a, b in
                 let ea = outliers.isEjected(a.1.key), eb = outliers.isEjected(b.1.key)
@@ -289,7 +289,7 @@ final class TrustBox: @unchecked Sendable {
     /// Returns true if the bundles changed.
     @discardableResult
     func set(_ v: SPIFFEVerifier) -> Bool {
-        let fp = v.bundles.map { "\($0.key)=\($0.value.map { $0.serialNumber.description }.sorted())" }.sorted().joined(separator: ";")
+        let fp = v.fingerprint
         return lock.withLock {
             guard fp != fingerprint else { return false }
             value = v

@@ -34,6 +34,12 @@ public struct SPIFFEVerifier: Sendable {
     public var bundles: [String: [Certificate]]
     public init(bundles: [String: [Certificate]]) { self.bundles = bundles }
 
+    /// Identifies the set of trusted roots (trust domains and serials):
+    /// equal when nothing a handshake depends on changed.
+    public var fingerprint: String {
+        bundles.map { "\($0.key)=\($0.value.map { $0.serialNumber.description }.sorted())" }.sorted().joined(separator: ";")
+    }
+
     /// The SPIFFE ID of a leaf that satisfies the SVID rules (not its chain).
     public static func checkLeaf(_ leaf: Certificate, trustDomain: String?) -> Result<SpiffeID, SVIDRejection> {
         let sans: [GeneralName]

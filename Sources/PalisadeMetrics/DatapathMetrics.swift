@@ -77,23 +77,25 @@ public final class DatapathMetrics: @unchecked Sendable {
     lazy var handshakesRefused = registry.makeCounter(name: "palisade_tls_handshakes_total", labels: [("result", "refused")],
                                                       help: "mTLS handshakes on the agent's listener, by result.")
 
-    lazy var tunnelOutOK = registry.makeCounter(name: "palisade_tunnel_outbound_connections_total", labels: [("result", "tunnelled")],
-                                                help: "Workload connections redirected to the agent, by result.")
-    lazy var tunnelOutFailed = registry.makeCounter(name: "palisade_tunnel_outbound_connections_total", labels: [("result", "refused")],
-                                                    help: "Workload connections redirected to the agent, by result.")
-    lazy var tunnelInDelivered = registry.makeCounter(name: "palisade_tunnel_inbound_streams_total", labels: [("result", "delivered")],
-                                                      help: "Tunnel streams received from peer agents, by result.")
-    lazy var tunnelInRefused = registry.makeCounter(name: "palisade_tunnel_inbound_streams_total", labels: [("result", "refused")],
-                                                    help: "Tunnel streams received from peer agents, by result.")
+    /// Counters by result, made on first use.
+    private var resultCounters: [String: Counter] = [:]
+    private func result(_ name: String, _ result: String, _ help: String) -> Counter {
+        lock.withLock {
+            if let c = resultCounters["\(name)|\(result)"] { return c }
+            let c = registry.makeCounter(name: name, labels: [("result", result)], help: help)
+            resultCounters["\(name)|\(result)"] = c
+            return c
+        }
+    }
 
     public func recordTunnelConnection(ok: Bool) {
-        lock.lock(); let c = ok ? tunnelOutOK : tunnelOutFailed; lock.unlock()
-        c.increment()
+        result("palisade_tunnel_outbound_connections_total", ok ? "tunnelled" : "refused",
+               "Workload connections redirected to the agent, by result.").increment()
     }
 
     public func recordTunnelStream(delivered: Bool) {
-        lock.lock(); let c = delivered ? tunnelInDelivered : tunnelInRefused; lock.unlock()
-        c.increment()
+        result("palisade_tunnel_inbound_streams_total", delivered ? "delivered" : "refused",
+               "Tunnel streams received from peer agents, by result.").increment()
     }
 
     public func recordHandshake(accepted: Bool) {

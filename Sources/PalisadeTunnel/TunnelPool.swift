@@ -91,7 +91,7 @@ public final class TunnelPool: @unchecked Sendable {
 
     func tlsContext(_ creds: ClientCredentials) throws -> NIOSSLContext {
         // Trust bundles changed (federation, root rotation): rebuild contexts.
-        let fp = verifier().bundles.map { "\($0.key)=\($0.value.map { $0.serialNumber.description }.sorted())" }.sorted().joined(separator: ";")
+        let fp = verifier().fingerprint
         if fp != trustFingerprint {
             contexts.removeAll()
             trustFingerprint = fp

@@ -57,13 +57,7 @@ final class MeshTests: XCTestCase {
             - from: [{labels: {app: a}}]
               ports: [{port: 8080}]
         """))
-        try n1.start()
-        try n1.waitApplied(endpoints: 2)
-        // One trust domain across the nodes: node 2 uses the same
-        // (operator-supplied) CA as node 1.
-        try sh(["cp", "-r", "\(n1.dir)/ca", "\(n2.dir)/ca"])
-        try n2.start()
-        try n2.waitApplied(endpoints: 1)
+        try n2.start(sharingCAOf: n1, firstEndpoints: 2, endpoints: 1)
         try lab.serve("b", "tcp", port: 8080, address: "::")
         return Mesh(lab: lab, n1: n1, n2: n2)
     }
@@ -267,11 +261,7 @@ final class MeshStoreTests: XCTestCase {
             - from: [{labels: {app: a}}]
               ports: [{port: 8080}]
         """))
-        try n1.start()
-        try n1.waitApplied(endpoints: 1)
-        try sh(["cp", "-r", "\(n1.dir)/ca", "\(n2.dir)/ca"])
-        try n2.start()
-        try n2.waitApplied(endpoints: 1)
+        try n2.start(sharingCAOf: n1, firstEndpoints: 1, endpoints: 1)
         try lab.serve("b", "tcp", port: 8080, address: "::")
         let mesh = MeshTests.Mesh(lab: lab, n1: n1, n2: n2)
         let t = MeshTests.self
@@ -398,11 +388,7 @@ final class GlobalServiceTests: XCTestCase {
             remoteWorkloads:
               - {name: a, spiffeID: "spiffe://test.local/ns/default/sa/a", labels: {app: a}, addresses: ["10.101.1.2"], node: n1}
             """, node: 2)
-        try n1.start()
-        try n1.waitApplied(endpoints: 2)
-        try sh(["cp", "-r", "\(n1.dir)/ca", "\(n2.dir)/ca"])
-        try n2.start()
-        try n2.waitApplied(endpoints: 1)
+        try n2.start(sharingCAOf: n1, firstEndpoints: 2, endpoints: 1)
         let cServer = try lab.spawn(netns: lab.netns("c"), [Paths.python, Paths.probe, "whoami", "0.0.0.0", "8080", "c"])
         try lab.spawn(netns: lab.netns("b"), [Paths.python, Paths.probe, "whoami", "0.0.0.0", "8080", "b"])
         usleep(500_000)
@@ -488,11 +474,7 @@ final class MultiCloudTests: XCTestCase {
         }
         // One CA per cloud: the second node of each cloud uses the first's.
         for (first, second) in [(1, 2), (3, 4)] {
-            try agents[first]!.start()
-            try agents[first]!.waitApplied(endpoints: 1)
-            try sh(["cp", "-r", "\(agents[first]!.dir)/ca", "\(agents[second]!.dir)/ca"])
-            try agents[second]!.start()
-            try agents[second]!.waitApplied(endpoints: 1)
+            try agents[second]!.start(sharingCAOf: agents[first]!, firstEndpoints: 1, endpoints: 1)
         }
         let w1 = try lab.spawn(netns: lab.netns("w1"), [Paths.python, Paths.probe, "whoami", "0.0.0.0", "8080", "w1"])
         try lab.spawn(netns: lab.netns("w2"), [Paths.python, Paths.probe, "whoami", "0.0.0.0", "8080", "w2"])

@@ -188,6 +188,16 @@ final class AgentHarness {
         process = p
     }
 
+    /// Starts this agent after `first` (started here too), with first's CA:
+    /// nodes of one trust domain share its (operator-supplied) CA.
+    func start(sharingCAOf first: AgentHarness, firstEndpoints: Int, endpoints: Int) throws {
+        try first.start()
+        try first.waitApplied(endpoints: firstEndpoints)
+        try sh(["cp", "-r", "\(first.dir)/ca", "\(dir)/ca"])
+        try start()
+        try waitApplied(endpoints: endpoints)
+    }
+
     func stop(signal: Int32 = SIGTERM) {
         guard let p = process, p.isRunning else { return }
         kill(p.processIdentifier, signal)
