@@ -234,7 +234,10 @@ public final class Agent {
         }
         l.onStream = { request, decision, error in
             var delivered = false
-            if case .deliver = decision, error == nil { delivered = true }
+            switch decision {
+            case .deliver, .deliverHTTP: delivered = error == nil
+            case .refuse: break
+            }
             metrics.recordTunnelStream(delivered: delivered)
             if !delivered {
                 var reason = error ?? ""

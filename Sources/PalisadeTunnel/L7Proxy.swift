@@ -30,14 +30,25 @@ public struct AccessLogEntry: Codable, Sendable {
     public var rule: String?
 }
 
+/// Who is talking to whom through one proxied connection, and where its
+/// requests are judged and logged.
+struct L7Context: Sendable {
+    var gate: HTTPGate
+    var source: String
+    var destination: String
+    var destinationAddress: String
+    var log: (@Sendable (AccessLogEntry) -> Void)?
+}
+
 /// The in-agent HTTP/1.1 proxy on one tunnel stream (the caller's side):
 /// requests are decoded (NIO's llhttp decoder refuses conflicting
 /// Content-Length/Transfer-Encoding and invalid header names), judged one by
 /// one, allowed ones streamed to the workload in order, denied ones answered
 /// with 403 — the connection stays usable. Bodies stream through, never
 /// buffered whole; at most `maxQueuedParts` pipelined parts wait.
-final class L7Gate: ChannelInboundHandler, @unchecked Sendable {
+final class L7Gate: ChannelDuplexHandler, @unchecked Sendable {
     typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundIn = HTTPServerResponsePart
     typealias OutboundOut = HTTPServerResponsePart
 
     let gate: HTTPGate
@@ -53,13 +64,45 @@ final class L7Gate: ChannelInboundHandler, @unchecked Sendable {
     private var responseStatus = 0
     private var responseBytes = 0
     private var inputClosed = false
+    private var pendingRead = false
     static let maxQueuedParts = 4096
 
-    init(gate: @escaping HTTPGate, source: String, destination: String, destinationAddress: String, log: (@Sendable (AccessLogEntry) -> Void)?) {
-        self.gate = gate; self.source = source; self.destination = destination; self.destinationAddress = destinationAddress; self.log = log
+    init(_ l7: L7Context) {
+        gate = l7.gate; source = l7.source; destination = l7.destination; destinationAddress = l7.destinationAddress; log = l7.log
+    }
+
+    /// Backpressure: the caller is read only while the workload's
+    /// connection can take more (and no response is awaited with parts
+    /// queued), so a body of any size streams through bounded buffers.
+    func read(context: ChannelHandlerContext) {
+        if let upstream, !upstream.isWritable || queue.count > 64 {
+            pendingRead = true
+        } else {
+            context.read()
+        }
+    }
+
+    func resumeRead() {
+        guard pendingRead, let context else { return }
+        if let upstream, !upstream.isWritable || queue.count > 64 { return }
+        pendingRead = false
+        context.read()
+    }
+
+    var writable: Bool { context?.channel.isWritable ?? false }
+    weak var upstreamHandler: L7Upstream?
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable { upstreamHandler?.resumeRead() }
+        context.fireChannelWritabilityChanged()
     }
 
     func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        upstream?.flush()
+        context.fireChannelReadComplete()
+    }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         queue.append(unwrapInboundIn(data))
@@ -75,6 +118,7 @@ final class L7Gate: ChannelInboundHandler, @unchecked Sendable {
             handle(queue.removeFirst())
         }
         if inputClosed && queue.isEmpty && !awaitingResponse { finish() }
+        resumeRead()
     }
 
     private func handle(_ part: HTTPServerRequestPart) {
@@ -184,17 +228,113 @@ final class L7Gate: ChannelInboundHandler, @unchecked Sendable {
     }
 }
 
-/// The workload's side: responses go back through the gate.
-final class L7Upstream: ChannelInboundHandler, @unchecked Sendable {
+/// The workload's side: responses go back through the gate, read only
+/// while the caller's side can take them.
+final class L7Upstream: ChannelDuplexHandler, @unchecked Sendable {
     typealias InboundIn = HTTPClientResponsePart
+    typealias OutboundIn = HTTPClientRequestPart
     weak var gate: L7Gate?
     let stream: Channel
+    private var context: ChannelHandlerContext?
+    private var pendingRead = false
     init(gate: L7Gate, stream: Channel) { self.gate = gate; self.stream = stream }
+    func handlerAdded(context: ChannelHandlerContext) { self.context = context }
     func channelRead(context: ChannelHandlerContext, data: NIOAny) { gate?.fromUpstream(unwrapInboundIn(data)) }
+    func channelReadComplete(context: ChannelHandlerContext) {
+        stream.flush()
+        context.fireChannelReadComplete()
+    }
+    func read(context: ChannelHandlerContext) {
+        if let gate, !gate.writable {
+            pendingRead = true
+        } else {
+            context.read()
+        }
+    }
+    func resumeRead() {
+        if pendingRead {
+            pendingRead = false
+            context?.read()
+        }
+    }
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable { gate?.resumeRead() }
+        context.fireChannelWritabilityChanged()
+    }
     func channelInactive(context: ChannelHandlerContext) {
         // The workload closed: end the stream after what was already sent.
         stream.close(mode: .output, promise: nil)
         context.fireChannelInactive()
     }
     func errorCaught(context: ChannelHandlerContext, error: Error) { context.close(promise: nil) }
+}
+
+/// Tells HTTP/2 with prior knowledge (the connection preface) from
+/// HTTP/1.x on a proxied byte stream, then puts the matching proxy on both
+/// sides and hands it the bytes seen so far.
+final class L7ProtocolSniffer: ChannelInboundHandler, RemovableChannelHandler, @unchecked Sendable {
+    typealias InboundIn = ByteBuffer
+    typealias InboundOut = ByteBuffer
+    static let preface = Array("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".utf8)
+
+    let upstream: Channel
+    let l7: L7Context
+    private var seen = ByteBuffer()
+    private var decided = false
+
+    init(upstream: Channel, l7: L7Context) { self.upstream = upstream; self.l7 = l7 }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var b = unwrapInboundIn(data)
+        seen.writeBuffer(&b)
+        let bytes = seen.readableBytesView
+        let n = min(bytes.count, Self.preface.count)
+        if !bytes.prefix(n).elementsEqual(Self.preface.prefix(n)) {
+            decide(context, http2: false)
+        } else if n == Self.preface.count {
+            decide(context, http2: true)
+        }
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let e = event as? ChannelEvent, e == .inputClosed, !decided { decide(context, http2: false) }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    private func decide(_ context: ChannelHandlerContext, http2: Bool) {
+        guard !decided else { return }
+        decided = true
+        let stream = context.channel
+        do {
+            if http2 {
+                try L7HTTP2.configure(downstream: stream, upstream: upstream, l7: l7)
+            } else {
+                let gate = L7Gate(l7)
+                gate.upstream = upstream
+                let up = L7Upstream(gate: gate, stream: stream)
+                gate.upstreamHandler = up
+                try upstream.pipeline.syncOperations.addHTTPClientHandlers()
+                try upstream.pipeline.syncOperations.addHandler(up)
+                let ops = stream.pipeline.syncOperations
+                // After the sniffer, in order: bytes -> requests -> gate.
+                let decoder = ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes))
+                try ops.addHandler(decoder, position: .after(self))
+                let encoder = HTTPResponseEncoder()
+                try ops.addHandler(encoder, position: .after(decoder))
+                try ops.addHandler(gate, position: .after(encoder))
+            }
+        } catch {
+            stream.close(promise: nil)
+            upstream.close(promise: nil)
+            return
+        }
+        // The workload's connection was connected without reading.
+        let upstream = self.upstream
+        upstream.setOption(ChannelOptions.autoRead, value: true).whenSuccess { upstream.read() }
+        let held = seen
+        seen = ByteBuffer()
+        if held.readableBytes > 0 { context.fireChannelRead(wrapInboundOut(held)) }
+        context.fireChannelReadComplete()
+        context.pipeline.syncOperations.removeHandler(self, promise: nil)
+    }
 }

@@ -154,18 +154,15 @@ extension TunnelInboundStream {
     func deliverHTTP(_ context: ChannelHandlerContext, request: InboundRequest, decision: InboundDecision, mark: UInt32,
                      destination: String, gate: @escaping HTTPGate) {
         let stream = context.channel
-        let l7 = L7Gate(gate: gate, source: request.peer.description, destination: destination,
-                        destinationAddress: "\(request.host):\(request.port)", log: accessLog)
+        let l7 = L7Context(gate: gate, source: request.peer.description, destination: destination,
+                           destinationAddress: "\(request.host):\(request.port)", log: accessLog)
         ClientBootstrap(group: context.eventLoop)
             .connectTimeout(connectTimeout)
             .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
             .channelOption(ChannelOptions.Types.SocketOption(level: NIOBSDSocket.OptionLevel(rawValue: SOL_SOCKET), name: NIOBSDSocket.Option(rawValue: SO_MARK)), value: Int(mark))
-            .channelInitializer { ch in
-                ch.eventLoop.makeCompletedFuture {
-                    try ch.pipeline.syncOperations.addHTTPClientHandlers()
-                    try ch.pipeline.syncOperations.addHandler(L7Upstream(gate: l7, stream: stream))
-                }
-            }
+            // Nothing is read from the workload until the proxy for the
+            // caller's protocol is in place (an HTTP/2 server speaks first).
+            .channelOption(ChannelOptions.autoRead, value: false)
             .connect(host: request.host, port: request.port)
             .hop(to: context.eventLoop)
             .whenComplete { result in
@@ -174,15 +171,11 @@ extension TunnelInboundStream {
                     self.onStream?(request, decision, nil)
                     self.respond(context, status: 200)
                     do {
-                        l7.upstream = upstream
+                        // HTTP/1.1 or HTTP/2 is known from the first bytes.
                         let codec = ConnectStreamCodec()
                         let ops = stream.pipeline.syncOperations
                         try ops.addHandler(codec, position: .after(self))
-                        let decoder = ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes))
-                        try ops.addHandler(decoder, position: .after(codec))
-                        let encoder = HTTPResponseEncoder()
-                        try ops.addHandler(encoder, position: .after(decoder))
-                        try ops.addHandler(l7, position: .after(encoder))
+                        try ops.addHandler(L7ProtocolSniffer(upstream: upstream, l7: l7), position: .after(codec))
                         self.forwarding = true
                         let pending = self.buffered
                         self.buffered = []

@@ -594,3 +594,72 @@ extension MeshTests {
         XCTAssertTrue(metrics.contains("palisade_http_request_duration_seconds_bucket{"))
     }
 }
+
+/// Issue 6, HTTP/2: a caller speaking cleartext HTTP/2 (prior knowledge) to
+/// b through the tunnel; every multiplexed stream is judged on its own.
+extension MeshTests {
+    func testHTTP2StreamsAreJudgedOneByOne() throws {
+        let m = try setUpMesh("pmesh7")
+        let www = "\(m.n2.dir)/www"
+        for (p, body) in [("public/a.txt", "public a"), ("public/secret.txt", "nope"), ("private/b.txt", "private b")] {
+            try FileManager.default.createDirectory(atPath: (("\(www)/\(p)") as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+            try body.write(toFile: "\(www)/\(p)", atomically: true, encoding: .utf8)
+        }
+        // 8 MiB: a response spanning many flow-control windows.
+        try Data(repeating: 0x61, count: 8 << 20).write(to: URL(fileURLWithPath: "\(www)/public/big.bin"))
+        // nghttpd: an HTTP/2 (h2c) workload.
+        try m.lab.spawn(netns: m.lab.netns("b"), ["nghttpd", "--no-tls", "-d", www, "8082"])
+        try m.n2.writePolicy("b8082", policyYAML("b-ingress-8082", """
+          selector: {labels: {app: b}}
+          ingress:
+            - from: [{labels: {app: a}}]
+              ports: [{port: 8082}]
+        """) + """
+
+        ---
+        apiVersion: palisade.dev/v1
+        kind: HTTPPolicy
+        metadata: {name: b-h2}
+        spec:
+          selector: {labels: {app: b}}
+          port: 8082
+          rules:
+            - from: [{spiffeID: "spiffe://test.local/ns/default/sa/a"}]
+              methods: [GET]
+              paths: ["/public/**"]
+            - action: deny
+              paths: ["/public/secret.txt"]
+        """)
+        usleep(1_500_000)
+        func curl(_ args: [String]) throws -> String {
+            let command = (["nsenter", "--net=\(m.lab.netns("a"))", "curl", "-s", "--max-time", "10", "--http2-prior-knowledge"] + args)
+                .map { "'\($0)'" }.joined(separator: " ")
+            return try sh(["sh", "-c", "echo $$ > '\(m.lab.podCgroup("a"))/cgroup.procs' && exec \(command)"], check: false).output
+        }
+        let url = "http://10.102.1.2:8082"
+        XCTAssertEqual(try curl([url + "/public/a.txt"]), "public a", m.n2.warnings())
+        // Six streams multiplexed on one connection, in flight together
+        // (nghttp sends them at once): each gets its own verdict; the
+        // denials do not disturb the others.
+        let paths = ["/public/a.txt?1", "/private/b.txt?1", "/public/big.bin", "/public/secret.txt", "/public/a.txt?2", "/private/b.txt?2"]
+        let command = (["nsenter", "--net=\(m.lab.netns("a"))", "nghttp", "-ns", "-t", "10"] + paths.map { url + $0 }).map { "'\($0)'" }.joined(separator: " ")
+        let table = try sh(["sh", "-c", "echo $$ > '\(m.lab.podCgroup("a"))/cgroup.procs' && exec \(command)"], check: false).output
+        var streams: [String] = [], ids = Set<Int>()
+        for line in table.split(separator: "\n") {
+            let f = line.split(separator: " ").map(String.init)
+            guard f.count == 7, let id = Int(f[0]), f[1].hasPrefix("+") else { continue }
+            ids.insert(id)
+            streams.append("\(f[6]) \(f[4])")
+        }
+        XCTAssertEqual(streams.sorted(), ["/private/b.txt?1 403", "/private/b.txt?2 403", "/public/a.txt?1 200", "/public/a.txt?2 200",
+                                          "/public/big.bin 200", "/public/secret.txt 403"], "deny wins; one verdict per stream: \(table)")
+        XCTAssertEqual(ids.count, 6, "six streams of one connection")
+        XCTAssertEqual(try curl(["-o", "/dev/null", "-w", "%{http_version} %{size_download}", url + "/public/big.bin"]), "2 \(8 << 20)")
+        XCTAssertTrue(try curl([url + "/private/b.txt"]).contains("denied: no rule allows this request"))
+        XCTAssertEqual(try curl(["-X", "POST", "-d", "x", "-o", "/dev/null", "-w", "%{http_code}", url + "/public/a.txt"]), "403", "method")
+        // h2 requests are in the access log like HTTP/1.1 ones.
+        let log = try String(contentsOfFile: "\(m.n2.dir)/access.jsonl", encoding: .utf8)
+        XCTAssertTrue(log.split(separator: "\n").contains { $0.contains("\"path\":\"\\/public\\/big.bin\"") && $0.contains("\"status\":200")
+                                                           && $0.contains("\"responseBytes\":\(8 << 20)") }, log)
+    }
+}

@@ -1,0 +1,86 @@
+import Foundation
+import XCTest
+@testable import PalisadeTunnel
+
+/// The in-agent HTTP proxy on loopback (no kernel): curl -> outbound proxy
+/// -> tunnel -> L7 gate -> a workload. HTTP/1.1 with Python's server and
+/// HTTP/2 with nghttpd; the gate allows GET /public/** only.
+extension TunnelTests {
+    func startL7(_ server: [String], port: Int) throws -> Process {
+        let www = "\(dir!)/www"
+        for (p, body) in [("public/a.txt", "public a"), ("private/b.txt", "private b")] {
+            try FileManager.default.createDirectory(atPath: "\(www)/\((p as NSString).deletingLastPathComponent)", withIntermediateDirectories: true)
+            try body.write(toFile: "\(www)/\(p)", atomically: true, encoding: .utf8)
+        }
+        try Data(repeating: 0x61, count: 4 << 20).write(to: URL(fileURLWithPath: "\(www)/public/big.bin"))
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        p.arguments = server.map { $0.replacingOccurrences(of: "WWW", with: www) }
+        p.standardOutput = FileHandle.nullDevice
+        try p.run()
+        for _ in 0..<50 { if (try? sh(["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/\(port)"]))?.status == 0 { break }; usleep(100_000) }
+        authority = "127.0.0.1:\(port)"
+        listener.authorize = { r in
+            .deliverHTTP(mark: 0, destination: "spiffe://example.org/ns/default/sa/web") { method, uri, _, _ in
+                let ok = method == "GET" && uri.hasPrefix("/public/")
+                return HTTPVerdict(allowed: ok, reason: ok ? "" : "denied: no rule allows this request", rule: ok ? "public" : nil)
+            }
+        }
+        return p
+    }
+
+    func curl(_ args: [String]) throws -> String {
+        try sh(["curl", "-s", "--max-time", "10"] + args).output
+    }
+
+    func testHTTP2StreamsJudgedOneByOneThroughTheTunnel() throws {
+        let port = Int.random(in: 40001...50000)
+        let server = try startL7(["sh", "-c", "exec nghttpd -v --no-tls \"$@\" > /tmp/nghttpd.log 2>&1", "x", "-d", "WWW", "\(port)"], port: port)
+        defer { server.terminate() }
+        let url = "http://127.0.0.1:\(proxy.localPort)"
+        XCTAssertEqual(try curl(["--http2-prior-knowledge", url + "/public/a.txt"]), "public a")
+        // nghttp sends all of them at once on one connection (curl 7.88's
+        // --parallel does not multiplex with prior knowledge).
+        let streams = H2Streams.run(try sh(["nghttp", "-ns", "-t", "10"] + ["/public/a.txt?1", "/private/b.txt?1", "/public/big.bin", "/private/b.txt?2", "/public/a.txt?2"].map { url + $0 }).output)
+        XCTAssertEqual(streams.map { "\($0.path) \($0.code)" }.sorted(),
+                       ["/private/b.txt?1 403", "/private/b.txt?2 403", "/public/a.txt?1 200", "/public/a.txt?2 200", "/public/big.bin 200"])
+        XCTAssertEqual(Set(streams.map(\.stream)).count, 5, "five streams of one connection")
+        XCTAssertEqual(try curl(["--http2-prior-knowledge", "-o", "/dev/null", "-w", "%{size_download}", url + "/public/big.bin"]), "\(4 << 20)")
+    }
+
+    func testHTTP1RequestsJudgedOneByOneThroughTheTunnel() throws {
+        let port = Int.random(in: 40001...50000)
+        let server = try startL7([Self.python, Self.netprobe, "http", "WWW", "\(port)"], port: port)
+        defer { server.terminate() }
+        let url = "http://127.0.0.1:\(proxy.localPort)"
+        let out = try curl(["-w", "%{http_code} %{size_download}\n", "-o", "/dev/null", url + "/public/a.txt", "-o", "/dev/null", url + "/private/b.txt",
+                            "-o", "/dev/null", url + "/public/big.bin"])
+        XCTAssertEqual(out.split(separator: "\n").map(String.init), ["200 8", "403 36", "200 \(4 << 20)"])
+    }
+
+    static var python: String { "/usr/bin/python3" }
+
+    /// The per-stream table `nghttp -ns` prints: stream id, status, path.
+    enum H2Streams {
+        static func run(_ output: String) -> [(stream: Int, code: Int, path: String)] {
+            output.split(separator: "\n").compactMap { line in
+                let f = line.split(separator: " ", omittingEmptySubsequences: true).map(String.init)
+                guard f.count == 7, let id = Int(f[0]), f[1].hasPrefix("+"), let code = Int(f[4]) else { return nil }
+                return (id, code, f[6])
+            }
+        }
+    }
+
+    func sh(_ args: [String]) throws -> (status: Int32, output: String) {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        p.arguments = args
+        let out = Pipe()
+        p.standardOutput = out
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        let data = out.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        return (p.terminationStatus, String(decoding: data, as: UTF8.self))
+    }
+}
