@@ -98,6 +98,40 @@ def http(directory, port):
     print("ready", flush=True)
     srv.serve_forever()
 
+def sink(port):
+    """HTTP/1.1: PUT/POST bodies are read (Content-Length or chunked) in
+    1 MiB pieces and dropped; the answer is how many bytes arrived."""
+    import http.server
+    class H(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        def log_message(self, *a): pass
+        def do_PUT(self):
+            n = 0
+            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                while True:
+                    size = int(self.rfile.readline().split(b";")[0], 16)
+                    if size == 0:
+                        self.rfile.readline(); break
+                    left = size
+                    while left:
+                        d = self.rfile.read(min(left, 1 << 20)); left -= len(d); n += len(d)
+                    self.rfile.readline()
+            else:
+                left = int(self.headers.get("Content-Length", "0"))
+                while left:
+                    d = self.rfile.read(min(left, 1 << 20))
+                    if not d: break
+                    left -= len(d); n += len(d)
+            body = ("received %d\n" % n).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        do_POST = do_PUT
+    srv = http.server.ThreadingHTTPServer(("0.0.0.0", port), H)
+    print("ready", flush=True)
+    srv.serve_forever()
+
 def hold(addr, port, seconds, interval):
     ok = failed = 0
     s = socket.create_connection((addr, port), timeout=2)
@@ -121,5 +155,6 @@ if __name__ == "__main__":
     elif a[0] == "whoami": whoami(a[1], int(a[2]), a[3])
     elif a[0] == "ask": sys.exit(ask(a[1], int(a[2]), float(a[3]) if len(a) > 3 else 2.0))
     elif a[0] == "http": http(a[1], int(a[2]))
+    elif a[0] == "sink": sink(int(a[1]))
     elif a[0] == "hold": sys.exit(hold(a[1], int(a[2]), float(a[3]), float(a[4])))
     else: sys.exit(2)
