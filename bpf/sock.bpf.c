@@ -73,10 +73,12 @@ static __always_inline int pal_connect(struct bpf_sock_addr *ctx, const __u8 dad
 	struct pal_config *cfg = bpf_map_lookup_elem(&pal_config, &zero);
 	__u8 slot = cfg ? (cfg->active_slot & 1) : 0;
 	struct pal_ipcache_value peer = pal_ipcache_lookup(slot, daddr);
-	if (!(peer.flags & PAL_IPCACHE_REMOTE_WORKLOAD))
+	__u16 dport = (__u16)ctx->user_port;
+	/* Remote workloads go through the tunnel; this node's workloads only
+	 * when the port has HTTP rules (the agent's proxy judges requests). */
+	if (!(peer.flags & PAL_IPCACHE_REMOTE_WORKLOAD) && !(peer.identity && pal_has_l7_rules(peer.identity, dport)))
 		return 1;   /* not a mesh destination: the packet programs judge it */
 
-	__u16 dport = (__u16)ctx->user_port;
 	struct pal_decision d = { .pass = 1 };
 	pal_policy_decide(slot, PAL_DIR_EGRESS, ep->identity, peer, IPPROTO_TCP, dport, 0, &d);
 	pal_count(PAL_DIR_EGRESS, d.reason, 0);

@@ -353,6 +353,7 @@ public final class Agent {
         saveState()
         publishDirectory(universe: universe, compiled: lastCompiled)
         publishCredentials()
+        syncL7Ports(universe: universe)
     }
 
     func applyPolicy(universe: Universe) {

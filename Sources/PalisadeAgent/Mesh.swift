@@ -25,6 +25,19 @@ struct MeshDirectory: @unchecked Sendable {  // immutable snapshots; CompiledLoo
     /// L7 rules, and the labels/namespace of local workloads they select on.
     var http = HTTPRuleSet([])
     var localWorkloads: [IPAddress: (labels: [String: String], namespace: String)] = [:]
+
+    /// The HTTP gate for requests from `source` to this node's workload at
+    /// `address`:`port`, if that port has L7 rules.
+    func httpGate(address: IPAddress, port: Int, source: SpiffeID) -> OutboundRoute.HTTP? {
+        guard let w = localWorkloads[address], http.applies(labels: w.labels, namespace: w.namespace, port: port) else { return nil }
+        let rules = http
+        let destination = localEndpoints[address].flatMap { spiffeIDByIdentity[$0.rawValue]?.description } ?? "\(address):\(port)"
+        return OutboundRoute.HTTP(destination: destination) { method, uri, host, headers in
+            let d = rules.decide(HTTPRequestFacts(source: source, method: method, path: uri, host: host, headers: headers),
+                                 labels: w.labels, namespace: w.namespace, port: port)
+            return HTTPVerdict(allowed: d.allowed, reason: d.reason, rule: d.rule)
+        }
+    }
 }
 
 /// A global service's endpoints, with how close each one is to this node.
@@ -76,6 +89,7 @@ extension Agent {
                     "tried": "\(outcome.route?.candidates.map(\.key).joined(separator: ",") ?? "?")", "error": "\(e)"])
             }
         }
+        proxy.accessLog = { [weak self] entry in self?.listener?.accessLog?(entry) }
         outbound = proxy
         log.info("outbound listener", metadata: ["port": "\(proxy.localPort)", "redirects": "connect4/connect6 of enrolled workloads"])
     }
@@ -102,10 +116,22 @@ extension Agent {
             }.map(\.1)
             return OutboundRoute(credentials: creds, candidates: ranked, mark: mark)
         }
+        // A workload of this node whose port has HTTP rules (the kernel
+        // redirects those too): the proxy here judges each request. A
+        // connection the L3/L4 policy refuses is reset at once.
+        let port = Int(UInt16(bigEndian: origin.port))
+        if directory.remoteEndpoints[dst] == nil, let local = directory.localEndpoints[dst],
+           let source = directory.spiffeIDByIdentity[origin.identity], let creds = directory.credentials[source],
+           let http = directory.httpGate(address: dst, port: port, source: source) {
+            if let lookup = directory.lookup,
+               lookup.evaluate(local: local, direction: .ingress, peer: NumericIdentity(origin.identity), cidrPeer: nil, proto: 6, port: UInt16(port)).verdict == .deny {
+                return nil
+            }
+            return OutboundRoute(credentials: creds, candidates: [.init(peer: nil, host: dst.description, port: port)], mark: mark, http: http)
+        }
         guard let peer = directory.remoteEndpoints[dst],
               let source = directory.spiffeIDByIdentity[origin.identity],
               let creds = directory.credentials[source] else { return nil }
-        let port = UInt16(bigEndian: origin.port)
         let host = dst.isV4 ? dst.description : "[\(dst)]"
         return OutboundRoute(peer: peer, credentials: creds, authority: "\(host):\(port)")
     }
@@ -123,14 +149,8 @@ extension Agent {
             if d.verdict == .deny { return .refuse(status: 403, reason: "denied by policy") }
         }
         let mark = PAL_MARK_MAGIC | (source.rawValue & PAL_MARK_IDENTITY)
-        if let w = directory.localWorkloads[dst], directory.http.applies(labels: w.labels, namespace: w.namespace, port: r.port) {
-            let rules = directory.http, peer = r.peer, port = r.port
-            let destination = directory.spiffeIDByIdentity[local.rawValue]?.description ?? "\(r.host):\(r.port)"
-            return .deliverHTTP(mark: mark, destination: destination) { method, uri, host, headers in
-                let d = rules.decide(HTTPRequestFacts(source: peer, method: method, path: uri, host: host, headers: headers),
-                                     labels: w.labels, namespace: w.namespace, port: port)
-                return HTTPVerdict(allowed: d.allowed, reason: d.reason, rule: d.rule)
-            }
+        if let http = directory.httpGate(address: dst, port: r.port, source: r.peer) {
+            return .deliverHTTP(mark: mark, destination: http.destination, gate: http.gate)
         }
         return .deliver(mark: mark)
     }
@@ -166,6 +186,21 @@ extension Agent {
             d.identityBySpiffeID = bySpiffe
             d.spiffeIDByIdentity = byID
             if let compiled { d.lookup = CompiledLookup(compiled) }
+        }
+    }
+
+    /// Tells the kernel which local workload ports have HTTP rules: enrolled
+    /// callers on this node are redirected to the proxy for them, and
+    /// connections that did not come through an agent are refused.
+    func syncL7Ports(universe: Universe) {
+        var wanted = Set<Datapath.L7Port>()
+        for (id, w) in universe.workloads where localSpiffeIDs.contains(w.spiffeID) {
+            for p in lastGoodHTTP.ports(labels: w.labels, namespace: w.namespace) { wanted.insert(.init(identity: id, port: UInt16(p))) }
+        }
+        do {
+            try datapath.setL7Ports(wanted)
+        } catch {
+            log.error("L7 ports not updated", metadata: ["error": "\(error)"])
         }
     }
 

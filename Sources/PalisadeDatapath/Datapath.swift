@@ -243,6 +243,34 @@ public final class Datapath {
                            defaultEntries: compiled.defaults.count, conntrackFlushed: flushed, seconds: Date().timeIntervalSince(start))
     }
 
+    /// A local workload's port with HTTP rules; port 0 stands for every port.
+    public struct L7Port: Hashable, Sendable {
+        public var identity: NumericIdentity
+        public var port: UInt16
+        public init(identity: NumericIdentity, port: UInt16) { self.identity = identity; self.port = port }
+    }
+
+    /// Makes the kernel's set of L7 ports exactly `wanted`: new ones first
+    /// (callers are redirected to the proxy and direct flows refused from
+    /// then on), stale ones after. More than the map holds is an error, and
+    /// nothing is written.
+    public func setL7Ports(_ wanted: Set<L7Port>) throws {
+        guard wanted.count <= Int(PAL_MAX_L7_PORTS) else {
+            throw DatapathError("\(wanted.count) ports with HTTP rules exceed pal_l7_port's capacity of \(PAL_MAX_L7_PORTS)")
+        }
+        func key(_ p: L7Port) -> pal_l7_port_key {
+            var k = pal_l7_port_key()
+            k.identity = p.identity.rawValue
+            k.port = p.port.bigEndian
+            k.protocol = UInt8(IPPROTO_TCP)
+            return k
+        }
+        for p in wanted { try maps.l7Ports.update(key(p), 1) }
+        for k in try maps.l7Ports.keys() where !wanted.contains(L7Port(identity: NumericIdentity(k.identity), port: UInt16(bigEndian: k.port))) {
+            _ = try maps.l7Ports.delete(k)
+        }
+    }
+
     /// Moves every same-node fast-path connection back to the packet path.
     public func clearFastPath() throws {
         for k in try maps.fastPath.keys() { _ = try? maps.fastPath.delete(k) }

@@ -19,6 +19,8 @@ public struct PalisadeMaps {
     public let redirectByFlow: TypedMap<pal_redirect_key, pal_redirect_origin>
     /// Same-node fast path sockets (values are socket cookies when read).
     public let fastPath: TypedMap<pal_sock_key, UInt64>
+    /// Ports of local workloads with HTTP rules (see palisade_shared.h).
+    public let l7Ports: TypedMap<pal_l7_port_key, UInt32>
 
     init(lookup: (MapName) throws -> BPFMap) throws {
         endpointsByIfindex = try TypedMap(lookup(.endpointsByIfindex))
@@ -35,6 +37,7 @@ public struct PalisadeMaps {
         redirectBySocket = try TypedMap(lookup(.redirectBySocket))
         redirectByFlow = try TypedMap(lookup(.redirectByFlow))
         fastPath = try TypedMap(lookup(.fastPath))
+        l7Ports = try TypedMap(lookup(.l7Ports))
     }
 
     /// Opens the maps pinned under pinRoot, without loading any program

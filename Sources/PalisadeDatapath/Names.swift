@@ -17,13 +17,14 @@ public enum MapName: String, CaseIterable, Sendable {
     case redirectBySocket = "pal_redir_sock"
     case redirectByFlow = "pal_redir_flow"
     case fastPath = "pal_sock_fast"
+    case l7Ports = "pal_l7_port"
 }
 
 /// Names for enum pal_reason, used in dumps, metrics and flow events.
 public enum Reason: UInt8, CaseIterable, Sendable, CustomStringConvertible {
     case allowPolicy = 0, allowEstablished, allowReply, allowUnenforced
     case denyPolicy, denyDefault, auditWouldDeny, denyMalformed, denyFragment, denyConntrackFull, denySpoofed, denyNoEndpoint
-    case denyPlaintext, allowPlaintext, allowRedirect
+    case denyPlaintext, allowPlaintext, allowRedirect, denyL7Bypass
 
     public var description: String {
         switch self {
@@ -42,6 +43,7 @@ public enum Reason: UInt8, CaseIterable, Sendable, CustomStringConvertible {
         case .denyPlaintext: "denied-plaintext-strict-mtls"
         case .allowPlaintext: "allowed-plaintext-permissive"
         case .allowRedirect: "allowed-redirected-to-agent"
+        case .denyL7Bypass: "denied-l7-bypass"
         }
     }
 

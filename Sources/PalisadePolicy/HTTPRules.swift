@@ -144,6 +144,12 @@ public struct HTTPRuleSet: Sendable {
             .flatMap { p in p.rules.enumerated().map { ("\(p.name)/\($0.offset)", $0.element) } }
     }
 
+    /// The ports on which a destination has L7 rules; 0 means every port.
+    public func ports(labels: [String: String], namespace: String? = nil) -> Set<Int> {
+        Set(policies.filter { p in p.selector.allSatisfy { labels[$0.key] == $0.value } && (p.namespace == nil || p.namespace == namespace) }
+            .map { $0.port ?? 0 })
+    }
+
     /// Does the destination have L7 rules (so its traffic needs the proxy)?
     public func applies(labels: [String: String], namespace: String? = nil, port: Int) -> Bool {
         !rules(labels: labels, namespace: namespace, port: port).isEmpty

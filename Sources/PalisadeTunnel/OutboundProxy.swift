@@ -20,12 +20,20 @@ public struct OutboundRoute: Sendable {
         /// Identifies the endpoint for outlier detection.
         public var key: String { "\(peer?.description ?? "local")/\(authority)" }
     }
+    /// HTTP rules for a destination on this node: the agent's proxy judges
+    /// each request (remote destinations are judged by their own agent).
+    public struct HTTP: Sendable {
+        public var destination: String
+        public var gate: HTTPGate
+        public init(destination: String, gate: @escaping HTTPGate) { self.destination = destination; self.gate = gate }
+    }
     public var credentials: ClientCredentials
     public var candidates: [Candidate]
+    public var http: HTTP?
     /// SO_MARK for direct connections (the caller's identity).
     public var mark: UInt32
-    public init(credentials: ClientCredentials, candidates: [Candidate], mark: UInt32) {
-        self.credentials = credentials; self.candidates = candidates; self.mark = mark
+    public init(credentials: ClientCredentials, candidates: [Candidate], mark: UInt32, http: HTTP? = nil) {
+        self.credentials = credentials; self.candidates = candidates; self.mark = mark; self.http = http
     }
     public init(peer: TunnelPeer, credentials: ClientCredentials, authority: String) {
         let colon = authority.lastIndex(of: ":")!
@@ -86,6 +94,8 @@ public final class OutboundProxy: @unchecked Sendable {
     public var pool: TunnelPool { pools[0] }
     public var localPort: Int { channel.localAddress?.port ?? 0 }
     public var onOutcome: (@Sendable (OutboundOutcome) -> Void)?
+    /// Requests judged by the proxy for this node's destinations.
+    public var accessLog: (@Sendable (AccessLogEntry) -> Void)?
 
     /// Serves on every loop of `group`, with a pool per loop from `makePool`.
     public let outliers: OutlierDetector
@@ -107,6 +117,14 @@ public final class OutboundProxy: @unchecked Sendable {
                 guard let accepted = OutboundProxy.addresses(of: ch), let route = resolve(accepted) else {
                     weakSelf?.onOutcome?(OutboundOutcome(route: nil, error: "not a redirected connection", seconds: 0))
                     return OutboundProxy.reset(ch)
+                }
+                if let http = route.http, let c = route.candidates.first, c.peer == nil {
+                    let l7 = L7Context(gate: http.gate, source: route.credentials.spiffeID.description, destination: http.destination,
+                                       destinationAddress: c.authority, log: weakSelf?.accessLog)
+                    OutboundProxy.deliverHTTP(ch, to: c, mark: route.mark, l7: l7) { error in
+                        weakSelf?.onOutcome?(OutboundOutcome(route: route, error: error, seconds: Date().timeIntervalSince(start)))
+                    }
+                    return ch.eventLoop.makeSucceededVoidFuture()
                 }
                 guard let pool = byLoop[ObjectIdentifier(ch.eventLoop)] else { return OutboundProxy.reset(ch) }
                 // The caller's half of the glue holds what it sends until a
@@ -164,6 +182,41 @@ public final class OutboundProxy: @unchecked Sendable {
                 attempt(route, i + 1, ch, tcpGlue, pool, outliers, lastError: "\(c.authority): \(e)", done: done)
             }
         }
+    }
+
+    /// A caller on this node reaching a workload of this node whose port has
+    /// HTTP rules: the agent connects to it (marked with the caller's
+    /// identity, so the kernel judges the delivery by identity) and puts the
+    /// HTTP proxy between the two. Nothing is read from either side before.
+    static func deliverHTTP(_ ch: Channel, to c: OutboundRoute.Candidate, mark: UInt32, l7: L7Context, done: @escaping (String?) -> Void) {
+        try? ch.syncOptions?.setOption(ChannelOptions.autoRead, value: false)
+        ClientBootstrap(group: ch.eventLoop)
+            .connectTimeout(.seconds(2))
+            .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+            .channelOption(ChannelOptions.autoRead, value: false)
+            .channelOption(ChannelOptions.Types.SocketOption(level: NIOBSDSocket.OptionLevel(rawValue: SOL_SOCKET),
+                                                             name: NIOBSDSocket.Option(rawValue: SO_MARK)), value: Int(mark))
+            .connect(host: c.host, port: c.port)
+            .hop(to: ch.eventLoop)
+            .whenComplete { result in
+                switch result {
+                case .success(let upstream):
+                    do {
+                        try ch.pipeline.syncOperations.addHandler(L7ProtocolSniffer(upstream: upstream, l7: l7))
+                        try ch.syncOptions?.setOption(ChannelOptions.autoRead, value: true)
+                        ch.read()
+                        ch.closeFuture.whenComplete { _ in upstream.close(promise: nil) }
+                        done(nil)
+                    } catch {
+                        upstream.close(promise: nil)
+                        _ = reset(ch)
+                        done("\(error)")
+                    }
+                case .failure(let e):
+                    _ = reset(ch)
+                    done("\(c.authority): \(e)")
+                }
+            }
     }
 
     /// Closes with a reset (SO_LINGER 0): the caller's read or write fails

@@ -751,3 +751,66 @@ final class Peak: @unchecked Sendable {
     }
     func record(_ v: [Int]) { lock.withLock { _values = zip(_values, v).map { max($0, $1) } } }
 }
+
+/// Issue 6 on one node: a caller and a destination on the same node; the
+/// destination's port has HTTP rules, so the kernel sends the caller to its
+/// own agent's proxy, and a connection that skips the proxy is refused.
+extension MeshTests {
+    func testSameNodeHTTPRulesAndNoBypass() throws {
+        let m = try setUpMesh("pmesh9")
+        let www = "\(m.n1.dir)/www"
+        for (p, body) in [("public/a.txt", "public a"), ("private/b.txt", "private b")] {
+            try FileManager.default.createDirectory(atPath: (("\(www)/\(p)") as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+            try body.write(toFile: "\(www)/\(p)", atomically: true, encoding: .utf8)
+        }
+        try m.lab.spawn(netns: m.lab.netns("c"), [Paths.python, Paths.probe, "http", www, "8085"])
+        try m.n1.writePolicy("c8085", policyYAML("c-ingress-8085", """
+          selector: {labels: {app: c}}
+          ingress:
+            - from: [{labels: {app: a}}]
+              ports: [{port: 8085}]
+        """) + """
+
+        ---
+        apiVersion: palisade.dev/v1
+        kind: HTTPPolicy
+        metadata: {name: c-http}
+        spec:
+          selector: {labels: {app: c}}
+          port: 8085
+          rules:
+            - from: [{spiffeID: "spiffe://test.local/ns/default/sa/a"}]
+              methods: [GET]
+              paths: ["/public/**"]
+        """)
+        usleep(1_500_000)
+        func curl(_ args: [String], inCgroup: Bool = true) throws -> String {
+            let command = (["nsenter", "--net=\(m.lab.netns("a"))", "curl", "-s", "--max-time", "3"] + args).map { "'\($0)'" }.joined(separator: " ")
+            let enter = inCgroup ? "echo $$ > '\(m.lab.podCgroup("a"))/cgroup.procs' && " : ""
+            return try sh(["sh", "-c", "\(enter)exec \(command)"], check: false).output
+        }
+        let url = "http://10.101.2.2:8085"
+        XCTAssertEqual(try curl([url + "/public/a.txt"]), "public a", m.n1.warnings())
+        XCTAssertEqual(try curl(["-o", "/dev/null", "-w", "%{http_code}", url + "/private/b.txt"]), "403", "judged by node 1's own proxy")
+        let log = try String(contentsOfFile: "\(m.n1.dir)/access.jsonl", encoding: .utf8)
+        XCTAssertTrue(log.split(separator: "\n").contains { $0.contains("\"path\":\"\\/private\\/b.txt\"") && $0.contains("\"decision\":\"denied\"")
+                                                           && $0.contains("sa\\/a") && $0.contains("sa\\/c") }, log)
+        // The same caller's address without its cgroup (no connect hook):
+        // the L3/L4 policy would admit a, but the port has HTTP rules and
+        // the connection did not come from the agent.
+        XCTAssertEqual(try curl(["-o", "/dev/null", "-w", "%{http_code}", url + "/private/b.txt"], inCgroup: false), "000", "bypass refused")
+        let metrics = try sh(["nsenter", "--net=\(m.lab.nodeNetns(1))", "curl", "-sf", "http://127.0.0.1:9654/metrics"]).output
+        XCTAssertTrue(metrics.split(separator: "\n").contains { $0.hasPrefix("palisade_datapath_packets_total{") && $0.contains("denied-l7-bypass") },
+                      "the refusal is counted under its own reason")
+        // A port of c without HTTP rules is still direct (no proxy).
+        try m.lab.serve("c", "tcp", port: 8086, address: "::")
+        try m.n1.writePolicy("c8086", policyYAML("c-ingress-8086", """
+          selector: {labels: {app: c}}
+          ingress:
+            - from: [{labels: {app: a}}]
+              ports: [{port: 8086}]
+        """))
+        usleep(1_500_000)
+        XCTAssertTrue(try reach(m, from: "a", "10.101.2.2", 8086, inCgroup: false))
+    }
+}

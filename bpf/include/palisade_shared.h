@@ -59,7 +59,8 @@ enum pal_reason {
 	PAL_REASON_DENY_PLAINTEXT = 12,   /* strict mTLS: plaintext from outside the mesh */
 	PAL_REASON_ALLOW_PLAINTEXT = 13,  /* permissive mTLS: plaintext from outside the mesh, allowed */
 	PAL_REASON_ALLOW_REDIRECT = 14,   /* to the agent's outbound listener; judged at connect() */
-	PAL_REASON_MAX = 15,
+	PAL_REASON_DENY_L7_BYPASS = 15,   /* a port with HTTP rules reached without the agent's proxy */
+	PAL_REASON_MAX = 16,
 };
 
 #define PAL_COUNTER_SLOTS (PAL_DIR_MAX * PAL_REASON_MAX)
@@ -283,6 +284,18 @@ struct pal_mesh_endpoint {
 	__u8 _pad[2];
 	__u32 endpoint_id;    /* conntrack scope of the workload (for the counters' peer) */
 };
+
+/* Ports of this node's workloads that have HTTP (L7) rules: enrolled
+ * callers' connections to them are redirected to the agent's proxy even on
+ * the same node, and the packet path admits new flows to them only from the
+ * agent (marked sockets); anything else would bypass the rules. */
+struct pal_l7_port_key {
+	__u32 identity;       /* the destination workload's identity */
+	__u16 port;           /* network byte order; 0: every port */
+	__u8 protocol;        /* IPPROTO_TCP */
+	__u8 _pad;
+};
+#define PAL_MAX_L7_PORTS 16384
 
 /* Where a redirected connection was going, and who opened it. */
 struct pal_redirect_origin {

@@ -302,6 +302,13 @@ static __always_inline int pal_enforce(struct __sk_buff *skb, const struct pal_e
 				d.reason = PAL_REASON_ALLOW_PLAINTEXT;
 			}
 		}
+		/* HTTP rules are enforced by the agent's proxy: a new connection
+		 * to such a port that did not come from the agent bypasses them. */
+		if (dir == PAL_DIR_INGRESS && !tunnelled && d.pass && f->protocol == IPPROTO_TCP &&
+		    pal_has_l7_rules(local_id, f->dport)) {
+			d.pass = 0;
+			d.reason = PAL_REASON_DENY_L7_BYPASS;
+		}
 	}
 
 	if (d.pass && !f->fragment) {

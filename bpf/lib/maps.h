@@ -99,6 +99,24 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } pal_mesh_ep SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, PAL_MAX_L7_PORTS);
+	__type(key, struct pal_l7_port_key);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pal_l7_port SEC(".maps");
+
+/* Does the workload with this identity have HTTP rules on TCP `port`? */
+static __always_inline int pal_has_l7_rules(__u32 identity, __u16 port)
+{
+	struct pal_l7_port_key k = { .identity = identity, .port = port, .protocol = 6 /* TCP */ };
+	if (bpf_map_lookup_elem(&pal_l7_port, &k))
+		return 1;
+	k.port = 0;
+	return bpf_map_lookup_elem(&pal_l7_port, &k) != 0;
+}
+
 /* connect() rewrote the destination: socket cookie -> origin. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
