@@ -287,11 +287,14 @@ final class L7ProtocolSniffer: ChannelInboundHandler, RemovableChannelHandler, @
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var b = unwrapInboundIn(data)
         seen.writeBuffer(&b)
+        // "PRI " is HTTP/2's preface (no HTTP/1.1 method is called PRI):
+        // from there NIO's HTTP/2 handler checks the rest, so a damaged
+        // preface gets HTTP/2's answer (GOAWAY), not an HTTP/1.1 one.
         let bytes = seen.readableBytesView
-        let n = min(bytes.count, Self.preface.count)
+        let n = min(bytes.count, 4)
         if !bytes.prefix(n).elementsEqual(Self.preface.prefix(n)) {
             decide(context, http2: false)
-        } else if n == Self.preface.count {
+        } else if n == 4 {
             decide(context, http2: true)
         }
     }

@@ -48,6 +48,33 @@ extension TunnelTests {
         XCTAssertEqual(try curl(["--http2-prior-knowledge", "-o", "/dev/null", "-w", "%{size_download}", url + "/public/big.bin"]), "\(4 << 20)")
     }
 
+    /// Hand-made protocol violations through the proxy (a small part of
+    /// what h2spec checks; tools/testing/h2-conformance runs the real one):
+    /// each is answered the way RFC 9113 asks, by the proxy itself.
+    func testHTTP2ProtocolViolationsAreAnsweredPerRFC9113() throws {
+        let port = Int.random(in: 40001...50000)
+        let server = try startL7(["nghttpd", "--no-tls", "-d", "WWW", "\(port)"], port: port)
+        defer { server.terminate() }
+        listener.authorize = { _ in
+            .deliverHTTP(mark: 0, destination: "spiffe://example.org/ns/default/sa/web") { _, _, _, _ in HTTPVerdict(allowed: true, reason: "", rule: "all") }
+        }
+        let expected = [
+            "valid": "HEADERS:1 DATA:1",
+            "headers-on-stream-0": "GOAWAY:PROTOCOL_ERROR",
+            "uppercase-header": "RST_STREAM:1:PROTOCOL_ERROR",
+            "connection-header": "RST_STREAM:1:PROTOCOL_ERROR",
+            "content-length-mismatch": "RST_STREAM:1:PROTOCOL_ERROR",
+            "data-on-idle-stream": "GOAWAY:PROTOCOL_ERROR",
+        ]
+        for (name, answer) in expected.sorted(by: { $0.key < $1.key }) {
+            let got = try sh([Self.python, Self.netprobe, "h2raw", name, "127.0.0.1", "\(proxy.localPort)"]).output
+            XCTAssertEqual(got.trimmingCharacters(in: .whitespacesAndNewlines), answer, name)
+        }
+        // A damaged preface is HTTP/2's to refuse (GOAWAY or a close), never an HTTP/1.1 answer.
+        let bad = try sh([Self.python, Self.netprobe, "h2raw", "bad-preface", "127.0.0.1", "\(proxy.localPort)"]).output
+        XCTAssertTrue(["closed", "GOAWAY:PROTOCOL_ERROR"].contains(bad.trimmingCharacters(in: .whitespacesAndNewlines)), bad)
+    }
+
     func testHTTP1RequestsJudgedOneByOneThroughTheTunnel() throws {
         let port = Int.random(in: 40001...50000)
         let server = try startL7([Self.python, Self.netprobe, "http", "WWW", "\(port)"], port: port)

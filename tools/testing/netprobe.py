@@ -132,6 +132,52 @@ def sink(port):
     print("ready", flush=True)
     srv.serve_forever()
 
+def h2raw(case, addr, port):
+    """Sends one hand-made HTTP/2 protocol violation (or a valid request) with
+    prior knowledge and prints what came back, leaving out SETTINGS, PING and
+    WINDOW_UPDATE: e.g. "GOAWAY:PROTOCOL_ERROR", "RST_STREAM:1:PROTOCOL_ERROR",
+    "HEADERS:1 DATA:1", or "closed" when the connection ended silently."""
+    import struct
+    names = {0: "DATA", 1: "HEADERS", 3: "RST_STREAM", 4: "SETTINGS", 6: "PING", 7: "GOAWAY", 8: "WINDOW_UPDATE"}
+    codes = {0: "NO_ERROR", 1: "PROTOCOL_ERROR", 6: "FRAME_SIZE_ERROR", 7: "REFUSED_STREAM", 8: "CANCEL", 9: "COMPRESSION_ERROR"}
+    def frame(t, flags, stream, payload=b""):
+        return struct.pack(">I", len(payload))[1:] + bytes([t, flags]) + struct.pack(">I", stream) + payload
+    def lit(name, value):   # literal header field without indexing, new name
+        return b"\x00" + bytes([len(name)]) + name + bytes([len(value)]) + value
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0)
+    get = b"\x82\x86\x84" + lit(b":authority", b"h2raw")   # GET http /
+    cases = {
+        "valid": preface + frame(1, 0x5, 1, get),
+        "bad-preface": b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n" + frame(4, 0, 0),
+        "headers-on-stream-0": preface + frame(1, 0x5, 0, get),
+        "uppercase-header": preface + frame(1, 0x5, 1, get + lit(b"X-Upper", b"v")),
+        "connection-header": preface + frame(1, 0x5, 1, get + lit(b"connection", b"keep-alive")),
+        "content-length-mismatch": preface + frame(1, 0x4, 1, b"\x83\x86\x84" + lit(b":authority", b"h2raw") + lit(b"content-length", b"10"))
+                                   + frame(0, 0x1, 1, b"abc"),
+        "data-on-idle-stream": preface + frame(0, 0x1, 3, b"abc"),
+    }
+    s = socket.create_connection((addr, port), timeout=3)
+    s.sendall(cases[case])
+    got, out = b"", []
+    try:
+        while True:
+            d = s.recv(65536)
+            if not d: break
+            got += d
+            while len(got) >= 9:
+                n = struct.unpack(">I", b"\x00" + got[:3])[0]
+                if len(got) < 9 + n: break
+                t, stream, payload = got[3], struct.unpack(">I", got[5:9])[0] & 0x7fffffff, got[9:9 + n]
+                got = got[9 + n:]
+                if t == 7: out.append("GOAWAY:" + codes.get(struct.unpack(">I", payload[4:8])[0], "?"))
+                elif t == 3: out.append("RST_STREAM:%d:%s" % (stream, codes.get(struct.unpack(">I", payload[:4])[0], "?")))
+                elif t in (0, 1): out.append("%s:%d" % (names[t], stream))
+                elif t not in (4, 6, 8): out.append(names.get(t, str(t)))
+            if any(o.startswith(("GOAWAY", "RST_STREAM")) for o in out) or "DATA:1" in out: break
+    except OSError:
+        pass
+    print(" ".join(out) or "closed")
+
 def hold(addr, port, seconds, interval):
     ok = failed = 0
     s = socket.create_connection((addr, port), timeout=2)
@@ -156,5 +202,6 @@ if __name__ == "__main__":
     elif a[0] == "ask": sys.exit(ask(a[1], int(a[2]), float(a[3]) if len(a) > 3 else 2.0))
     elif a[0] == "http": http(a[1], int(a[2]))
     elif a[0] == "sink": sink(int(a[1]))
+    elif a[0] == "h2raw": h2raw(a[1], a[2], int(a[3]))
     elif a[0] == "hold": sys.exit(hold(a[1], int(a[2]), float(a[3]), float(a[4])))
     else: sys.exit(2)

@@ -1,0 +1,88 @@
+# Shared by the two-node benchmarks (sourced, not run): the lab, release
+# agents, HAProxy certificates, wrk parsing. Every benchmark cleans up what
+# it made on exit, even when interrupted.
+
+# bench_init PREFIX WORKNAME [deps-env]: checks root, installs, builds the
+# release agent, sets root/bin/work/prefix/cg/n1/n2 and the cleanup trap.
+bench_init() {
+  root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+  prefix=$1
+  export PATH="/opt/swift/usr/bin:$PATH"
+  [ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
+  PALISADE_BENCH=${PALISADE_BENCH:-1} "$root/tools/install-deps"
+  (cd "$root" && swift build -c release --product palisade >/dev/null)
+  bin="$(cd "$root" && swift build -c release --show-bin-path)/palisade"
+  work=$(mktemp -d "/tmp/palisade-bench-$2.XXXXXX")
+  cg=$(awk '$3 == "cgroup2" { print $2; exit }' /proc/mounts)/palisade-lab-$prefix
+  n1=/run/netns/$prefix-n1; n2=/run/netns/$prefix-n2
+  pids=()
+  trap bench_cleanup EXIT
+}
+
+bench_cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  sleep 0.3
+  bench_agents_cleanup
+  "$root/tools/lab" down "$prefix"
+  rm -rf "$work" "/sys/fs/bpf/palisade-$prefix-n1" "/sys/fs/bpf/palisade-$prefix-n2"
+}
+
+# bench_agent_config I: node I's agent configuration header (append workloads).
+bench_agent_config() {
+  cat > "$work/n$1.yaml" <<EOF
+trustDomain: bench.local
+nodeName: n$1
+stateDir: $work/state-n$1
+bpffs: /sys/fs/bpf/palisade-$prefix-n$1
+metricsAddress: "off"
+eventsPerSecond: 0
+EOF
+  mkdir -p "$work/state-n$1/policies"
+}
+
+# Starts node 1's agent, gives node 2 the same CA, starts node 2's.
+bench_start_agents() {
+  nsenter --net="$n1" "$bin" agent --config "$work/n1.yaml" > "$work/n1.log" 2>&1 & pids+=($!)
+  for _ in $(seq 100); do [ -f "$work/state-n1/ca/ca.pem" ] && break; sleep 0.1; done
+  cp -r "$work/state-n1/ca" "$work/state-n2/ca"
+  nsenter --net="$n2" "$bin" agent --config "$work/n2.yaml" > "$work/n2.log" 2>&1 & pids+=($!)
+}
+
+bench_stop_all() {
+  kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; pids=()
+}
+
+bench_agents_cleanup() {
+  for i in 1 2; do
+    [ -f "$work/n$i.yaml" ] && nsenter --net="/run/netns/$prefix-n$i" "$bin" agent --config "$work/n$i.yaml" --cleanup >/dev/null 2>&1 || true
+  done
+}
+
+# A CA and client/server certificates (P-256) for an HAProxy mTLS pair.
+bench_certs() {
+  (
+    cd "$work"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key -out ca.pem -days 1 -subj /CN=bench-ca 2>/dev/null
+    for who in client server; do
+      openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout $who.key -out $who.csr -subj /CN=$who 2>/dev/null
+      openssl x509 -req -in $who.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out $who.crt -days 1 2>/dev/null
+      cat $who.crt $who.key > $who.pem
+    done
+  )
+}
+
+# wrk from workload a: "requests/s p50us p99us". $1: URL, then wrk arguments.
+# ("Connection: close" needs its space: without it wrk keeps connections.)
+http_run() {
+  local url=$1 out; shift
+  out=$("$root/tools/lab" exec "$prefix" a wrk -t1 -c16 -d"${secs}s" --latency "$@" "$url" 2>&1)
+  local rps p50 p99
+  rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+  p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
+  p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
+  echo "$rps $(to_us "$p50") $(to_us "$p99")"
+}
+to_us() {  # wrk prints 123.45us / 1.23ms / 1.2s
+  awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) print n; else if (v ~ /ms$/) print n * 1000; else if (v ~ /s$/) print n * 1000000; else print "?" }'
+}
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "?" }'; }
