@@ -469,11 +469,9 @@ public final class Agent {
 final class AccessLogBox: @unchecked Sendable {
     let lock = NSLock()
     let fh: FileHandle
-    let encoder = JSONEncoder()
-    init(_ fh: FileHandle) { self.fh = fh; encoder.outputFormatting = .sortedKeys }
+    init(_ fh: FileHandle) { self.fh = fh }
     func write(_ e: AccessLogEntry) {
-        guard var data = try? encoder.encode(e) else { return }
-        data.append(0x0a)
-        lock.withLock { fh.write(data) }
+        let line = Data(e.jsonLine().utf8)
+        lock.withLock { fh.write(line) }
     }
 }

@@ -187,7 +187,7 @@ final class L7H2Stream: ChannelDuplexHandler, @unchecked Sendable {
     private func finishLog() {
         guard !logged, let r = record else { return }
         logged = true
-        l7.log?(AccessLogEntry(time: ISO8601DateFormatter().string(from: r.start), source: l7.source, destination: l7.destination,
+        l7.log?(AccessLogEntry(time: Timestamp.rfc3339(r.start), source: l7.source, destination: l7.destination,
                                destinationAddress: l7.destinationAddress, method: r.method, path: r.path, status: status,
                                requestBytes: requestBytes, responseBytes: responseBytes,
                                durationMs: Date().timeIntervalSince(r.start) * 1000,

@@ -160,7 +160,7 @@ final class L7Gate: ChannelDuplexHandler, @unchecked Sendable {
 
     private func record(_ cur: (head: HTTPRequestHead, verdict: HTTPVerdict, start: Date, bytesIn: Int), status: Int, bytesOut: Int) {
         let path = cur.head.uri.split(separator: "?", maxSplits: 1).first.map(String.init) ?? cur.head.uri
-        log?(AccessLogEntry(time: ISO8601DateFormatter().string(from: cur.start), source: source, destination: destination,
+        log?(AccessLogEntry(time: Timestamp.rfc3339(cur.start), source: source, destination: destination,
                             destinationAddress: destinationAddress,
                             method: cur.head.method.rawValue, path: path, status: status, requestBytes: cur.bytesIn,
                             responseBytes: bytesOut, durationMs: Date().timeIntervalSince(cur.start) * 1000,

@@ -87,6 +87,22 @@ extension TunnelTests {
 
     static var python: String { "/usr/bin/python3" }
 
+    func testAccessLogLinesAreJSONWhateverThePathHolds() throws {
+        let start = Date(timeIntervalSince1970: 1_795_000_000.25)
+        let e = AccessLogEntry(time: Timestamp.rfc3339(start), source: "spiffe://a/x", destination: "spiffe://b/y", destinationAddress: "[fd00::1]:80",
+                               method: "GET", path: "/q\"uo\\te/\u{1}\t\n/é/☃", status: 403, requestBytes: 0, responseBytes: 36,
+                               durationMs: 1.23456, decision: "denied", rule: nil)
+        let line = e.jsonLine()
+        XCTAssertTrue(line.hasSuffix("}\n"))
+        XCTAssertFalse(line.dropLast().contains("\n"))
+        let back = try JSONDecoder().decode(AccessLogEntry.self, from: Data(line.utf8))
+        XCTAssertEqual(back.path, e.path)
+        XCTAssertEqual(back.time, "2026-11-18T11:06:40.250Z")
+        XCTAssertEqual(back.durationMs, 1.235, accuracy: 0.0001)
+        XCTAssertNil(back.rule)
+        XCTAssertEqual(ISO8601DateFormatter().date(from: back.time.replacingOccurrences(of: ".250", with: "")), Date(timeIntervalSince1970: 1_795_000_000))
+    }
+
     /// The per-stream table `nghttp -ns` prints: stream id, status, path.
     enum H2Streams {
         static func run(_ output: String) -> [(stream: Int, code: Int, path: String)] {

@@ -13,6 +13,7 @@ bench_init() {
   (cd "$root" && swift build -c release --product palisade >/dev/null)
   bin="$(cd "$root" && swift build -c release --show-bin-path)/palisade"
   work=$(mktemp -d "/tmp/palisade-bench-$2.XXXXXX")
+  chmod 755 "$work"   # nginx workers (nobody) read the pages under it
   cg=$(awk '$3 == "cgroup2" { print $2; exit }' /proc/mounts)/palisade-lab-$prefix
   n1=/run/netns/$prefix-n1; n2=/run/netns/$prefix-n2
   pids=()
@@ -46,6 +47,13 @@ bench_start_agents() {
   for _ in $(seq 100); do [ -f "$work/state-n1/ca/ca.pem" ] && break; sleep 0.1; done
   cp -r "$work/state-n1/ca" "$work/state-n2/ca"
   nsenter --net="$n2" "$bin" agent --config "$work/n2.yaml" > "$work/n2.log" 2>&1 & pids+=($!)
+  # Ready: the first reconcile (workloads attached, redirects in place)
+  # comes before the mTLS listener starts.
+  for _ in $(seq 200); do
+    grep -q "mTLS listener" "$work/n1.log" && grep -q "mTLS listener" "$work/n2.log" && break
+    sleep 0.1
+  done
+  sleep 0.5
 }
 
 bench_stop_all() {
