@@ -31,7 +31,14 @@ extension AccessLogEntry {
     /// and a newline.
     public func jsonLine() -> String {
         var o = "{"
-        func key(_ k: String) { o += o.count > 1 ? ",\"" : "\""; o += k; o += "\":" }
+        o.reserveCapacity(384)
+        var first = true   // (String.count is O(n): not used to find the first key)
+        func key(_ k: String) {
+            o += first ? "\"" : ",\""
+            first = false
+            o += k
+            o += "\":"
+        }
         func str(_ k: String, _ v: String) { key(k); Self.quote(v, into: &o) }
         func num(_ k: String, _ v: Int) { key(k); o += String(v) }
         str("decision", decision)
