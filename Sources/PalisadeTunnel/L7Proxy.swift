@@ -271,42 +271,61 @@ final class L7Upstream: ChannelDuplexHandler, @unchecked Sendable {
 
 /// Tells HTTP/2 with prior knowledge (the connection preface) from
 /// HTTP/1.x on a proxied byte stream, then puts the matching proxy on both
-/// sides and hands it the bytes seen so far.
+/// sides and hands it the bytes seen so far. The connection to the
+/// workload may still be on its way: bytes are held until both are known.
 final class L7ProtocolSniffer: ChannelInboundHandler, RemovableChannelHandler, @unchecked Sendable {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = ByteBuffer
     static let preface = Array("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".utf8)
 
-    let upstream: Channel
     let l7: L7Context
+    private var upstream: Channel?
+    private var context: ChannelHandlerContext?
     private var seen = ByteBuffer()
-    private var decided = false
+    private var protocolHTTP2: Bool?
+    private var inputClosed = false
+    private var done = false
 
-    init(upstream: Channel, l7: L7Context) { self.upstream = upstream; self.l7 = l7 }
+    init(upstream: Channel?, l7: L7Context) { self.upstream = upstream; self.l7 = l7 }
+
+    func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+
+    /// The workload's connection (connected without reading) is ready.
+    func upstreamReady(_ channel: Channel) {
+        upstream = channel
+        configureIfReady()
+    }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var b = unwrapInboundIn(data)
         seen.writeBuffer(&b)
+        guard protocolHTTP2 == nil else { return }
         // "PRI " is HTTP/2's preface (no HTTP/1.1 method is called PRI):
         // from there NIO's HTTP/2 handler checks the rest, so a damaged
         // preface gets HTTP/2's answer (GOAWAY), not an HTTP/1.1 one.
         let bytes = seen.readableBytesView
         let n = min(bytes.count, 4)
         if !bytes.prefix(n).elementsEqual(Self.preface.prefix(n)) {
-            decide(context, http2: false)
+            protocolHTTP2 = false
         } else if n == 4 {
-            decide(context, http2: true)
+            protocolHTTP2 = true
         }
+        configureIfReady()
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if let e = event as? ChannelEvent, e == .inputClosed, !decided { decide(context, http2: false) }
+        if let e = event as? ChannelEvent, e == .inputClosed, !done {
+            inputClosed = true
+            if protocolHTTP2 == nil { protocolHTTP2 = false }
+            configureIfReady()
+            return
+        }
         context.fireUserInboundEventTriggered(event)
     }
 
-    private func decide(_ context: ChannelHandlerContext, http2: Bool) {
-        guard !decided else { return }
-        decided = true
+    private func configureIfReady() {
+        guard !done, let context, let upstream, let http2 = protocolHTTP2 else { return }
+        done = true
         let stream = context.channel
         do {
             if http2 {
@@ -331,13 +350,12 @@ final class L7ProtocolSniffer: ChannelInboundHandler, RemovableChannelHandler, @
             upstream.close(promise: nil)
             return
         }
-        // The workload's connection was connected without reading.
-        let upstream = self.upstream
         upstream.setOption(ChannelOptions.autoRead, value: true).whenSuccess { upstream.read() }
         let held = seen
         seen = ByteBuffer()
         if held.readableBytes > 0 { context.fireChannelRead(wrapInboundOut(held)) }
         context.fireChannelReadComplete()
+        if inputClosed { context.fireUserInboundEventTriggered(ChannelEvent.inputClosed) }
         context.pipeline.syncOperations.removeHandler(self, promise: nil)
     }
 }

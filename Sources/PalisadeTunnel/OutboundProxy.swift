@@ -189,7 +189,11 @@ public final class OutboundProxy: @unchecked Sendable {
     /// identity, so the kernel judges the delivery by identity) and puts the
     /// HTTP proxy between the two. Nothing is read from either side before.
     static func deliverHTTP(_ ch: Channel, to c: OutboundRoute.Candidate, mark: UInt32, l7: L7Context, done: @escaping (String?) -> Void) {
-        try? ch.syncOptions?.setOption(ChannelOptions.autoRead, value: false)
+        let sniffer = L7ProtocolSniffer(upstream: nil, l7: l7)
+        do { try ch.pipeline.syncOperations.addHandler(sniffer) } catch {
+            _ = reset(ch)
+            return done("\(error)")
+        }
         ClientBootstrap(group: ch.eventLoop)
             .connectTimeout(.seconds(2))
             .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
@@ -201,17 +205,9 @@ public final class OutboundProxy: @unchecked Sendable {
             .whenComplete { result in
                 switch result {
                 case .success(let upstream):
-                    do {
-                        try ch.pipeline.syncOperations.addHandler(L7ProtocolSniffer(upstream: upstream, l7: l7))
-                        try ch.syncOptions?.setOption(ChannelOptions.autoRead, value: true)
-                        ch.read()
-                        ch.closeFuture.whenComplete { _ in upstream.close(promise: nil) }
-                        done(nil)
-                    } catch {
-                        upstream.close(promise: nil)
-                        _ = reset(ch)
-                        done("\(error)")
-                    }
+                    ch.closeFuture.whenComplete { _ in upstream.close(promise: nil) }
+                    sniffer.upstreamReady(upstream)
+                    done(nil)
                 case .failure(let e):
                     _ = reset(ch)
                     done("\(c.authority): \(e)")

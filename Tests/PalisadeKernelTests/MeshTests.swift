@@ -802,6 +802,31 @@ extension MeshTests {
         let metrics = try sh(["nsenter", "--net=\(m.lab.nodeNetns(1))", "curl", "-sf", "http://127.0.0.1:9654/metrics"]).output
         XCTAssertTrue(metrics.split(separator: "\n").contains { $0.hasPrefix("palisade_datapath_packets_total{") && $0.contains("denied-l7-bypass") },
                       "the refusal is counted under its own reason")
+        // HTTP/2 through the same-node proxy: four connections with 16
+        // streams each, thousands of requests, none stalls or fails.
+        try m.lab.spawn(netns: m.lab.netns("c"), ["nghttpd", "--no-tls", "-d", www, "8087"])
+        try m.n1.writePolicy("c8087", policyYAML("c-ingress-8087", """
+          selector: {labels: {app: c}}
+          ingress:
+            - from: [{labels: {app: a}}]
+              ports: [{port: 8087}]
+        """) + """
+
+        ---
+        apiVersion: palisade.dev/v1
+        kind: HTTPPolicy
+        metadata: {name: c-h2}
+        spec:
+          selector: {labels: {app: c}}
+          port: 8087
+          rules:
+            - from: [{spiffeID: "spiffe://test.local/ns/default/sa/a"}]
+              paths: ["/public/**"]
+        """)
+        usleep(1_500_000)
+        let load = try sh(["sh", "-c", "echo $$ > '\(m.lab.podCgroup("a"))/cgroup.procs' && exec nsenter --net=\(m.lab.netns("a")) timeout 60 h2load -n 2000 -c 4 -m 16 http://10.101.2.2:8087/public/a.txt"], check: false).output
+        XCTAssertTrue(load.contains("2000 succeeded, 0 failed"), load.split(separator: "\n").filter { $0.contains("requests:") || $0.contains("status codes") }.joined(separator: "; "))
+        XCTAssertTrue(load.contains("status codes: 2000 2xx"))
         // A port of c without HTTP rules is still direct (no proxy).
         try m.lab.serve("c", "tcp", port: 8086, address: "::")
         try m.n1.writePolicy("c8086", policyYAML("c-ingress-8086", """

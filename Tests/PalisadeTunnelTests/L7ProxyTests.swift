@@ -75,6 +75,22 @@ extension TunnelTests {
         XCTAssertTrue(["closed", "GOAWAY:PROTOCOL_ERROR"].contains(bad.trimmingCharacters(in: .whitespacesAndNewlines)), bad)
     }
 
+    /// Thousands of streams, 16 at a time on each of two connections,
+    /// through the tunnel and through the same-node proxy: none stalls.
+    func testManyHTTP2StreamsNeverStall() throws {
+        let port = Int.random(in: 40001...50000)
+        let server = try startL7(["nghttpd", "--no-tls", "-d", "WWW", "\(port)"], port: port)
+        defer { server.terminate() }
+        let url = "http://127.0.0.1:\(proxy.localPort)/public/a.txt"
+        for path in ["tunnel", "same node"] {
+            if path == "same node" {
+                localHTTP = OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web") { _, _, _, _ in HTTPVerdict(allowed: true, reason: "", rule: "all") }
+            }
+            let out = try sh(["timeout", "60", "h2load", "-n", "3000", "-c", "2", "-m", "16", url]).output
+            XCTAssertTrue(out.contains("3000 succeeded, 0 failed"), "\(path): \(out.split(separator: "\n").filter { $0.contains("requests:") || $0.contains("status codes") })")
+        }
+    }
+
     func testHTTP1RequestsJudgedOneByOneThroughTheTunnel() throws {
         let port = Int.random(in: 40001...50000)
         let server = try startL7([Self.python, Self.netprobe, "http", "WWW", "\(port)"], port: port)

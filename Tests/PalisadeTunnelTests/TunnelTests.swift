@@ -17,11 +17,14 @@ final class TunnelTests: XCTestCase {
     var proxy: OutboundProxy!
     var echo: Process!
     var echoPort = 0
-    let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+    let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
     let source = try! SpiffeID("spiffe://example.org/ns/default/sa/client")
     let node = try! SpiffeID("spiffe://example.org/palisade/node/server")
     /// What the route resolver returns for the next accepted connection.
     var authority = ""
+    /// When set, accepted connections go to `authority` on this "node"
+    /// through the local HTTP proxy (a same-node caller), not the tunnel.
+    var localHTTP: OutboundRoute.HTTP?
     let seen = NSLock()
     var decisions: [String] = []
 
@@ -39,6 +42,12 @@ final class TunnelTests: XCTestCase {
         }
         proxy = try OutboundProxy(port: 0, group: group, makePool: { TunnelPool(eventLoop: $0, verifier: { verifier }) }) { [unowned self] _ in
             let s = store.cached(source)!
+            if let http = localHTTP {
+                let colon = authority.lastIndex(of: ":")!
+                return OutboundRoute(credentials: ClientCredentials(spiffeID: source, serial: s.serial, certificateFile: s.certificateFile, keyFile: s.keyFile)!,
+                                     candidates: [.init(peer: nil, host: String(authority[..<colon]), port: Int(authority[authority.index(after: colon)...])!)],
+                                     mark: 0, http: http)
+            }
             return OutboundRoute(peer: TunnelPeer(host: "127.0.0.1", port: listener.localPort, trustDomain: "example.org"),
                                  credentials: ClientCredentials(spiffeID: source, serial: s.serial, certificateFile: s.certificateFile, keyFile: s.keyFile)!,
                                  authority: authority)
