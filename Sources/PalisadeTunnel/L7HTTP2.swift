@@ -37,6 +37,10 @@ enum L7HTTP2 {
         let mux = try upstream.pipeline.syncOperations.configureHTTP2Pipeline(
             mode: .client, connectionConfiguration: connection, streamConfiguration: stream
         ) { $0.close() }   // a workload never opens streams towards the caller
+        // HTTP/2 has no half-close of the connection: a caller that ended
+        // its side is done (without this the socket would sit in
+        // CLOSE-WAIT, holding the workload's connection open).
+        try downstream.pipeline.syncOperations.addHandler(CloseOnEndOfInput())
         _ = try downstream.pipeline.syncOperations.configureHTTP2Pipeline(
             mode: .server, connectionConfiguration: connection, streamConfiguration: stream
         ) { s in
@@ -58,6 +62,18 @@ enum L7HTTP2 {
         }
         let host = h.first(name: ":authority") ?? h.first(name: "host") ?? ""
         return (h.first(name: ":method") ?? "", h.first(name: ":path"), host, headers)
+    }
+}
+
+/// Closes the channel when its input ends.
+final class CloseOnEndOfInput: ChannelInboundHandler, @unchecked Sendable {
+    typealias InboundIn = NIOAny
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let e = event as? ChannelEvent, e == .inputClosed {
+            context.close(promise: nil)
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
     }
 }
 

@@ -827,6 +827,12 @@ extension MeshTests {
         let load = try sh(["sh", "-c", "echo $$ > '\(m.lab.podCgroup("a"))/cgroup.procs' && exec nsenter --net=\(m.lab.netns("a")) timeout 60 h2load -n 2000 -c 4 -m 16 http://10.101.2.2:8087/public/a.txt"], check: false).output
         XCTAssertTrue(load.contains("2000 succeeded, 0 failed"), load.split(separator: "\n").filter { $0.contains("requests:") || $0.contains("status codes") }.joined(separator: "; "))
         XCTAssertTrue(load.contains("status codes: 2000 2xx"))
+        // Finished callers leave nothing open on the node: no socket waiting
+        // for the agent to close, no connection to the workloads kept.
+        usleep(500_000)
+        let sockets = try sh(["nsenter", "--net=\(m.lab.nodeNetns(1))", "ss", "-Htn"]).output
+        let leftover = sockets.split(separator: "\n").filter { $0.contains("CLOSE-WAIT") || $0.contains("10.101.2.2:808") }
+        XCTAssertEqual(leftover, [], "connections of finished callers")
         // A port of c without HTTP rules is still direct (no proxy).
         try m.lab.serve("c", "tcp", port: 8086, address: "::")
         try m.n1.writePolicy("c8086", policyYAML("c-ingress-8086", """
