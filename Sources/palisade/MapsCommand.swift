@@ -11,6 +11,7 @@ struct MapsCommand: ParsableCommand {
 
     enum Kind: String, ExpressibleByArgument, CaseIterable {
         case policy, identities, ipcache, conntrack, endpoints, counters
+        case l7ports = "l7-ports"
     }
 
     struct Dump: ParsableCommand {
@@ -36,6 +37,7 @@ struct MapsCommand: ParsableCommand {
             case .conntrack: (columns, rows) = try dumper.conntrack()
             case .endpoints: (columns, rows) = try dumper.endpoints()
             case .counters: (columns, rows) = try dumper.counters()
+            case .l7ports: (columns, rows) = try dumper.l7Ports()
             }
             if output == .json { try printJSON(rows) } else { printTable(columns.map { $0.uppercased() }, rows.map { r in columns.map { r[$0] ?? "" } }) }
         }
@@ -97,6 +99,15 @@ struct MapDumper {
             rows.append(["identity": "\(id)", "name": "cidr:\(c)", "namespace": "", "labels": ""])
         }
         return (["identity", "name", "namespace", "labels"], rows)
+    }
+
+    /// Ports whose connections go through an agent's HTTP proxy.
+    func l7Ports() throws -> ([String], [[String: String]]) {
+        let rows = try maps.l7Ports.keys().map { k -> [String: String] in
+            let port = UInt16(bigEndian: k.port)
+            return ["workload": name(k.identity), "identity": "\(k.identity)", "port": port == 0 ? "any" : "\(port)", "protocol": proto(k.protocol)]
+        }
+        return (["workload", "identity", "port", "protocol"], rows.sorted { ($0["workload"]!, $0["port"]!) < ($1["workload"]!, $1["port"]!) })
     }
 
     func ipcache() throws -> ([String], [[String: String]]) {

@@ -791,6 +791,9 @@ extension MeshTests {
         }
         let url = "http://10.101.2.2:8085"
         XCTAssertEqual(try curl([url + "/public/a.txt"]), "public a", m.n1.warnings())
+        let ports = try m.n1.palisade(["maps", "dump", "l7-ports", "--output", "json"]).output
+        XCTAssertTrue(ports.contains("\"port\" : \"8085\"") || ports.contains("\"port\":\"8085\""), ports)
+        XCTAssertTrue(ports.contains("sa/c") || ports.contains("sa\\/c"), ports)
         XCTAssertEqual(try curl(["-o", "/dev/null", "-w", "%{http_code}", url + "/private/b.txt"]), "403", "judged by node 1's own proxy")
         let log = try String(contentsOfFile: "\(m.n1.dir)/access.jsonl", encoding: .utf8)
         XCTAssertTrue(log.split(separator: "\n").contains { $0.contains("\"path\":\"/private/b.txt\"") && $0.contains("\"decision\":\"denied\"")

@@ -21,7 +21,9 @@ final class EtcdProcess {
             throw XCTSkip(msg)
         }
         dir = NSTemporaryDirectory() + "palisade-etcd-\(UUID().uuidString)"
-        let client = Int.random(in: 30000...39999), peer = client + 10000
+        let client = freeLoopbackPort()
+        var peer = freeLoopbackPort()
+        while peer == client { peer = freeLoopbackPort() }
         url = "\(withTLS ? "https" : "http")://127.0.0.1:\(client)"
         var tlsArgs: [String] = []
         if withTLS {
@@ -205,4 +207,15 @@ final class StoreTests: XCTestCase {
         XCTAssertEqual(left.count, ids.count - 1)
         await store.shutdown()
     }
+}
+
+/// A TCP port on 127.0.0.1 that nothing listens on now (the kernel picks
+/// it), for a server a test is about to start; random picks collided.
+func freeLoopbackPort() -> Int {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    defer { close(fd) }
+    var a = sockaddr_in(); a.sin_family = sa_family_t(AF_INET); a.sin_addr.s_addr = inet_addr("127.0.0.1")
+    var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+    _ = withUnsafeMutablePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) == 0 ? getsockname(fd, $0, &len) : -1 } }
+    return Int(UInt16(bigEndian: a.sin_port))
 }

@@ -19,6 +19,7 @@ extension TunnelTests {
         p.standardOutput = FileHandle.nullDevice
         try p.run()
         for _ in 0..<50 { if (try? sh(["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/\(port)"]))?.status == 0 { break }; usleep(100_000) }
+        XCTAssertTrue(p.isRunning, "the test's server on port \(port) exited (port taken?)")
         authority = "127.0.0.1:\(port)"
         listener.authorize = { r in
             .deliverHTTP(mark: 0, destination: "spiffe://example.org/ns/default/sa/web") { method, uri, _, _ in
@@ -34,7 +35,7 @@ extension TunnelTests {
     }
 
     func testHTTP2StreamsJudgedOneByOneThroughTheTunnel() throws {
-        let port = Int.random(in: 40001...50000)
+        let port = freeLoopbackPort()
         let server = try startL7(["sh", "-c", "exec nghttpd -v --no-tls \"$@\" > /tmp/nghttpd.log 2>&1", "x", "-d", "WWW", "\(port)"], port: port)
         defer { server.terminate() }
         let url = "http://127.0.0.1:\(proxy.localPort)"
@@ -52,7 +53,7 @@ extension TunnelTests {
     /// what h2spec checks; tools/testing/h2-conformance runs the real one):
     /// each is answered the way RFC 9113 asks, by the proxy itself.
     func testHTTP2ProtocolViolationsAreAnsweredPerRFC9113() throws {
-        let port = Int.random(in: 40001...50000)
+        let port = freeLoopbackPort()
         let server = try startL7(["nghttpd", "--no-tls", "-d", "WWW", "\(port)"], port: port)
         defer { server.terminate() }
         listener.authorize = { _ in
@@ -78,7 +79,7 @@ extension TunnelTests {
     /// Thousands of streams, 16 at a time on each of two connections,
     /// through the tunnel and through the same-node proxy: none stalls.
     func testManyHTTP2StreamsNeverStall() throws {
-        let port = Int.random(in: 40001...50000)
+        let port = freeLoopbackPort()
         let server = try startL7(["nghttpd", "--no-tls", "-d", "WWW", "\(port)"], port: port)
         defer { server.terminate() }
         let url = "http://127.0.0.1:\(proxy.localPort)/public/a.txt"
@@ -92,7 +93,7 @@ extension TunnelTests {
     }
 
     func testHTTP1RequestsJudgedOneByOneThroughTheTunnel() throws {
-        let port = Int.random(in: 40001...50000)
+        let port = freeLoopbackPort()
         let server = try startL7([Self.python, Self.netprobe, "http", "WWW", "\(port)"], port: port)
         defer { server.terminate() }
         let url = "http://127.0.0.1:\(proxy.localPort)"
@@ -142,4 +143,15 @@ extension TunnelTests {
         p.waitUntilExit()
         return (p.terminationStatus, String(decoding: data, as: UTF8.self))
     }
+}
+
+/// A TCP port on 127.0.0.1 that nothing listens on now (the kernel picks
+/// it), for a server a test is about to start; random picks collided.
+func freeLoopbackPort() -> Int {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    defer { close(fd) }
+    var a = sockaddr_in(); a.sin_family = sa_family_t(AF_INET); a.sin_addr.s_addr = inet_addr("127.0.0.1")
+    var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+    _ = withUnsafeMutablePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) == 0 ? getsockname(fd, $0, &len) : -1 } }
+    return Int(UInt16(bigEndian: a.sin_port))
 }

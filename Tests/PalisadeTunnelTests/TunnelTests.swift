@@ -53,7 +53,7 @@ final class TunnelTests: XCTestCase {
                                  authority: authority)
         }
         // An echo server (the repository's test probe).
-        echoPort = Int.random(in: 20000...40000)
+        echoPort = freeLoopbackPort()
         echo = Process()
         echo.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
         echo.arguments = [Self.netprobe, "serve", "tcp", "127.0.0.1", "\(echoPort)"]
