@@ -25,15 +25,18 @@ struct MeshDirectory: @unchecked Sendable {  // immutable snapshots; CompiledLoo
     /// L7 rules, and the labels/namespace of local workloads they select on.
     var http = HTTPRuleSet([])
     var localWorkloads: [IPAddress: (labels: [String: String], namespace: String)] = [:]
+    /// Other nodes' workload addresses -> identity (to check a tunnel's
+    /// claim of where a request came from).
+    var remoteIdentities: [IPAddress: NumericIdentity] = [:]
 
     /// The HTTP gate for requests from `source` to this node's workload at
     /// `address`:`port`, if that port has L7 rules.
-    func httpGate(address: IPAddress, port: Int, source: SpiffeID) -> OutboundRoute.HTTP? {
+    func httpGate(address: IPAddress, port: Int, source: SpiffeID, caller: IPAddress?) -> OutboundRoute.HTTP? {
         guard let w = localWorkloads[address], http.applies(labels: w.labels, namespace: w.namespace, port: port) else { return nil }
         let rules = http
         let destination = localEndpoints[address].flatMap { spiffeIDByIdentity[$0.rawValue]?.description } ?? "\(address):\(port)"
         return OutboundRoute.HTTP(destination: destination) { method, uri, host, headers in
-            let d = rules.decide(HTTPRequestFacts(source: source, method: method, path: uri, host: host, headers: headers),
+            let d = rules.decide(HTTPRequestFacts(source: source, sourceAddress: caller, method: method, path: uri, host: host, headers: headers),
                                  labels: w.labels, namespace: w.namespace, port: port)
             return HTTPVerdict(allowed: d.allowed, reason: d.reason, rule: d.rule)
         }
@@ -114,7 +117,9 @@ extension Agent {
                 if ea != eb { return !ea }
                 return (a.0.distance, a.0.address) < (b.0.distance, b.0.address)
             }.map(\.1)
-            return OutboundRoute(credentials: creds, candidates: ranked, mark: mark)
+            var route = OutboundRoute(credentials: creds, candidates: ranked, mark: mark)
+            route.caller = IPAddress(bytes16: c.client).description
+            return route
         }
         // A workload of this node whose port has HTTP rules (the kernel
         // redirects those too): the proxy here judges each request. A
@@ -122,7 +127,7 @@ extension Agent {
         let port = Int(UInt16(bigEndian: origin.port))
         if directory.remoteEndpoints[dst] == nil, let local = directory.localEndpoints[dst],
            let source = directory.spiffeIDByIdentity[origin.identity], let creds = directory.credentials[source],
-           let http = directory.httpGate(address: dst, port: port, source: source) {
+           let http = directory.httpGate(address: dst, port: port, source: source, caller: IPAddress(bytes16: c.client)) {
             if let lookup = directory.lookup,
                lookup.evaluate(local: local, direction: .ingress, peer: NumericIdentity(origin.identity), cidrPeer: nil, proto: 6, port: UInt16(port)).verdict == .deny {
                 return nil
@@ -133,7 +138,9 @@ extension Agent {
               let source = directory.spiffeIDByIdentity[origin.identity],
               let creds = directory.credentials[source] else { return nil }
         let host = dst.isV4 ? dst.description : "[\(dst)]"
-        return OutboundRoute(peer: peer, credentials: creds, authority: "\(host):\(port)")
+        var route = OutboundRoute(peer: peer, credentials: creds, authority: "\(host):\(port)")
+        route.caller = IPAddress(bytes16: c.client).description
+        return route
     }
 
     /// The receiving side: the destination must be a workload of this node,
@@ -149,7 +156,10 @@ extension Agent {
             if d.verdict == .deny { return .refuse(status: 403, reason: "denied by policy") }
         }
         let mark = PAL_MARK_MAGIC | (source.rawValue & PAL_MARK_IDENTITY)
-        if let http = directory.httpGate(address: dst, port: r.port, source: r.peer) {
+        // The sending agent's word for the caller's address counts only if
+        // that address is a workload of the authenticated identity.
+        let caller = r.caller.flatMap(IPAddress.init).flatMap { a in directory.remoteIdentities[a] == source ? a : nil }
+        if let http = directory.httpGate(address: dst, port: r.port, source: r.peer, caller: caller) {
             return .deliverHTTP(mark: mark, destination: http.destination, gate: http.gate)
         }
         return .deliver(mark: mark)
@@ -174,6 +184,8 @@ extension Agent {
             for a in w.addresses where !w.remoteAddresses.contains(a) { local[a] = id }
         }
         let services = serviceRoutes(universe: universe, remote: remote, nodes: nodes)
+        var remoteIdentities: [IPAddress: NumericIdentity] = [:]
+        for (id, w) in universe.workloads { for a in w.remoteAddresses { remoteIdentities[a] = id } }
         var workloadsByAddress: [IPAddress: (labels: [String: String], namespace: String)] = [:]
         for w in universe.workloads.values { for a in w.addresses where !w.remoteAddresses.contains(a) { workloadsByAddress[a] = (w.labels, w.namespace) } }
         let http = lastGoodHTTP
@@ -181,6 +193,7 @@ extension Agent {
             d.services = services
             d.http = http
             d.localWorkloads = workloadsByAddress
+            d.remoteIdentities = remoteIdentities
             d.remoteEndpoints = remote
             d.localEndpoints = local
             d.identityBySpiffeID = bySpiffe

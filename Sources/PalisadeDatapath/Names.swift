@@ -66,6 +66,9 @@ extension Direction {
 extension IPAddress {
     /// From the 16 address bytes of a kernel struct (a C tuple).
     public init<T>(tuple: T) {
+        // A C array of 16 bytes; an Array or pointer here would read its
+        // header, not the address.
+        precondition(MemoryLayout<T>.size == 16, "IPAddress(tuple:) takes a 16-byte C array")
         var t = tuple
         let bytes = withUnsafeBytes(of: &t) { Array($0.prefix(16)) }
         self.init(bytes16: bytes)

@@ -14,6 +14,7 @@ public struct HTTPPolicy: Hashable, Sendable {
         case spiffePrefix(String)           // "spiffe://td/ns/shop/" (ends with '/')
         case jwt(String)                    // "jwt:ISSUER/SUBJECT"
         case namespace(String)              // Kubernetes-style: spiffe://TD/ns/NAME/...
+        case cidr(CIDR)                     // the calling workload's address
     }
 
     public struct Rule: Hashable, Sendable {
@@ -23,17 +24,20 @@ public struct HTTPPolicy: Hashable, Sendable {
         public var paths: [PathPattern]      // empty: any
         public var hosts: [String]           // lower case, port stripped; empty: any
         public var headers: [String: String] // lower-case names, exact values
+        public var ports: [Int]              // empty: every port the policy governs
         public var location: SourceLocation
         public init(action: Action, from: [Source] = [], methods: [String] = [], paths: [PathPattern] = [], hosts: [String] = [],
-                    headers: [String: String] = [:], location: SourceLocation) {
+                    headers: [String: String] = [:], ports: [Int] = [], location: SourceLocation) {
             self.action = action; self.from = from; self.methods = methods; self.paths = paths; self.hosts = hosts
-            self.headers = headers; self.location = location
+            self.headers = headers; self.ports = ports; self.location = location
         }
     }
 
     public var name: String
     public var selector: [String: String]     // destination workloads' labels
-    public var port: Int?                      // nil: every port
+    /// The destination ports this policy governs (their connections go
+    /// through the proxy; a request no rule allows is denied); empty: every port.
+    public var ports: [Int]
     public var rules: [Rule]
     public var location: SourceLocation
     /// Only workloads of this namespace (Istio policies are namespaced).
@@ -94,12 +98,16 @@ public struct PathPattern: Hashable, Sendable, CustomStringConvertible {
 public struct HTTPRequestFacts: Sendable {
     public var source: SpiffeID?
     public var jwtIdentity: String?
+    /// The calling workload's address (as its node's agent reports it).
+    public var sourceAddress: IPAddress?
     public var method: String
     public var path: String
     public var host: String
     public var headers: [String: String]   // lower-case names
-    public init(source: SpiffeID?, jwtIdentity: String? = nil, method: String, path: String, host: String, headers: [String: String] = [:]) {
-        self.source = source; self.jwtIdentity = jwtIdentity; self.method = method; self.path = path; self.host = host; self.headers = headers
+    public init(source: SpiffeID?, jwtIdentity: String? = nil, sourceAddress: IPAddress? = nil, method: String, path: String, host: String,
+                headers: [String: String] = [:]) {
+        self.source = source; self.jwtIdentity = jwtIdentity; self.sourceAddress = sourceAddress
+        self.method = method; self.path = path; self.host = host; self.headers = headers
     }
 }
 
@@ -139,20 +147,23 @@ public struct HTTPRuleSet: Sendable {
     }
 
     func rules(labels: [String: String], namespace: String? = nil, port: Int) -> [(String, HTTPPolicy.Rule)] {
-        policies.filter { p in (p.port == nil || p.port == port) && p.selector.allSatisfy { labels[$0.key] == $0.value }
+        policies.filter { p in (p.ports.isEmpty || p.ports.contains(port)) && p.selector.allSatisfy { labels[$0.key] == $0.value }
                                && (p.namespace == nil || p.namespace == namespace) }
-            .flatMap { p in p.rules.enumerated().map { ("\(p.name)/\($0.offset)", $0.element) } }
+            .flatMap { p in
+                p.rules.enumerated().filter { $0.element.ports.isEmpty || $0.element.ports.contains(port) }.map { ("\(p.name)/\($0.offset)", $0.element) }
+            }
     }
 
     /// The ports on which a destination has L7 rules; 0 means every port.
     public func ports(labels: [String: String], namespace: String? = nil) -> Set<Int> {
         Set(policies.filter { p in p.selector.allSatisfy { labels[$0.key] == $0.value } && (p.namespace == nil || p.namespace == namespace) }
-            .map { $0.port ?? 0 })
+            .flatMap { $0.ports.isEmpty ? [0] : $0.ports })
     }
 
     /// Does the destination have L7 rules (so its traffic needs the proxy)?
     public func applies(labels: [String: String], namespace: String? = nil, port: Int) -> Bool {
-        !rules(labels: labels, namespace: namespace, port: port).isEmpty
+        policies.contains { p in (p.ports.isEmpty || p.ports.contains(port)) && p.selector.allSatisfy { labels[$0.key] == $0.value }
+                                 && (p.namespace == nil || p.namespace == namespace) }
     }
 
     /// Percent-decodes unreserved characters, collapses nothing: a path with
@@ -176,6 +187,9 @@ public struct HTTPRuleSet: Sendable {
                 case .spiffePrefix(let p): return f.source.map { $0.description.hasPrefix(p) } ?? false
                 case .jwt(let j): return f.jwtIdentity == j
                 case .namespace(let ns): return f.source.map { $0.path.hasPrefix("/ns/\(ns)/") } ?? false
+                // Caller's address unknown: a deny rule on addresses still
+                // applies (fail closed), an allow rule does not.
+                case .cidr(let c): return f.sourceAddress.map(c.contains) ?? (r.action == .deny)
                 }
             }
             if !ok { return false }
@@ -191,8 +205,11 @@ public struct HTTPRuleSet: Sendable {
     }
 
     public func decide(_ f: HTTPRequestFacts, labels: [String: String], namespace: String? = nil, port: Int) -> HTTPDecision {
+        guard applies(labels: labels, namespace: namespace, port: port) else {
+            return HTTPDecision(allowed: true, reason: "no L7 rules", rule: nil, audited: false)
+        }
+        // Governed port: only its rules count, and nothing matching means deny.
         let rules = rules(labels: labels, namespace: namespace, port: port)
-        guard !rules.isEmpty else { return HTTPDecision(allowed: true, reason: "no L7 rules", rule: nil, audited: false) }
         guard let path = Self.normalize(f.path) else {
             return HTTPDecision(allowed: false, reason: "denied: ambiguous path", rule: nil, audited: false)
         }
@@ -224,25 +241,27 @@ public enum HTTPPolicyParser {
             throw doc.error("missing metadata.name")
         }
         guard let spec = m["spec"] else { throw doc.error("missing spec") }
-        let s = try spec.mapping(allowedKeys: ["selector", "port", "rules"])
+        let s = try spec.mapping(allowedKeys: ["selector", "port", "ports", "rules"])
         guard let sel = s["selector"] else { throw spec.error("missing field 'selector' (labels of the destination workloads)") }
         let selector = try PolicyParser.labels(try sel.mapping(allowedKeys: ["labels"])["labels"] ?? sel)
         guard let rulesV = s["rules"] else { throw spec.error("missing field 'rules'") }
         let rules = try rulesV.sequence().map(parseRule)
-        return HTTPPolicy(name: try nameV.string(), selector: selector, port: try s["port"].map { try $0.int(in: 1...65535) },
+        var ports = try (s["ports"]?.sequence() ?? []).map { try $0.int(in: 1...65535) }
+        if let p = s["port"] { ports.append(try p.int(in: 1...65535)) }
+        return HTTPPolicy(name: try nameV.string(), selector: selector, ports: ports,
                           rules: rules, location: doc.location)
     }
 
     static func parseRule(_ v: YAMLValue) throws -> HTTPPolicy.Rule {
-        let m = try v.mapping(allowedKeys: ["action", "from", "methods", "paths", "hosts", "headers"])
+        let m = try v.mapping(allowedKeys: ["action", "from", "methods", "paths", "hosts", "headers", "ports"])
         var action = HTTPPolicy.Action.allow
         if let a = m["action"] {
             guard let act = HTTPPolicy.Action(rawValue: try a.string()) else { throw a.error("expected allow, deny or audit") }
             action = act
         }
         let from = try (m["from"]?.sequence() ?? []).map { e -> HTTPPolicy.Source in
-            let f = try e.mapping(allowedKeys: ["spiffeID", "spiffeIDPrefix", "jwt", "namespace"])
-            guard f.count == 1, let (k, val) = f.first else { throw e.error("expected exactly one of spiffeID, spiffeIDPrefix, jwt, namespace") }
+            let f = try e.mapping(allowedKeys: ["spiffeID", "spiffeIDPrefix", "jwt", "namespace", "cidr"])
+            guard f.count == 1, let (k, val) = f.first else { throw e.error("expected exactly one of spiffeID, spiffeIDPrefix, jwt, namespace, cidr") }
             switch k {
             case "spiffeID": return .spiffeID(try PolicyParser.spiffe(val))
             case "spiffeIDPrefix":
@@ -253,6 +272,10 @@ public enum HTTPPolicyParser {
                 let j = try val.string()
                 guard j.hasPrefix("jwt:") else { throw val.error("expected a JWT identity jwt:ISSUER/SUBJECT") }
                 return .jwt(j)
+            case "cidr":
+                let t = try val.string()
+                guard let c = CIDR(t) else { throw val.error("expected an address block like 10.0.0.0/8 or fd00::/8, got '\(t)'") }
+                return .cidr(c)
             default: return .namespace(try val.string())
             }
         }
@@ -275,6 +298,7 @@ public enum HTTPPolicyParser {
                 headers[k.lowercased()] = val
             }
         }
-        return HTTPPolicy.Rule(action: action, from: from, methods: methods, paths: paths, hosts: hosts, headers: headers, location: v.location)
+        let ports = try (m["ports"]?.sequence() ?? []).map { try $0.int(in: 1...65535) }
+        return HTTPPolicy.Rule(action: action, from: from, methods: methods, paths: paths, hosts: hosts, headers: headers, ports: ports, location: v.location)
     }
 }

@@ -4,10 +4,12 @@ import PalisadeIdentity
 /// Istio AuthorizationPolicy (security.istio.io/v1) mapped to HTTPPolicy.
 /// Supported: selector.matchLabels, action ALLOW/DENY/AUDIT, from.source
 /// principals / requestPrincipals / namespaces, to.operation methods /
-/// paths (exact, "prefix*", "*") / hosts / ports (one per policy), when on
+/// paths (exact, "prefix*", "*") / hosts / ports, source ipBlocks, when on
 /// request.headers[NAME]. Anything else is refused with its location rather
-/// than ignored: CUSTOM, not* fields, ipBlocks (an L4 matter: use a
-/// Palisade Policy with cidr), other when keys, suffix paths.
+/// than ignored: CUSTOM, not* fields, remoteIpBlocks (X-Forwarded-For is
+/// the client's to write), other when keys, suffix paths. Ports: the policy
+/// governs the ports its rules name; Istio would also deny requests to the
+/// workload's other ports (close those with an L3/L4 Policy).
 public enum IstioImport {
     public static func parse(_ text: String, file: String) throws -> [HTTPPolicy] {
         try YAMLValue.documents(text, file: file).filter { !$0.isNull }.map(parse)
@@ -43,7 +45,6 @@ public enum IstioImport {
             }
         }
         var rules: [HTTPPolicy.Rule] = []
-        var port: Int?
         for r in try spec["rules"]?.sequence() ?? [] {
             let rm = try r.mapping(allowedKeys: ["from", "to", "when"])
             var from: [HTTPPolicy.Source] = []
@@ -64,7 +65,14 @@ public enum IstioImport {
                             from.append(.jwt("jwt:" + p))
                         }
                     case "namespaces": from += try v.stringList().map { .namespace($0) }
-                    case "ipBlocks", "remoteIpBlocks": throw unsupported(v, "\(k) (an L4 rule: use a Palisade Policy with cidr)")
+                    case "ipBlocks":
+                        for b in try v.stringList() {
+                            guard let c = CIDR(b.contains("/") ? b : (b.contains(":") ? b + "/128" : b + "/32")) else {
+                                throw v.error("expected an IP address or block like 10.0.0.0/8, got '\(b)'")
+                            }
+                            from.append(.cidr(c))
+                        }
+                    case "remoteIpBlocks": throw unsupported(v, "remoteIpBlocks (X-Forwarded-For is set by the client; ipBlocks match the caller's address)")
                     default: throw unsupported(v, "source.\(k)")
                     }
                 }
@@ -87,7 +95,7 @@ public enum IstioImport {
             for t in tos {
                 guard let op = try t.mapping(allowedKeys: ["operation"])["operation"] else { continue }
                 let om = try op.mapping()
-                var methods: [String] = [], paths: [PathPattern] = [], hosts: [String] = []
+                var methods: [String] = [], paths: [PathPattern] = [], hosts: [String] = [], ports: [Int] = []
                 for (k, v) in om {
                     switch k {
                     case "methods": methods = try v.stringList().map { $0.uppercased() }
@@ -103,17 +111,22 @@ public enum IstioImport {
                             paths.append(pp)
                         }
                     case "ports":
-                        let ps = try v.stringList().compactMap(Int.init)
-                        guard ps.count == 1, port == nil || port == ps[0] else { throw unsupported(v, "more than one port in one policy") }
-                        port = ps[0]
+                        ports = try v.stringList().map { s in
+                            guard let n = Int(s), (1...65535).contains(n) else { throw v.error("expected ports 1-65535, got '\(s)'") }
+                            return n
+                        }
                     default: throw unsupported(v, "operation.\(k)")
                     }
                 }
-                rules.append(.init(action: action, from: from, methods: methods, paths: paths, hosts: hosts, headers: headers, location: t.location))
+                rules.append(.init(action: action, from: from, methods: methods, paths: paths, hosts: hosts, headers: headers, ports: ports,
+                                   location: t.location))
             }
         }
         // Istio: an ALLOW policy with no rules allows nothing (deny all).
-        var p = HTTPPolicy(name: "\(namespace)/\(name)", selector: selector, port: port, rules: rules, location: doc.location)
+        // The policy governs the ports its rules name (every port if one
+        // rule names none): connections to them go through the proxy.
+        let governed = rules.contains { $0.ports.isEmpty } ? [] : Array(Set(rules.flatMap(\.ports))).sorted()
+        var p = HTTPPolicy(name: "\(namespace)/\(name)", selector: selector, ports: governed, rules: rules, location: doc.location)
         p.namespace = namespace
         if rules.isEmpty && action == .allow { p.rules = [.init(action: .deny, location: doc.location)] }
         return p

@@ -30,6 +30,8 @@ public struct OutboundRoute: Sendable {
     public var credentials: ClientCredentials
     public var candidates: [Candidate]
     public var http: HTTP?
+    /// The calling workload's address (told to the receiving agent).
+    public var caller: String?
     /// SO_MARK for direct connections (the caller's identity).
     public var mark: UInt32
     public init(credentials: ClientCredentials, candidates: [Candidate], mark: UInt32, http: HTTP? = nil) {
@@ -159,7 +161,7 @@ public final class OutboundProxy: @unchecked Sendable {
         let connected: EventLoopFuture<Void>
         if let peer = c.peer {
             otherGlue.isStream = true
-            connected = pool.openStream(peer: peer, credentials: route.credentials, authority: c.authority, glue: otherGlue)
+            connected = pool.openStream(peer: peer, credentials: route.credentials, authority: c.authority, caller: route.caller, glue: otherGlue)
         } else {
             connected = ClientBootstrap(group: ch.eventLoop)
                 .connectTimeout(.seconds(2))

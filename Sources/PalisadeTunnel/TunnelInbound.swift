@@ -23,6 +23,18 @@ public struct InboundRequest: Sendable {
     public var peer: SpiffeID
     public var host: String
     public var port: Int
+    /// The calling workload's address as the sending agent reports it
+    /// (`forwarded: for=`); the receiver checks it belongs to `peer`.
+    public var caller: String? = nil
+}
+
+/// The address in a `forwarded: for=...` header (RFC 7239), if any.
+func forwardedFor(_ value: String?) -> String? {
+    guard let value, let r = value.range(of: "for=") else { return nil }
+    var v = value[r.upperBound...].prefix { $0 != ";" && $0 != "," }.trimmingCharacters(in: .whitespaces)
+    v = v.trimmingCharacters(in: CharacterSet(charactersIn: "\""))
+    if v.hasPrefix("[") { v = String(v.dropFirst().prefix { $0 != "]" }) }
+    return v.isEmpty ? nil : v
 }
 
 public typealias InboundAuthorizer = @Sendable (InboundRequest) -> InboundDecision
@@ -92,7 +104,7 @@ final class TunnelInboundStream: ChannelInboundHandler, RemovableChannelHandler,
             respond(context, status: 400, body: "expected CONNECT with :authority HOST:PORT")
             return
         }
-        let request = InboundRequest(peer: peer, host: host, port: port)
+        let request = InboundRequest(peer: peer, host: host, port: port, caller: forwardedFor(h.headers.first(name: "forwarded")))
         let decision = authorize(request)
         let mark: UInt32
         var httpGate: HTTPGate?

@@ -119,7 +119,9 @@ public final class TunnelPool: @unchecked Sendable {
     /// Opens a CONNECT stream for `authority` to `peer` as `credentials`.
     /// On a 200 answer the stream becomes a byte stream joined to `glue`
     /// (the other half sits on the caller's channel, on this event loop).
-    func openStream(peer: TunnelPeer, credentials: ClientCredentials, authority: String, glue: GlueHandler) -> EventLoopFuture<Void> {
+    /// `caller`: the calling workload's address, sent as HBONE does
+    /// (`forwarded: for=...`) so the receiving side's rules can match it.
+    func openStream(peer: TunnelPeer, credentials: ClientCredentials, authority: String, caller: String? = nil, glue: GlueHandler) -> EventLoopFuture<Void> {
         eventLoop.assertInEventLoop()
         let entry: Entry
         do { entry = try connection(peer: peer, credentials: credentials) } catch {
@@ -130,7 +132,7 @@ public final class TunnelPool: @unchecked Sendable {
             let streamPromise = self.eventLoop.makePromise(of: Channel.self)
             mux.createStreamChannel(promise: streamPromise) { stream in
                 stream.eventLoop.makeCompletedFuture {
-                    try stream.pipeline.syncOperations.addHandler(ConnectRequestHandler(authority: authority, glue: glue, ready: ready))
+                    try stream.pipeline.syncOperations.addHandler(ConnectRequestHandler(authority: authority, caller: caller, glue: glue, ready: ready))
                 }
             }
             streamPromise.futureResult.whenComplete { result in
@@ -234,12 +236,14 @@ final class ConnectRequestHandler: ChannelInboundHandler, RemovableChannelHandle
     let ready: EventLoopPromise<Void>
     var answered = false
 
-    init(authority: String, glue: GlueHandler, ready: EventLoopPromise<Void>) {
-        self.authority = authority; self.glue = glue; self.ready = ready
+    let caller: String?
+    init(authority: String, caller: String?, glue: GlueHandler, ready: EventLoopPromise<Void>) {
+        self.authority = authority; self.caller = caller; self.glue = glue; self.ready = ready
     }
 
     func channelActive(context: ChannelHandlerContext) {
-        let headers = HPACKHeaders([(":method", "CONNECT"), (":authority", authority)])
+        var headers = HPACKHeaders([(":method", "CONNECT"), (":authority", authority)])
+        if let caller { headers.add(name: "forwarded", value: caller.contains(":") ? "for=\"[\(caller)]\"" : "for=\(caller)") }
         context.writeAndFlush(wrapOutboundOut(.headers(.init(headers: headers))), promise: nil)
         context.fireChannelActive()
     }

@@ -532,7 +532,7 @@ extension MeshTests {
     func testHTTPRulesJudgeEachRequest() throws {
         let m = try setUpMesh("pmesh6")
         let www = "\(m.n2.dir)/www"
-        for (p, body) in [("public/a.txt", "public a"), ("public/secret.txt", "nope"), ("private/b.txt", "private b")] {
+        for (p, body) in [("public/a.txt", "public a"), ("public/secret.txt", "nope"), ("private/b.txt", "private b"), ("cidr/c.txt", "cidr c")] {
             try FileManager.default.createDirectory(atPath: (("\(www)/\(p)") as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
             try body.write(toFile: "\(www)/\(p)", atomically: true, encoding: .utf8)
         }
@@ -557,6 +557,8 @@ extension MeshTests {
               paths: ["/public/**"]
             - action: deny
               paths: ["/public/secret.txt"]
+            - from: [{cidr: "10.101.1.2/32"}]
+              paths: ["/cidr/**"]
         """)
         usleep(1_500_000)
         func curl(_ args: [String]) throws -> String {
@@ -565,6 +567,9 @@ extension MeshTests {
         }
         let url = "http://10.102.1.2:8081"
         XCTAssertEqual(try curl([url + "/public/a.txt"]), "public a", m.n2.warnings())
+        // A rule on the caller's address: node 1's agent tells it (forwarded:
+        // for=) and node 2 accepts it as it is one of a's addresses.
+        XCTAssertEqual(try curl([url + "/cidr/c.txt"]), "cidr c")
         // Three requests on one connection: allowed, denied (403 with the reason), allowed again.
         let out = try curl(["-w", "%{http_code} %{num_connects}\n", "-o", "/dev/null", url + "/public/a.txt",
                             "-o", "/dev/null", url + "/private/b.txt", "-o", "/dev/null", url + "/public/secret.txt",
@@ -759,7 +764,7 @@ extension MeshTests {
     func testSameNodeHTTPRulesAndNoBypass() throws {
         let m = try setUpMesh("pmesh9")
         let www = "\(m.n1.dir)/www"
-        for (p, body) in [("public/a.txt", "public a"), ("private/b.txt", "private b")] {
+        for (p, body) in [("public/a.txt", "public a"), ("private/b.txt", "private b"), ("cidr/c.txt", "cidr c")] {
             try FileManager.default.createDirectory(atPath: (("\(www)/\(p)") as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
             try body.write(toFile: "\(www)/\(p)", atomically: true, encoding: .utf8)
         }
@@ -782,6 +787,8 @@ extension MeshTests {
             - from: [{spiffeID: "spiffe://test.local/ns/default/sa/a"}]
               methods: [GET]
               paths: ["/public/**"]
+            - from: [{cidr: "10.101.1.2/32"}]
+              paths: ["/cidr/**"]
         """)
         usleep(1_500_000)
         func curl(_ args: [String], inCgroup: Bool = true) throws -> String {
@@ -795,6 +802,7 @@ extension MeshTests {
         XCTAssertTrue(ports.contains("\"port\" : \"8085\"") || ports.contains("\"port\":\"8085\""), ports)
         XCTAssertTrue(ports.contains("sa/c") || ports.contains("sa\\/c"), ports)
         XCTAssertEqual(try curl(["-o", "/dev/null", "-w", "%{http_code}", url + "/private/b.txt"]), "403", "judged by node 1's own proxy")
+        XCTAssertEqual(try curl([url + "/cidr/c.txt"]), "cidr c", "a rule on the caller's address")
         let log = try String(contentsOfFile: "\(m.n1.dir)/access.jsonl", encoding: .utf8)
         XCTAssertTrue(log.split(separator: "\n").contains { $0.contains("\"path\":\"/private/b.txt\"") && $0.contains("\"decision\":\"denied\"")
                                                            && $0.contains("sa/a") && $0.contains("sa/c") }, log)

@@ -130,9 +130,69 @@ final class IstioImportTests: XCTestCase {
             do { _ = try IstioImport.parse(text, file: "i.yaml"); return "no error" } catch { return "\(error)" }
         }
         XCTAssertTrue(error("  action: CUSTOM\n").contains("CUSTOM"))
-        XCTAssertTrue(error("  rules:\n  - from: [{source: {ipBlocks: [10.0.0.0/8]}}]\n").contains("use a Palisade Policy with cidr"))
+        XCTAssertTrue(error("  rules:\n  - from: [{source: {remoteIpBlocks: [10.0.0.0/8]}}]\n").contains("remoteIpBlocks"))
+        XCTAssertTrue(error("  rules:\n  - from: [{source: {ipBlocks: [10.0.0.300/8]}}]\n").contains("i.yaml:6"))
+        XCTAssertTrue(error("  rules:\n  - to: [{operation: {ports: [\"http\"]}}]\n").contains("expected ports 1-65535"))
         XCTAssertTrue(error("  rules:\n  - from: [{source: {notPrincipals: [x]}}]\n").contains("source.notPrincipals is not supported"))
         XCTAssertTrue(error("  rules:\n  - to: [{operation: {paths: [\"*.png\"]}}]\n").contains("suffix path"))
         XCTAssertTrue(error("  rules:\n  - when: [{key: source.ip, values: [x]}]\n").contains("i.yaml:6"))
+    }
+
+    /// Istio ipBlocks and ports: the caller's address, several ports with
+    /// a rule each; the governed ports are the ones the rules name.
+    func testIstioIPBlocksAndPorts() throws {
+        let text = """
+        apiVersion: security.istio.io/v1
+        kind: AuthorizationPolicy
+        metadata: {name: api, namespace: shop}
+        spec:
+          selector: {matchLabels: {app: api}}
+          rules:
+          - from: [{source: {ipBlocks: ["10.1.0.0/16", "fd00::7"]}}]
+            to: [{operation: {ports: ["8080"], methods: ["GET"]}}]
+          - to: [{operation: {ports: ["9090", "9091"], paths: ["/metrics"]}}]
+        """
+        let set = HTTPRuleSet(try IstioImport.parse(text, file: "i.yaml"))
+        func ok(_ port: Int, _ path: String = "/x", from addr: String? = "10.1.2.3") -> Bool {
+            set.decide(HTTPRequestFacts(source: try! SpiffeID("spiffe://shop.test/ns/shop/sa/fe"), sourceAddress: addr.flatMap(IPAddress.init),
+                                        method: "GET", path: path, host: "api"), labels: ["app": "api"], namespace: "shop", port: port).allowed
+        }
+        XCTAssertTrue(ok(8080))
+        XCTAssertTrue(ok(8080, from: "fd00::7"))
+        XCTAssertFalse(ok(8080, from: "10.2.0.1"), "outside the block")
+        XCTAssertFalse(ok(8080, from: nil), "address unknown: an allow on addresses does not match")
+        XCTAssertFalse(ok(9090, "/x"), "9090 is governed: only /metrics")
+        XCTAssertTrue(ok(9091, "/metrics"))
+        XCTAssertTrue(ok(7000), "a port no rule names is not governed by this policy")
+        XCTAssertEqual(set.ports(labels: ["app": "api"], namespace: "shop"), [8080, 9090, 9091])
+    }
+
+    func testCIDRSourcesAndRulePortsInPalisadeFormat() throws {
+        let text = """
+        apiVersion: palisade.dev/v1
+        kind: HTTPPolicy
+        metadata: {name: p}
+        spec:
+          selector: {labels: {app: api}}
+          ports: [8080, 8081]
+          rules:
+            - from: [{cidr: 10.0.0.0/8}]
+            - action: deny
+              from: [{cidr: 10.9.0.0/16}]
+              ports: [8081]
+        """
+        let set = HTTPRuleSet(try HTTPPolicyParser.parse(text, file: "p.yaml"))
+        func ok(_ port: Int, _ addr: String?) -> Bool {
+            set.decide(HTTPRequestFacts(source: nil, sourceAddress: addr.flatMap(IPAddress.init), method: "GET", path: "/", host: "api"),
+                       labels: ["app": "api"], port: port).allowed
+        }
+        XCTAssertTrue(ok(8080, "10.9.1.1"), "the deny names 8081 only")
+        XCTAssertFalse(ok(8081, "10.9.1.1"))
+        XCTAssertTrue(ok(8081, "10.1.1.1"))
+        XCTAssertFalse(ok(8080, "192.168.1.1"))
+        XCTAssertFalse(ok(8081, nil), "address unknown: a deny on addresses applies (fail closed)")
+        XCTAssertThrowsError(try HTTPPolicyParser.parse(text.replacingOccurrences(of: "10.0.0.0/8", with: "10.0.0.0/33"), file: "p.yaml")) {
+            XCTAssertTrue("\($0)".contains("p.yaml:8:21: spec.rules[0].from[0].cidr") && "\($0)".contains("expected an address block"), "\($0)")
+        }
     }
 }
