@@ -286,13 +286,37 @@ final class L7ProtocolSniffer: ChannelInboundHandler, RemovableChannelHandler, @
     private var inputClosed = false
     private var done = false
 
-    init(upstream: Channel?, l7: L7Context) { self.upstream = upstream; self.l7 = l7 }
+    /// A caller that sends nothing for this long is closed (it would
+    /// otherwise hold a connection to the workload).
+    let firstBytesTimeout: TimeAmount
+    private var timeout: Scheduled<Void>?
 
-    func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+    init(upstream: Channel?, l7: L7Context, firstBytesTimeout: TimeAmount = .seconds(15)) {
+        self.upstream = upstream; self.l7 = l7; self.firstBytesTimeout = firstBytesTimeout
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+        timeout = context.eventLoop.scheduleTask(in: firstBytesTimeout) { [weak self] in
+            guard let self, !self.done else { return }
+            self.done = true
+            context.close(promise: nil)
+            self.upstream?.close(promise: nil)
+        }
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) { timeout?.cancel() }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        // The caller left before the proxy was in place.
+        if !done { upstream?.close(promise: nil) }
+        context.fireChannelInactive()
+    }
 
     /// The workload's connection (connected without reading) is ready.
     func upstreamReady(_ channel: Channel) {
         upstream = channel
+        if context == nil || !(context?.channel.isActive ?? false) { channel.close(promise: nil); return }
         configureIfReady()
     }
 

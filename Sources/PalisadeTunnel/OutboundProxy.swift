@@ -98,6 +98,8 @@ public final class OutboundProxy: @unchecked Sendable {
     public var onOutcome: (@Sendable (OutboundOutcome) -> Void)?
     /// Requests judged by the proxy for this node's destinations.
     public var accessLog: (@Sendable (AccessLogEntry) -> Void)?
+    /// How long a caller to an HTTP-ruled port may stay silent at first.
+    public var firstBytesTimeout = TimeAmount.seconds(15)
 
     /// Serves on every loop of `group`, with a pool per loop from `makePool`.
     public let outliers: OutlierDetector
@@ -123,7 +125,7 @@ public final class OutboundProxy: @unchecked Sendable {
                 if let http = route.http, let c = route.candidates.first, c.peer == nil {
                     let l7 = L7Context(gate: http.gate, source: route.credentials.spiffeID.description, destination: http.destination,
                                        destinationAddress: c.authority, log: weakSelf?.accessLog)
-                    OutboundProxy.deliverHTTP(ch, to: c, mark: route.mark, l7: l7) { error in
+                    OutboundProxy.deliverHTTP(ch, to: c, mark: route.mark, l7: l7, firstBytesTimeout: weakSelf?.firstBytesTimeout ?? .seconds(15)) { error in
                         weakSelf?.onOutcome?(OutboundOutcome(route: route, error: error, seconds: Date().timeIntervalSince(start)))
                     }
                     return ch.eventLoop.makeSucceededVoidFuture()
@@ -190,8 +192,9 @@ public final class OutboundProxy: @unchecked Sendable {
     /// HTTP rules: the agent connects to it (marked with the caller's
     /// identity, so the kernel judges the delivery by identity) and puts the
     /// HTTP proxy between the two. Nothing is read from either side before.
-    static func deliverHTTP(_ ch: Channel, to c: OutboundRoute.Candidate, mark: UInt32, l7: L7Context, done: @escaping (String?) -> Void) {
-        let sniffer = L7ProtocolSniffer(upstream: nil, l7: l7)
+    static func deliverHTTP(_ ch: Channel, to c: OutboundRoute.Candidate, mark: UInt32, l7: L7Context, firstBytesTimeout: TimeAmount,
+                            done: @escaping (String?) -> Void) {
+        let sniffer = L7ProtocolSniffer(upstream: nil, l7: l7, firstBytesTimeout: firstBytesTimeout)
         do { try ch.pipeline.syncOperations.addHandler(sniffer) } catch {
             _ = reset(ch)
             return done("\(error)")

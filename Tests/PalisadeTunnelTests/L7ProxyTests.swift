@@ -66,6 +66,11 @@ extension TunnelTests {
             "connection-header": "RST_STREAM:1:PROTOCOL_ERROR",
             "content-length-mismatch": "RST_STREAM:1:PROTOCOL_ERROR",
             "data-on-idle-stream": "GOAWAY:PROTOCOL_ERROR",
+            "window-update-zero": "GOAWAY:PROTOCOL_ERROR",
+            "oversized-frame": "GOAWAY:FRAME_SIZE_ERROR",
+            "settings-window-too-big": "GOAWAY:FLOW_CONTROL_ERROR",
+            "rst-on-idle-stream": "GOAWAY:PROTOCOL_ERROR",
+            "missing-method": "RST_STREAM:1:PROTOCOL_ERROR",
         ]
         for (name, answer) in expected.sorted(by: { $0.key < $1.key }) {
             let got = try sh([Self.python, Self.netprobe, "h2raw", name, "127.0.0.1", "\(proxy.localPort)"]).output
@@ -90,6 +95,23 @@ extension TunnelTests {
             let out = try sh(["timeout", "60", "h2load", "-n", "3000", "-c", "2", "-m", "16", url]).output
             XCTAssertTrue(out.contains("3000 succeeded, 0 failed"), "\(path): \(out.split(separator: "\n").filter { $0.contains("requests:") || $0.contains("status codes") })")
         }
+    }
+
+    /// A same-node caller that connects to an HTTP-ruled port and sends
+    /// nothing is closed after the first-bytes timeout.
+    func testSilentCallerIsClosed() throws {
+        let port = freeLoopbackPort()
+        let server = try startL7(["nghttpd", "--no-tls", "-d", "WWW", "\(port)"], port: port)
+        defer { server.terminate() }
+        localHTTP = OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web") { _, _, _, _ in HTTPVerdict(allowed: true, reason: "", rule: "all") }
+        proxy.firstBytesTimeout = .milliseconds(500)
+        let out = try sh([Self.python, "-c", """
+        import socket; s = socket.create_connection(("127.0.0.1", \(proxy.localPort))); s.settimeout(5)
+        try: print("eof" if s.recv(1) == b"" else "data")
+        except ConnectionResetError: print("eof")
+        except socket.timeout: print("timeout")
+        """]).output
+        XCTAssertEqual(out.trimmingCharacters(in: .whitespacesAndNewlines), "eof", "closed by the proxy, not left open (5 s would time out)")
     }
 
     func testHTTP1RequestsJudgedOneByOneThroughTheTunnel() throws {

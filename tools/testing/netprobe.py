@@ -139,7 +139,8 @@ def h2raw(case, addr, port):
     "HEADERS:1 DATA:1", or "closed" when the connection ended silently."""
     import struct
     names = {0: "DATA", 1: "HEADERS", 3: "RST_STREAM", 4: "SETTINGS", 6: "PING", 7: "GOAWAY", 8: "WINDOW_UPDATE"}
-    codes = {0: "NO_ERROR", 1: "PROTOCOL_ERROR", 6: "FRAME_SIZE_ERROR", 7: "REFUSED_STREAM", 8: "CANCEL", 9: "COMPRESSION_ERROR"}
+    codes = {0: "NO_ERROR", 1: "PROTOCOL_ERROR", 3: "FLOW_CONTROL_ERROR", 5: "STREAM_CLOSED", 6: "FRAME_SIZE_ERROR",
+             7: "REFUSED_STREAM", 8: "CANCEL", 9: "COMPRESSION_ERROR"}
     def frame(t, flags, stream, payload=b""):
         return struct.pack(">I", len(payload))[1:] + bytes([t, flags]) + struct.pack(">I", stream) + payload
     def lit(name, value):   # literal header field without indexing, new name
@@ -155,6 +156,12 @@ def h2raw(case, addr, port):
         "content-length-mismatch": preface + frame(1, 0x4, 1, b"\x83\x86\x84" + lit(b":authority", b"h2raw") + lit(b"content-length", b"10"))
                                    + frame(0, 0x1, 1, b"abc"),
         "data-on-idle-stream": preface + frame(0, 0x1, 3, b"abc"),
+        "window-update-zero": preface + frame(8, 0, 0, struct.pack(">I", 0)),
+        "oversized-frame": preface + frame(0, 0, 1, b"x" * 20000),
+        "settings-window-too-big": b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0, struct.pack(">HI", 4, 1 << 31)),
+        "rst-on-idle-stream": preface + frame(3, 0, 5, struct.pack(">I", 8)),
+        "missing-method": preface + frame(1, 0x5, 1, b"\x86\x84" + lit(b":authority", b"h2raw")),
+        "data-after-end-stream": preface + frame(1, 0x5, 1, get) + frame(0, 0x1, 1, b"late"),
     }
     s = socket.create_connection((addr, port), timeout=3)
     s.sendall(cases[case])
@@ -173,6 +180,7 @@ def h2raw(case, addr, port):
                 elif t == 3: out.append("RST_STREAM:%d:%s" % (stream, codes.get(struct.unpack(">I", payload[:4])[0], "?")))
                 elif t in (0, 1): out.append("%s:%d" % (names[t], stream))
                 elif t not in (4, 6, 8): out.append(names.get(t, str(t)))
+                if t in (3, 7): break   # the first error is the answer
             if any(o.startswith(("GOAWAY", "RST_STREAM")) for o in out) or "DATA:1" in out: break
     except OSError:
         pass
