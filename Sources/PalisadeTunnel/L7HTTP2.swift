@@ -21,6 +21,7 @@ enum L7HTTP2 {
             HTTP2Setting(parameter: .maxFrameSize, value: 1 << 14),
             HTTP2Setting(parameter: .maxHeaderListSize, value: 64 << 10),
         ]
+        c.targetWindowSize = 4 << 20   // all streams of one caller together (NIO's default: 64 KiB)
         return c
     }
     static var stream: NIOHTTP2Handler.StreamConfiguration {

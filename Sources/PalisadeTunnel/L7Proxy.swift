@@ -307,8 +307,11 @@ final class L7ProtocolSniffer: ChannelInboundHandler, RemovableChannelHandler, @
 
     func handlerRemoved(context: ChannelHandlerContext) { timeout?.cancel() }
 
+    private var callerGone = false
+
     func channelInactive(context: ChannelHandlerContext) {
         // The caller left before the proxy was in place.
+        callerGone = true
         if !done { upstream?.close(promise: nil) }
         context.fireChannelInactive()
     }
@@ -316,7 +319,9 @@ final class L7ProtocolSniffer: ChannelInboundHandler, RemovableChannelHandler, @
     /// The workload's connection (connected without reading) is ready.
     func upstreamReady(_ channel: Channel) {
         upstream = channel
-        if context == nil || !(context?.channel.isActive ?? false) { channel.close(promise: nil); return }
+        // (The caller's channel may not be active yet: a loopback connect
+        // can finish before the accepted socket's registration.)
+        if callerGone { channel.close(promise: nil); return }
         configureIfReady()
     }
 

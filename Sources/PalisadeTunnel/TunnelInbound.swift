@@ -234,6 +234,10 @@ enum TunnelSettings {
             HTTP2Setting(parameter: .initialWindowSize, value: 4 << 20),
             HTTP2Setting(parameter: .maxFrameSize, value: 1 << 16),
         ]
+        // The connection-level window (NIO's default is HTTP/2's 64 KiB)
+        // caps what all streams together have in flight: with one tunnel
+        // per peer and identity, that was the bulk throughput limit.
+        c.targetWindowSize = 16 << 20
         return c
     }
     static var stream: NIOHTTP2Handler.StreamConfiguration {
