@@ -172,9 +172,17 @@ public struct HTTPRuleSet: Sendable {
     public static func normalize(_ raw: String) -> String? {
         let path = raw.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false).first.map(String.init) ?? raw
         guard path.hasPrefix("/") else { return nil }
-        let lower = path.lowercased()
-        if lower.contains("%2f") || lower.contains("%5c") || lower.contains("%2e") || path.contains("\\") { return nil }
-        guard let decoded = path.removingPercentEncoding else { return nil }
+        if path.utf8.contains(UInt8(ascii: "\\")) { return nil }
+        // Most paths have no escapes: Foundation's decoding is skipped for them.
+        let decoded: String
+        if path.utf8.contains(UInt8(ascii: "%")) {
+            let lower = path.lowercased()
+            if lower.contains("%2f") || lower.contains("%5c") || lower.contains("%2e") { return nil }
+            guard let d = path.removingPercentEncoding else { return nil }
+            decoded = d
+        } else {
+            decoded = path
+        }
         if decoded.contains("//") || decoded.split(separator: "/").contains(where: { $0 == "." || $0 == ".." }) { return nil }
         return decoded
     }

@@ -62,6 +62,12 @@ extension AccessLogEntry {
     /// (request paths come from callers and may hold anything).
     static func quote(_ s: String, into o: inout String) {
         o += "\""
+        // Nearly every value needs no escaping: copied whole.
+        if !s.utf8.contains(where: { $0 < 0x20 || $0 == 0x22 || $0 == 0x5c || $0 == 0x7f }) {
+            o += s
+            o += "\""
+            return
+        }
         for u in s.unicodeScalars {
             switch u {
             case "\"": o += "\\\""

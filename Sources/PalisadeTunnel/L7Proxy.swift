@@ -358,7 +358,7 @@ final class L7ProtocolSniffer: ChannelInboundHandler, RemovableChannelHandler, @
         let stream = context.channel
         do {
             if http2 {
-                try L7HTTP2.configure(downstream: stream, upstream: upstream, l7: l7)
+                try H2Relay.install(downstream: stream, upstream: upstream, l7: l7)
             } else {
                 let gate = L7Gate(l7)
                 gate.upstream = upstream

@@ -1,0 +1,299 @@
+import Foundation
+import NIOCore
+import NIOHPACK
+import NIOHTTP2
+
+/// HTTP/2 relayed frame by frame between the caller's connection and one
+/// connection to the workload, without a channel per stream: NIO's HTTP/2
+/// handlers (validation, HPACK, flow-control accounting) on both sides and
+/// one table mapping the caller's stream IDs to the workload's. Each new
+/// stream's HEADERS are judged; a denied stream is answered 403 here.
+///
+/// Flow control is end to end: bytes a side receives are acknowledged
+/// (WINDOW_UPDATE) only once the other side's socket took them, so neither
+/// side can push more than its windows ahead of the slower one and the
+/// agent's memory stays bounded by the windows.
+final class H2Relay: @unchecked Sendable {
+    let l7: L7Context
+    var down: ChannelHandlerContext?
+    var up: ChannelHandlerContext?
+    /// Stream windows we grant each side, and the connection window.
+    static let streamWindow = 1 << 20
+    static let connectionWindow = 4 << 20
+
+    struct Exchange {
+        var upID: HTTP2StreamID
+        var method: String
+        var path: String
+        var verdict: HTTPVerdict
+        var start: Date
+        var requestBytes = 0
+        var responseBytes = 0
+        var status = 0
+        var logged = false
+    }
+    private var byDown: [HTTP2StreamID: Exchange] = [:]
+    private var byUp: [HTTP2StreamID: HTTP2StreamID] = [:]
+    private var nextUpID: Int32 = 1
+
+    init(l7: L7Context) { self.l7 = l7 }
+
+    static var settings: HTTP2Settings {
+        [HTTP2Setting(parameter: .maxConcurrentStreams, value: 256),
+         HTTP2Setting(parameter: .initialWindowSize, value: streamWindow),
+         HTTP2Setting(parameter: .maxFrameSize, value: 1 << 14),
+         HTTP2Setting(parameter: .maxHeaderListSize, value: 64 << 10),
+         HTTP2Setting(parameter: .enablePush, value: 0)]
+    }
+
+    /// Installs the relay: `downstream` (the caller, a byte stream) and
+    /// `upstream` (the workload's connection).
+    static func install(downstream: Channel, upstream: Channel, l7: L7Context) throws {
+        let relay = H2Relay(l7: l7)
+        var config = NIOHTTP2Handler.ConnectionConfiguration()
+        config.initialSettings = settings
+        try upstream.pipeline.syncOperations.addHandler(NIOHTTP2Handler(mode: .client, connectionConfiguration: config))
+        try upstream.pipeline.syncOperations.addHandler(H2RelaySide(relay, isDown: false))
+        try downstream.pipeline.syncOperations.addHandler(CloseOnEndOfInput())
+        try downstream.pipeline.syncOperations.addHandler(NIOHTTP2Handler(mode: .server, connectionConfiguration: config))
+        try downstream.pipeline.syncOperations.addHandler(H2RelaySide(relay, isDown: true))
+        upstream.closeFuture.whenComplete { _ in downstream.close(promise: nil) }
+        downstream.closeFuture.whenComplete { _ in upstream.close(promise: nil) }
+    }
+
+    private func write(_ ctx: ChannelHandlerContext?, _ id: HTTP2StreamID, _ payload: HTTP2Frame.FramePayload,
+                       promise: EventLoopPromise<Void>? = nil) {
+        guard let ctx else {
+            promise?.fail(ChannelError.ioOnClosedChannel)
+            return
+        }
+        ctx.write(NIOAny(HTTP2Frame(streamID: id, payload: payload)), promise: promise)
+    }
+
+    /// Window given back to each side but not yet announced: updates go
+    /// out in quarter-window steps, not one per DATA frame.
+    private var credit: [Bool: Int] = [true: 0, false: 0]
+    private var streamCredit: [Bool: [HTTP2StreamID: Int]] = [true: [:], false: [:]]
+
+    /// Gives back `n` bytes of window to one side (connection, and the
+    /// stream while it is open there and still sending).
+    private func acknowledge(_ ctx: ChannelHandlerContext?, stream: HTTP2StreamID?, _ n: Int) {
+        guard n > 0, let ctx else { return }
+        let isDown = ctx === down
+        var flush = false
+        let c = credit[isDown]! + n
+        if c >= Self.connectionWindow / 4 {
+            write(ctx, .rootStream, .windowUpdate(windowSizeIncrement: c))
+            credit[isDown] = 0
+            flush = true
+        } else {
+            credit[isDown] = c
+        }
+        if let stream {
+            let s = (streamCredit[isDown]![stream] ?? 0) + n
+            if s >= Self.streamWindow / 4 {
+                write(ctx, stream, .windowUpdate(windowSizeIncrement: s))
+                streamCredit[isDown]![stream] = nil
+                flush = true
+            } else {
+                streamCredit[isDown]![stream] = s
+            }
+        }
+        if flush { ctx.flush() }
+    }
+
+    static func flowLength(_ d: HTTP2Frame.FramePayload.Data) -> Int {
+        d.data.readableBytes + (d.paddingBytes.map { $0 + 1 } ?? 0)
+    }
+
+    // MARK: the caller's frames
+
+    func fromDown(_ frame: HTTP2Frame) {
+        let id = frame.streamID
+        switch frame.payload {
+        case .headers(let h):
+            if let x = byDown[id] {
+                write(up, x.upID, .headers(h))   // trailers
+            } else if !judge(id, h) {
+                return
+            }
+        case .data(let d):
+            let n = Self.flowLength(d)
+            guard var x = byDown[id] else {
+                acknowledge(down, stream: nil, n)   // a refused stream's body: dropped
+                return
+            }
+            x.requestBytes += d.data.readableBytes
+            byDown[id] = x
+            let sent = down!.eventLoop.makePromise(of: Void.self)
+            write(up, x.upID, .data(d), promise: sent)
+            sent.futureResult.whenComplete { result in
+                let open = (try? result.get()) != nil && self.byDown[id] != nil
+                self.acknowledge(self.down, stream: open ? id : nil, n)
+            }
+        case .rstStream:
+            if let x = byDown.removeValue(forKey: id) {
+                byUp[x.upID] = nil
+                write(up, x.upID, .rstStream(.cancel))
+                up?.flush()
+            }
+        default:
+            break   // SETTINGS, PING, WINDOW_UPDATE, PRIORITY, GOAWAY: each side's own
+        }
+    }
+
+    /// A new stream: judged on its HEADERS. Returns false when refused.
+    private func judge(_ id: HTTP2StreamID, _ h: HTTP2Frame.FramePayload.Headers) -> Bool {
+        let f = L7HTTP2.facts(h.headers)
+        let verdict: HTTPVerdict
+        let path = f.path ?? ""
+        if f.path == nil {
+            // Plain CONNECT (no :path) would make the proxy a tunnel to anywhere.
+            verdict = HTTPVerdict(allowed: false, reason: "denied: CONNECT is not proxied", rule: nil)
+        } else {
+            verdict = l7.gate(f.method, path, f.host, f.headers)
+        }
+        var x = Exchange(upID: HTTP2StreamID(Int(nextUpID)), method: f.method,
+                         path: path.split(separator: "?", maxSplits: 1).first.map(String.init) ?? path, verdict: verdict, start: Date())
+        guard verdict.allowed else {
+            let text = verdict.reason + "\n"
+            var b = down!.channel.allocator.buffer(capacity: text.utf8.count)
+            b.writeString(text)
+            write(down, id, .headers(.init(headers: HPACKHeaders([(":status", "403"), ("content-type", "text/plain"),
+                                                                   ("content-length", "\(text.utf8.count)")]))))
+            write(down, id, .data(.init(data: .byteBuffer(b), endStream: true)))
+            // The rest of the request body, if any, is read and dropped (a
+            // RST_STREAM(NO_ERROR) here makes some clients, curl among
+            // them, discard the answer).
+            down?.flush()
+            x.status = 403
+            x.responseBytes = text.utf8.count
+            log(&x)
+            return false
+        }
+        guard nextUpID < Int32.max - 2 else {
+            // The workload's connection has used every stream ID.
+            write(down, id, .rstStream(.refusedStream))
+            down?.flush()
+            return false
+        }
+        nextUpID += 2
+        byDown[id] = x
+        byUp[x.upID] = id
+        write(up, x.upID, .headers(h))
+        return true
+    }
+
+    // MARK: the workload's frames
+
+    func fromUp(_ frame: HTTP2Frame) {
+        let upID = frame.streamID
+        guard let id = byUp[upID] else {
+            if case .data(let d) = frame.payload { acknowledge(up, stream: nil, Self.flowLength(d)) }
+            return
+        }
+        switch frame.payload {
+        case .headers(let h):
+            if var x = byDown[id] {
+                if let s = h.headers.first(name: ":status"), let code = Int(s), x.status < 200 { x.status = code }
+                if h.endStream { log(&x) }
+                byDown[id] = x
+            }
+            write(down, id, .headers(h))
+        case .data(let d):
+            let n = Self.flowLength(d)
+            if var x = byDown[id] {
+                x.responseBytes += d.data.readableBytes
+                if d.endStream { log(&x) }
+                byDown[id] = x
+            }
+            let sent = up!.eventLoop.makePromise(of: Void.self)
+            write(down, id, .data(d), promise: sent)
+            sent.futureResult.whenComplete { result in
+                let open = (try? result.get()) != nil && self.byUp[upID] != nil
+                self.acknowledge(self.up, stream: open ? upID : nil, n)
+            }
+        case .rstStream(let code):
+            byUp[upID] = nil
+            byDown[id] = nil
+            write(down, id, .rstStream(code))
+            down?.flush()
+        default:
+            break
+        }
+    }
+
+    // MARK: bookkeeping
+
+    func streamClosed(_ id: HTTP2StreamID, onDown: Bool, reason: HTTP2ErrorCode?) {
+        streamCredit[onDown]![id] = nil
+        if onDown {
+            guard let x = byDown.removeValue(forKey: id) else { return }
+            // Closed by an error on the caller's side: the workload's stream goes too.
+            if reason != nil, byUp.removeValue(forKey: x.upID) != nil {
+                write(up, x.upID, .rstStream(.cancel))
+                up?.flush()
+            }
+        } else {
+            guard let id2 = byUp.removeValue(forKey: id) else { return }
+            if let reason, byDown.removeValue(forKey: id2) != nil {
+                // REFUSED_STREAM (the workload did not process it) lets the caller retry.
+                write(down, id2, .rstStream(reason == .refusedStream ? .refusedStream : .cancel))
+                down?.flush()
+            }
+        }
+    }
+
+    private func log(_ x: inout Exchange) {
+        guard !x.logged else { return }
+        x.logged = true
+        l7.log?(AccessLogEntry(time: Timestamp.rfc3339(x.start), source: l7.source, destination: l7.destination,
+                               destinationAddress: l7.destinationAddress, method: x.method, path: x.path, status: x.status,
+                               requestBytes: x.requestBytes, responseBytes: x.responseBytes,
+                               durationMs: Date().timeIntervalSince(x.start) * 1000,
+                               decision: x.verdict.allowed ? "allowed" : "denied", rule: x.verdict.rule))
+    }
+}
+
+/// One side of the relay: frames in go to the relay; reads complete ->
+/// the other side flushes.
+final class H2RelaySide: ChannelDuplexHandler, @unchecked Sendable {
+    typealias InboundIn = HTTP2Frame
+    typealias OutboundIn = HTTP2Frame
+    typealias OutboundOut = HTTP2Frame
+    let relay: H2Relay
+    let isDown: Bool
+    init(_ relay: H2Relay, isDown: Bool) { self.relay = relay; self.isDown = isDown }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        if isDown { relay.down = context } else { relay.up = context }
+        // A connection window larger than HTTP/2's initial 64 KiB.
+        context.writeAndFlush(wrapOutboundOut(HTTP2Frame(streamID: .rootStream,
+                                                         payload: .windowUpdate(windowSizeIncrement: H2Relay.connectionWindow - 65535))),
+                              promise: nil)
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let frame = unwrapInboundIn(data)
+        if isDown { relay.fromDown(frame) } else { relay.fromUp(frame) }
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        (isDown ? relay.up : relay.down)?.flush()
+        context.fireChannelReadComplete()
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let e = event as? StreamClosedEvent { relay.streamClosed(e.streamID, onDown: isDown, reason: e.reason) }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        if isDown { relay.down = nil } else { relay.up = nil }
+        context.fireChannelInactive()
+    }
+
+    /// Stream errors were answered by NIO (RST_STREAM); connection errors
+    /// close the connection (GOAWAY) and the other side follows.
+    func errorCaught(context: ChannelHandlerContext, error: Error) {}
+}
