@@ -247,11 +247,8 @@ final class H2Relay: @unchecked Sendable {
     private func log(_ x: inout Exchange) {
         guard !x.logged else { return }
         x.logged = true
-        l7.log?(AccessLogEntry(time: Timestamp.rfc3339(x.start), source: l7.source, destination: l7.destination,
-                               destinationAddress: l7.destinationAddress, method: x.method, path: x.path, status: x.status,
-                               requestBytes: x.requestBytes, responseBytes: x.responseBytes,
-                               durationMs: Date().timeIntervalSince(x.start) * 1000,
-                               decision: x.verdict.allowed ? "allowed" : "denied", rule: x.verdict.rule))
+        l7.record(method: x.method, path: x.path, status: x.status, requestBytes: x.requestBytes, responseBytes: x.responseBytes,
+                  start: x.start, verdict: x.verdict)
     }
 }
 

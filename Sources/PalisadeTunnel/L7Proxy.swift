@@ -38,6 +38,14 @@ struct L7Context: Sendable {
     var destination: String
     var destinationAddress: String
     var log: (@Sendable (AccessLogEntry) -> Void)?
+
+    /// One finished (or refused) request, to the access log and metrics.
+    func record(method: String, path: String, status: Int, requestBytes: Int, responseBytes: Int, start: Date, verdict: HTTPVerdict) {
+        log?(AccessLogEntry(time: Timestamp.rfc3339(start), source: source, destination: destination, destinationAddress: destinationAddress,
+                            method: method, path: path, status: status, requestBytes: requestBytes, responseBytes: responseBytes,
+                            durationMs: Date().timeIntervalSince(start) * 1000, decision: verdict.allowed ? "allowed" : "denied",
+                            rule: verdict.rule))
+    }
 }
 
 /// The in-agent HTTP/1.1 proxy on one tunnel stream (the caller's side):
@@ -51,11 +59,8 @@ final class L7Gate: ChannelDuplexHandler, @unchecked Sendable {
     typealias OutboundIn = HTTPServerResponsePart
     typealias OutboundOut = HTTPServerResponsePart
 
-    let gate: HTTPGate
-    let source: String
-    let destination: String
-    let destinationAddress: String
-    let log: (@Sendable (AccessLogEntry) -> Void)?
+    let l7: L7Context
+    var gate: HTTPGate { l7.gate }
     var upstream: Channel?
     private var context: ChannelHandlerContext?
     private var queue: [HTTPServerRequestPart] = []
@@ -67,9 +72,7 @@ final class L7Gate: ChannelDuplexHandler, @unchecked Sendable {
     private var pendingRead = false
     static let maxQueuedParts = 4096
 
-    init(_ l7: L7Context) {
-        gate = l7.gate; source = l7.source; destination = l7.destination; destinationAddress = l7.destinationAddress; log = l7.log
-    }
+    init(_ l7: L7Context) { self.l7 = l7 }
 
     /// Backpressure: the caller is read only while the workload's
     /// connection can take more (and no response is awaited with parts
@@ -160,11 +163,8 @@ final class L7Gate: ChannelDuplexHandler, @unchecked Sendable {
 
     private func record(_ cur: (head: HTTPRequestHead, verdict: HTTPVerdict, start: Date, bytesIn: Int), status: Int, bytesOut: Int) {
         let path = cur.head.uri.split(separator: "?", maxSplits: 1).first.map(String.init) ?? cur.head.uri
-        log?(AccessLogEntry(time: Timestamp.rfc3339(cur.start), source: source, destination: destination,
-                            destinationAddress: destinationAddress,
-                            method: cur.head.method.rawValue, path: path, status: status, requestBytes: cur.bytesIn,
-                            responseBytes: bytesOut, durationMs: Date().timeIntervalSince(cur.start) * 1000,
-                            decision: cur.verdict.allowed ? "allowed" : "denied", rule: cur.verdict.rule))
+        l7.record(method: cur.head.method.rawValue, path: path, status: status, requestBytes: cur.bytesIn, responseBytes: bytesOut,
+                  start: cur.start, verdict: cur.verdict)
     }
 
     /// A response part from the workload.
