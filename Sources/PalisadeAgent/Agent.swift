@@ -52,7 +52,7 @@ public final class Agent {
     var localSpiffeIDs = Set<SpiffeID>()
     var lastCompiled: CompiledPolicy?
     var lastGoodHTTP = HTTPRuleSet([])
-    var accessLogFile: FileHandle?
+    var accessLog: AccessLogWriter?
     var storeSync: StoreSync?
     var clusterIdentities: ClusterIdentities?
     /// SPIFFE IDs whose number came from the store (this run).
@@ -139,6 +139,7 @@ public final class Agent {
         listener?.stop()
         outbound?.stop()
         try? meshGroup.syncShutdownGracefully()
+        accessLog?.flush()
         log.info("agent stopping; programs and maps stay pinned and keep enforcing")
     }
 
@@ -219,18 +220,17 @@ public final class Agent {
         l.authorize = { Agent.authorizeInbound($0, directory: directory.current) }
         // Access log: one JSON line per request through the L7 proxy.
         let path = "\(config.stateDir)/access.jsonl"
-        if !FileManager.default.fileExists(atPath: path) { FileManager.default.createFile(atPath: path, contents: nil, attributes: [.posixPermissions: 0o600]) }
-        let sampling = config.accessLogSampling
-        if let fh = FileHandle(forWritingAtPath: path) {
-            fh.seekToEndOfFile()
-            accessLogFile = fh
-            let box = AccessLogBox(fh)
-            l.accessLog = { entry in
-                metrics.recordHTTP(source: entry.source, destination: entry.destination, status: entry.status,
-                                   decision: entry.decision, seconds: entry.durationMs / 1000)
-                if sampling < 1, Double.random(in: 0..<1) >= sampling { return }
-                box.write(entry)
-            }
+        if accessLog == nil {
+            accessLog = AccessLogWriter(path: path)
+            accessLog?.onDrop = { n in metrics.recordAccessLogDropped(n) }
+            if accessLog == nil { log.error("cannot open the access log", metadata: ["path": "\(path)", "error": "\(String(cString: strerror(errno)))"]) }
+        }
+        let sampling = config.accessLogSampling, writer = accessLog
+        l.accessLog = { entry in
+            metrics.recordHTTP(source: entry.source, destination: entry.destination, status: entry.status,
+                               decision: entry.decision, seconds: entry.durationMs / 1000)
+            if sampling < 1, Double.random(in: 0..<1) >= sampling { return }
+            writer?.write(entry)
         }
         l.onStream = { request, decision, error in
             var delivered = false
@@ -465,13 +465,3 @@ public final class Agent {
     }
 }
 
-/// Serializes access-log writes from the tunnel's event loops.
-final class AccessLogBox: @unchecked Sendable {
-    let lock = NSLock()
-    let fh: FileHandle
-    init(_ fh: FileHandle) { self.fh = fh }
-    func write(_ e: AccessLogEntry) {
-        let line = Data(e.jsonLine().utf8)
-        lock.withLock { fh.write(line) }
-    }
-}

@@ -32,12 +32,10 @@ struct MeshDirectory: @unchecked Sendable {  // immutable snapshots; CompiledLoo
     /// The HTTP gate for requests from `source` to this node's workload at
     /// `address`:`port`, if that port has L7 rules.
     func httpGate(address: IPAddress, port: Int, source: SpiffeID, caller: IPAddress?) -> OutboundRoute.HTTP? {
-        guard let w = localWorkloads[address], http.applies(labels: w.labels, namespace: w.namespace, port: port) else { return nil }
-        let rules = http
+        guard let w = localWorkloads[address], let rules = http.destination(labels: w.labels, namespace: w.namespace, port: port) else { return nil }
         let destination = localEndpoints[address].flatMap { spiffeIDByIdentity[$0.rawValue]?.description } ?? "\(address):\(port)"
-        return OutboundRoute.HTTP(destination: destination) { method, uri, host, headers in
-            let d = rules.decide(HTTPRequestFacts(source: source, sourceAddress: caller, method: method, path: uri, host: host, headers: headers),
-                                 labels: w.labels, namespace: w.namespace, port: port)
+        return OutboundRoute.HTTP(destination: destination, usesHeaders: rules.usesHeaders) { method, uri, host, headers in
+            let d = rules.decide(HTTPRequestFacts(source: source, sourceAddress: caller, method: method, path: uri, host: host, headers: headers))
             return HTTPVerdict(allowed: d.allowed, reason: d.reason, rule: d.rule)
         }
     }
@@ -160,7 +158,7 @@ extension Agent {
         // that address is a workload of the authenticated identity.
         let caller = r.caller.flatMap(IPAddress.init).flatMap { a in directory.remoteIdentities[a] == source ? a : nil }
         if let http = directory.httpGate(address: dst, port: r.port, source: r.peer, caller: caller) {
-            return .deliverHTTP(mark: mark, destination: http.destination, gate: http.gate)
+            return .deliverHTTP(mark: mark, destination: http.destination, usesHeaders: http.usesHeaders, gate: http.gate)
         }
         return .deliver(mark: mark)
     }

@@ -93,6 +93,16 @@ public final class DatapathMetrics: @unchecked Sendable {
                "Workload connections redirected to the agent, by result.").increment()
     }
 
+    /// Access-log lines dropped because the disk fell behind.
+    public func recordAccessLogDropped(_ n: Int) {
+        lock.withLock {
+            accessLogDropped = accessLogDropped ?? registry.makeCounter(name: "palisade_access_log_dropped_total",
+                help: "Access-log lines dropped because writing them fell too far behind.")
+            return accessLogDropped!
+        }.increment(by: Int64(n))
+    }
+    private var accessLogDropped: Counter?
+
     public func recordTunnelStream(delivered: Bool) {
         result("palisade_tunnel_inbound_streams_total", delivered ? "delivered" : "refused",
                "Tunnel streams received from peer agents, by result.").increment()

@@ -64,25 +64,26 @@ public struct PathPattern: Hashable, Sendable, CustomStringConvertible {
 
     /// Matches a normalized request path (see `HTTPRuleSet.normalize`).
     public func matches(_ path: String) -> Bool {
-        let p = path.split(separator: "/", omittingEmptySubsequences: false).dropFirst().map(String.init)
-        return Self.match(segments[...], p[...])
+        // Segments as slices of the path: no copies per request.
+        let p = path.utf8.split(separator: UInt8(ascii: "/"), omittingEmptySubsequences: false).dropFirst()
+        return Self.match(segments[...], p)
     }
 
-    static func match(_ pat: ArraySlice<String>, _ path: ArraySlice<String>) -> Bool {
+    static func match(_ pat: ArraySlice<String>, _ path: ArraySlice<Substring.UTF8View>) -> Bool {
         guard let first = pat.first else { return path.isEmpty }
         if first == "**" {
             // Zero or more segments.
             for k in 0...path.count where match(pat.dropFirst(), path.dropFirst(k)) { return true }
             return false
         }
-        guard let seg = path.first, glob(first, seg) else { return false }
+        guard let seg = path.first, glob(first, Substring(seg)) else { return false }
         return match(pat.dropFirst(), path.dropFirst())
     }
 
     /// `*` within one segment.
-    static func glob(_ pattern: String, _ s: String) -> Bool {
-        let parts = pattern.split(separator: "*", omittingEmptySubsequences: false).map(String.init)
-        if parts.count == 1 { return pattern == s }
+    static func glob(_ pattern: String, _ s: Substring) -> Bool {
+        if !pattern.utf8.contains(UInt8(ascii: "*")) { return pattern.utf8.elementsEqual(s.utf8) }
+        let parts = pattern.split(separator: "*", omittingEmptySubsequences: false)
         guard s.hasPrefix(parts[0]) else { return false }
         var rest = s.dropFirst(parts[0].count)
         for (i, part) in parts.enumerated().dropFirst() {
@@ -170,24 +171,91 @@ public struct HTTPRuleSet: Sendable {
     /// dot segments, empty segments or an encoded '/' is refused outright
     /// (it would be read differently by the proxy and the server).
     public static func normalize(_ raw: String) -> String? {
-        let path = raw.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false).first.map(String.init) ?? raw
-        guard path.hasPrefix("/") else { return nil }
-        if path.utf8.contains(UInt8(ascii: "\\")) { return nil }
+        let bytes = raw.utf8
+        let end = bytes.firstIndex(of: UInt8(ascii: "?")) ?? bytes.endIndex
+        let path = bytes[..<end]
+        guard path.first == UInt8(ascii: "/"), !path.contains(UInt8(ascii: "\\")) else { return nil }
         // Most paths have no escapes: Foundation's decoding is skipped for them.
-        let decoded: String
-        if path.utf8.contains(UInt8(ascii: "%")) {
-            let lower = path.lowercased()
+        var decoded = String(Substring(path))
+        if path.contains(UInt8(ascii: "%")) {
+            let lower = decoded.lowercased()
             if lower.contains("%2f") || lower.contains("%5c") || lower.contains("%2e") { return nil }
-            guard let d = path.removingPercentEncoding else { return nil }
+            guard let d = decoded.removingPercentEncoding else { return nil }
             decoded = d
-        } else {
-            decoded = path
         }
-        if decoded.contains("//") || decoded.split(separator: "/").contains(where: { $0 == "." || $0 == ".." }) { return nil }
-        return decoded
+        return hasAmbiguousSegment(decoded) ? nil : decoded
     }
 
-    func matches(_ r: HTTPPolicy.Rule, _ f: HTTPRequestFacts, path: String) -> Bool {
+    /// An empty segment ("//"), "." or "..": servers read these differently.
+    static func hasAmbiguousSegment(_ path: String) -> Bool {
+        var length = 0, dots = 0, leading = true
+        for b in path.utf8 {
+            if b == UInt8(ascii: "/") {
+                if (!leading && length == 0) || (length <= 2 && length > 0 && dots == length) { return true }
+                leading = false; length = 0; dots = 0
+            } else {
+                length += 1
+                if b == UInt8(ascii: ".") { dots += 1 }
+            }
+        }
+        return length <= 2 && length > 0 && dots == length
+    }
+
+    public func decide(_ f: HTTPRequestFacts, labels: [String: String], namespace: String? = nil, port: Int) -> HTTPDecision {
+        guard let d = destination(labels: labels, namespace: namespace, port: port) else {
+            return HTTPDecision(allowed: true, reason: "no L7 rules", rule: nil, audited: false)
+        }
+        return d.decide(f)
+    }
+
+    /// The rules of one destination and port, picked once per connection
+    /// (the proxy judges every request against them); nil: no L7 rules.
+    public func destination(labels: [String: String], namespace: String? = nil, port: Int) -> HTTPDestinationRules? {
+        guard applies(labels: labels, namespace: namespace, port: port) else { return nil }
+        return HTTPDestinationRules(rules(labels: labels, namespace: namespace, port: port).map { ($0.0, $0.1) })
+    }
+}
+
+/// The rules in force for one destination and port. Deny wins; a request
+/// no rule allows is denied (the port has rules, so it is governed).
+public struct HTTPDestinationRules: Sendable {
+    struct Compiled: Sendable {
+        var id: String
+        var rule: HTTPPolicy.Rule
+        var allowed, denied, audited: HTTPDecision   // made once, not per request
+    }
+    let rules: [Compiled]
+    /// Does any rule look at request headers (else the proxy needs not collect them)?
+    public let usesHeaders: Bool
+
+    init(_ rules: [(String, HTTPPolicy.Rule)]) {
+        self.rules = rules.map { id, r in
+            Compiled(id: id, rule: r,
+                     allowed: HTTPDecision(allowed: true, reason: "allowed by policy \(id)", rule: id, audited: false),
+                     denied: HTTPDecision(allowed: false, reason: "denied by policy \(id)", rule: id, audited: false),
+                     audited: HTTPDecision(allowed: true, reason: "audit: would be denied (\(id))", rule: id, audited: true))
+        }
+        usesHeaders = rules.contains { !$0.1.headers.isEmpty }
+    }
+
+    static let ambiguous = HTTPDecision(allowed: false, reason: "denied: ambiguous path", rule: nil, audited: false)
+    static let noRule = HTTPDecision(allowed: false, reason: "denied: no rule allows this request", rule: nil, audited: false)
+
+    public func decide(_ f: HTTPRequestFacts) -> HTTPDecision {
+        guard let path = HTTPRuleSet.normalize(f.path) else { return Self.ambiguous }
+        var allow: Compiled?, audit: Compiled?
+        for c in rules where Self.matches(c.rule, f, path: path) {
+            switch c.rule.action {
+            case .deny: return c.denied
+            case .audit: audit = audit ?? c
+            case .allow: allow = allow ?? c
+            }
+        }
+        if var a = allow?.allowed { a.audited = audit != nil; return a }
+        return audit?.audited ?? Self.noRule
+    }
+
+    static func matches(_ r: HTTPPolicy.Rule, _ f: HTTPRequestFacts, path: String) -> Bool {
         if !r.from.isEmpty {
             let ok = r.from.contains { s in
                 switch s {
@@ -202,7 +270,7 @@ public struct HTTPRuleSet: Sendable {
             }
             if !ok { return false }
         }
-        if !r.methods.isEmpty && !r.methods.contains(f.method.uppercased()) { return false }
+        if !r.methods.isEmpty && !r.methods.contains(f.method) && !r.methods.contains(f.method.uppercased()) { return false }
         if !r.paths.isEmpty && !r.paths.contains(where: { $0.matches(path) }) { return false }
         if !r.hosts.isEmpty {
             let host = f.host.split(separator: ":").first.map { $0.lowercased() } ?? ""
@@ -210,28 +278,6 @@ public struct HTTPRuleSet: Sendable {
         }
         for (k, v) in r.headers where f.headers[k] != v { return false }
         return true
-    }
-
-    public func decide(_ f: HTTPRequestFacts, labels: [String: String], namespace: String? = nil, port: Int) -> HTTPDecision {
-        guard applies(labels: labels, namespace: namespace, port: port) else {
-            return HTTPDecision(allowed: true, reason: "no L7 rules", rule: nil, audited: false)
-        }
-        // Governed port: only its rules count, and nothing matching means deny.
-        let rules = rules(labels: labels, namespace: namespace, port: port)
-        guard let path = Self.normalize(f.path) else {
-            return HTTPDecision(allowed: false, reason: "denied: ambiguous path", rule: nil, audited: false)
-        }
-        var allow: String?, audit: String?
-        for (id, r) in rules where matches(r, f, path: path) {
-            switch r.action {
-            case .deny: return HTTPDecision(allowed: false, reason: "denied by policy \(id)", rule: id, audited: false)
-            case .audit: audit = audit ?? id
-            case .allow: allow = allow ?? id
-            }
-        }
-        if let a = allow { return HTTPDecision(allowed: true, reason: "allowed by policy \(a)", rule: a, audited: audit != nil) }
-        if let a = audit { return HTTPDecision(allowed: true, reason: "audit: would be denied (\(a))", rule: a, audited: true) }
-        return HTTPDecision(allowed: false, reason: "denied: no rule allows this request", rule: nil, audited: false)
     }
 }
 

@@ -144,7 +144,7 @@ final class H2Relay: @unchecked Sendable {
 
     /// A new stream: judged on its HEADERS. Returns false when refused.
     private func judge(_ id: HTTP2StreamID, _ h: HTTP2Frame.FramePayload.Headers) -> Bool {
-        let f = L7HTTP2.facts(h.headers)
+        let f = L7HTTP2.facts(h.headers, withHeaders: l7.usesHeaders)
         let verdict: HTTPVerdict
         let path = f.path ?? ""
         if f.path == nil {

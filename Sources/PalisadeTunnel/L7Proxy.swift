@@ -34,6 +34,8 @@ public struct AccessLogEntry: Codable, Sendable {
 /// requests are judged and logged.
 struct L7Context: Sendable {
     var gate: HTTPGate
+    /// Only then are a request's headers collected for the gate.
+    var usesHeaders: Bool = true
     var source: String
     var destination: String
     var destinationAddress: String
@@ -128,7 +130,9 @@ final class L7Gate: ChannelDuplexHandler, @unchecked Sendable {
         switch part {
         case .head(let h):
             var headers: [String: String] = [:]
-            for (k, v) in h.headers where k.lowercased() != "authorization" { headers[k.lowercased()] = v }
+            if l7.usesHeaders {
+                for (k, v) in h.headers where k.lowercased() != "authorization" { headers[k.lowercased()] = v }
+            }
             let verdict = gate(h.method.rawValue, h.uri, h.headers.first(name: "host") ?? "", headers)
             current = (h, verdict, Date(), 0)
             if verdict.allowed { upstream?.write(HTTPClientRequestPart.head(h), promise: nil) }

@@ -585,7 +585,7 @@ extension MeshTests {
         XCTAssertTrue(answer.contains("400"), "smuggling refused: \(answer)")
         XCTAssertFalse(answer.contains("private b"))
         // The access log: one JSON line per request, with identities and decisions.
-        let log = try String(contentsOfFile: "\(m.n2.dir)/access.jsonl", encoding: .utf8)
+        let log = accessLog(in: m.n2.dir) { $0.contains("\"path\":\"/private/b.txt\"") }
         let lines = log.split(separator: "\n")
         XCTAssertGreaterThanOrEqual(lines.count, 6)
         XCTAssertTrue(lines.contains { $0.contains("\"path\":\"/private/b.txt\"") && $0.contains("\"decision\":\"denied\"") && $0.contains("sa/a") }, log)
@@ -663,7 +663,7 @@ extension MeshTests {
         XCTAssertTrue(try curl([url + "/private/b.txt"]).contains("denied: no rule allows this request"))
         XCTAssertEqual(try curl(["-X", "POST", "-d", "x", "-o", "/dev/null", "-w", "%{http_code}", url + "/public/a.txt"]), "403", "method")
         // h2 requests are in the access log like HTTP/1.1 ones.
-        let log = try String(contentsOfFile: "\(m.n2.dir)/access.jsonl", encoding: .utf8)
+        let log = accessLog(in: m.n2.dir) { $0.contains("\"path\":\"/public/big.bin\"") }
         XCTAssertTrue(log.split(separator: "\n").contains { $0.contains("\"path\":\"/public/big.bin\"") && $0.contains("\"status\":200")
                                                            && $0.contains("\"responseBytes\":\(8 << 20)") }, log)
     }
@@ -803,7 +803,7 @@ extension MeshTests {
         XCTAssertTrue(ports.contains("sa/c") || ports.contains("sa\\/c"), ports)
         XCTAssertEqual(try curl(["-o", "/dev/null", "-w", "%{http_code}", url + "/private/b.txt"]), "403", "judged by node 1's own proxy")
         XCTAssertEqual(try curl([url + "/cidr/c.txt"]), "cidr c", "a rule on the caller's address")
-        let log = try String(contentsOfFile: "\(m.n1.dir)/access.jsonl", encoding: .utf8)
+        let log = accessLog(in: m.n1.dir) { $0.contains("\"path\":\"/private/b.txt\"") }
         XCTAssertTrue(log.split(separator: "\n").contains { $0.contains("\"path\":\"/private/b.txt\"") && $0.contains("\"decision\":\"denied\"")
                                                            && $0.contains("sa/a") && $0.contains("sa/c") }, log)
         // The same caller's address without its cgroup (no connect hook):

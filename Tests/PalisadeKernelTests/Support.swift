@@ -304,3 +304,15 @@ extension XCTestCase {
         return (lab, agent)
     }
 }
+
+/// The agent's access log once a line satisfies `done` (lines are written
+/// off the proxy's event loop, a moment after the response), or after 5 s.
+func accessLog(in dir: String, until done: (Substring) -> Bool) -> String {
+    var text = ""
+    for _ in 0..<100 {
+        text = (try? String(contentsOfFile: "\(dir)/access.jsonl", encoding: .utf8)) ?? ""
+        if text.split(separator: "\n").contains(where: done) { break }
+        usleep(50_000)
+    }
+    return text
+}

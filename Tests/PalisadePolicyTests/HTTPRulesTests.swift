@@ -71,6 +71,39 @@ final class HTTPRulesTests: XCTestCase {
         XCTAssertNil(PathPattern("/a/../b"))
     }
 
+    /// The proxy's byte-level path check against the plain reading of the
+    /// rule (split into segments; "", "." and ".." refused) on random paths.
+    func testPathNormalizationAgreesWithTheSegmentReading() {
+        func reference(_ raw: String) -> String? {
+            let path = raw.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false).first.map(String.init) ?? raw
+            guard path.hasPrefix("/"), !path.contains("\\") else { return nil }
+            var decoded = path
+            if path.contains("%") {
+                let lower = path.lowercased()
+                if lower.contains("%2f") || lower.contains("%5c") || lower.contains("%2e") { return nil }
+                guard let d = path.removingPercentEncoding else { return nil }
+                decoded = d
+            }
+            if decoded.contains("//") || decoded.split(separator: "/").contains(where: { $0 == "." || $0 == ".." }) { return nil }
+            return decoded
+        }
+        let pieces = ["/", "/", "/", ".", "..", "...", "a", "b.c", "%41", "%2e", "%2F", "%zz", "?", "?x=/../", "\\", "é", "*"]
+        var rng = SystemRandomNumberGenerator()
+        var refused = 0
+        for _ in 0..<20_000 {
+            let path = (0..<Int.random(in: 0...7, using: &rng)).map { _ in pieces.randomElement(using: &rng)! }.joined()
+            let got = HTTPRuleSet.normalize(path)
+            XCTAssertEqual(got, reference(path), path)
+            if got == nil { refused += 1 }
+        }
+        XCTAssertGreaterThan(refused, 1000)
+        XCTAssertLessThan(refused, 19_000)
+        XCTAssertEqual(HTTPRuleSet.normalize("/a/%41/b?x"), "/a/A/b")
+        XCTAssertNil(HTTPRuleSet.normalize("/a/./b"))
+        XCTAssertNil(HTTPRuleSet.normalize("/a/.."))
+        XCTAssertEqual(HTTPRuleSet.normalize("/a/.../b"), "/a/.../b")
+    }
+
     func testPreciseErrors() {
         func error(_ rules: String) -> String {
             let text = "apiVersion: palisade.dev/v1\nkind: HTTPPolicy\nmetadata: {name: p}\nspec:\n  selector: {labels: {app: x}}\n  rules:\n" + rules
