@@ -31,6 +31,8 @@ final class H2Relay: @unchecked Sendable {
         var responseBytes = 0
         var status = 0
         var logged = false
+        /// The caller has been sent a final (non-1xx) response HEADERS.
+        var responseStarted = false
     }
     private var byDown: [HTTP2StreamID: Exchange] = [:]
     private var byUp: [HTTP2StreamID: HTTP2StreamID] = [:]
@@ -52,7 +54,13 @@ final class H2Relay: @unchecked Sendable {
         let relay = H2Relay(l7: l7)
         var config = NIOHTTP2Handler.ConnectionConfiguration()
         config.initialSettings = settings
-        try upstream.pipeline.syncOperations.addHandler(NIOHTTP2Handler(mode: .client, connectionConfiguration: config))
+        // Header blocks are validated once, on the caller's side: requests
+        // as they arrive, responses as they are sent on (a refused one is
+        // answered 502, see fromUp). Validating them again towards the
+        // workload cost ~5% of the proxy's CPU.
+        var upConfig = config
+        upConfig.headerBlockValidation = .disabled
+        try upstream.pipeline.syncOperations.addHandler(NIOHTTP2Handler(mode: .client, connectionConfiguration: upConfig))
         try upstream.pipeline.syncOperations.addHandler(H2RelaySide(relay, isDown: false))
         try downstream.pipeline.syncOperations.addHandler(CloseOnEndOfInput())
         try downstream.pipeline.syncOperations.addHandler(NIOHTTP2Handler(mode: .server, connectionConfiguration: config))
@@ -194,12 +202,21 @@ final class H2Relay: @unchecked Sendable {
         }
         switch frame.payload {
         case .headers(let h):
+            // A header block HTTP/2 forbids fails its write at once (NIO
+            // validates it as it is sent): then the caller gets 502 instead.
+            let refused = Refused()
+            let sent = up!.eventLoop.makePromise(of: Void.self)
+            sent.futureResult.whenFailure { _ in refused.value = true }
+            write(down, id, .headers(h), promise: sent)
+            if refused.value { return refuseResponse(down: id, up: upID) }
             if var x = byDown[id] {
-                if let s = h.headers.first(name: ":status"), let code = Int(s), x.status < 200 { x.status = code }
+                if let s = h.headers.first(name: ":status"), let code = Int(s), x.status < 200 {
+                    x.status = code
+                    x.responseStarted = code >= 200
+                }
                 if h.endStream { log(&x) }
                 byDown[id] = x
             }
-            write(down, id, .headers(h))
         case .data(let d):
             let n = Self.flowLength(d)
             if var x = byDown[id] {
@@ -243,6 +260,32 @@ final class H2Relay: @unchecked Sendable {
             }
         }
     }
+
+    /// The workload's response broke HTTP/2's header rules (the caller's
+    /// side refused to send it): the workload's stream is cancelled and the
+    /// caller gets 502, or a reset if its response had already begun.
+    private func refuseResponse(down id: HTTP2StreamID, up upID: HTTP2StreamID) {
+        guard byUp.removeValue(forKey: upID) != nil else { return }
+        write(up, upID, .rstStream(.cancel))
+        up?.flush()
+        guard var x = byDown.removeValue(forKey: id) else { return }
+        if x.responseStarted {
+            write(down, id, .rstStream(.internalError))
+        } else {
+            let text = "bad gateway: the workload's response is not valid HTTP/2\n"
+            var b = down!.channel.allocator.buffer(capacity: text.utf8.count)
+            b.writeString(text)
+            write(down, id, .headers(.init(headers: HPACKHeaders([(":status", "502"), ("content-type", "text/plain"),
+                                                                   ("content-length", "\(text.utf8.count)")]))))
+            write(down, id, .data(.init(data: .byteBuffer(b), endStream: true)))
+            x.responseBytes = text.utf8.count
+        }
+        down?.flush()
+        x.status = 502
+        log(&x)
+    }
+
+    private final class Refused: @unchecked Sendable { var value = false }
 
     private func log(_ x: inout Exchange) {
         guard !x.logged else { return }

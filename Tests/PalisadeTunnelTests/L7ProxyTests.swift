@@ -81,6 +81,26 @@ extension TunnelTests {
         XCTAssertTrue(["closed", "GOAWAY:PROTOCOL_ERROR"].contains(bad.trimmingCharacters(in: .whitespacesAndNewlines)), bad)
     }
 
+    /// A workload whose HTTP/2 response breaks the header rules: the caller
+    /// gets 502 (never the bad block, never a hung stream), through the
+    /// tunnel and through the same-node proxy, and the connection goes on.
+    func testInvalidHTTP2ResponsesBecome502() throws {
+        for bad in ["uppercase", "connection"] {
+            let port = freeLoopbackPort()
+            let server = try startL7([Self.python, Self.netprobe, "h2badserver", "\(port)", bad], port: port)
+            defer { server.terminate() }
+            let url = "http://127.0.0.1:\(proxy.localPort)/public/a.txt"
+            for path in ["tunnel", "same node"] {
+                localHTTP = path == "tunnel" ? nil
+                    : OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web") { _, _, _, _ in HTTPVerdict(allowed: true, reason: "", rule: "all") }
+                XCTAssertEqual(try curl(["--http2-prior-knowledge", "-o", "/dev/null", "-w", "%{http_code}", url]), "502", "\(bad) via \(path)")
+                // Three streams on one connection: each answered 502, none hangs.
+                let streams = H2Streams.run(try sh(["nghttp", "-ns", "-t", "5", url + "?1", url + "?2", url + "?3"]).output)
+                XCTAssertEqual(streams.map(\.code), [502, 502, 502], "\(bad) via \(path)")
+            }
+        }
+    }
+
     /// Thousands of streams, 16 at a time on each of two connections,
     /// through the tunnel and through the same-node proxy: none stalls.
     func testManyHTTP2StreamsNeverStall() throws {

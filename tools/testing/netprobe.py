@@ -186,6 +186,47 @@ def h2raw(case, addr, port):
         pass
     print(" ".join(out) or "closed")
 
+def h2badserver(port, case):
+    """An HTTP/2 server (prior knowledge, 127.0.0.1) that answers every
+    request with a response HTTP/2 forbids: `uppercase` (an upper-case header
+    name) or `connection` (a connection-specific header)."""
+    import struct
+    def frame(t, flags, stream, payload=b""):
+        return struct.pack(">I", len(payload))[1:] + bytes([t, flags]) + struct.pack(">I", stream) + payload
+    bad = {"uppercase": b"X-Upper", "connection": b"connection"}[case]
+    # ":status: 200" (static table 8), then a literal header with a new name.
+    response = b"\x88\x00" + bytes([len(bad)]) + bad + b"\x01" + b"1"
+    def serve_one(c):
+        buf = b""
+        try:
+            while len(buf) < 24:
+                d = c.recv(65536)
+                if not d: return
+                buf += d
+            buf = buf[24:]
+            c.sendall(frame(4, 0, 0))
+            while True:
+                while len(buf) >= 9:
+                    n = struct.unpack(">I", b"\x00" + buf[:3])[0]
+                    if len(buf) < 9 + n: break
+                    t, flags, stream = buf[3], buf[4], struct.unpack(">I", buf[5:9])[0] & 0x7fffffff
+                    buf = buf[9 + n:]
+                    if t == 4 and not flags & 1: c.sendall(frame(4, 1, 0))
+                    if t == 1: c.sendall(frame(1, 0x5, stream, response))
+                d = c.recv(65536)
+                if not d: return
+                buf += d
+        except OSError:
+            pass
+        finally:
+            c.close()
+    srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", port)); srv.listen(16)
+    print("ready", flush=True)
+    while True:
+        c, _ = srv.accept()
+        threading.Thread(target=serve_one, args=(c,), daemon=True).start()
+
 def hold(addr, port, seconds, interval):
     ok = failed = 0
     s = socket.create_connection((addr, port), timeout=2)
@@ -211,5 +252,6 @@ if __name__ == "__main__":
     elif a[0] == "http": http(a[1], int(a[2]))
     elif a[0] == "sink": sink(int(a[1]))
     elif a[0] == "h2raw": h2raw(a[1], a[2], int(a[3]))
+    elif a[0] == "h2badserver": h2badserver(int(a[1]), a[2])
     elif a[0] == "hold": sys.exit(hold(a[1], int(a[2]), float(a[3]), float(a[4])))
     else: sys.exit(2)
