@@ -20,6 +20,7 @@ final class H2Relay: @unchecked Sendable {
     /// Stream windows we grant each side, and the connection window.
     static let streamWindow = 1 << 20
     static let connectionWindow = 4 << 20
+    static let allocator = ByteBufferAllocator()
 
     struct Exchange {
         var upID: HTTP2StreamID
@@ -63,6 +64,7 @@ final class H2Relay: @unchecked Sendable {
         try upstream.pipeline.syncOperations.addHandler(NIOHTTP2Handler(mode: .client, connectionConfiguration: upConfig))
         try upstream.pipeline.syncOperations.addHandler(H2RelaySide(relay, isDown: false))
         try downstream.pipeline.syncOperations.addHandler(CloseOnEndOfInput())
+        try downstream.pipeline.syncOperations.addHandler(H2StreamClosedCode())
         try downstream.pipeline.syncOperations.addHandler(NIOHTTP2Handler(mode: .server, connectionConfiguration: config))
         try downstream.pipeline.syncOperations.addHandler(H2RelaySide(relay, isDown: true))
         upstream.closeFuture.whenComplete { _ in downstream.close(promise: nil) }
@@ -110,6 +112,24 @@ final class H2Relay: @unchecked Sendable {
         if flush { ctx.flush() }
     }
 
+    /// A frame as relayed to the other side: padding is one hop's (and NIO
+    /// cannot send it: a padded frame's write would fail and its bytes be
+    /// lost), and a priority names a stream of the sender's connection.
+    static func hop(_ h: HTTP2Frame.FramePayload.Headers) -> HTTP2Frame.FramePayload.Headers {
+        guard h.paddingBytes != nil || h.priorityData != nil else { return h }
+        var out = h
+        out.paddingBytes = nil
+        out.priorityData = nil
+        return out
+    }
+
+    static func hop(_ d: HTTP2Frame.FramePayload.Data) -> HTTP2Frame.FramePayload.Data {
+        guard d.paddingBytes != nil else { return d }
+        var out = d
+        out.paddingBytes = nil
+        return out
+    }
+
     static func flowLength(_ d: HTTP2Frame.FramePayload.Data) -> Int {
         d.data.readableBytes + (d.paddingBytes.map { $0 + 1 } ?? 0)
     }
@@ -121,7 +141,7 @@ final class H2Relay: @unchecked Sendable {
         switch frame.payload {
         case .headers(let h):
             if let x = byDown[id] {
-                write(up, x.upID, .headers(h))   // trailers
+                write(up, x.upID, .headers(Self.hop(h)))   // trailers
             } else if !judge(id, h) {
                 return
             }
@@ -133,8 +153,9 @@ final class H2Relay: @unchecked Sendable {
             }
             x.requestBytes += d.data.readableBytes
             byDown[id] = x
-            let sent = down!.eventLoop.makePromise(of: Void.self)
-            write(up, x.upID, .data(d), promise: sent)
+            guard let loop = up?.eventLoop else { return }   // the workload's side is gone
+            let sent = loop.makePromise(of: Void.self)
+            write(up, x.upID, .data(Self.hop(d)), promise: sent)
             sent.futureResult.whenComplete { result in
                 let open = (try? result.get()) != nil && self.byDown[id] != nil
                 self.acknowledge(self.down, stream: open ? id : nil, n)
@@ -165,15 +186,11 @@ final class H2Relay: @unchecked Sendable {
                          path: path.split(separator: "?", maxSplits: 1).first.map(String.init) ?? path, verdict: verdict, start: Date())
         guard verdict.allowed else {
             let text = verdict.reason + "\n"
-            var b = down!.channel.allocator.buffer(capacity: text.utf8.count)
-            b.writeString(text)
-            write(down, id, .headers(.init(headers: HPACKHeaders([(":status", "403"), ("content-type", "text/plain"),
-                                                                   ("content-length", "\(text.utf8.count)")]))))
-            write(down, id, .data(.init(data: .byteBuffer(b), endStream: true)))
-            // The rest of the request body, if any, is read and dropped (a
-            // RST_STREAM(NO_ERROR) here makes some clients, curl among
-            // them, discard the answer).
-            down?.flush()
+            // Answered once this read is processed (answerDenials): frames
+            // that came with the HEADERS still meet an open stream, so
+            // NIO judges them as the RFC asks (once our END_STREAM is out
+            // it ignores e.g. a WINDOW_UPDATE of 0).
+            denials.append((id, text))
             x.status = 403
             x.responseBytes = text.utf8.count
             log(&x)
@@ -188,8 +205,26 @@ final class H2Relay: @unchecked Sendable {
         nextUpID += 2
         byDown[id] = x
         byUp[x.upID] = id
-        write(up, x.upID, .headers(h))
+        write(up, x.upID, .headers(Self.hop(h)))
         return true
+    }
+
+    /// 403s of the streams denied in the read just processed. The rest of
+    /// a request body, if any, is read and dropped (a RST_STREAM(NO_ERROR)
+    /// here makes some clients, curl among them, discard the answer).
+    private var denials: [(HTTP2StreamID, String)] = []
+
+    func answerDenials() {
+        guard !denials.isEmpty else { return }
+        for (id, text) in denials {
+            var b = Self.allocator.buffer(capacity: text.utf8.count)
+            b.writeString(text)
+            write(down, id, .headers(.init(headers: HPACKHeaders([(":status", "403"), ("content-type", "text/plain"),
+                                                                   ("content-length", "\(text.utf8.count)")]))))
+            write(down, id, .data(.init(data: .byteBuffer(b), endStream: true)))
+        }
+        denials.removeAll(keepingCapacity: true)
+        down?.flush()
     }
 
     // MARK: the workload's frames
@@ -205,9 +240,10 @@ final class H2Relay: @unchecked Sendable {
             // A header block HTTP/2 forbids fails its write at once (NIO
             // validates it as it is sent): then the caller gets 502 instead.
             let refused = Refused()
-            let sent = up!.eventLoop.makePromise(of: Void.self)
+            guard let loop = down?.eventLoop else { return }   // the caller is gone
+            let sent = loop.makePromise(of: Void.self)
             sent.futureResult.whenFailure { _ in refused.value = true }
-            write(down, id, .headers(h), promise: sent)
+            write(down, id, .headers(Self.hop(h)), promise: sent)
             if refused.value { return refuseResponse(down: id, up: upID) }
             if var x = byDown[id] {
                 if let s = h.headers.first(name: ":status"), let code = Int(s), x.status < 200 {
@@ -224,8 +260,9 @@ final class H2Relay: @unchecked Sendable {
                 if d.endStream { log(&x) }
                 byDown[id] = x
             }
-            let sent = up!.eventLoop.makePromise(of: Void.self)
-            write(down, id, .data(d), promise: sent)
+            guard let loop = down?.eventLoop else { return }   // the caller is gone
+            let sent = loop.makePromise(of: Void.self)
+            write(down, id, .data(Self.hop(d)), promise: sent)
             sent.futureResult.whenComplete { result in
                 let open = (try? result.get()) != nil && self.byUp[upID] != nil
                 self.acknowledge(self.up, stream: open ? upID : nil, n)
@@ -244,6 +281,7 @@ final class H2Relay: @unchecked Sendable {
 
     func streamClosed(_ id: HTTP2StreamID, onDown: Bool, reason: HTTP2ErrorCode?) {
         streamCredit[onDown]![id] = nil
+        if onDown && !denials.isEmpty { denials.removeAll { $0.0 == id } }   // reset before its 403 went out
         if onDown {
             guard let x = byDown.removeValue(forKey: id) else { return }
             // Closed by an error on the caller's side: the workload's stream goes too.
@@ -273,7 +311,7 @@ final class H2Relay: @unchecked Sendable {
             write(down, id, .rstStream(.internalError))
         } else {
             let text = "bad gateway: the workload's response is not valid HTTP/2\n"
-            var b = down!.channel.allocator.buffer(capacity: text.utf8.count)
+            var b = Self.allocator.buffer(capacity: text.utf8.count)
             b.writeString(text)
             write(down, id, .headers(.init(headers: HPACKHeaders([(":status", "502"), ("content-type", "text/plain"),
                                                                    ("content-length", "\(text.utf8.count)")]))))
@@ -319,6 +357,7 @@ final class H2RelaySide: ChannelDuplexHandler, @unchecked Sendable {
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
+        if isDown { relay.answerDenials() }
         (isDown ? relay.up : relay.down)?.flush()
         context.fireChannelReadComplete()
     }

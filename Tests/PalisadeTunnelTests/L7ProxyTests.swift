@@ -81,6 +81,28 @@ extension TunnelTests {
         XCTAssertTrue(["closed", "GOAWAY:PROTOCOL_ERROR"].contains(bad.trimmingCharacters(in: .whitespacesAndNewlines)), bad)
     }
 
+    /// tools/testing/h2conform.py (RFC 9113 and RFC 7541, frame by frame:
+    /// stream states, frame sizes, flow control, header rules, HPACK) against
+    /// the proxy, through the tunnel and on the same node. Every case must
+    /// pass: among them padded frames (NIO cannot send padding: they are
+    /// relayed unpadded) and STREAM_CLOSED for HEADERS on ended streams.
+    func testHTTP2ConformanceThroughTheProxy() throws {
+        let port = freeLoopbackPort()
+        let server = try startL7(["nghttpd", "--no-tls", "-d", "WWW", "\(port)"], port: port)
+        defer { server.terminate() }
+        for path in ["tunnel", "same node"] {
+            localHTTP = path == "tunnel" ? nil
+                : OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web") { _, _, _, _ in HTTPVerdict(allowed: true, reason: "", rule: "all") }
+            let out = try sh([Self.python, Self.h2conform, "127.0.0.1", "\(proxy.localPort)", "--path", "/public/a.txt"]).output
+            let summary = out.split(separator: "\n").last { $0.hasSuffix(" failed") }.map(String.init) ?? "no summary"
+            let counts = summary.split(separator: " ").compactMap { Int($0) }
+            XCTAssertEqual(counts.count, 2, "\(path): \(out)")
+            XCTAssertGreaterThanOrEqual(counts.first ?? 0, 89, "\(path): \(summary)")
+            XCTAssertEqual(counts.last, 0, "\(path): \(out.split(separator: "\n").filter { $0.contains("FAIL") }.joined(separator: "\n"))")
+        }
+        XCTAssertTrue(proxy != nil && server.isRunning)
+    }
+
     /// A workload whose HTTP/2 response breaks the header rules: the caller
     /// gets 502 (never the bad block, never a hung stream), through the
     /// tunnel and through the same-node proxy, and the connection goes on.

@@ -64,9 +64,11 @@ final class TunnelTests: XCTestCase {
         authority = "127.0.0.1:\(echoPort)"
     }
 
-    static var netprobe: String {
+    static var netprobe: String { tool("netprobe.py") }
+    static var h2conform: String { tool("h2conform.py") }
+    static func tool(_ name: String) -> String {
         URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
-            .appendingPathComponent("tools/testing/netprobe.py").path
+            .appendingPathComponent("tools/testing/\(name)").path
     }
 
     override func tearDownWithError() throws {
