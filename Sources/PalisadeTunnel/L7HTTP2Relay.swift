@@ -173,6 +173,15 @@ final class H2Relay: @unchecked Sendable {
 
     /// A new stream: judged on its HEADERS. Returns false when refused.
     private func judge(_ id: HTTP2StreamID, _ h: HTTP2Frame.FramePayload.Headers) -> Bool {
+        // RFC 9113 §8.3.1: a Host that names another entity than :authority
+        // (or two Hosts) makes the request malformed; rules read one, the
+        // workload might read the other.
+        let hosts = h.headers["host"]
+        if hosts.count > 1 || (hosts.count == 1 && h.headers.first(name: ":authority").map({ $0.lowercased() != hosts[0].lowercased() }) ?? false) {
+            write(down, id, .rstStream(.protocolError))
+            down?.flush()
+            return false
+        }
         let f = L7HTTP2.facts(h.headers, withHeaders: l7.usesHeaders)
         let verdict: HTTPVerdict
         let path = f.path ?? ""

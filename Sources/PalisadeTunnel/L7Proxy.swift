@@ -118,8 +118,22 @@ final class L7Gate: ChannelDuplexHandler, @unchecked Sendable {
         pump()
     }
 
+    /// A refused request ended the connection: nothing after it is handled.
+    private var refused = false
+
+    /// uri-host [":" port] (RFC 3986): no userinfo, path or spaces.
+    static func validHost(_ host: String) -> Bool {
+        host.utf8.allSatisfy { c in
+            switch c {
+            case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "0")...UInt8(ascii: "9"): return true
+            default: return Array("-._~!$&'()*+,;=%:[]".utf8).contains(c)
+            }
+        }
+    }
+
     private func pump() {
-        while !awaitingResponse, !queue.isEmpty {
+        if refused { queue.removeAll(); return }
+        while !awaitingResponse, !queue.isEmpty, !refused {
             handle(queue.removeFirst())
         }
         if inputClosed && queue.isEmpty && !awaitingResponse { finish() }
@@ -129,6 +143,14 @@ final class L7Gate: ChannelDuplexHandler, @unchecked Sendable {
     private func handle(_ part: HTTPServerRequestPart) {
         switch part {
         case .head(let h):
+            // RFC 9112 §3.2: exactly one valid Host (an HTTP/1.0 request
+            // may have none). Two would let the rules read one and the
+            // workload the other.
+            let hosts = h.headers["host"]
+            if hosts.count > 1 || (hosts.isEmpty && h.version != .http1_0 && h.version != .http0_9) || !hosts.allSatisfy(Self.validHost) {
+                if let context { badRequest(context) }
+                return
+            }
             var headers: [String: String] = [:]
             if l7.usesHeaders {
                 for (k, v) in h.headers where k.lowercased() != "authorization" { headers[k.lowercased()] = v }
@@ -208,20 +230,30 @@ final class L7Gate: ChannelDuplexHandler, @unchecked Sendable {
         // A request the decoder refused (smuggling attempt, bad header name):
         // answer 400 and close, never forward it.
         if error is HTTPParserError {
-            var head = HTTPResponseHead(version: .http1_1, status: .badRequest)
-            head.headers.add(name: "content-length", value: "0")
-            head.headers.add(name: "connection", value: "close")
-            context.write(wrapOutboundOut(.head(head)), promise: nil)
-            // End the stream cleanly (END_STREAM after the answer): a reset
-            // could overtake the 400 on its way to the caller.
-            let upstream = self.upstream
-            self.upstream = nil
-            context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in
-                context.close(mode: .output, promise: nil)
-                upstream?.close(promise: nil)
-            }
+            badRequest(context)
         } else {
             context.close(promise: nil)
+            upstream?.close(promise: nil)
+        }
+    }
+
+    /// 400 and the end of the connection: the request is never forwarded,
+    /// nor anything after it.
+    private func badRequest(_ context: ChannelHandlerContext) {
+        guard !refused else { return }
+        refused = true
+        current = nil
+        queue.removeAll()
+        var head = HTTPResponseHead(version: .http1_1, status: .badRequest)
+        head.headers.add(name: "content-length", value: "0")
+        head.headers.add(name: "connection", value: "close")
+        context.write(wrapOutboundOut(.head(head)), promise: nil)
+        // End the stream cleanly (END_STREAM after the answer): a reset
+        // could overtake the 400 on its way to the caller.
+        let upstream = self.upstream
+        self.upstream = nil
+        context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in
+            context.close(mode: .output, promise: nil)
             upstream?.close(promise: nil)
         }
     }

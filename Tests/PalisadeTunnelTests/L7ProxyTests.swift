@@ -166,6 +166,32 @@ extension TunnelTests {
         XCTAssertEqual(out.split(separator: "\n").map(String.init), ["200 8", "403 36", "200 \(4 << 20)"])
     }
 
+    /// HTTP/1.1 requests built to be read two ways (framing, Host): each is
+    /// answered 400 and the connection closed, and the request hidden in
+    /// its body never reaches the rules, let alone the workload.
+    func testHTTP1AmbiguousRequestsAreRefused() throws {
+        let port = freeLoopbackPort()
+        let server = try startL7([Self.python, Self.netprobe, "http", "WWW", "\(port)"], port: port)
+        defer { server.terminate() }
+        let judged = NSLock(), seenURIs = Box<[String]>([])
+        listener.authorize = { _ in
+            .deliverHTTP(mark: 0, destination: "spiffe://example.org/ns/default/sa/web") { method, uri, _, _ in
+                judged.withLock { seenURIs.value.append(uri) }
+                let ok = uri.hasPrefix("/public/")
+                return HTTPVerdict(allowed: ok, reason: ok ? "" : "denied: no rule allows this request", rule: nil)
+            }
+        }
+        let expected = ["valid": "200", "cl-and-te": "400", "te-chunked-not-last": "400", "te-unknown": "400", "te-space-before-colon": "400",
+                        "te-obs-fold": "400", "cl-twice-differing": "400", "cl-list": "400", "cl-plus-sign": "400", "chunk-size-hex-prefix": "400",
+                        "host-twice": "400", "host-missing": "400", "nul-in-header": "400",
+                        "absolute-form-other-host": "403"]   // (its path is not origin-form: denied as ambiguous)
+        for (name, answer) in expected.sorted(by: { $0.key < $1.key }) {
+            let got = try sh([Self.python, Self.netprobe, "h1raw", name, "127.0.0.1", "\(proxy.localPort)"]).output
+            XCTAssertEqual(got.trimmingCharacters(in: .whitespacesAndNewlines), answer, name)
+        }
+        XCTAssertFalse(judged.withLock { seenURIs.value }.contains("/private/b.txt"), "a smuggled request reached the rules: \(judged.withLock { seenURIs.value })")
+    }
+
     static var python: String { "/usr/bin/python3" }
 
     func testAccessLogLinesAreJSONWhateverThePathHolds() throws {
@@ -218,4 +244,9 @@ func freeLoopbackPort() -> Int {
     var len = socklen_t(MemoryLayout<sockaddr_in>.size)
     _ = withUnsafeMutablePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) == 0 ? getsockname(fd, $0, &len) : -1 } }
     return Int(UInt16(bigEndian: a.sin_port))
+}
+
+final class Box<T>: @unchecked Sendable {
+    var value: T
+    init(_ value: T) { self.value = value }
 }

@@ -595,6 +595,8 @@ for _title, _block in [
     ("a pseudo-header after a regular header", lambda p, a: b"\x82\x86" + lit(b":authority", a) + lit(b"x-a", b"1") + lit(b":path", p)),
     ("a connection-specific header", lambda p, a: req(p, a) + lit(b"connection", b"keep-alive")),
     ("TE other than trailers", lambda p, a: req(p, a) + lit(b"te", b"gzip")),
+    ("a Host naming another authority", lambda p, a: req(p, a) + lit(b"host", b"other.example")),
+    ("two Host fields", lambda p, a: req(p, a) + lit(b"host", a) + lit(b"host", a)),
     ("an empty :path", lambda p, a: b"\x82\x86" + lit(b":path", b"") + lit(b":authority", a)),
     ("no :method", lambda p, a: b"\x86" + lit(b":path", p) + lit(b":authority", a)),
     ("no :scheme", lambda p, a: b"\x82" + lit(b":path", p) + lit(b":authority", a)),

@@ -186,6 +186,44 @@ def h2raw(case, addr, port):
         pass
     print(" ".join(out) or "closed")
 
+H1_CASES = {
+    # name: (bytes sent; the second request, if any, must never reach the workload)
+    "valid": b"GET /public/a.txt HTTP/1.1\r\nHost: b\r\n\r\n",
+    "cl-and-te": b"POST /public/a.txt HTTP/1.1\r\nHost: b\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /private/b.txt HTTP/1.1\r\nHost: b\r\n\r\n",
+    "te-chunked-not-last": b"POST /public/a.txt HTTP/1.1\r\nHost: b\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\nGET /private/b.txt HTTP/1.1\r\nHost: b\r\n\r\n",
+    "te-unknown": b"POST /public/a.txt HTTP/1.1\r\nHost: b\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\nGET /private/b.txt HTTP/1.1\r\nHost: b\r\n\r\n",
+    "te-space-before-colon": b"POST /public/a.txt HTTP/1.1\r\nHost: b\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\nGET /private/b.txt HTTP/1.1\r\nHost: b\r\n\r\n",
+    "te-obs-fold": b"POST /public/a.txt HTTP/1.1\r\nHost: b\r\nTransfer-Encoding:\r\n chunked\r\n\r\n0\r\n\r\nGET /private/b.txt HTTP/1.1\r\nHost: b\r\n\r\n",
+    "cl-twice-differing": b"POST /public/a.txt HTTP/1.1\r\nHost: b\r\nContent-Length: 0\r\nContent-Length: 44\r\n\r\nGET /private/b.txt HTTP/1.1\r\nHost: b\r\n\r\n",
+    "cl-list": b"POST /public/a.txt HTTP/1.1\r\nHost: b\r\nContent-Length: 0, 44\r\n\r\nGET /private/b.txt HTTP/1.1\r\nHost: b\r\n\r\n",
+    "cl-plus-sign": b"POST /public/a.txt HTTP/1.1\r\nHost: b\r\nContent-Length: +44\r\n\r\nGET /private/b.txt HTTP/1.1\r\nHost: b\r\n\r\n",
+    "chunk-size-hex-prefix": b"POST /public/a.txt HTTP/1.1\r\nHost: b\r\nTransfer-Encoding: chunked\r\n\r\n0x2c\r\nGET /private/b.txt HTTP/1.1\r\nHost: b\r\n\r\n\r\n0\r\n\r\n",
+    "host-twice": b"GET /public/a.txt HTTP/1.1\r\nHost: b\r\nHost: other\r\n\r\n",
+    "host-missing": b"GET /public/a.txt HTTP/1.1\r\n\r\n",
+    "nul-in-header": b"GET /public/a.txt HTTP/1.1\r\nHost: b\r\nX-A: a\x00b\r\n\r\n",
+    "absolute-form-other-host": b"GET http://other/private/b.txt HTTP/1.1\r\nHost: b\r\n\r\n",
+}
+
+
+def h1raw(case, addr, port):
+    """Sends one hand-made HTTP/1.1 request (see H1_CASES) and prints the
+    status codes that came back, in order ("400", "200 403", ...), or
+    "closed" when the connection ended with no answer."""
+    s = socket.create_connection((addr, port), timeout=3)
+    s.sendall(H1_CASES[case])
+    got = b""
+    try:
+        while True:
+            d = s.recv(65536)
+            if not d: break
+            got += d
+            s.settimeout(0.5)   # answered: wait briefly for anything more
+    except OSError:
+        pass
+    codes = [line.split(b" ")[1].decode() for line in got.split(b"\r\n") if line.startswith(b"HTTP/1.1 ") and len(line.split(b" ")) > 1]
+    print(" ".join(codes) or "closed")
+
+
 def h2badserver(port, case):
     """An HTTP/2 server (prior knowledge, 127.0.0.1) that answers every
     request with a response HTTP/2 forbids: `uppercase` (an upper-case header
@@ -252,6 +290,7 @@ if __name__ == "__main__":
     elif a[0] == "http": http(a[1], int(a[2]))
     elif a[0] == "sink": sink(int(a[1]))
     elif a[0] == "h2raw": h2raw(a[1], a[2], int(a[3]))
+    elif a[0] == "h1raw": h1raw(a[1], a[2], int(a[3]))
     elif a[0] == "h2badserver": h2badserver(int(a[1]), a[2])
     elif a[0] == "hold": sys.exit(hold(a[1], int(a[2]), float(a[3]), float(a[4])))
     else: sys.exit(2)
