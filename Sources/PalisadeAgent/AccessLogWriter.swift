@@ -30,10 +30,14 @@ final class AccessLogWriter: @unchecked Sendable {
     deinit { close(fd) }
 
     func write(_ entry: AccessLogEntry) {
-        let line = entry.jsonLine()
         let schedule: Bool = lock.withLock {
-            if pending.count + line.utf8.count > maxPending { dropped += 1; return false }
-            pending.append(contentsOf: line.utf8)
+            let before = pending.count
+            entry.appendJSONLine(to: &pending)
+            if pending.count > maxPending {
+                pending.removeLast(pending.count - before)
+                dropped += 1
+                return false
+            }
             if draining { return false }
             draining = true
             return true

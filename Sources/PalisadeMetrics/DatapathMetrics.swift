@@ -142,25 +142,32 @@ public final class DatapathMetrics: @unchecked Sendable {
                                       direction, local, peer).increment() }
     }
 
-    private var httpSeries: [String: (Counter, ValueHistogram?)] = [:]
+    private struct HTTPSeriesKey: Hashable {
+        var source, destination: String
+        var statusClass: Int
+        var decision: String
+    }
+    private struct HTTPPairKey: Hashable { var source, destination: String }
+    private var httpCounters: [HTTPSeriesKey: Counter] = [:]
+    private var httpLatency: [HTTPPairKey: ValueHistogram] = [:]
 
     /// Golden signals of the L7 proxy per (source, destination) identity
     /// pair: requests by status class and decision, and latency. Bounded
     /// like the other pair series (beyond the limit: "other").
     public func recordHTTP(source: String, destination: String, status: Int, decision: String, seconds: Double) {
-        let klass = "\(status / 100)xx"
         let (counter, histogram): (Counter, ValueHistogram) = lock.withLock {
-            var (src, dst) = (source, destination)
-            if httpSeries["\(src)|\(dst)|\(klass)|\(decision)"] == nil && httpSeries.count >= maxPairs { (src, dst) = ("other", "other") }
-            let ckey = "\(src)|\(dst)|\(klass)|\(decision)", hkey = "\(src)|\(dst)|latency"
-            let c = httpSeries[ckey]?.0 ?? registry.makeCounter(name: "palisade_http_requests_total",
-                labels: [("source", src), ("destination", dst), ("code", klass), ("decision", decision)],
+            var key = HTTPSeriesKey(source: source, destination: destination, statusClass: status / 100, decision: decision)
+            if let c = httpCounters[key], let h = httpLatency[HTTPPairKey(source: source, destination: destination)] { return (c, h) }
+            if httpCounters.count + httpLatency.count >= maxPairs { (key.source, key.destination) = ("other", "other") }
+            let pair = HTTPPairKey(source: key.source, destination: key.destination)
+            let c = httpCounters[key] ?? registry.makeCounter(name: "palisade_http_requests_total",
+                labels: [("source", key.source), ("destination", key.destination), ("code", "\(key.statusClass)xx"), ("decision", decision)],
                 help: "Requests through the L7 proxy by identity pair, status class and decision.")
-            httpSeries[ckey] = (c, nil)
-            let h = httpSeries[hkey]?.1 ?? registry.makeValueHistogram(name: "palisade_http_request_duration_seconds",
-                labels: [("source", src), ("destination", dst)], buckets: [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5],
+            httpCounters[key] = c
+            let h = httpLatency[pair] ?? registry.makeValueHistogram(name: "palisade_http_request_duration_seconds",
+                labels: [("source", key.source), ("destination", key.destination)], buckets: [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5],
                 help: "Request duration through the L7 proxy by identity pair.")
-            httpSeries[hkey] = (c, h)
+            httpLatency[pair] = h
             return (c, h)
         }
         counter.increment()

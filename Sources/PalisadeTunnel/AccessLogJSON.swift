@@ -30,22 +30,35 @@ extension AccessLogEntry {
     /// One JSON object (keys sorted, `rule` left out when there is none)
     /// and a newline.
     public func jsonLine() -> String {
-        var o = "{"
-        o.reserveCapacity(384)
-        var first = true   // (String.count is O(n): not used to find the first key)
-        func key(_ k: String) {
-            o += first ? "\"" : ",\""
+        var o: [UInt8] = []
+        appendJSONLine(to: &o)
+        return String(decoding: o, as: UTF8.self)
+    }
+
+    /// The same line, appended as UTF-8 bytes (what the log writer stores:
+    /// building it as a String cost twice as much).
+    public func appendJSONLine(to o: inout [UInt8]) {
+        o.reserveCapacity(o.count + 384)
+        o.append(UInt8(ascii: "{"))
+        var first = true
+        func key(_ k: StaticString) {
+            if !first { o.append(UInt8(ascii: ",")) }
             first = false
-            o += k
-            o += "\":"
+            o.append(UInt8(ascii: "\""))
+            o.append(contentsOf: UnsafeBufferPointer(start: k.utf8Start, count: k.utf8CodeUnitCount))
+            o.append(UInt8(ascii: "\""))
+            o.append(UInt8(ascii: ":"))
         }
-        func str(_ k: String, _ v: String) { key(k); Self.quote(v, into: &o) }
-        func num(_ k: String, _ v: Int) { key(k); o += String(v) }
+        func str(_ k: StaticString, _ v: String) { key(k); Self.quote(v, into: &o) }
+        func num(_ k: StaticString, _ v: Int) { key(k); Self.digits(v, into: &o) }
         str("decision", decision)
         str("destination", destination)
         str("destinationAddress", destinationAddress)
         let micros = Int((durationMs * 1000).rounded())
-        key("durationMs"); o += String(micros / 1000); o += "."; o += Timestamp.pad(micros % 1000, 3)
+        key("durationMs")
+        Self.digits(micros / 1000, into: &o)
+        o.append(UInt8(ascii: "."))
+        Self.digits(micros % 1000, into: &o, width: 3)
         str("method", method)
         str("path", path)
         num("requestBytes", requestBytes)
@@ -54,33 +67,45 @@ extension AccessLogEntry {
         str("source", source)
         num("status", status)
         str("time", time)
-        o += "}\n"
-        return o
+        o.append(UInt8(ascii: "}"))
+        o.append(UInt8(ascii: "\n"))
+    }
+
+    /// Decimal digits of n, zero-padded to `width`.
+    static func digits(_ n: Int, into o: inout [UInt8], width: Int = 1) {
+        if n < 0 { o.append(UInt8(ascii: "-")); digits(-n, into: &o, width: width); return }
+        var buf: (UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8,
+                  UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8) = (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+        var count = 0
+        var v = n
+        withUnsafeMutableBytes(of: &buf) { b in
+            repeat {
+                b[19 - count] = UInt8(ascii: "0") + UInt8(v % 10)
+                v /= 10
+                count += 1
+            } while v > 0 || count < width
+            o.append(contentsOf: b[(20 - count)...])
+        }
     }
 
     /// A JSON string: quotes, backslashes and control characters escaped
-    /// (request paths come from callers and may hold anything).
-    static func quote(_ s: String, into o: inout String) {
-        o += "\""
-        // Nearly every value needs no escaping: copied whole.
-        if !s.utf8.contains(where: { $0 < 0x20 || $0 == 0x22 || $0 == 0x5c || $0 == 0x7f }) {
-            o += s
-            o += "\""
-            return
-        }
-        for u in s.unicodeScalars {
-            switch u {
-            case "\"": o += "\\\""
-            case "\\": o += "\\\\"
-            case "\n": o += "\\n"
-            case "\r": o += "\\r"
-            case "\t": o += "\\t"
-            case _ where u.value < 0x20 || u.value == 0x7f:
-                let hex = String(u.value, radix: 16)
-                o += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
-            default: o.unicodeScalars.append(u)
+    /// (request paths come from callers and may hold anything); other
+    /// UTF-8 is copied as it is.
+    static func quote(_ s: String, into o: inout [UInt8]) {
+        o.append(UInt8(ascii: "\""))
+        for c in s.utf8 {
+            switch c {
+            case UInt8(ascii: "\""): o.append(UInt8(ascii: "\\")); o.append(c)
+            case UInt8(ascii: "\\"): o.append(UInt8(ascii: "\\")); o.append(c)
+            case UInt8(ascii: "\n"): o.append(UInt8(ascii: "\\")); o.append(UInt8(ascii: "n"))
+            case UInt8(ascii: "\r"): o.append(UInt8(ascii: "\\")); o.append(UInt8(ascii: "r"))
+            case UInt8(ascii: "\t"): o.append(UInt8(ascii: "\\")); o.append(UInt8(ascii: "t"))
+            case 0..<0x20, 0x7F:
+                let hex = Array("0123456789abcdef".utf8)
+                o.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "u"), UInt8(ascii: "0"), UInt8(ascii: "0"), hex[Int(c >> 4)], hex[Int(c & 0xF)]])
+            default: o.append(c)
             }
         }
-        o += "\""
+        o.append(UInt8(ascii: "\""))
     }
 }
