@@ -40,6 +40,9 @@ struct L7Context: Sendable {
     var destination: String
     var destinationAddress: String
     var log: (@Sendable (AccessLogEntry) -> Void)?
+    /// The caller's side is a tunnel stream (an HTTP/2 stream ends itself
+    /// once END_STREAM went both ways), not a socket.
+    var callerIsStream = false
 
     /// One finished (or refused) request, to the access log and metrics.
     func record(method: String, path: String, status: Int, requestBytes: Int, responseBytes: Int, start: Date, verdict: HTTPVerdict) {
@@ -56,7 +59,7 @@ struct L7Context: Sendable {
 /// one, allowed ones streamed to the workload in order, denied ones answered
 /// with 403 — the connection stays usable. Bodies stream through, never
 /// buffered whole; at most `maxQueuedParts` pipelined parts wait.
-final class L7Gate: ChannelDuplexHandler, @unchecked Sendable {
+final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Sendable {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundIn = HTTPServerResponsePart
     typealias OutboundOut = HTTPServerResponsePart
@@ -64,7 +67,11 @@ final class L7Gate: ChannelDuplexHandler, @unchecked Sendable {
     let l7: L7Context
     var gate: HTTPGate { l7.gate }
     var upstream: Channel?
-    private var context: ChannelHandlerContext?
+    var context: ChannelHandlerContext?
+    /// The HTTP codecs of both sides, taken out when a WebSocket upgrade
+    /// succeeds (L7Upgrade.swift).
+    var codecs: L7Codecs?
+    var upgrade = UpgradeState.none
     private var queue: [HTTPServerRequestPart] = []
     private var current: (head: HTTPRequestHead, verdict: HTTPVerdict, start: Date, bytesIn: Int)?
     private var awaitingResponse = false
@@ -119,7 +126,7 @@ final class L7Gate: ChannelDuplexHandler, @unchecked Sendable {
     }
 
     /// A refused request ended the connection: nothing after it is handled.
-    private var refused = false
+    var refused = false
 
     /// uri-host [":" port] (RFC 3986): no userinfo, path or spaces.
     static func validHost(_ host: String) -> Bool {
@@ -156,8 +163,10 @@ final class L7Gate: ChannelDuplexHandler, @unchecked Sendable {
                 for (k, v) in h.headers where k.lowercased() != "authorization" { headers[k.lowercased()] = v }
             }
             let verdict = gate(h.method.rawValue, h.uri, h.headers.first(name: "host") ?? "", headers)
-            current = (h, verdict, Date(), 0)
-            if verdict.allowed { upstream?.write(HTTPClientRequestPart.head(h), promise: nil) }
+            let (head, upgrade) = Self.upgradeIntent(h)
+            self.upgrade = upgrade
+            current = (head, verdict, Date(), 0)
+            if verdict.allowed { upstream?.write(HTTPClientRequestPart.head(head), promise: nil) }
         case .body(let b):
             current?.bytesIn += b.readableBytes
             if current?.verdict.allowed == true { upstream?.write(HTTPClientRequestPart.body(.byteBuffer(b)), promise: nil) }
@@ -180,11 +189,14 @@ final class L7Gate: ChannelDuplexHandler, @unchecked Sendable {
         var head = HTTPResponseHead(version: cur.head.version, status: .forbidden)
         head.headers.add(name: "content-type", value: "text/plain")
         head.headers.add(name: "content-length", value: "\(body.utf8.count)")
+        // After an upgrade request the decoder reads no further request.
+        if upgrade != .none { head.headers.add(name: "connection", value: "close") }
         context.write(wrapOutboundOut(.head(head)), promise: nil)
         context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: body)))), promise: nil)
         context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
         record(cur, status: 403, bytesOut: body.utf8.count)
         current = nil
+        if upgrade != .none { refused = true; finish() }
     }
 
     private func record(_ cur: (head: HTTPRequestHead, verdict: HTTPVerdict, start: Date, bytesIn: Int), status: Int, bytesOut: Int) {
@@ -197,8 +209,23 @@ final class L7Gate: ChannelDuplexHandler, @unchecked Sendable {
     func fromUpstream(_ part: HTTPClientResponsePart) {
         guard let context else { return }
         switch part {
-        case .head(let h):
+        case .head(var h):
             responseStatus = Int(h.status.code)
+            switch (upgrade, h.status) {
+            case (.websocket, .switchingProtocols):
+                upgrade = .switching
+            case (_, .switchingProtocols):
+                // A protocol switch the proxy did not forward: the bytes
+                // after it could not be judged.
+                context.close(promise: nil)
+                upstream?.close(promise: nil)
+                return
+            case (.none, _):
+                break
+            default:
+                h.headers.replaceOrAdd(name: "connection", value: "close")
+                upgrade = .closeAfterResponse
+            }
             context.write(wrapOutboundOut(.head(h)), promise: nil)
         case .body(let b):
             responseBytes += b.readableBytes
@@ -208,7 +235,11 @@ final class L7Gate: ChannelDuplexHandler, @unchecked Sendable {
             if let cur = current { record(cur, status: responseStatus, bytesOut: responseBytes) }
             current = nil
             awaitingResponse = false
-            pump()
+            switch upgrade {
+            case .switching: return switchToBytes()
+            case .closeAfterResponse, .websocket: refused = true; return finish()
+            case .none: pump()
+            }
         }
     }
 
@@ -221,7 +252,7 @@ final class L7Gate: ChannelDuplexHandler, @unchecked Sendable {
         context.fireUserInboundEventTriggered(event)
     }
 
-    private func finish() {
+    func finish() {
         upstream?.close(promise: nil)
         context?.close(mode: .output, promise: nil)
     }
@@ -266,7 +297,7 @@ final class L7Gate: ChannelDuplexHandler, @unchecked Sendable {
 
 /// The workload's side: responses go back through the gate, read only
 /// while the caller's side can take them.
-final class L7Upstream: ChannelDuplexHandler, @unchecked Sendable {
+final class L7Upstream: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Sendable {
     typealias InboundIn = HTTPClientResponsePart
     typealias OutboundIn = HTTPClientRequestPart
     weak var gate: L7Gate?
@@ -400,15 +431,20 @@ final class L7ProtocolSniffer: ChannelInboundHandler, RemovableChannelHandler, @
                 gate.upstream = upstream
                 let up = L7Upstream(gate: gate, stream: stream)
                 gate.upstreamHandler = up
-                try upstream.pipeline.syncOperations.addHTTPClientHandlers()
-                try upstream.pipeline.syncOperations.addHandler(up)
+                // Bytes a decoder holds past an upgrade go on when it is
+                // taken out (only then: not at a close), see L7Upgrade.swift.
+                let upEncoder = HTTPRequestEncoder()
+                let upDecoder = ByteToMessageHandler(HTTPResponseDecoder(leftOverBytesStrategy: .forwardBytes))
+                try upstream.pipeline.syncOperations.addHandlers([upEncoder, upDecoder, up])
                 let ops = stream.pipeline.syncOperations
                 // After the sniffer, in order: bytes -> requests -> gate.
-                let decoder = ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes))
+                let decoder = ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .forwardBytes))
                 try ops.addHandler(decoder, position: .after(self))
                 let encoder = HTTPResponseEncoder()
                 try ops.addHandler(encoder, position: .after(decoder))
                 try ops.addHandler(gate, position: .after(encoder))
+                gate.codecs = L7Codecs(requestDecoder: decoder, responseEncoder: encoder, upstreamEncoder: upEncoder,
+                                       upstreamDecoder: upDecoder, upstreamHandler: up)
             }
         } catch {
             stream.close(promise: nil)

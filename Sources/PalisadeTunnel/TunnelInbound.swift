@@ -167,7 +167,7 @@ extension TunnelInboundStream {
                      destination: String, usesHeaders: Bool, gate: @escaping HTTPGate) {
         let stream = context.channel
         let l7 = L7Context(gate: gate, usesHeaders: usesHeaders, source: request.peer.description, destination: destination,
-                           destinationAddress: "\(request.host):\(request.port)", log: accessLog)
+                           destinationAddress: "\(request.host):\(request.port)", log: accessLog, callerIsStream: true)
         ClientBootstrap(group: context.eventLoop)
             .connectTimeout(connectTimeout)
             .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)

@@ -166,6 +166,36 @@ extension TunnelTests {
         XCTAssertEqual(out.split(separator: "\n").map(String.init), ["200 8", "403 36", "200 \(4 << 20)"])
     }
 
+    /// WebSocket through the HTTP proxy: the handshake is judged like any
+    /// request; once the workload answers 101 both connections become a
+    /// byte relay (frames sent with the 101 included), through the tunnel
+    /// and on the same node. A denied handshake gets 403. An h2c upgrade is
+    /// taken out of the request (it would carry unjudged requests): the
+    /// workload answers in HTTP/1.1 and the connection then ends.
+    func testWebSocketUpgradesAreJudgedThenRelayed() throws {
+        let port = freeLoopbackPort()
+        let server = try startL7([Self.python, Self.netprobe, "wsecho", "\(port)"], port: port)
+        defer { server.terminate() }
+        for path in ["tunnel", "same node"] {
+            localHTTP = path == "tunnel" ? nil : OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web") { _, uri, _, _ in
+                HTTPVerdict(allowed: uri.hasPrefix("/public/"), reason: "denied: no rule allows this request", rule: nil)
+            }
+            let ok = try sh(["sh", "-c", "\(Self.python) \(Self.netprobe) wsclient 127.0.0.1 \(proxy.localPort) /public/chat 12 2>&1"]).output
+            XCTAssertEqual(ok.trimmingCharacters(in: .whitespacesAndNewlines), "ok 12", path)
+            let denied = try sh([Self.python, Self.netprobe, "wsclient", "127.0.0.1", "\(proxy.localPort)", "/private/chat", "1"]).output
+            XCTAssertEqual(denied.trimmingCharacters(in: .whitespacesAndNewlines), "HTTP/1.1 403 Forbidden", path)
+        }
+        // h2c: an HTTP/1.1 server that would switch (the test's own HTTP
+        // server answers 200 and ignores Upgrade; the proxy must not pass
+        // the Upgrade on, and must end the connection after the answer).
+        let httpPort = freeLoopbackPort()
+        let http = try startL7([Self.python, Self.netprobe, "http", "WWW", "\(httpPort)"], port: httpPort)
+        defer { http.terminate() }
+        let out = try curl(["--http2", "-s", "-w", "%{http_code} %{http_version}\n", "-o", "/dev/null", "http://127.0.0.1:\(proxy.localPort)/public/a.txt",
+                            "-o", "/dev/null", "http://127.0.0.1:\(proxy.localPort)/public/a.txt?2"])
+        XCTAssertEqual(out.split(separator: "\n").map(String.init), ["200 1.1", "200 1.1"], "h2c upgrade declined, each request answered")
+    }
+
     /// HTTP/1.1 requests built to be read two ways (framing, Host): each is
     /// answered 400 and the connection closed, and the request hidden in
     /// its body never reaches the rules, let alone the workload.

@@ -224,6 +224,123 @@ def h1raw(case, addr, port):
     print(" ".join(codes) or "closed")
 
 
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def ws_frame(opcode, payload, mask):
+    import struct
+    head = bytes([0x80 | opcode])
+    n = len(payload)
+    m = 0x80 if mask else 0
+    head += bytes([m | n]) if n < 126 else (bytes([m | 126]) + struct.pack(">H", n) if n < 65536 else bytes([m | 127]) + struct.pack(">Q", n))
+    if not mask:
+        return head + payload
+    key = os.urandom(4)
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+def ws_read(sock, buf):
+    """One frame from sock: (opcode, payload, rest of buf) or None at EOF."""
+    import struct
+    def need(n):
+        nonlocal buf
+        while len(buf) < n:
+            d = sock.recv(65536)
+            if not d: return False
+            buf += d
+        return True
+    if not need(2): return None
+    opcode, n, masked = buf[0] & 0x0F, buf[1] & 0x7F, buf[1] & 0x80
+    off = 2
+    if n == 126:
+        if not need(4): return None
+        n = struct.unpack(">H", buf[2:4])[0]; off = 4
+    elif n == 127:
+        if not need(10): return None
+        n = struct.unpack(">Q", buf[2:10])[0]; off = 10
+    key = b""
+    if masked:
+        if not need(off + 4): return None
+        key = buf[off:off + 4]; off += 4
+    if not need(off + n): return None
+    payload = buf[off:off + n]
+    if masked: payload = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+    return opcode, payload, buf[off + n:]
+
+
+def wsecho(port):
+    """A WebSocket server (RFC 6455) on 127.0.0.1: answers the handshake,
+    sends a text frame "hello" in the same write as the 101, then echoes
+    every frame it gets."""
+    import base64, hashlib
+    def serve_one(c):
+        try:
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                d = c.recv(65536)
+                if not d: return
+                buf += d
+            head, buf = buf.split(b"\r\n\r\n", 1)
+            key = [l.split(b":", 1)[1].strip() for l in head.split(b"\r\n") if l.lower().startswith(b"sec-websocket-key:")]
+            if not key:
+                c.sendall(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n"); return
+            accept = base64.b64encode(hashlib.sha1(key[0] + WS_GUID).digest())
+            c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: " + accept
+                      + b"\r\n\r\n" + ws_frame(1, b"hello", False))
+            while True:
+                f = ws_read(c, buf)
+                if f is None: return
+                opcode, payload, buf = f
+                c.sendall(ws_frame(opcode, payload, False))
+                if opcode == 8: return
+        except OSError:
+            pass
+        finally:
+            c.close()
+    srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", port)); srv.listen(16)
+    print("ready", flush=True)
+    while True:
+        c, _ = srv.accept()
+        threading.Thread(target=serve_one, args=(c,), daemon=True).start()
+
+
+def wsclient(addr, port, path, count):
+    """Opens a WebSocket, reads the server's greeting, sends `count` frames
+    (1 B to 200 KB) and checks each echo; prints "ok N" or what went wrong
+    (the handshake's status line, "closed", "mismatch")."""
+    import base64
+    s = socket.create_connection((addr, port), timeout=5)
+    key = base64.b64encode(os.urandom(16))
+    s.sendall(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: ws\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+              b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    buf = b""
+    try:
+        while b"\r\n\r\n" not in buf:
+            d = s.recv(65536)
+            if not d: print("closed"); return 1
+            buf += d
+    except OSError:
+        print("closed"); return 1
+    head, buf = buf.split(b"\r\n\r\n", 1)
+    status = head.split(b"\r\n")[0].decode()
+    if " 101 " not in status + " ":
+        print(status); return 1
+    f = ws_read(s, buf)
+    if f is None or f[1] != b"hello": print("no greeting"); return 1
+    buf = f[2]
+    for i in range(count):
+        payload = os.urandom([1, 125, 126, 65535, 65536, 200000][i % 6])
+        s.sendall(ws_frame(2, payload, True))
+        f = ws_read(s, buf)
+        if f is None: print("closed after %d" % i); return 1
+        if f[1] != payload: print("mismatch at %d" % i); return 1
+        buf = f[2]
+    s.sendall(ws_frame(8, b"\x03\xe8", True))
+    print("ok %d" % count)
+    return 0
+
+
 def h2badserver(port, case):
     """An HTTP/2 server (prior knowledge, 127.0.0.1) that answers every
     request with a response HTTP/2 forbids: `uppercase` (an upper-case header
@@ -291,6 +408,8 @@ if __name__ == "__main__":
     elif a[0] == "sink": sink(int(a[1]))
     elif a[0] == "h2raw": h2raw(a[1], a[2], int(a[3]))
     elif a[0] == "h1raw": h1raw(a[1], a[2], int(a[3]))
+    elif a[0] == "wsecho": wsecho(int(a[1]))
+    elif a[0] == "wsclient": sys.exit(wsclient(a[1], int(a[2]), a[3], int(a[4])))
     elif a[0] == "h2badserver": h2badserver(int(a[1]), a[2])
     elif a[0] == "hold": sys.exit(hold(a[1], int(a[2]), float(a[3]), float(a[4])))
     else: sys.exit(2)
