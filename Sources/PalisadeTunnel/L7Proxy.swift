@@ -210,6 +210,12 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
         guard let context else { return }
         switch part {
         case .head(var h):
+            // 100 Continue, 103 Early Hints: passed on as they come (a
+            // client waiting for 100 before sending its body would stall).
+            if (100..<200).contains(h.status.code) && h.status != .switchingProtocols {
+                context.writeAndFlush(wrapOutboundOut(.head(h)), promise: nil)
+                return
+            }
             responseStatus = Int(h.status.code)
             switch (upgrade, h.status) {
             case (.websocket, .switchingProtocols):
@@ -434,7 +440,7 @@ final class L7ProtocolSniffer: ChannelInboundHandler, RemovableChannelHandler, @
                 // Bytes a decoder holds past an upgrade go on when it is
                 // taken out (only then: not at a close), see L7Upgrade.swift.
                 let upEncoder = HTTPRequestEncoder()
-                let upDecoder = ByteToMessageHandler(HTTPResponseDecoder(leftOverBytesStrategy: .forwardBytes))
+                let upDecoder = ByteToMessageHandler(HTTPResponseDecoder(leftOverBytesStrategy: .forwardBytes, informationalResponseStrategy: .forward))
                 try upstream.pipeline.syncOperations.addHandlers([upEncoder, upDecoder, up])
                 let ops = stream.pipeline.syncOperations
                 // After the sniffer, in order: bytes -> requests -> gate.

@@ -166,6 +166,27 @@ extension TunnelTests {
         XCTAssertEqual(out.split(separator: "\n").map(String.init), ["200 8", "403 36", "200 \(4 << 20)"])
     }
 
+    /// A client that asks `Expect: 100-continue` (curl does for bodies over
+    /// 1 MiB) gets the workload's 100 through the proxy and sends its body
+    /// at once, through the tunnel and on the same node.
+    func testInformationalResponsesReachTheCaller() throws {
+        let port = freeLoopbackPort()
+        let server = try startL7([Self.python, Self.netprobe, "sink", "\(port)"], port: port)
+        defer { server.terminate() }
+        let body = "\(dir!)/upload.bin"
+        try Data(repeating: 0x62, count: 3 << 20).write(to: URL(fileURLWithPath: body))
+        listener.authorize = { _ in
+            .deliverHTTP(mark: 0, destination: "spiffe://example.org/ns/default/sa/web") { _, _, _, _ in HTTPVerdict(allowed: true, reason: "", rule: "all") }
+        }
+        for path in ["tunnel", "same node"] {
+            localHTTP = path == "tunnel" ? nil
+                : OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web") { _, _, _, _ in HTTPVerdict(allowed: true, reason: "", rule: "all") }
+            let out = try sh(["sh", "-c", "curl -sv --max-time 10 --expect100-timeout 8 -T \(body) http://127.0.0.1:\(proxy.localPort)/public/up 2>&1"]).output
+            XCTAssertTrue(out.contains("< HTTP/1.1 100 Continue"), "\(path): \(out.suffix(600))")
+            XCTAssertTrue(out.contains("received \(3 << 20)"), "\(path): \(out.suffix(600))")
+        }
+    }
+
     /// WebSocket through the HTTP proxy: the handshake is judged like any
     /// request; once the workload answers 101 both connections become a
     /// byte relay (frames sent with the 101 included), through the tunnel
