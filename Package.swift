@@ -94,7 +94,7 @@ let package = Package(
         ]),
         .plugin(name: "BPFCompiler", capability: .buildTool()),
         .testTarget(name: "PalisadePolicyTests", dependencies: ["PalisadePolicy"]),
-        .testTarget(name: "PalisadeAgentTests", dependencies: ["PalisadeAgent"]),
+        .testTarget(name: "PalisadeAgentTests", dependencies: ["PalisadeAgent", "PalisadeTunnel"]),
         .testTarget(name: "PalisadeTunnelTests", dependencies: ["PalisadeTunnel", "PalisadeCA", "PalisadeIdentity",
             .product(name: "NIOSSL", package: "swift-nio-ssl"), .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "X509", package: "swift-certificates"), .product(name: "Crypto", package: "swift-crypto")]),

@@ -8,23 +8,44 @@ import PalisadeTunnel
 /// on disk at once, a busy one's in batches (a write per request cost the
 /// proxy 10-15% of its CPU). If the disk falls behind by more than
 /// `maxPending` bytes, lines are dropped and counted, never buffered without
-/// bound.
+/// bound. At `rotateAt` bytes the file becomes PATH.1 (the previous .1 is
+/// dropped) and a new one starts, as the flow event log does.
 final class AccessLogWriter: @unchecked Sendable {
     private let lock = NSLock()
     private var pending: [UInt8] = []
     private var draining = false
     private var dropped = 0
-    private let fd: Int32
+    private var fd: Int32
+    private let path: String
+    private var size: Int
+    let rotateAt: Int
     private let queue = DispatchQueue(label: "palisade.access-log")
     let maxPending: Int
     var onDrop: (@Sendable (Int) -> Void)?
 
     /// Opens (creating it 0600) the log file for appending; nil if it cannot.
-    init?(path: String, maxPending: Int = 16 << 20) {
-        let fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { return nil }
+    init?(path: String, maxPending: Int = 16 << 20, rotateAt: Int = 64 << 20) {
+        guard let fd = Self.open(path) else { return nil }
         self.fd = fd
+        self.path = path
         self.maxPending = maxPending
+        self.rotateAt = rotateAt
+        var st = stat()
+        size = fstat(fd, &st) == 0 ? Int(st.st_size) : 0
+    }
+
+    private static func open(_ path: String) -> Int32? {
+        let fd = Foundation.open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o600)
+        return fd >= 0 ? fd : nil
+    }
+
+    private func rotateIfFull() {
+        guard size >= rotateAt else { return }
+        _ = rename(path, path + ".1")
+        guard let next = Self.open(path) else { return }   // keep writing to the renamed file
+        close(fd)
+        fd = next
+        size = 0
     }
 
     deinit { close(fd) }
@@ -65,7 +86,9 @@ final class AccessLogWriter: @unchecked Sendable {
                     if n < 0 { if errno == EINTR { continue }; break }   // disk error: the batch is lost
                     off += n
                 }
+                size += off
             }
+            rotateIfFull()
         }
     }
 }

@@ -219,7 +219,7 @@ public final class Agent {
         l.onReject = { reason in log.warning("mTLS peer certificate refused", metadata: ["reason": "\(reason)"]) }
         l.authorize = { Agent.authorizeInbound($0, directory: directory.current) }
         // Access log: one JSON line per request through the L7 proxy.
-        let path = "\(config.stateDir)/access.jsonl"
+        let path = config.accessLogPath
         if accessLog == nil {
             accessLog = AccessLogWriter(path: path)
             accessLog?.onDrop = { n in metrics.recordAccessLogDropped(n) }

@@ -64,6 +64,8 @@ public struct AgentConfig: Sendable {
     public var resolvedCgroupRoot: String? { cgroupRoot ?? BPFFS.cgroup2Mount() }
     public var stateFile: String { "\(stateDir)/state.json" }
     public var eventLog: String { "\(stateDir)/events.jsonl" }
+    /// The L7 proxy's access log (rotated to .1 at 64 MiB).
+    public var accessLogPath: String { "\(stateDir)/access.jsonl" }
     public var flowSocket: String { "\(stateDir)/flows.sock" }
     public var caDir: String { "\(stateDir)/ca" }
     public var svidDir: String { "\(stateDir)/svids" }

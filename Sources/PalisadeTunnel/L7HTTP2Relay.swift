@@ -194,14 +194,14 @@ final class H2Relay: @unchecked Sendable {
         var x = Exchange(upID: HTTP2StreamID(Int(nextUpID)), method: f.method,
                          path: path.split(separator: "?", maxSplits: 1).first.map(String.init) ?? path, verdict: verdict, start: Date())
         guard verdict.allowed else {
-            let text = verdict.reason + "\n"
             // Answered once this read is processed (answerDenials): frames
             // that came with the HEADERS still meet an open stream, so
             // NIO judges them as the RFC asks (once our END_STREAM is out
             // it ignores e.g. a WINDOW_UPDATE of 0).
-            denials.append((id, text))
-            x.status = 403
-            x.responseBytes = text.utf8.count
+            let grpc = h.headers.first(name: "content-type")?.lowercased().hasPrefix("application/grpc") ?? false
+            denials.append(Denial(stream: id, reason: verdict.reason, grpc: grpc))
+            x.status = grpc ? 200 : 403
+            x.responseBytes = grpc ? 0 : verdict.reason.utf8.count + 1
             log(&x)
             return false
         }
@@ -221,19 +221,48 @@ final class H2Relay: @unchecked Sendable {
     /// 403s of the streams denied in the read just processed. The rest of
     /// a request body, if any, is read and dropped (a RST_STREAM(NO_ERROR)
     /// here makes some clients, curl among them, discard the answer).
-    private var denials: [(HTTP2StreamID, String)] = []
+    struct Denial {
+        var stream: HTTP2StreamID
+        var reason: String
+        /// A gRPC call is denied the gRPC way: a trailers-only response
+        /// with grpc-status 7 (PERMISSION_DENIED), which gRPC clients
+        /// report as such (a bare 403 reads as UNAVAILABLE or UNKNOWN).
+        var grpc: Bool
+    }
+    private var denials: [Denial] = []
 
     func answerDenials() {
         guard !denials.isEmpty else { return }
-        for (id, text) in denials {
+        for d in denials {
+            if d.grpc {
+                write(down, d.stream, .headers(.init(headers: HPACKHeaders([(":status", "200"), ("content-type", "application/grpc"),
+                                                                            ("grpc-status", "7"), ("grpc-message", Self.grpcMessage(d.reason))]),
+                                                     endStream: true)))
+                continue
+            }
+            let text = d.reason + "\n"
             var b = Self.allocator.buffer(capacity: text.utf8.count)
             b.writeString(text)
-            write(down, id, .headers(.init(headers: HPACKHeaders([(":status", "403"), ("content-type", "text/plain"),
-                                                                   ("content-length", "\(text.utf8.count)")]))))
-            write(down, id, .data(.init(data: .byteBuffer(b), endStream: true)))
+            write(down, d.stream, .headers(.init(headers: HPACKHeaders([(":status", "403"), ("content-type", "text/plain"),
+                                                                         ("content-length", "\(text.utf8.count)")]))))
+            write(down, d.stream, .data(.init(data: .byteBuffer(b), endStream: true)))
         }
         denials.removeAll(keepingCapacity: true)
         down?.flush()
+    }
+
+    /// grpc-message is percent-encoded (gRPC over HTTP/2): printable ASCII
+    /// but '%' as it is, anything else as %XX of its UTF-8 bytes.
+    static func grpcMessage(_ s: String) -> String {
+        var out = ""
+        for b in s.utf8 {
+            if b >= 0x20 && b <= 0x7E && b != UInt8(ascii: "%") {
+                out.unicodeScalars.append(Unicode.Scalar(b))
+            } else {
+                out += "%" + String(b, radix: 16, uppercase: true).leftPadded(to: 2)
+            }
+        }
+        return out
     }
 
     // MARK: the workload's frames
@@ -290,7 +319,7 @@ final class H2Relay: @unchecked Sendable {
 
     func streamClosed(_ id: HTTP2StreamID, onDown: Bool, reason: HTTP2ErrorCode?) {
         streamCredit[onDown]![id] = nil
-        if onDown && !denials.isEmpty { denials.removeAll { $0.0 == id } }   // reset before its 403 went out
+        if onDown && !denials.isEmpty { denials.removeAll { $0.stream == id } }   // reset before its 403 went out
         if onDown {
             guard let x = byDown.removeValue(forKey: id) else { return }
             // Closed by an error on the caller's side: the workload's stream goes too.
@@ -384,4 +413,10 @@ final class H2RelaySide: ChannelDuplexHandler, @unchecked Sendable {
     /// Stream errors were answered by NIO (RST_STREAM); connection errors
     /// close the connection (GOAWAY) and the other side follows.
     func errorCaught(context: ChannelHandlerContext, error: Error) {}
+}
+
+extension String {
+    func leftPadded(to width: Int) -> String {
+        count >= width ? self : String(repeating: "0", count: width - count) + self
+    }
 }

@@ -591,6 +591,13 @@ extension MeshTests {
         XCTAssertTrue(lines.contains { $0.contains("\"path\":\"/private/b.txt\"") && $0.contains("\"decision\":\"denied\"") && $0.contains("sa/a") }, log)
         XCTAssertFalse(log.lowercased().contains("authorization"))
         XCTAssertTrue(log.contains("\"destination\":\"spiffe://test.local/ns/default/sa/b\""), log)
+        // `palisade requests` reads it back, filtered.
+        let denied = try m.n2.palisade(["requests", "--decision", "denied"]).output
+        XCTAssertTrue(denied.contains("DENIED   403  GET /private/b.txt  spiffe://test.local/ns/default/sa/a -> spiffe://test.local/ns/default/sa/b"), denied)
+        XCTAssertFalse(denied.contains("ALLOWED"), denied)
+        let allowed = try m.n2.palisade(["requests", "--status", "2xx", "--identity", "sa/a", "--last", "1", "--output", "json"]).output
+        XCTAssertEqual(allowed.split(separator: "\n").count, 1, allowed)
+        XCTAssertTrue(allowed.contains("\"status\":200"), allowed)
         // Golden signals per identity pair on node 2's /metrics.
         let metrics = try sh(["nsenter", "--net=\(m.lab.nodeNetns(2))", "curl", "-sf", "http://127.0.0.1:9654/metrics"]).output
         let series = metrics.split(separator: "\n").filter { $0.hasPrefix("palisade_http_requests_total{") }

@@ -103,6 +103,21 @@ extension TunnelTests {
         XCTAssertTrue(proxy != nil && server.isRunning)
     }
 
+    /// A denied gRPC call gets PERMISSION_DENIED (grpc-status 7) in a
+    /// trailers-only response, what gRPC clients report as such; an allowed
+    /// one reaches the workload.
+    func testDeniedGRPCCallsGetPermissionDenied() throws {
+        let port = freeLoopbackPort()
+        let server = try startL7(["nghttpd", "--no-tls", "-d", "WWW", "\(port)"], port: port)
+        defer { server.terminate() }
+        let url = "http://127.0.0.1:\(proxy.localPort)"
+        let denied = try sh(["nghttp", "-nv", "-t", "5", "-H", "content-type: application/grpc", "-H", "te: trailers", url + "/private/b.txt"]).output
+        XCTAssertTrue(denied.contains(":status: 200") && denied.contains("grpc-status: 7"), denied)
+        XCTAssertTrue(denied.contains("grpc-message: denied: no rule allows this request"), denied)
+        let allowed = try sh(["nghttp", "-nv", "-t", "5", "-H", "content-type: application/grpc", "-H", "te: trailers", url + "/public/a.txt"]).output
+        XCTAssertTrue(allowed.contains(":status: 200") && !allowed.contains("grpc-status"), allowed)
+    }
+
     /// A workload whose HTTP/2 response breaks the header rules: the caller
     /// gets 502 (never the bad block, never a hung stream), through the
     /// tunnel and through the same-node proxy, and the connection goes on.
