@@ -46,7 +46,13 @@ final class H2StreamClosedCode: ChannelDuplexHandler, @unchecked Sendable {
         inbound.scan(buffer) { type, flags, stream, _ in
             switch type {
             case Self.headers:
-                if ended.contains(stream) { pending.insert(stream) } else if flags & Self.endStream != 0 { end(stream) }
+                if ended.contains(stream) {
+                    // (NIO ignores HEADERS on a stream it reset itself: no
+                    // answer comes, so the set is bounded too.)
+                    if pending.count < Self.remembered { pending.insert(stream) }
+                } else if flags & Self.endStream != 0 {
+                    end(stream)
+                }
             case Self.data:
                 if flags & Self.endStream != 0 { end(stream) }
             case Self.rstStream:
