@@ -234,11 +234,11 @@ public final class Datapath {
         // microseconds (they run under RCU); wait well past that.
         usleep(UInt32(graceMilliseconds * 1000))
         try clearSlot(active)
-        let flushed = try flushDeniedConnections(CompiledLookup(compiled))
         // Fast-path sockets bypass the packet programs: after any change of
         // policy they go back to the enforced path (new connections that the
         // new policy admits join the fast path again).
         try clearFastPath()
+        let flushed = try flushDeniedConnections(CompiledLookup(compiled))
         return ApplyResult(generation: cfg.generation, policyEntries: compiled.entries.count, ipcacheEntries: compiled.ipcache.count,
                            defaultEntries: compiled.defaults.count, conntrackFlushed: flushed, seconds: Date().timeIntervalSince(start))
     }
@@ -284,17 +284,36 @@ public final class Datapath {
 
     /// Removes conntrack entries of flows the policy now in force denies, so
     /// revoking access cuts existing connections instead of waiting them out.
+    /// Flows the new policy denies become tombstones (PAL_CT_REVOKED: their
+    /// packets are dropped until the entry expires, 10 s after revocation);
+    /// tombstones of flows it admits again are removed. Returns how many
+    /// flows were revoked.
     func flushDeniedConnections(_ lookup: CompiledLookup) throws -> Int {
-        var denied: [pal_ct_key] = []
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC_COARSE, &ts)   // the clock of bpf_ktime_get_coarse_ns()
+        let now = UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+        let revoked = UInt8(PAL_CT_REVOKED)
+        var readmitted: [pal_ct_key] = []
+        var count = 0
         for (k, v) in try maps.conntrack.entries() {
             let flow = ConntrackFlow(k, v)
             let dir = Direction(kernel: v.direction)
             let peer = dir == .ingress ? flow.initiator : flow.responder
             let f = Flow(local: NumericIdentity(v.local_identity), direction: dir, peerAddress: peer,
                          proto: k.protocol, port: flow.responderPort)
-            if lookup.evaluate(f).verdict == .deny { denied.append(k) }
+            let denied = lookup.evaluate(f).verdict == .deny
+            if denied && v.flags & revoked == 0 {
+                var t = v
+                t.flags |= revoked
+                t.last_seen_ns = now
+                // (If the flow ended meanwhile, there is nothing to revoke.)
+                if (try? maps.conntrack.update(k, t, flags: UInt64(BPF_EXIST))) != nil { count += 1 }
+            } else if !denied && v.flags & revoked != 0 {
+                readmitted.append(k)
+            }
         }
-        return try maps.conntrack.delete(denied)
+        _ = try maps.conntrack.delete(readmitted)
+        return count
     }
 
     // MARK: Conntrack garbage collection
@@ -320,7 +339,9 @@ public final class Datapath {
         for (k, v) in all {
             let idle = now > v.last_seen_ns ? now - v.last_seen_ns : 0
             let limit: UInt64
-            if k.protocol == 6 {
+            if v.flags & UInt8(PAL_CT_REVOKED) != 0 {
+                limit = timeouts.tcpClosing   // a tombstone: long enough for both ends to give up
+            } else if k.protocol == 6 {
                 if v.flags & UInt8(PAL_CT_CLOSING) != 0 { limit = timeouts.tcpClosing }
                 else if v.flags & UInt8(PAL_CT_SEEN_REPLY) == 0 { limit = timeouts.other }
                 else { limit = timeouts.tcpEstablished }

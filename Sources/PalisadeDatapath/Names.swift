@@ -24,7 +24,7 @@ public enum MapName: String, CaseIterable, Sendable {
 public enum Reason: UInt8, CaseIterable, Sendable, CustomStringConvertible {
     case allowPolicy = 0, allowEstablished, allowReply, allowUnenforced
     case denyPolicy, denyDefault, auditWouldDeny, denyMalformed, denyFragment, denyConntrackFull, denySpoofed, denyNoEndpoint
-    case denyPlaintext, allowPlaintext, allowRedirect, denyL7Bypass
+    case denyPlaintext, allowPlaintext, allowRedirect, denyL7Bypass, denyRevoked
 
     public var description: String {
         switch self {
@@ -44,6 +44,7 @@ public enum Reason: UInt8, CaseIterable, Sendable, CustomStringConvertible {
         case .allowPlaintext: "allowed-plaintext-permissive"
         case .allowRedirect: "allowed-redirected-to-agent"
         case .denyL7Bypass: "denied-l7-bypass"
+        case .denyRevoked: "denied-revoked"
         }
     }
 

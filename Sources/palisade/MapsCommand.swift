@@ -132,7 +132,7 @@ struct MapDumper {
                 "destination": "\(flow.responder):\(flow.responderPort)",
                 "protocol": proto(k.protocol), "peer": name(v.peer_identity),
                 "packets": "\(v.packets)", "bytes": "\(v.bytes)",
-                "reply": v.flags & UInt8(PAL_CT_SEEN_REPLY) != 0 ? "yes" : "no",
+                "reply": v.flags & UInt8(PAL_CT_REVOKED) != 0 ? "revoked" : v.flags & UInt8(PAL_CT_SEEN_REPLY) != 0 ? "yes" : "no",
                 "rule": rule(v.rule_id),
             ])
         }

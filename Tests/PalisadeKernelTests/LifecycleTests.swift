@@ -81,6 +81,72 @@ final class LifecycleTests: XCTestCase {
         XCTAssertTrue(validate.output.contains("broken.yaml:8:"), validate.output)
     }
 
+    /// A revoked flow cannot be re-opened from mid-stream by the side that
+    /// may still send: after b's ingress from a is revoked, b (whose egress
+    /// is open) speaks first on the old connection. Without the tombstone
+    /// its packet would start a new entry with b as initiator and a's
+    /// packets would pass as replies; with it, both stay dropped.
+    func testRevokedFlowCannotBeReopenedByTheOtherSide() throws {
+        try requireKernel()
+        let (lab, agent) = try setUpPair("pl5")
+        try agent.start()
+        let gen = try agent.waitApplied(endpoints: 2).policy.generation
+        let trigger = NSTemporaryDirectory() + "pl5-trigger-\(getpid())"
+        try? FileManager.default.removeItem(atPath: trigger)
+        addTeardownBlock { try? FileManager.default.removeItem(atPath: trigger) }
+        let server = """
+        import os, socket, time
+        s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("0.0.0.0", 8080)); s.listen(1)
+        c, _ = s.accept(); c.settimeout(10)
+        if c.recv(1) == b"h": c.sendall(b"h")
+        while not os.path.exists("\(trigger)"): time.sleep(0.05)
+        c.sendall(b"p")
+        try:
+            d = c.recv(1)
+            if d: c.sendall(d)
+        except OSError: pass
+        time.sleep(5)
+        """
+        try lab.spawn(netns: lab.netns("b"), [Paths.python, "-c", server])
+        let clientLog = NSTemporaryDirectory() + "pl5-client-\(getpid()).log"
+        let result = NSTemporaryDirectory() + "pl5-result-\(getpid())"
+        try? FileManager.default.removeItem(atPath: result)
+        addTeardownBlock { try? FileManager.default.removeItem(atPath: result) }
+        let client = """
+        import socket, sys, time
+        def say(s):
+            with open("\(result)", "a") as f: f.write(s + "\\n")
+        for _ in range(50):
+            try: c = socket.create_connection(("10.99.2.2", 8080), timeout=2); break
+            except OSError: time.sleep(0.1)
+        c.sendall(b"h"); assert c.recv(1) == b"h"; say("established")
+        c.settimeout(4)
+        try: d = c.recv(1)
+        except socket.timeout: say("cut"); sys.exit(0)
+        except OSError as e: say("reset %s" % e); sys.exit(0)
+        # Data of the revoked flow arrived: try the other direction too.
+        try:
+            c.sendall(b"q"); c.settimeout(2)
+            say("reopened %r %r" % (d, c.recv(1)))
+        except OSError as e: say("reopened %r %s" % (d, e))
+        """
+        let proc = try lab.spawn(netns: lab.netns("a"), [Paths.python, "-c", client])
+        for _ in 0..<100 where !((try? String(contentsOfFile: result, encoding: .utf8)) ?? "").contains("established") { usleep(50_000) }
+        XCTAssertTrue(((try? String(contentsOfFile: result, encoding: .utf8)) ?? "").contains("established"))
+        try agent.writePolicy("b", policyYAML("b-ingress", """
+          selector: {labels: {app: b}}
+          ingress:
+            - from: [{labels: {app: a}}]
+              ports: [{port: 9999}]
+        """))
+        try agent.waitApplied(after: gen, endpoints: 2)
+        FileManager.default.createFile(atPath: trigger, contents: nil)
+        proc.waitUntilExit()
+        let out = (try? String(contentsOfFile: result, encoding: .utf8)) ?? ""
+        XCTAssertTrue(out.contains("cut") && !out.contains("reopened"), "b's packets crossed the revoked flow: \(out)")
+        XCTAssertGreaterThan(try agent.counters()["ingress/denied-revoked", default: 0] + agent.counters()["egress/denied-revoked", default: 0], 0)
+    }
+
     /// Revoking access cuts an established connection (its conntrack entry
     /// is swept), and `policy apply` refuses a bad file without copying it.
     func testRevocationCutsEstablishedConnection() throws {

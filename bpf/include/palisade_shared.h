@@ -60,7 +60,8 @@ enum pal_reason {
 	PAL_REASON_ALLOW_PLAINTEXT = 13,  /* permissive mTLS: plaintext from outside the mesh, allowed */
 	PAL_REASON_ALLOW_REDIRECT = 14,   /* to the agent's outbound listener; judged at connect() */
 	PAL_REASON_DENY_L7_BYPASS = 15,   /* a port with HTTP rules reached without the agent's proxy */
-	PAL_REASON_MAX = 16,
+	PAL_REASON_DENY_REVOKED = 16,     /* a packet of a flow whose policy was revoked */
+	PAL_REASON_MAX = 17,
 };
 
 #define PAL_COUNTER_SLOTS (PAL_DIR_MAX * PAL_REASON_MAX)
@@ -234,6 +235,13 @@ struct pal_ct_value {
 #define PAL_CT_SEEN_REPLY (1u << 0)
 #define PAL_CT_CLOSING    (1u << 1)
 #define PAL_CT_AUDIT      (1u << 2)
+/* The policy that admitted this flow was revoked: the entry stays, for a
+ * while, as a tombstone that drops the flow's packets, so neither end can
+ * re-open it from mid-stream (a packet of the side that may still send
+ * would otherwise start a new entry with itself as initiator, and the
+ * revoked side's packets would pass as its replies). A TCP SYN on the
+ * same addresses and ports is judged afresh. */
+#define PAL_CT_REVOKED    (1u << 3)
 
 /* Ring buffer event for a denied (or audited) new flow. */
 struct pal_flow_event {

@@ -225,6 +225,21 @@ static __always_inline int pal_enforce(struct __sk_buff *skb, const struct pal_e
 	__u8 swapped = 0;
 	pal_ct_key_for(&ck, f, ep->endpoint_id, &swapped);
 	struct pal_ct_value *ct = f->fragment ? 0 : bpf_map_lookup_elem(&pal_conntrack, &ck);
+	if (ct && (ct->flags & PAL_CT_REVOKED)) {
+		/* SYN without ACK: a new connection, judged below (its entry
+		 * replaces the tombstone). Anything else belongs to the revoked flow. */
+		if (f->protocol == IPPROTO_TCP && (f->tcp_flags & 0x12) == 0x02) {
+			ct = 0;
+		} else {
+			d.pass = 0;
+			d.reason = PAL_REASON_DENY_REVOKED;
+			d.peer_identity = ct->peer_identity;
+			d.rule_id = ct->rule_id;
+			pal_count(dir, d.reason, len);
+			pal_emit_event(f, dir, &d, local_id, ifindex, cgroup_id, now);
+			return 0;
+		}
+	}
 	if (ct) {
 		int reply = ct->initiator_is_b != swapped;
 		/* Write the shared entry only when something changes, and keep the
