@@ -95,6 +95,8 @@ public final class Agent {
             log.info("metrics", metadata: ["address": "http://\(host.contains(":") ? "[\(host)]" : host):\(metricsServer!.localPort)/metrics"])
         }
         trust.set(try verifier())
+        let bearer = try BearerTokens.verifier(issuers: config.jwtIssuers)
+        directory.update { $0.verifyBearer = bearer }
         try startMesh()
         if let sc = config.store {
             let tls = sc.caFile.map { EtcdStore.TLS(caFile: $0, certificateFile: sc.certificateFile, keyFile: sc.keyFile) }
@@ -278,6 +280,9 @@ public final class Agent {
         do {
             lastGoodPolicies = try PolicySet.load(policyFiles)
             lastGoodHTTP = try HTTPRuleSet.load(policyFiles)
+            if config.jwtIssuers.isEmpty, lastGoodHTTP.namesJWTIdentities {
+                log.warning("HTTP rules name JWT identities but no jwtIssuers are configured: every bearer token counts as unverified")
+            }
             lastGoodPolicyFiles = policyFiles.map(\.name)
             state.policy.lastError = nil
             metrics.setPolicyValid(true)

@@ -24,6 +24,8 @@ struct MeshDirectory: @unchecked Sendable {  // immutable snapshots; CompiledLoo
     var services: [IPAddress: ServiceRoute] = [:]
     /// L7 rules, and the labels/namespace of local workloads they select on.
     var http = HTTPRuleSet([])
+    /// Verifies bearer tokens against the configured JWT issuers (nil: none).
+    var verifyBearer: BearerVerifier?
     var localWorkloads: [IPAddress: (labels: [String: String], namespace: String)] = [:]
     /// Other nodes' workload addresses -> identity (to check a tunnel's
     /// claim of where a request came from).
@@ -34,8 +36,12 @@ struct MeshDirectory: @unchecked Sendable {  // immutable snapshots; CompiledLoo
     func httpGate(address: IPAddress, port: Int, source: SpiffeID, caller: IPAddress?) -> OutboundRoute.HTTP? {
         guard let w = localWorkloads[address], let rules = http.destination(labels: w.labels, namespace: w.namespace, port: port) else { return nil }
         let destination = localEndpoints[address].flatMap { spiffeIDByIdentity[$0.rawValue]?.description } ?? "\(address):\(port)"
-        return OutboundRoute.HTTP(destination: destination, usesHeaders: rules.usesHeaders) { method, uri, host, headers in
-            let d = rules.decide(HTTPRequestFacts(source: source, sourceAddress: caller, method: method, path: uri, host: host, headers: headers))
+        // Rules on JWT identities without a configured issuer: every token
+        // counts as unverified (deny rules on JWT identities apply to it).
+        let verify: BearerVerifier? = rules.usesJWT ? (verifyBearer ?? { _, loop in loop.makeSucceededFuture(nil) }) : nil
+        return OutboundRoute.HTTP(destination: destination, usesHeaders: rules.usesHeaders, verifyBearer: verify) { method, uri, host, headers, jwt in
+            let d = rules.decide(HTTPRequestFacts(source: source, jwtIdentity: jwt, sourceAddress: caller, method: method, path: uri,
+                                                  host: host, headers: headers))
             return HTTPVerdict(allowed: d.allowed, reason: d.reason, rule: d.rule)
         }
     }
@@ -158,7 +164,7 @@ extension Agent {
         // that address is a workload of the authenticated identity.
         let caller = r.caller.flatMap(IPAddress.init).flatMap { a in directory.remoteIdentities[a] == source ? a : nil }
         if let http = directory.httpGate(address: dst, port: r.port, source: r.peer, caller: caller) {
-            return .deliverHTTP(mark: mark, destination: http.destination, usesHeaders: http.usesHeaders, gate: http.gate)
+            return .deliverHTTP(mark: mark, destination: http.destination, usesHeaders: http.usesHeaders, verifyBearer: http.verifyBearer, gate: http.gate)
         }
         return .deliver(mark: mark)
     }

@@ -97,6 +97,9 @@ public struct PathPattern: Hashable, Sendable, CustomStringConvertible {
 
 /// The facts of one request, as the proxy parsed them.
 public struct HTTPRequestFacts: Sendable {
+    /// The JWT identity of a request whose bearer token did not verify:
+    /// deny rules on JWT identities match it (fail closed), allows do not.
+    public static let unverifiedJWT = "jwt:unverified"
     public var source: SpiffeID?
     public var jwtIdentity: String?
     /// The calling workload's address (as its node's agent reports it).
@@ -153,6 +156,11 @@ public struct HTTPRuleSet: Sendable {
             .flatMap { p in
                 p.rules.enumerated().filter { $0.element.ports.isEmpty || $0.element.ports.contains(port) }.map { ("\(p.name)/\($0.offset)", $0.element) }
             }
+    }
+
+    /// Does any rule name a JWT identity?
+    public var namesJWTIdentities: Bool {
+        policies.contains { $0.rules.contains { $0.from.contains { if case .jwt = $0 { return true } else { return false } } } }
     }
 
     /// The ports on which a destination has L7 rules; 0 means every port.
@@ -227,6 +235,8 @@ public struct HTTPDestinationRules: Sendable {
     let rules: [Compiled]
     /// Does any rule look at request headers (else the proxy needs not collect them)?
     public let usesHeaders: Bool
+    /// Does any rule name a JWT identity (so bearer tokens must be verified)?
+    public let usesJWT: Bool
 
     init(_ rules: [(String, HTTPPolicy.Rule)]) {
         self.rules = rules.map { id, r in
@@ -236,6 +246,7 @@ public struct HTTPDestinationRules: Sendable {
                      audited: HTTPDecision(allowed: true, reason: "audit: would be denied (\(id))", rule: id, audited: true))
         }
         usesHeaders = rules.contains { !$0.1.headers.isEmpty }
+        usesJWT = rules.contains { $0.1.from.contains { if case .jwt = $0 { return true } else { return false } } }
     }
 
     static let ambiguous = HTTPDecision(allowed: false, reason: "denied: ambiguous path", rule: nil, audited: false)
@@ -261,7 +272,7 @@ public struct HTTPDestinationRules: Sendable {
                 switch s {
                 case .spiffeID(let id): return f.source == id
                 case .spiffePrefix(let p): return f.source.map { $0.description.hasPrefix(p) } ?? false
-                case .jwt(let j): return f.jwtIdentity == j
+                case .jwt(let j): return f.jwtIdentity == j || (f.jwtIdentity == HTTPRequestFacts.unverifiedJWT && r.action == .deny)
                 case .namespace(let ns): return f.source.map { $0.path.hasPrefix("/ns/\(ns)/") } ?? false
                 // Caller's address unknown: a deny rule on addresses still
                 // applies (fail closed), an allow rule does not.

@@ -136,8 +136,16 @@ final class H2Relay: @unchecked Sendable {
 
     // MARK: the caller's frames
 
+    /// Streams whose bearer token is being verified: their frames wait here
+    /// (bounded by the stream window granted: nothing is acknowledged).
+    private var verifying: [HTTP2StreamID: [HTTP2Frame]] = [:]
+
     func fromDown(_ frame: HTTP2Frame) {
         let id = frame.streamID
+        if verifying[id] != nil {
+            if case .rstStream = frame.payload { dropVerifying(id) } else { verifying[id]!.append(frame) }
+            return
+        }
         switch frame.payload {
         case .headers(let h):
             if let x = byDown[id] {
@@ -171,7 +179,15 @@ final class H2Relay: @unchecked Sendable {
         }
     }
 
-    /// A new stream: judged on its HEADERS. Returns false when refused.
+    /// A stream left while its token was verified: its queued bytes go back
+    /// to the connection's window.
+    private func dropVerifying(_ id: HTTP2StreamID) {
+        guard let queued = verifying.removeValue(forKey: id) else { return }
+        for f in queued { if case .data(let d) = f.payload { acknowledge(down, stream: nil, Self.flowLength(d)) } }
+    }
+
+    /// A new stream: judged on its HEADERS (once its bearer token, if the
+    /// rules look at JWT identities, is verified). Returns false when refused.
     private func judge(_ id: HTTP2StreamID, _ h: HTTP2Frame.FramePayload.Headers) -> Bool {
         // RFC 9113 §8.3.1: a Host that names another entity than :authority
         // (or two Hosts) makes the request malformed; rules read one, the
@@ -182,6 +198,25 @@ final class H2Relay: @unchecked Sendable {
             down?.flush()
             return false
         }
+        if let verify = l7.verifyBearer, let token = bearerToken(h.headers.first(name: "authorization")), let loop = down?.eventLoop {
+            verifying[id] = []
+            verify(token, loop).whenComplete { result in
+                guard self.verifying[id] != nil else { return }   // reset meanwhile
+                let jwt = (try? result.get()).flatMap { $0 } ?? "jwt:unverified"
+                if self.decide(id, h, jwtIdentity: jwt) {
+                    for f in self.verifying.removeValue(forKey: id) ?? [] { self.fromDown(f) }
+                } else {
+                    self.dropVerifying(id)
+                }
+                self.answerDenials()
+                self.up?.flush()
+            }
+            return true
+        }
+        return decide(id, h, jwtIdentity: nil)
+    }
+
+    private func decide(_ id: HTTP2StreamID, _ h: HTTP2Frame.FramePayload.Headers, jwtIdentity: String?) -> Bool {
         let f = L7HTTP2.facts(h.headers, withHeaders: l7.usesHeaders)
         let verdict: HTTPVerdict
         let path = f.path ?? ""
@@ -189,7 +224,7 @@ final class H2Relay: @unchecked Sendable {
             // Plain CONNECT (no :path) would make the proxy a tunnel to anywhere.
             verdict = HTTPVerdict(allowed: false, reason: "denied: CONNECT is not proxied", rule: nil)
         } else {
-            verdict = l7.gate(f.method, path, f.host, f.headers)
+            verdict = l7.gate(f.method, path, f.host, f.headers, jwtIdentity)
         }
         var x = Exchange(upID: HTTP2StreamID(Int(nextUpID)), method: f.method,
                          path: path.split(separator: "?", maxSplits: 1).first.map(String.init) ?? path, verdict: verdict, start: Date())
@@ -320,6 +355,7 @@ final class H2Relay: @unchecked Sendable {
     func streamClosed(_ id: HTTP2StreamID, onDown: Bool, reason: HTTP2ErrorCode?) {
         streamCredit[onDown]![id] = nil
         if onDown && !denials.isEmpty { denials.removeAll { $0.stream == id } }   // reset before its 403 went out
+        if onDown { dropVerifying(id) }
         if onDown {
             guard let x = byDown.removeValue(forKey: id) else { return }
             // Closed by an error on the caller's side: the workload's stream goes too.

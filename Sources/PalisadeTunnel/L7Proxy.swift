@@ -12,7 +12,21 @@ public struct HTTPVerdict: Sendable {
 }
 
 /// Judges a request: method, path (with query), Host, headers (lower-case names).
-public typealias HTTPGate = @Sendable (_ method: String, _ uri: String, _ host: String, _ headers: [String: String]) -> HTTPVerdict
+/// `jwtIdentity`: what a verified bearer token names ("jwt:ISSUER/SUBJECT"),
+/// "jwt:unverified" for a token that did not verify, nil without a token.
+public typealias HTTPGate = @Sendable (_ method: String, _ uri: String, _ host: String, _ headers: [String: String],
+                                       _ jwtIdentity: String?) -> HTTPVerdict
+
+/// Verifies a bearer token on the proxy's behalf: the identity it carries
+/// ("jwt:ISSUER/SUBJECT"), or nil when it is refused.
+public typealias BearerVerifier = @Sendable (_ token: String, _ eventLoop: EventLoop) -> EventLoopFuture<String?>
+
+/// The token of an `Authorization: Bearer` value.
+func bearerToken(_ authorization: String?) -> String? {
+    guard let a = authorization, a.count > 7, a.prefix(7).lowercased() == "bearer " else { return nil }
+    let t = a.dropFirst(7).trimmingCharacters(in: .whitespaces)
+    return t.isEmpty ? nil : t
+}
 
 /// One access-log line: never the Authorization header, never a body.
 public struct AccessLogEntry: Codable, Sendable {
@@ -36,6 +50,9 @@ struct L7Context: Sendable {
     var gate: HTTPGate
     /// Only then are a request's headers collected for the gate.
     var usesHeaders: Bool = true
+    /// Set when the rules name JWT identities: a request's bearer token is
+    /// verified before it is judged.
+    var verifyBearer: BearerVerifier? = nil
     var source: String
     var destination: String
     var destinationAddress: String
@@ -138,12 +155,15 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
         }
     }
 
+    /// A bearer token is being verified: the request's parts wait.
+    private var verifying = false
+
     private func pump() {
         if refused { queue.removeAll(); return }
-        while !awaitingResponse, !queue.isEmpty, !refused {
+        while !awaitingResponse, !verifying, !queue.isEmpty, !refused {
             handle(queue.removeFirst())
         }
-        if inputClosed && queue.isEmpty && !awaitingResponse { finish() }
+        if inputClosed && queue.isEmpty && !awaitingResponse && !verifying { finish() }
         resumeRead()
     }
 
@@ -158,15 +178,16 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
                 if let context { badRequest(context) }
                 return
             }
-            var headers: [String: String] = [:]
-            if l7.usesHeaders {
-                for (k, v) in h.headers where k.lowercased() != "authorization" { headers[k.lowercased()] = v }
+            if let verify = l7.verifyBearer, let token = bearerToken(h.headers.first(name: "authorization")), let context {
+                verifying = true
+                verify(token, context.eventLoop).whenComplete { result in
+                    self.verifying = false
+                    self.judge(h, jwtIdentity: (try? result.get()).flatMap { $0 } ?? "jwt:unverified")
+                    self.pump()
+                }
+                return
             }
-            let verdict = gate(h.method.rawValue, h.uri, h.headers.first(name: "host") ?? "", headers)
-            let (head, upgrade) = Self.upgradeIntent(h)
-            self.upgrade = upgrade
-            current = (head, verdict, Date(), 0)
-            if verdict.allowed { upstream?.write(HTTPClientRequestPart.head(head), promise: nil) }
+            judge(h, jwtIdentity: nil)
         case .body(let b):
             current?.bytesIn += b.readableBytes
             if current?.verdict.allowed == true { upstream?.write(HTTPClientRequestPart.body(.byteBuffer(b)), promise: nil) }
@@ -181,6 +202,18 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
                 deny(cur)
             }
         }
+    }
+
+    private func judge(_ h: HTTPRequestHead, jwtIdentity: String?) {
+        var headers: [String: String] = [:]
+        if l7.usesHeaders {
+            for (k, v) in h.headers where k.lowercased() != "authorization" { headers[k.lowercased()] = v }
+        }
+        let verdict = gate(h.method.rawValue, h.uri, h.headers.first(name: "host") ?? "", headers, jwtIdentity)
+        let (head, upgrade) = Self.upgradeIntent(h)
+        self.upgrade = upgrade
+        current = (head, verdict, Date(), 0)
+        if verdict.allowed { upstream?.write(HTTPClientRequestPart.head(head), promise: nil) }
     }
 
     private func deny(_ cur: (head: HTTPRequestHead, verdict: HTTPVerdict, start: Date, bytesIn: Int)) {

@@ -27,8 +27,10 @@ public struct OutboundRoute: Sendable {
         public var gate: HTTPGate
         /// Do the rules look at headers? If not, the proxy does not collect them.
         public var usesHeaders: Bool
-        public init(destination: String, usesHeaders: Bool = true, gate: @escaping HTTPGate) {
-            self.destination = destination; self.usesHeaders = usesHeaders; self.gate = gate
+        /// Set when the rules name JWT identities.
+        public var verifyBearer: BearerVerifier?
+        public init(destination: String, usesHeaders: Bool = true, verifyBearer: BearerVerifier? = nil, gate: @escaping HTTPGate) {
+            self.destination = destination; self.usesHeaders = usesHeaders; self.verifyBearer = verifyBearer; self.gate = gate
         }
     }
     public var credentials: ClientCredentials
@@ -127,7 +129,7 @@ public final class OutboundProxy: @unchecked Sendable {
                     return OutboundProxy.reset(ch)
                 }
                 if let http = route.http, let c = route.candidates.first, c.peer == nil {
-                    let l7 = L7Context(gate: http.gate, usesHeaders: http.usesHeaders, source: route.credentials.spiffeID.description, destination: http.destination,
+                    let l7 = L7Context(gate: http.gate, usesHeaders: http.usesHeaders, verifyBearer: http.verifyBearer, source: route.credentials.spiffeID.description, destination: http.destination,
                                        destinationAddress: c.authority, log: weakSelf?.accessLog)
                     OutboundProxy.deliverHTTP(ch, to: c, mark: route.mark, l7: l7, firstBytesTimeout: weakSelf?.firstBytesTimeout ?? .seconds(15)) { error in
                         weakSelf?.onOutcome?(OutboundOutcome(route: route, error: error, seconds: Date().timeIntervalSince(start)))

@@ -104,6 +104,34 @@ final class HTTPRulesTests: XCTestCase {
         XCTAssertEqual(HTTPRuleSet.normalize("/a/.../b"), "/a/.../b")
     }
 
+    /// A bearer token that did not verify ("jwt:unverified"): deny rules on
+    /// JWT identities apply to it (it might be anyone), allow rules do not.
+    func testUnverifiedTokensMeetDenyRulesOnly() throws {
+        let set = try HTTPRuleSet.load([(name: "j.yaml", text: """
+            apiVersion: palisade.dev/v1
+            kind: HTTPPolicy
+            metadata: {name: j}
+            spec:
+              selector: {labels: {app: web}}
+              rules:
+                - from: [{jwt: "jwt:https://idp/alice"}]
+                - action: deny
+                  from: [{jwt: "jwt:https://idp/mallory"}]
+                - paths: ["/open"]
+            """)])
+        let rules = try XCTUnwrap(set.destination(labels: ["app": "web"], port: 80))
+        XCTAssertTrue(rules.usesJWT)
+        XCTAssertTrue(set.namesJWTIdentities)
+        func decide(_ jwt: String?, _ path: String) -> Bool {
+            rules.decide(HTTPRequestFacts(source: nil, jwtIdentity: jwt, method: "GET", path: path, host: "web")).allowed
+        }
+        XCTAssertTrue(decide("jwt:https://idp/alice", "/x"))
+        XCTAssertFalse(decide("jwt:https://idp/mallory", "/open"), "deny wins")
+        XCTAssertFalse(decide(HTTPRequestFacts.unverifiedJWT, "/x"), "an unverified token is nobody an allow names")
+        XCTAssertFalse(decide(HTTPRequestFacts.unverifiedJWT, "/open"), "and meets every deny on JWT identities")
+        XCTAssertTrue(decide(nil, "/open"), "no token: the JWT deny does not apply")
+    }
+
     func testPreciseErrors() {
         func error(_ rules: String) -> String {
             let text = "apiVersion: palisade.dev/v1\nkind: HTTPPolicy\nmetadata: {name: p}\nspec:\n  selector: {labels: {app: x}}\n  rules:\n" + rules

@@ -1,5 +1,9 @@
 import Foundation
 import XCTest
+import JWTKit
+import PalisadeAgent
+import PalisadeJWT
+import PalisadePolicy
 @testable import PalisadeTunnel
 
 /// The in-agent HTTP proxy on loopback (no kernel): curl -> outbound proxy
@@ -22,7 +26,7 @@ extension TunnelTests {
         XCTAssertTrue(p.isRunning, "the test's server on port \(port) exited (port taken?)")
         authority = "127.0.0.1:\(port)"
         listener.authorize = { r in
-            .deliverHTTP(mark: 0, destination: "spiffe://example.org/ns/default/sa/web") { method, uri, _, _ in
+            .deliverHTTP(mark: 0, destination: "spiffe://example.org/ns/default/sa/web") { method, uri, _, _, _ in
                 let ok = method == "GET" && uri.hasPrefix("/public/")
                 return HTTPVerdict(allowed: ok, reason: ok ? "" : "denied: no rule allows this request", rule: ok ? "public" : nil)
             }
@@ -57,7 +61,7 @@ extension TunnelTests {
         let server = try startL7(["nghttpd", "--no-tls", "-d", "WWW", "\(port)"], port: port)
         defer { server.terminate() }
         listener.authorize = { _ in
-            .deliverHTTP(mark: 0, destination: "spiffe://example.org/ns/default/sa/web") { _, _, _, _ in HTTPVerdict(allowed: true, reason: "", rule: "all") }
+            .deliverHTTP(mark: 0, destination: "spiffe://example.org/ns/default/sa/web") { _, _, _, _, _ in HTTPVerdict(allowed: true, reason: "", rule: "all") }
         }
         let expected = [
             "valid": "HEADERS:1 DATA:1",
@@ -92,7 +96,7 @@ extension TunnelTests {
         defer { server.terminate() }
         for path in ["tunnel", "same node"] {
             localHTTP = path == "tunnel" ? nil
-                : OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web") { _, _, _, _ in HTTPVerdict(allowed: true, reason: "", rule: "all") }
+                : OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web") { _, _, _, _, _ in HTTPVerdict(allowed: true, reason: "", rule: "all") }
             let out = try sh([Self.python, Self.h2conform, "127.0.0.1", "\(proxy.localPort)", "--path", "/public/a.txt"]).output
             let summary = out.split(separator: "\n").last { $0.hasSuffix(" failed") }.map(String.init) ?? "no summary"
             let counts = summary.split(separator: " ").compactMap { Int($0) }
@@ -101,6 +105,72 @@ extension TunnelTests {
             XCTAssertEqual(counts.last, 0, "\(path): \(out.split(separator: "\n").filter { $0.contains("FAIL") }.joined(separator: "\n"))")
         }
         XCTAssertTrue(proxy != nil && server.isRunning)
+    }
+
+    /// Rules on JWT identities: the bearer token is verified (the agent's
+    /// real verifier: a JWKS file, jwt-kit) before the request is judged,
+    /// over HTTP/1.1 and HTTP/2; the request's body waits meanwhile and then
+    /// goes through whole. No token or a forged one: denied, and a forged
+    /// token for a denied subject cannot slip past its deny rule.
+    func testRequestsAreJudgedByTheirVerifiedJWTIdentity() async throws {
+        let key = ES256PrivateKey(), forger = ES256PrivateKey()
+        let jwksPath = "\(dir!)/jwks.json"
+        let p = key.publicKey.parameters!
+        try #"{"keys":[{"kty":"EC","crv":"P-256","alg":"ES256","use":"sig","kid":"k1","x":"\#(p.x)","y":"\#(p.y)"}]}"#
+            .write(toFile: jwksPath, atomically: true, encoding: .utf8)
+        func token(_ k: ES256PrivateKey, sub: String) async throws -> String {
+            let keys = JWTKeyCollection()
+            await keys.add(ecdsa: k, kid: "k1")
+            return try await keys.sign(EdgeTestClaims(iss: .init(value: "https://idp.test"), sub: .init(value: sub), aud: .init(value: ["web"]),
+                                                      exp: .init(value: Date().addingTimeInterval(300))), kid: "k1")
+        }
+        let alice = try await token(key, sub: "alice"), mallory = try await token(key, sub: "mallory")
+        let forged = try await token(forger, sub: "alice")
+        let verify = try XCTUnwrap(try BearerTokens.verifier(issuers: [JWTIssuer(issuer: "https://idp.test", jwksFile: jwksPath, audience: "web")]))
+        let rules = try XCTUnwrap(try HTTPRuleSet.load([(name: "jwt.yaml", text: """
+            apiVersion: palisade.dev/v1
+            kind: HTTPPolicy
+            metadata: {name: web}
+            spec:
+              selector: {labels: {app: web}}
+              rules:
+                - from: [{jwt: "jwt:https://idp.test/alice"}, {jwt: "jwt:https://idp.test/mallory"}]
+                  paths: ["/public/**", "/up"]
+                - action: deny
+                  from: [{jwt: "jwt:https://idp.test/mallory"}]
+            """)]).destination(labels: ["app": "web"], port: 80))
+        let gate: HTTPGate = { method, uri, host, headers, jwt in
+            let d = rules.decide(HTTPRequestFacts(source: nil, jwtIdentity: jwt, method: method, path: uri, host: host, headers: headers))
+            return HTTPVerdict(allowed: d.allowed, reason: d.reason, rule: d.rule)
+        }
+        let body = "\(dir!)/body.bin"
+        try Data(repeating: 0x61, count: 300_000).write(to: URL(fileURLWithPath: body))
+        // HTTP/1.1 against a sink that counts the body; HTTP/2 against nghttpd.
+        for (server, http2) in [([Self.python, Self.netprobe, "sink"], false), (["nghttpd", "--no-tls", "-d", "WWW"], true)] {
+            let port = freeLoopbackPort()
+            let p = try startL7(server + ["\(port)"], port: port)
+            // (Spawned from a concurrency thread, which blocks signals, the
+            // server inherits a blocked SIGTERM: SIGKILL ends it.)
+            defer { kill(p.processIdentifier, SIGKILL); p.waitUntilExit() }
+            listener.authorize = { _ in .deliverHTTP(mark: 0, destination: "spiffe://example.org/ns/default/sa/web", verifyBearer: verify, gate: gate) }
+            let url = "http://127.0.0.1:\(proxy.localPort)" + (http2 ? "/public/a.txt" : "/up")
+            let proto = http2 ? ["--http2-prior-knowledge"] : []
+            for path in ["tunnel", "same node"] {
+                let what = "\(path), \(http2 ? "HTTP/2" : "HTTP/1.1")"
+                localHTTP = path == "tunnel" ? nil
+                    : OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web", verifyBearer: verify, gate: gate)
+                func status(_ extra: [String]) throws -> String {
+                    try curl(proto + ["-o", "/dev/null", "-w", "%{http_code}", "--data-binary", "@\(body)"] + extra + [url])
+                }
+                XCTAssertEqual(try status(["-H", "Authorization: Bearer \(alice)"]), "200", what)
+                if !http2 {
+                    XCTAssertEqual(try curl(["--data-binary", "@\(body)", "-H", "Authorization: Bearer \(alice)", url]), "received 300000\n", what)
+                }
+                XCTAssertEqual(try status([]), "403", "\(what): no token")
+                XCTAssertEqual(try status(["-H", "Authorization: Bearer \(forged)"]), "403", "\(what): forged")
+                XCTAssertEqual(try status(["-H", "Authorization: Bearer \(mallory)"]), "403", "\(what): deny wins")
+            }
+        }
     }
 
     /// A denied gRPC call gets PERMISSION_DENIED (grpc-status 7) in a
@@ -129,7 +199,7 @@ extension TunnelTests {
             let url = "http://127.0.0.1:\(proxy.localPort)/public/a.txt"
             for path in ["tunnel", "same node"] {
                 localHTTP = path == "tunnel" ? nil
-                    : OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web") { _, _, _, _ in HTTPVerdict(allowed: true, reason: "", rule: "all") }
+                    : OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web") { _, _, _, _, _ in HTTPVerdict(allowed: true, reason: "", rule: "all") }
                 XCTAssertEqual(try curl(["--http2-prior-knowledge", "-o", "/dev/null", "-w", "%{http_code}", url]), "502", "\(bad) via \(path)")
                 // Three streams on one connection: each answered 502, none hangs.
                 let streams = H2Streams.run(try sh(["nghttp", "-ns", "-t", "5", url + "?1", url + "?2", url + "?3"]).output)
@@ -147,7 +217,7 @@ extension TunnelTests {
         let url = "http://127.0.0.1:\(proxy.localPort)/public/a.txt"
         for path in ["tunnel", "same node"] {
             if path == "same node" {
-                localHTTP = OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web") { _, _, _, _ in HTTPVerdict(allowed: true, reason: "", rule: "all") }
+                localHTTP = OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web") { _, _, _, _, _ in HTTPVerdict(allowed: true, reason: "", rule: "all") }
             }
             let out = try sh(["timeout", "60", "h2load", "-n", "3000", "-c", "2", "-m", "16", url]).output
             XCTAssertTrue(out.contains("3000 succeeded, 0 failed"), "\(path): \(out.split(separator: "\n").filter { $0.contains("requests:") || $0.contains("status codes") })")
@@ -160,7 +230,7 @@ extension TunnelTests {
         let port = freeLoopbackPort()
         let server = try startL7(["nghttpd", "--no-tls", "-d", "WWW", "\(port)"], port: port)
         defer { server.terminate() }
-        localHTTP = OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web") { _, _, _, _ in HTTPVerdict(allowed: true, reason: "", rule: "all") }
+        localHTTP = OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web") { _, _, _, _, _ in HTTPVerdict(allowed: true, reason: "", rule: "all") }
         proxy.firstBytesTimeout = .milliseconds(500)
         let out = try sh([Self.python, "-c", """
         import socket; s = socket.create_connection(("127.0.0.1", \(proxy.localPort))); s.settimeout(5)
@@ -191,11 +261,11 @@ extension TunnelTests {
         let body = "\(dir!)/upload.bin"
         try Data(repeating: 0x62, count: 3 << 20).write(to: URL(fileURLWithPath: body))
         listener.authorize = { _ in
-            .deliverHTTP(mark: 0, destination: "spiffe://example.org/ns/default/sa/web") { _, _, _, _ in HTTPVerdict(allowed: true, reason: "", rule: "all") }
+            .deliverHTTP(mark: 0, destination: "spiffe://example.org/ns/default/sa/web") { _, _, _, _, _ in HTTPVerdict(allowed: true, reason: "", rule: "all") }
         }
         for path in ["tunnel", "same node"] {
             localHTTP = path == "tunnel" ? nil
-                : OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web") { _, _, _, _ in HTTPVerdict(allowed: true, reason: "", rule: "all") }
+                : OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web") { _, _, _, _, _ in HTTPVerdict(allowed: true, reason: "", rule: "all") }
             let out = try sh(["sh", "-c", "curl -sv --max-time 10 --expect100-timeout 8 -T \(body) http://127.0.0.1:\(proxy.localPort)/public/up 2>&1"]).output
             XCTAssertTrue(out.contains("< HTTP/1.1 100 Continue"), "\(path): \(out.suffix(600))")
             XCTAssertTrue(out.contains("received \(3 << 20)"), "\(path): \(out.suffix(600))")
@@ -213,7 +283,7 @@ extension TunnelTests {
         let server = try startL7([Self.python, Self.netprobe, "wsecho", "\(port)"], port: port)
         defer { server.terminate() }
         for path in ["tunnel", "same node"] {
-            localHTTP = path == "tunnel" ? nil : OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web") { _, uri, _, _ in
+            localHTTP = path == "tunnel" ? nil : OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web") { _, uri, _, _, _ in
                 HTTPVerdict(allowed: uri.hasPrefix("/public/"), reason: "denied: no rule allows this request", rule: nil)
             }
             let ok = try sh(["sh", "-c", "\(Self.python) \(Self.netprobe) wsclient 127.0.0.1 \(proxy.localPort) /public/chat 12 2>&1"]).output
@@ -241,7 +311,7 @@ extension TunnelTests {
         defer { server.terminate() }
         let judged = NSLock(), seenURIs = Box<[String]>([])
         listener.authorize = { _ in
-            .deliverHTTP(mark: 0, destination: "spiffe://example.org/ns/default/sa/web") { method, uri, _, _ in
+            .deliverHTTP(mark: 0, destination: "spiffe://example.org/ns/default/sa/web") { method, uri, _, _, _ in
                 judged.withLock { seenURIs.value.append(uri) }
                 let ok = uri.hasPrefix("/public/")
                 return HTTPVerdict(allowed: ok, reason: ok ? "" : "denied: no rule allows this request", rule: nil)
@@ -315,4 +385,12 @@ func freeLoopbackPort() -> Int {
 final class Box<T>: @unchecked Sendable {
     var value: T
     init(_ value: T) { self.value = value }
+}
+
+struct EdgeTestClaims: JWTPayload {
+    var iss: IssuerClaim
+    var sub: SubjectClaim
+    var aud: AudienceClaim
+    var exp: ExpirationClaim
+    func verify(using algorithm: some JWTAlgorithm) async throws {}
 }
