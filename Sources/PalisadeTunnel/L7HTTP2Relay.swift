@@ -202,7 +202,7 @@ final class H2Relay: @unchecked Sendable {
             verifying[id] = []
             verify(token, loop).whenComplete { result in
                 guard self.verifying[id] != nil else { return }   // reset meanwhile
-                let jwt = (try? result.get()).flatMap { $0 } ?? "jwt:unverified"
+                let jwt = bearerIdentity(result)
                 if self.decide(id, h, jwtIdentity: jwt) {
                     for f in self.verifying.removeValue(forKey: id) ?? [] { self.fromDown(f) }
                 } else {
@@ -294,7 +294,8 @@ final class H2Relay: @unchecked Sendable {
             if b >= 0x20 && b <= 0x7E && b != UInt8(ascii: "%") {
                 out.unicodeScalars.append(Unicode.Scalar(b))
             } else {
-                out += "%" + String(b, radix: 16, uppercase: true).leftPadded(to: 2)
+                let hex = Array("0123456789ABCDEF")
+                out += "%\(hex[Int(b >> 4)])\(hex[Int(b & 0xF)])"
             }
         }
         return out
@@ -451,8 +452,3 @@ final class H2RelaySide: ChannelDuplexHandler, @unchecked Sendable {
     func errorCaught(context: ChannelHandlerContext, error: Error) {}
 }
 
-extension String {
-    func leftPadded(to width: Int) -> String {
-        count >= width ? self : String(repeating: "0", count: width - count) + self
-    }
-}

@@ -21,6 +21,15 @@ public typealias HTTPGate = @Sendable (_ method: String, _ uri: String, _ host: 
 /// ("jwt:ISSUER/SUBJECT"), or nil when it is refused.
 public typealias BearerVerifier = @Sendable (_ token: String, _ eventLoop: EventLoop) -> EventLoopFuture<String?>
 
+/// What the gate is told for a token that did not verify (the policy
+/// side's HTTPRequestFacts.unverifiedJWT: JWT deny rules meet it).
+let unverifiedBearerIdentity = "jwt:unverified"
+
+/// The identity a verification produced, or the unverified marker.
+func bearerIdentity(_ result: Result<String?, Error>) -> String {
+    (try? result.get()).flatMap { $0 } ?? unverifiedBearerIdentity
+}
+
 /// The token of an `Authorization: Bearer` value.
 func bearerToken(_ authorization: String?) -> String? {
     guard let a = authorization, a.count > 7, a.prefix(7).lowercased() == "bearer " else { return nil }
@@ -182,7 +191,7 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
                 verifying = true
                 verify(token, context.eventLoop).whenComplete { result in
                     self.verifying = false
-                    self.judge(h, jwtIdentity: (try? result.get()).flatMap { $0 } ?? "jwt:unverified")
+                    self.judge(h, jwtIdentity: bearerIdentity(result))
                     self.pump()
                 }
                 return

@@ -224,6 +224,17 @@ def h1raw(case, addr, port):
     print(" ".join(codes) or "closed")
 
 
+def serve_each(port, serve_one):
+    """Listens on 127.0.0.1:port, prints "ready", and hands every
+    connection to serve_one on a thread of its own."""
+    srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", port)); srv.listen(16)
+    print("ready", flush=True)
+    while True:
+        c, _ = srv.accept()
+        threading.Thread(target=serve_one, args=(c,), daemon=True).start()
+
+
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
@@ -297,12 +308,7 @@ def wsecho(port):
             pass
         finally:
             c.close()
-    srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("127.0.0.1", port)); srv.listen(16)
-    print("ready", flush=True)
-    while True:
-        c, _ = srv.accept()
-        threading.Thread(target=serve_one, args=(c,), daemon=True).start()
+    serve_each(port, serve_one)
 
 
 def wsclient(addr, port, path, count):
@@ -375,12 +381,7 @@ def h2badserver(port, case):
             pass
         finally:
             c.close()
-    srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("127.0.0.1", port)); srv.listen(16)
-    print("ready", flush=True)
-    while True:
-        c, _ = srv.accept()
-        threading.Thread(target=serve_one, args=(c,), daemon=True).start()
+    serve_each(port, serve_one)
 
 def hold(addr, port, seconds, interval):
     ok = failed = 0
