@@ -33,6 +33,8 @@ public final class Agent {
     var state: AgentState
     var lastFingerprint: String?
     var lastGoodPolicies = PolicySet(policies: [])
+    /// The policy set the kernel enforces (empty before the first apply).
+    var appliedPolicies = PolicySet(policies: [])
     var lastGoodPolicyFiles: [String] = []
     /// What the kernel was last given (policy text + universe): an unchanged
     /// input is not applied again, so a rejected file changes nothing at all.
@@ -87,10 +89,10 @@ public final class Agent {
         events = try FlowEventWriter(maps: datapath.maps, path: config.eventLog, socket: config.flowSocket, names: { shared.state }, metrics: metrics)
         if let (host, port) = config.metricsAddress {
             let capacities = ["conntrack": Int(PAL_MAX_CONNTRACK), "policy": Int(PAL_MAX_POLICY), "ipcache": Int(PAL_MAX_IPCACHE),
-                              "defaults": Int(PAL_MAX_DEFAULTS), "endpoints_by_ifindex": Int(PAL_MAX_ENDPOINTS),
+                              "defaults": Int(PAL_MAX_DEFAULTS), "peer_class": Int(PAL_MAX_PEER_CLASS), "endpoints_by_ifindex": Int(PAL_MAX_ENDPOINTS),
                               "endpoints_by_cgroup": Int(PAL_MAX_ENDPOINTS)]
             metricsServer = try MetricsServer(host: host, port: port) {
-                metrics.render(names: { shared.state.name(of: $0) }, capacities: capacities)
+                metrics.render(names: { shared.state.name(of: $0) }, peerNames: { shared.state.peerName(of: $0) }, capacities: capacities)
             }
             log.info("metrics", metadata: ["address": "http://\(host.contains(":") ? "[\(host)]" : host):\(metricsServer!.localPort)/metrics"])
         }
@@ -310,12 +312,13 @@ public final class Agent {
                     continue
                 }
                 existing.addresses += w.addresses
+                existing.ports = NamedPort.union(existing.ports, w.ports)
                 universe.workloads[id] = existing
             } else {
                 var nsLabels = w.namespaceLabels
                 nsLabels["kubernetes.io/metadata.name"] = w.namespace
                 universe.workloads[id] = WorkloadIdentity(spiffeID: w.spiffeID, labels: w.labels, namespace: w.namespace,
-                                                          namespaceLabels: nsLabels, addresses: w.addresses)
+                                                          namespaceLabels: nsLabels, addresses: w.addresses, ports: w.ports)
             }
             records[id.rawValue] = .init(spiffeID: w.spiffeID, namespace: w.namespace, labels: w.labels)
         }
@@ -325,12 +328,15 @@ public final class Agent {
             if var existing = universe.workloads[id] {
                 existing.addresses += r.addresses
                 existing.remoteAddresses.formUnion(r.addresses)
+                existing.ports = NamedPort.union(existing.ports, r.ports)
                 universe.workloads[id] = existing
             } else {
                 var nsLabels = r.namespaceLabels
                 nsLabels["kubernetes.io/metadata.name"] = r.namespace
+                // Only on other nodes: a peer here, its own node enforces its policy.
                 universe.workloads[id] = WorkloadIdentity(spiffeID: r.spiffeID, labels: r.labels, namespace: r.namespace,
-                                                          namespaceLabels: nsLabels, addresses: r.addresses, remoteAddresses: Set(r.addresses))
+                                                          namespaceLabels: nsLabels, addresses: r.addresses, remoteAddresses: Set(r.addresses),
+                                                          isLocal: false, ports: r.ports)
             }
             records[id.rawValue] = .init(spiffeID: r.spiffeID, namespace: r.namespace, labels: r.labels)
         }
@@ -363,28 +369,67 @@ public final class Agent {
 
     func applyPolicy(universe: Universe) {
         do {
+            let start = Date()
             let compiled = try PolicyCompiler.compile(lastGoodPolicies, universe: universe)
+            state.policy.compileSeconds = Date().timeIntervalSince(start)
             let r = try datapath.apply(compiled)
-            lastCompiled = compiled
-            state.rules = compiled.rules
-            state.cidrIdentities = Dictionary(uniqueKeysWithValues: compiled.cidrIdentities.map { ($0.key.description, $0.value.rawValue) })
-            state.policy.generation = r.generation
-            state.policy.appliedAt = Date()
-            state.policy.files = lastGoodPolicyFiles
-            state.policy.policies = lastGoodPolicies.policies.count
-            state.policy.policyEntries = r.policyEntries
-            state.policy.applySeconds = r.seconds
-            metrics.recordApply(seconds: r.seconds, generation: r.generation, ok: true)
+            installed(compiled, result: r, policies: lastGoodPolicies)
+            appliedPolicies = lastGoodPolicies
+            state.policy.notInstalled = nil
+            state.policy.lockedDown = nil
+            metrics.setPolicyInstalled(true, lockedDown: 0)
             log.info("policy applied", metadata: [
                 "generation": "\(r.generation)", "policies": "\(lastGoodPolicies.policies.count)",
-                "entries": "\(r.policyEntries)", "ipcache": "\(r.ipcacheEntries)", "conntrack-flushed": "\(r.conntrackFlushed)",
+                "entries": "\(r.policyEntries)", "peer-classes": "\(r.peerClassEntries)", "ipcache": "\(r.ipcacheEntries)",
+                "conntrack-flushed": "\(r.conntrackFlushed)", "compile-ms": "\(Int(state.policy.compileSeconds * 1000))",
                 "ms": "\(Int(r.seconds * 1000))"])
         } catch {
             state.policy.lastError = "\(error)"
             state.policy.lastErrorAt = Date()
+            state.policy.notInstalled = "\(error)"
             metrics.recordApply(seconds: 0, generation: 0, ok: false)
-            log.error("policy apply refused; the policy in force is unchanged", metadata: ["error": "\(error)"])
+            log.error("policy apply refused; the policy in force stays", metadata: ["error": "\(error)"])
+            installFallback(universe: universe)
         }
+    }
+
+    /// When the declared policy cannot be installed: the policy in force
+    /// stays, compiled over the current workloads (so the ipcache and peer
+    /// classes follow them: callers are not dropped as spoofed), and every
+    /// workload the refused policy selects that it would leave unenforced
+    /// (all of them at a first start) is held at default deny.
+    func installFallback(universe: Universe) {
+        do {
+            var fallback = try PolicyCompiler.compile(appliedPolicies, universe: universe)
+            let locked = PolicyCompiler.lockDown(&fallback, selectedBy: lastGoodPolicies, universe: universe)
+            let r = try datapath.apply(fallback)
+            installed(fallback, result: r, policies: appliedPolicies)
+            let names = locked.compactMap { universe.workloads[$0]?.spiffeID.description }.sorted()
+            state.policy.lockedDown = names
+            metrics.setPolicyInstalled(false, lockedDown: locked.count)
+            log.error("workloads held at default deny until their policy can be installed", metadata: [
+                "locked-down": "\(names.joined(separator: ","))", "generation": "\(r.generation)"])
+        } catch {
+            metrics.setPolicyInstalled(false, lockedDown: 0)
+            log.error("the previous policy could not be carried over either; the kernel is unchanged", metadata: ["error": "\(error)"])
+        }
+    }
+
+    /// Records what the kernel now holds.
+    func installed(_ compiled: CompiledPolicy, result r: Datapath.ApplyResult, policies: PolicySet) {
+        lastCompiled = compiled
+        state.rules = compiled.rules
+        state.cidrIdentities = Dictionary(uniqueKeysWithValues: compiled.cidrIdentities.map { ($0.key.description, $0.value.rawValue) })
+        state.peerClasses = Dictionary(uniqueKeysWithValues: compiled.classSelectors.map { ($0.key.rawValue, $0.value) })
+        state.policy.generation = r.generation
+        state.policy.appliedAt = Date()
+        state.policy.files = lastGoodPolicyFiles
+        state.policy.policies = policies.policies.count
+        state.policy.policyEntries = r.policyEntries
+        state.policy.peerClassEntries = r.peerClassEntries
+        state.policy.defaultEntries = r.defaultEntries
+        state.policy.applySeconds = r.seconds
+        metrics.recordApply(seconds: r.seconds, generation: r.generation, ok: true)
     }
 
     func cgroupPath(_ p: String) -> String? {

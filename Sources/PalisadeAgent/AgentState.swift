@@ -29,14 +29,25 @@ public struct AgentState: Codable, Sendable {
         public var files: [String] = []
         public var policies = 0
         public var policyEntries = 0
+        /// identity -> peer class entries, and per-workload default entries.
+        public var peerClassEntries = 0
+        public var defaultEntries = 0
+        /// Compiling the policy for this node's workloads (before the kernel write).
+        public var compileSeconds = 0.0
         public var applySeconds = 0.0
         public var lastError: String?
         public var lastErrorAt: Date?
+        /// Why the declared policy is not in the kernel (nil: it is).
+        public var notInstalled: String?
+        /// Workloads held at default deny meanwhile (their policy could not be installed).
+        public var lockedDown: [String]?
     }
 
     public var allocator = IdentityAllocator()
     public var identities: [UInt32: IdentityRecord] = [:]
     public var cidrIdentities: [String: UInt32] = [:]
+    /// Peer class -> the rule selectors its identities match (for dumps).
+    public var peerClasses: [UInt32: [String]] = [:]
     public var rules: [RuleInfo] = []
     public var endpoints: [EndpointRecord] = []
     public var policy = PolicyStatus()
@@ -75,6 +86,14 @@ public struct AgentState: Codable, Sendable {
         if let rec = identities[id] { return rec.spiffeID.description }
         if let c = cidrIdentities.first(where: { $0.value == id }) { return "cidr:\(c.key)" }
         return "identity \(id)"
+    }
+
+    /// A readable name for the peer of a policy entry: a peer class (by
+    /// the selectors it stands for), a reserved or a CIDR identity.
+    public func peerName(of id: UInt32) -> String {
+        if id == 0 { return "any" }
+        guard NumericIdentity(id).isWorkload else { return name(of: id) }
+        return peerClasses[id].map { $0.joined(separator: " & ") } ?? "class \(id)"
     }
 
     public func rule(_ id: UInt32) -> RuleInfo? {

@@ -288,9 +288,10 @@ public struct RemoteWorkload: Sendable, Hashable {
     public var namespaceLabels: [String: String]
     public var addresses: [IPAddress]
     public var node: String
+    public var ports: [NamedPort] = []
 
     static func parse(_ v: YAMLValue) throws -> RemoteWorkload {
-        let m = try v.mapping(allowedKeys: ["name", "spiffeID", "namespace", "labels", "namespaceLabels", "addresses", "node"])
+        let m = try v.mapping(allowedKeys: ["name", "spiffeID", "namespace", "labels", "namespaceLabels", "addresses", "node", "ports"])
         guard let n = m["name"], let s = m["spiffeID"], let a = m["addresses"], let node = m["node"] else {
             throw v.error("a remote workload needs 'name', 'spiffeID', 'addresses' and 'node'")
         }
@@ -299,11 +300,13 @@ public struct RemoteWorkload: Sendable, Hashable {
             return ip
         }
         guard !addresses.isEmpty else { throw a.error("expected at least one address") }
-        return RemoteWorkload(name: try n.string(), spiffeID: try PolicyParser.spiffe(s),
-                              namespace: try m["namespace"].map { try $0.string() } ?? "default",
-                              labels: try m["labels"].map { try PolicyParser.labels($0) } ?? [:],
-                              namespaceLabels: try m["namespaceLabels"].map { try PolicyParser.labels($0) } ?? [:],
-                              addresses: addresses, node: try node.string())
+        var r = RemoteWorkload(name: try n.string(), spiffeID: try PolicyParser.spiffe(s),
+                               namespace: try m["namespace"].map { try $0.string() } ?? "default",
+                               labels: try m["labels"].map { try PolicyParser.labels($0) } ?? [:],
+                               namespaceLabels: try m["namespaceLabels"].map { try PolicyParser.labels($0) } ?? [:],
+                               addresses: addresses, node: try node.string())
+        r.ports = try m["ports"].map { try PolicyParser.namedPorts($0) } ?? []
+        return r
     }
 }
 

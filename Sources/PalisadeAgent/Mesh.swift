@@ -269,8 +269,10 @@ extension Agent {
             let names = Set(remote.map { "\($0.node)/\($0.name)" })
             for r in w where !names.contains("\(r.node)/\(r.name)") {
                 guard let id = try? SpiffeID(r.spiffeID) else { continue }
-                remote.append(RemoteWorkload(name: r.name, spiffeID: id, namespace: r.namespace, labels: r.labels,
-                                             namespaceLabels: r.namespaceLabels, addresses: r.addresses.compactMap(IPAddress.init), node: r.node))
+                var rw = RemoteWorkload(name: r.name, spiffeID: id, namespace: r.namespace, labels: r.labels,
+                                        namespaceLabels: r.namespaceLabels, addresses: r.addresses.compactMap(IPAddress.init), node: r.node)
+                rw.ports = (r.ports ?? []).compactMap(NamedPort.init)
+                remote.append(rw)
             }
             let st = sync.status
             state.store = .init(connected: st.connected, revision: st.revision, lastError: st.error, peers: n.count)
@@ -292,7 +294,8 @@ extension Agent {
             var ns = $0.namespaceLabels
             ns["kubernetes.io/metadata.name"] = $0.namespace
             return WorkloadRecord(name: $0.name, node: sync.node, spiffeID: $0.spiffeID.description, namespace: $0.namespace,
-                                  labels: $0.labels, namespaceLabels: ns, addresses: $0.addresses.map(\.description))
+                                  labels: $0.labels, namespaceLabels: ns, addresses: $0.addresses.map(\.description),
+                                  ports: $0.ports.isEmpty ? nil : $0.ports.map(\.description))
         }
         sync.publish(node: node, workloads: records, bundlePEM: try? ca.certificate.serializeAsPEM().pemString)
     }

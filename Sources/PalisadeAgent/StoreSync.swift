@@ -22,6 +22,8 @@ struct WorkloadRecord: Codable, Equatable, Sendable {
     var labels: [String: String]
     var namespaceLabels: [String: String]
     var addresses: [String]
+    /// Named ports ("http=8080/tcp"); absent in records of older agents.
+    var ports: [String]?
 }
 
 /// Keeps this node's records in the store and a live copy of everyone

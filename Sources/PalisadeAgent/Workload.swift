@@ -27,6 +27,8 @@ public struct Workload: Codable, Hashable, Sendable {
     /// the socket redirection to the tunnel. Without it, a pod's connections
     /// to remote workloads are judged by the packet programs only.
     public var podCgroup: String?
+    /// Named ports (Kubernetes containerPort names), for policies that name ports.
+    public var ports: [NamedPort] = []
 
     public init(name: String, spiffeID: SpiffeID, namespace: String = "default", labels: [String: String] = [:],
                 addresses: [IPAddress] = [], attachment: Attachment, source: SourceLocation) {
@@ -34,7 +36,7 @@ public struct Workload: Codable, Hashable, Sendable {
         self.addresses = addresses; self.attachment = attachment; self.source = source
     }
 
-    static let keys: Set<String> = ["name", "spiffeID", "namespace", "namespaceLabels", "labels", "addresses", "interface", "cgroup", "mtls"]
+    static let keys: Set<String> = ["name", "spiffeID", "namespace", "namespaceLabels", "labels", "addresses", "interface", "cgroup", "mtls", "ports"]
     public static let mtlsModes = ["strict", "permissive", "disabled"]
 
     /// Parses workload documents (one or more per file).
@@ -87,6 +89,7 @@ public struct Workload: Codable, Hashable, Sendable {
                          attachment: attachment, source: doc.location)
         w.namespaceLabels = try m["namespaceLabels"].map { try PolicyParser.labels($0) } ?? [:]
         w.podCgroup = podCgroup
+        w.ports = try m["ports"].map { try PolicyParser.namedPorts($0) } ?? []
         if let v = m["mtls"] {
             let mode = try v.string()
             guard mtlsModes.contains(mode) else { throw v.error("expected one of \(mtlsModes.joined(separator: ", ")), got '\(mode)'") }
@@ -109,6 +112,7 @@ public struct Workload: Codable, Hashable, Sendable {
         case .cgroup(let p): lines.append("cgroup: \(p)")
         }
         if mtls != "permissive" { lines.append("mtls: \(mtls)") }
+        if !ports.isEmpty { lines.append("ports: [\(ports.map { "\"\($0)\"" }.joined(separator: ", "))]") }
         return lines.joined(separator: "\n") + "\n"
     }
 }

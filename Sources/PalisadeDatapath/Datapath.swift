@@ -191,12 +191,14 @@ public final class Datapath {
     public static let policyCapacity = Int(PAL_MAX_POLICY) / 2
     public static let ipcacheCapacity = Int(PAL_MAX_IPCACHE) / 2
     public static let defaultsCapacity = Int(PAL_MAX_DEFAULTS) / 2
+    public static let peerClassCapacity = Int(PAL_MAX_PEER_CLASS) / 2
 
     public struct ApplyResult: Sendable {
         public var generation: UInt64
         public var policyEntries: Int
         public var ipcacheEntries: Int
         public var defaultEntries: Int
+        public var peerClassEntries: Int
         public var conntrackFlushed: Int
         public var seconds: Double
     }
@@ -210,7 +212,8 @@ public final class Datapath {
         let start = Date()
         for (what, n, cap) in [("policy", compiled.entries.count, Datapath.policyCapacity),
                                ("ipcache", compiled.ipcache.count, Datapath.ipcacheCapacity),
-                               ("defaults", compiled.defaults.count, Datapath.defaultsCapacity)] where n > cap {
+                               ("defaults", compiled.defaults.count, Datapath.defaultsCapacity),
+                               ("peer class", compiled.peerClasses.count, Datapath.peerClassCapacity)] where n > cap {
             throw DatapathError("refusing to apply: \(n) \(what) entries exceed the map's capacity of \(cap) per generation; the policy in force is unchanged")
         }
         var cfg = maps.activeConfig
@@ -220,6 +223,7 @@ public final class Datapath {
         try clearSlot(next)   // leftovers of an interrupted apply
         do {
             for e in compiled.ipcache { try maps.ipcache.update(e.key(generation: next), e.value) }
+            for e in compiled.peerClassEntries { try maps.peerClasses.update(e.key(generation: next), e.peerClass.rawValue) }
             for e in compiled.defaults { try maps.defaults.update(e.key(generation: next), e.value) }
             for e in compiled.entries { try maps.policy.update(e.key(generation: next), e.value) }
         } catch {
@@ -240,7 +244,7 @@ public final class Datapath {
         try clearFastPath()
         let flushed = try flushDeniedConnections(CompiledLookup(compiled))
         return ApplyResult(generation: cfg.generation, policyEntries: compiled.entries.count, ipcacheEntries: compiled.ipcache.count,
-                           defaultEntries: compiled.defaults.count, conntrackFlushed: flushed, seconds: Date().timeIntervalSince(start))
+                           defaultEntries: compiled.defaults.count, peerClassEntries: compiled.peerClasses.count, conntrackFlushed: flushed, seconds: Date().timeIntervalSince(start))
     }
 
     /// A local workload's port with HTTP rules; port 0 stands for every port.
@@ -280,6 +284,7 @@ public final class Datapath {
         try maps.policy.delete(try maps.policy.keys().filter { $0.generation == slot })
         try maps.defaults.delete(try maps.defaults.keys().filter { $0.generation == slot })
         try maps.ipcache.delete(try maps.ipcache.keys().filter { $0.generation == slot })
+        try maps.peerClasses.delete(try maps.peerClasses.keys().filter { $0.generation == slot })
     }
 
     /// Removes conntrack entries of flows the policy now in force denies, so

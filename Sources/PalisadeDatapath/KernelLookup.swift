@@ -16,6 +16,8 @@ public struct KernelLookup {
         public var ruleID: UInt32
         public var peerIdentity: UInt32
         public var peerCIDRIdentity: UInt32
+        /// The class the peer was looked up with (0: it matches no selector).
+        public var peerClass: UInt32
         public var generation: UInt64
     }
 
@@ -29,13 +31,14 @@ public struct KernelLookup {
         let ip = try maps.ipcache.lookup(ik)
         let peerID = ip?.identity ?? NumericIdentity.world.rawValue
         let cidrID = ip?.cidr_identity ?? 0
+        let peerClass = ip?.peer_class ?? NumericIdentity.world.rawValue
 
         var dk = pal_defaults_key()
         dk.generation = slot
         dk.direction = direction.kernel
         dk.local_identity = local.rawValue
         guard let def = try maps.defaults.lookup(dk) else {
-            return Answer(enforced: false, verdict: .allow, ruleID: 0, peerIdentity: peerID, peerCIDRIdentity: cidrID, generation: cfg.generation)
+            return Answer(enforced: false, verdict: .allow, ruleID: 0, peerIdentity: peerID, peerCIDRIdentity: cidrID, peerClass: peerClass, generation: cfg.generation)
         }
         let dport: UInt16 = (proto == 6 || proto == 17) ? port : 0
         func look(_ id: UInt32) throws -> pal_policy_value? {
@@ -45,11 +48,11 @@ public struct KernelLookup {
         }
         func rank(_ v: pal_policy_value) -> Int { Verdict(rawValue: v.verdict)?.rank ?? 0 }
         func may(_ bit: UInt32) -> Bool { def.lookups & UInt8(bit) != 0 }
-        var win = may(PAL_LOOKUP_PEER) ? try look(peerID) : nil
+        var win = peerClass != PAL_CLASS_NONE && may(PAL_LOOKUP_PEER) ? try look(peerClass) : nil
         if cidrID != 0, may(PAL_LOOKUP_CIDR), let c = try look(cidrID), win == nil || rank(c) > rank(win!) { win = c }
         if may(PAL_LOOKUP_ANY), let a = try look(0), win == nil || rank(a) > rank(win!) { win = a }
         let verdict = Verdict(rawValue: win?.verdict ?? def.verdict) ?? .deny
         return Answer(enforced: true, verdict: verdict, ruleID: win?.rule_id ?? def.rule_id,
-                      peerIdentity: peerID, peerCIDRIdentity: cidrID, generation: cfg.generation)
+                      peerIdentity: peerID, peerCIDRIdentity: cidrID, peerClass: peerClass, generation: cfg.generation)
     }
 }

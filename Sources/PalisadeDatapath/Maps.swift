@@ -8,6 +8,8 @@ public struct PalisadeMaps {
     public let endpointsByCgroup: TypedMap<UInt64, pal_endpoint>
     public let ipcache: TypedMap<pal_ipcache_key, pal_ipcache_value>
     public let policy: TypedMap<pal_policy_key, pal_policy_value>
+    /// identity -> peer class, per generation (see palisade_shared.h).
+    public let peerClasses: TypedMap<pal_peer_class_key, UInt32>
     public let defaults: TypedMap<pal_defaults_key, pal_defaults_value>
     public let config: TypedMap<UInt32, pal_config>
     public let conntrack: TypedMap<pal_ct_key, pal_ct_value>
@@ -27,6 +29,7 @@ public struct PalisadeMaps {
         endpointsByCgroup = try TypedMap(lookup(.endpointsByCgroup))
         ipcache = try TypedMap(lookup(.ipcache))
         policy = try TypedMap(lookup(.policy))
+        peerClasses = try TypedMap(lookup(.peerClasses))
         defaults = try TypedMap(lookup(.defaults))
         config = try TypedMap(lookup(.config))
         conntrack = try TypedMap(lookup(.conntrack))

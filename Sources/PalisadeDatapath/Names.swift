@@ -7,6 +7,7 @@ public enum MapName: String, CaseIterable, Sendable {
     case endpointsByCgroup = "pal_ep_cgroup"
     case ipcache = "pal_ipcache"
     case policy = "pal_policy"
+    case peerClasses = "pal_peer_class"
     case defaults = "pal_defaults"
     case config = "pal_config"
     case conntrack = "pal_conntrack"

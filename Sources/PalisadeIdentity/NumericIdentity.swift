@@ -14,6 +14,8 @@ public struct NumericIdentity: Hashable, Comparable, Codable, CustomStringConver
 
     public var isReserved: Bool { rawValue < NumericIdentity.firstWorkload }
     public var isCIDR: Bool { rawValue >= NumericIdentity.firstCIDR }
+    /// A workload identity (also the range of peer classes in policy keys).
+    public var isWorkload: Bool { rawValue >= NumericIdentity.firstWorkload && rawValue < NumericIdentity.firstCIDR }
 
     /// Name of a reserved identity ("reserved:host"), nil for others.
     public var reservedName: String? {

@@ -128,6 +128,15 @@ public final class DatapathMetrics: @unchecked Sendable {
     }
 
     public func setPolicyValid(_ valid: Bool) { policyValid.set(to: valid ? 1 : 0) }
+    lazy var policyInstalled = registry.makeGauge(name: "palisade_policy_installed",
+                                                  help: "1 if the declared policy is what the kernel enforces; 0 while an apply is refused (e.g. it does not fit) and the previous policy stays.")
+    lazy var lockedDown = registry.makeGauge(name: "palisade_policy_locked_down_workloads",
+                                             help: "Workloads of this node held at default deny because the policy that selects them could not be installed.")
+    public func setPolicyInstalled(_ installed: Bool, lockedDown n: Int) {
+        lock.lock(); let g = policyInstalled, l = lockedDown; lock.unlock()
+        g.set(to: installed ? 1 : 0)
+        l.set(to: Double(n))
+    }
     lazy var storeConnected = registry.makeGauge(name: "palisade_store_connected",
                                                  help: "1 if the shared store (etcd) is reachable; 0 while enforcing the last known state.")
     public func setStoreConnected(_ up: Bool) {
@@ -196,9 +205,10 @@ public final class DatapathMetrics: @unchecked Sendable {
     }
 
     /// Reads the kernel state into the registry and renders the exposition.
-    public func render(names: IdentityNamer, capacities: [String: Int]) -> [UInt8] {
+    /// names: identities; peerNames: the peer of a policy entry (a class).
+    public func render(names: IdentityNamer, peerNames: IdentityNamer, capacities: [String: Int]) -> [UInt8] {
         refreshKernelCounters()
-        refreshRuleHits(names: names)
+        refreshRuleHits(names: names, peerNames: peerNames)
         refreshMapPressure(capacities: capacities)
         return registry.emitToBuffer()
     }
@@ -230,7 +240,7 @@ public final class DatapathMetrics: @unchecked Sendable {
 
     /// New flows per identity pair and verdict, from the hit counters every
     /// policy entry carries (only entries of the generation in force).
-    func refreshRuleHits(names: IdentityNamer) {
+    func refreshRuleHits(names: IdentityNamer, peerNames: IdentityNamer) {
         guard let entries = try? maps.policy.entries() else { return }
         let config = maps.activeConfig   // one read, not one per entry
         let slot = UInt8(config.active_slot & 1)
@@ -244,7 +254,7 @@ public final class DatapathMetrics: @unchecked Sendable {
             guard v.packets > before else { continue }
             let verdict = Verdict(rawValue: v.verdict).map { $0 == .audit ? "audit" : $0.description } ?? "unknown"
             deltas.append((Direction(kernel: k.direction).rawValue, names(UInt32(bigEndian: k.local_identity)),
-                           names(UInt32(bigEndian: k.peer_identity)), verdict, v.packets - before))
+                           peerNames(UInt32(bigEndian: k.peer_class)), verdict, v.packets - before))
         }
         ruleHits = seen
         lock.unlock()
@@ -255,7 +265,7 @@ public final class DatapathMetrics: @unchecked Sendable {
 
     func pairVerdict(_ direction: String, _ local: String, _ peer: String, _ verdict: String) -> Counter {
         lock.lock(); defer { lock.unlock() }
-        let name = "palisade_identity_pair_rule_matches_total"
+        let name = "palisade_rule_matches_total"
         var key = "\(name)|\(direction)|\(local)|\(peer)|\(verdict)"
         var labels = [("direction", direction), ("local", local), ("peer", peer), ("verdict", verdict)]
         if pairCounters[key] == nil && pairCounters.count >= maxPairs {
@@ -264,7 +274,7 @@ public final class DatapathMetrics: @unchecked Sendable {
         }
         if let c = pairCounters[key] { return c }
         let c = registry.makeCounter(name: name, labels: labels,
-                                     help: "New flows that matched a policy rule, by identity pair and verdict (peer \"any\" for wildcard rules).")
+                                     help: "New flows that matched a policy rule, by local identity, peer (the rule selectors the peer matched, a reserved or CIDR identity; \"any\" for wildcard rules) and verdict.")
         pairCounters[key] = c
         return c
     }
@@ -275,6 +285,7 @@ public final class DatapathMetrics: @unchecked Sendable {
             ("policy", try? maps.policy.keys().count),
             ("ipcache", try? maps.ipcache.keys().count),
             ("defaults", try? maps.defaults.keys().count),
+            ("peer_class", try? maps.peerClasses.keys().count),
             ("endpoints_by_ifindex", try? maps.endpointsByIfindex.keys().count),
             ("endpoints_by_cgroup", try? maps.endpointsByCgroup.keys().count),
         ]

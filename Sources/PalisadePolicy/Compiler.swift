@@ -20,7 +20,7 @@ public enum Verdict: UInt8, Codable, Sendable, CustomStringConvertible {
 
 /// What a rule id in the maps stands for.
 public struct RuleInfo: Codable, Hashable, Sendable {
-    public enum Kind: String, Codable, Sendable { case rule, defaultDeny = "default-deny" }
+    public enum Kind: String, Codable, Sendable { case rule, defaultDeny = "default-deny", lockdown }
     public var id: UInt32
     public var kind: Kind
     public var policy: String
@@ -33,6 +33,7 @@ public struct RuleInfo: Codable, Hashable, Sendable {
         switch kind {
         case .rule: return "\(action) rule of policy \(policy) (\(direction)) at \(location)\(mode == .audit ? " [audit]" : "")"
         case .defaultDeny: return "default deny: policy \(policy) at \(location) selects the workload for \(direction)\(mode == .audit ? " [audit]" : "") and nothing allows it"
+        case .lockdown: return "locked down: policy \(policy) at \(location) selects the workload for \(direction)\(mode == .audit ? " [audit]" : ""), but the policy set could not be installed (palisade status says why)"
         }
     }
 }
@@ -41,7 +42,9 @@ public struct RuleInfo: Codable, Hashable, Sendable {
 public struct PolicyEntry: Hashable, Sendable {
     public var local: NumericIdentity
     public var direction: Direction
-    public var peer: NumericIdentity        // .any = wildcard
+    /// A peer class (the selectors an identity matches), a reserved identity,
+    /// a CIDR identity, or .any (wildcard); see palisade_shared.h.
+    public var peer: NumericIdentity
     public var proto: UInt8?                // nil = any protocol
     public var port: UInt16                 // masked to portBits
     public var portBits: Int                // 0 = any port of proto
@@ -70,7 +73,7 @@ public struct PolicyEntry: Hashable, Sendable {
         k.generation = generation
         k.direction = direction == .ingress ? UInt8(PAL_DIR_INGRESS.rawValue) : UInt8(PAL_DIR_EGRESS.rawValue)
         k.local_identity = local.rawValue.bigEndian
-        k.peer_identity = peer.rawValue.bigEndian
+        k.peer_class = peer.rawValue.bigEndian
         k.protocol = proto ?? 0
         k.dport = port.bigEndian
         return k
@@ -81,6 +84,18 @@ public struct PolicyEntry: Hashable, Sendable {
         v.verdict = verdict.rawValue
         v.rule_id = ruleID
         return v
+    }
+}
+
+/// identity -> peer class, for peers known by identity (pal_peer_class).
+public struct PeerClassEntry: Hashable, Sendable {
+    public var identity: NumericIdentity
+    public var peerClass: NumericIdentity
+    public func key(generation: UInt8) -> pal_peer_class_key {
+        var k = pal_peer_class_key()
+        k.identity = identity.rawValue
+        k.generation = generation
+        return k
     }
 }
 
@@ -121,12 +136,15 @@ public struct IPCacheEntry: Hashable, Sendable {
     public var cidrIdentity: NumericIdentity?
     /// A workload on another node (its connections are redirected to the tunnel).
     public var remote = false
+    /// The identity's peer class (nil: it matches no rule selector).
+    public var peerClass: NumericIdentity?
 
     public var value: pal_ipcache_value {
         var v = pal_ipcache_value()
         v.identity = identity.rawValue
         v.cidr_identity = cidrIdentity?.rawValue ?? 0
         v.flags = remote ? UInt32(PAL_IPCACHE_REMOTE_WORKLOAD) : 0
+        v.peer_class = peerClass?.rawValue ?? (identity.isWorkload ? PAL_CLASS_NONE : identity.rawValue)
         return v
     }
 
@@ -149,14 +167,34 @@ public struct CompiledPolicy: Sendable {
     public var ipcache: [IPCacheEntry]
     public var rules: [RuleInfo]          // rules[id - 1]
     public var cidrIdentities: [CIDR: NumericIdentity]
+    /// identity -> peer class, for every identity matching some rule selector.
+    public var peerClasses: [NumericIdentity: NumericIdentity]
+    /// What each peer class stands for: the rule selectors its identities match.
+    public var classSelectors: [NumericIdentity: [String]]
 
-    public init(entries: [PolicyEntry], defaults: [DefaultEntry], ipcache: [IPCacheEntry], rules: [RuleInfo], cidrIdentities: [CIDR: NumericIdentity]) {
+    public init(entries: [PolicyEntry], defaults: [DefaultEntry], ipcache: [IPCacheEntry], rules: [RuleInfo], cidrIdentities: [CIDR: NumericIdentity],
+                peerClasses: [NumericIdentity: NumericIdentity] = [:], classSelectors: [NumericIdentity: [String]] = [:]) {
         self.entries = entries; self.defaults = defaults; self.ipcache = ipcache; self.rules = rules; self.cidrIdentities = cidrIdentities
+        self.peerClasses = peerClasses; self.classSelectors = classSelectors
     }
 
     public func rule(_ id: UInt32) -> RuleInfo? {
         id >= 1 && Int(id) <= rules.count ? rules[Int(id) - 1] : nil
     }
+
+    /// The entries of the identity -> class map, in identity order.
+    public var peerClassEntries: [PeerClassEntry] {
+        peerClasses.sorted { $0.key < $1.key }.map { PeerClassEntry(identity: $0.key, peerClass: $0.value) }
+    }
+
+    /// The class a peer known by identity is looked up with (reserved
+    /// identities are their own class; nil: it matches no selector).
+    public func peerClass(of identity: NumericIdentity) -> NumericIdentity? {
+        identity.isWorkload ? peerClasses[identity] : identity
+    }
+
+    /// Everything the kernel holds for this generation, all maps together.
+    public var totalEntries: Int { entries.count + defaults.count + peerClasses.count }
 }
 
 public struct CompileError: Error, CustomStringConvertible {
@@ -165,6 +203,10 @@ public struct CompileError: Error, CustomStringConvertible {
 }
 
 public enum PolicyCompiler {
+    /// Compiles for the workloads of this node (`isLocal`): policy entries
+    /// are keyed by (local workload, peer class), where a class stands for
+    /// the set of rule selectors an identity matches, so their number grows
+    /// with the selectors in force, not with the identities of the cluster.
     public static func compile(_ set: PolicySet, universe: Universe) throws -> CompiledPolicy {
         var rules: [RuleInfo] = []
         func newRule(_ kind: RuleInfo.Kind, _ p: Policy, _ d: Direction, _ a: Action, _ loc: SourceLocation) -> UInt32 {
@@ -214,12 +256,21 @@ public enum PolicyCompiler {
             return nil
         }
 
-        let matcher = PeerMatcher(universe: universe, cidrIdentities: cidrIdentities)
+        // Only this node's workloads get entries; only policies selecting one matter here.
+        let localIDs = universe.workloads.filter { $0.value.isLocal }.keys.sorted()
+        let inForce: [(policy: Policy, locals: [NumericIdentity])] = set.policies.map { p in
+            (p, localIDs.filter { p.selector.matches(universe.workloads[$0]!) })
+        }
+        let classes = PeerClasses(universe: universe, policies: inForce.filter { !$0.locals.isEmpty }.map(\.policy))
+        let matcher = PeerMatcher(cidrIdentities: cidrIdentities, classes: classes)
         var entries: [PolicyEntry.Slot: PolicyEntry] = [:]
         var defaults: [String: DefaultEntry] = [:]
+        func add(_ e: PolicyEntry) {
+            if let old = entries[e.slot], old.verdict.rank >= e.verdict.rank { return }
+            entries[e.slot] = e
+        }
 
-        for p in set.policies {
-            let locals = universe.workloads.filter { p.selector.matches($0.value) }.keys.sorted()
+        for (p, locals) in inForce {
             for d in Direction.allCases {
                 guard let rs = p.rules(d) else { continue }
                 let defVerdict: Verdict = p.mode == .enforce ? .deny : .audit
@@ -231,15 +282,43 @@ public enum PolicyCompiler {
                 }
                 for r in rs {
                     let id = newRule(.rule, p, d, r.action, r.location)
+                    guard !locals.isEmpty else { continue }
                     let verdict: Verdict = r.action == .allow ? .allow : (p.mode == .enforce ? .deny : .audit)
-                    let peers = matcher.identities(for: r.peers)
-                    let ports = portSlots(r.ports)
-                    for l in locals {
-                        for peer in peers {
-                            for (proto, port, bits) in ports {
-                                let e = PolicyEntry(local: l, direction: d, peer: peer, proto: proto, port: port, portBits: bits, verdict: verdict, ruleID: id)
-                                if let old = entries[e.slot], old.verdict.rank >= verdict.rank { continue }
-                                entries[e.slot] = e
+                    let numbered = r.ports.filter { $0.name == nil }
+                    let named = r.ports.filter { $0.name != nil }
+                    if r.ports.isEmpty || !numbered.isEmpty {
+                        let peers = matcher.peerKeys(for: r.peers)
+                        let ports = portSlots(numbered)
+                        for l in locals {
+                            for peer in peers {
+                                for (proto, port, bits) in ports {
+                                    add(PolicyEntry(local: l, direction: d, peer: peer, proto: proto, port: port, portBits: bits, verdict: verdict, ruleID: id))
+                                }
+                            }
+                        }
+                    }
+                    for np in named {
+                        guard let name = np.name, let proto = np.proto else { continue }
+                        if d == .ingress {
+                            // Resolved on the destination: each local workload's own number.
+                            let peers = matcher.peerKeys(for: r.peers)
+                            for l in locals {
+                                for n in universe.workloads[l]!.ports where n.name == name && n.proto == proto {
+                                    for peer in peers {
+                                        add(PolicyEntry(local: l, direction: d, peer: peer, proto: proto.rawValue, port: n.port, portBits: 16, verdict: verdict, ruleID: id))
+                                    }
+                                }
+                            }
+                        } else {
+                            // Resolved on the peer: a class per (selector, number).
+                            for sel in PeerClasses.namedPortSelectors(r.peers) {
+                                for (number, peerClasses) in classes.classes(containing: sel, name: name, proto: proto) {
+                                    for l in locals {
+                                        for peer in peerClasses {
+                                            add(PolicyEntry(local: l, direction: d, peer: peer, proto: proto.rawValue, port: number, portBits: 16, verdict: verdict, ruleID: id))
+                                        }
+                                    }
+                                }
                             }
                         }
                     }
@@ -250,14 +329,13 @@ public enum PolicyCompiler {
         // The trie answers with the longest match; a broader deny must still
         // beat a narrower allow, so narrower entries inherit a stronger verdict.
         var resolved = entries
-        for (slot, e) in entries {
+        for slot in entries.keys {
             for anc in ancestors(of: slot) {
                 if let a = entries[anc], a.verdict.rank > resolved[slot]!.verdict.rank {
                     resolved[slot]!.verdict = a.verdict
                     resolved[slot]!.ruleID = a.ruleID
                 }
             }
-            _ = e
         }
 
         // Tell the datapath which lookups can match for each (local, direction).
@@ -270,9 +348,63 @@ public enum PolicyCompiler {
             entries: resolved.values.sorted { ($0.local, $0.direction.rawValue, $0.peer, $0.proto ?? 0, $0.port, $0.portBits) < ($1.local, $1.direction.rawValue, $1.peer, $1.proto ?? 0, $1.port, $1.portBits) },
             defaults: defaults.values.sorted { ($0.local, $0.direction.rawValue) < ($1.local, $1.direction.rawValue) },
             ipcache: ipcache.map { IPCacheEntry(cidr: $0.key, identity: $0.value, cidrIdentity: cidrIdentity(of: $0.key),
-                                                 remote: remote.contains($0.key)) }.sorted { $0.cidr < $1.cidr },
+                                                 remote: remote.contains($0.key), peerClass: classes.classOf[$0.value]) }.sorted { $0.cidr < $1.cidr },
             rules: rules,
-            cidrIdentities: cidrIdentities)
+            cidrIdentities: cidrIdentities,
+            peerClasses: classes.classOf,
+            classSelectors: classes.descriptions())
+    }
+
+    /// Holds at default deny every local workload that `refused` selects in
+    /// a direction `compiled` leaves unenforced: used when the declared
+    /// policy cannot be installed, so that a workload it should isolate is
+    /// never left open while the previous policy stays for the others.
+    /// Returns the identities locked down.
+    @discardableResult
+    public static func lockDown(_ compiled: inout CompiledPolicy, selectedBy refused: PolicySet, universe: Universe) -> Set<NumericIdentity> {
+        var enforced = Set(compiled.defaults.map { "\($0.local.rawValue)/\($0.direction)" })
+        var locked = Set<NumericIdentity>()
+        for p in refused.policies {
+            for d in Direction.allCases where p.rules(d) != nil {
+                var ruleID: UInt32?
+                for (id, w) in universe.workloads.sorted(by: { $0.key < $1.key }) where w.isLocal && p.selector.matches(w) {
+                    guard enforced.insert("\(id.rawValue)/\(d)").inserted else { continue }
+                    if ruleID == nil {
+                        compiled.rules.append(RuleInfo(id: UInt32(compiled.rules.count + 1), kind: .lockdown, policy: p.name, direction: d,
+                                                       action: .deny, mode: p.mode, location: p.location))
+                        ruleID = UInt32(compiled.rules.count)
+                    }
+                    compiled.defaults.append(DefaultEntry(local: id, direction: d, verdict: p.mode == .enforce ? .deny : .audit,
+                                                          ruleID: ruleID!, lookups: 0))
+                    locked.insert(id)
+                }
+            }
+        }
+        return locked
+    }
+
+    /// The number of entries the pairwise design (one per local workload,
+    /// peer identity and port) would write for this policy set: what
+    /// tools/bench/policy-scale compares the classes with.
+    public static func pairwiseEntryCount(_ set: PolicySet, universe: Universe) -> Int {
+        var total = 0
+        for p in set.policies {
+            let locals = universe.workloads.values.filter { p.selector.matches($0) }.count
+            for d in Direction.allCases {
+                for r in p.rules(d) ?? [] {
+                    var peers = 0
+                    if r.peers.isEmpty { peers = 1 }
+                    for peer in r.peers {
+                        switch peer {
+                        case .workloads(let sel): peers += universe.workloads.values.filter { sel.matches($0) }.count
+                        default: peers += 1
+                        }
+                    }
+                    total += locals * peers * max(1, portSlots(r.ports.filter { $0.name == nil }).count + r.ports.filter { $0.name != nil }.count)
+                }
+            }
+        }
+        return total
     }
 
     /// Every broader slot that the trie could also hold for this one.
@@ -319,17 +451,18 @@ public enum PolicyCompiler {
     }
 }
 
-/// Resolves rule peers to the numeric identities the datapath will see.
+/// Resolves rule peers to the policy keys the datapath will look up:
+/// peer classes, reserved identities, CIDR identities or the wildcard.
 struct PeerMatcher {
-    let universe: Universe
     let cidrIdentities: [CIDR: NumericIdentity]
+    let classes: PeerClasses
     /// Policy CIDRs sorted by address, so the prefixes inside one CIDR are a
     /// contiguous run found by binary search (10,000 CIDR rules stay linear).
     let sortedCIDRs: [(CIDR, NumericIdentity)]
 
-    init(universe: Universe, cidrIdentities: [CIDR: NumericIdentity]) {
-        self.universe = universe
+    init(cidrIdentities: [CIDR: NumericIdentity], classes: PeerClasses) {
         self.cidrIdentities = cidrIdentities
+        self.classes = classes
         sortedCIDRs = cidrIdentities.sorted { $0.key < $1.key }.map { ($0.key, $0.value) }
     }
 
@@ -344,17 +477,16 @@ struct PeerMatcher {
         return sortedCIDRs[lo..<end]
     }
 
-    func identities(for peers: [Peer]) -> [NumericIdentity] {
+    func peerKeys(for peers: [Peer]) -> [NumericIdentity] {
         if peers.isEmpty { return [.any] }
         var out = Set<NumericIdentity>()
         for p in peers {
             switch p {
             case .entity(.all): return [.any]
             case .entity(.host): out.insert(.host)
-            case .entity(.world):
-                out.insert(.world)
+            case .entity(.world): out.insert(.world)
             case .workloads(let sel):
-                for (id, w) in universe.workloads where sel.matches(w) { out.insert(id) }
+                out.formUnion(classes.classes(containing: sel))
             case .cidr(let c, let except):
                 // Every address resolves to the longest policy CIDR holding it;
                 // this rule matches those prefixes inside c and outside the excepts.
@@ -365,5 +497,130 @@ struct PeerMatcher {
             }
         }
         return out.sorted()
+    }
+}
+
+/// Peer classes: every identity of the universe gets the class of the exact
+/// set of rule selectors it matches (among the policies that select a
+/// workload of this node). A selector with an egress named port counts once
+/// per port number its members give that name, so a class also fixes the
+/// number each named port resolves to.
+struct PeerClasses {
+    struct Key: Hashable {
+        var selector: WorkloadSelector
+        var namedPort: NamedPort?
+    }
+    private(set) var keys: [Key] = []
+    private var keyIndex: [Key: Int] = [:]
+    /// identity -> class (identities matching no selector have none).
+    private(set) var classOf: [NumericIdentity: NumericIdentity] = [:]
+    /// class -> the keys its identities match.
+    private(set) var members: [NumericIdentity: [Int]] = [:]
+    /// key -> the classes containing it.
+    private var classesByKey: [Int: [NumericIdentity]] = [:]
+
+    /// The selectors an egress named port is resolved with: workload
+    /// selectors, and any workload for an empty peer list or `all`.
+    static func namedPortSelectors(_ peers: [Peer]) -> [WorkloadSelector] {
+        if peers.isEmpty { return [WorkloadSelector()] }
+        var out: [WorkloadSelector] = []
+        for p in peers {
+            switch p {
+            case .workloads(let s): out.append(s)
+            case .entity(.all): out.append(WorkloadSelector())
+            default: break
+            }
+        }
+        return out
+    }
+
+    init(universe: Universe, policies: [Policy]) {
+        // The keys: each distinct selector, and (selector, named port) pairs for egress.
+        var plain = [WorkloadSelector](), named = [(WorkloadSelector, String, IPProtocol)]()
+        var seenPlain = Set<WorkloadSelector>(), seenNamed = Set<String>()
+        for p in policies {
+            for d in Direction.allCases {
+                for r in p.rules(d) ?? [] {
+                    let hasNumbered = r.ports.isEmpty || r.ports.contains { $0.name == nil } || d == .ingress
+                    if hasNumbered {
+                        for case .workloads(let s) in r.peers where seenPlain.insert(s).inserted { plain.append(s) }
+                    }
+                    guard d == .egress else { continue }
+                    for np in r.ports {
+                        guard let name = np.name, let proto = np.proto else { continue }
+                        for s in PeerClasses.namedPortSelectors(r.peers) where seenNamed.insert("\(s)|\(name)|\(proto.rawValue)").inserted {
+                            named.append((s, name, proto))
+                        }
+                    }
+                }
+            }
+        }
+        // Members of each selector, through a namespace index (most selectors
+        // of Kubernetes policies are confined to one namespace).
+        let ids = universe.workloads.keys.sorted()
+        var byNamespace: [String: [NumericIdentity]] = [:]
+        for id in ids { byNamespace[universe.workloads[id]!.namespace, default: []].append(id) }
+        var memberCache: [WorkloadSelector: [NumericIdentity]] = [:]
+        func membersOf(_ s: WorkloadSelector) -> [NumericIdentity] {
+            if let m = memberCache[s] { return m }
+            let candidates = s.namespace.map { byNamespace[$0] ?? [] } ?? ids
+            let m = candidates.filter { s.matches(universe.workloads[$0]!) }
+            memberCache[s] = m
+            return m
+        }
+        var matched: [NumericIdentity: [Int]] = [:]
+        func addKey(_ k: Key, _ ms: [NumericIdentity]) {
+            let i = keys.count
+            keys.append(k)
+            keyIndex[k] = i
+            for id in ms { matched[id, default: []].append(i) }
+        }
+        for s in plain { addKey(Key(selector: s), membersOf(s)) }
+        for (s, name, proto) in named {
+            var byNumber: [UInt16: [NumericIdentity]] = [:]
+            for id in membersOf(s) {
+                for n in Set(universe.workloads[id]!.ports.filter({ $0.name == name && $0.proto == proto }).map(\.port)) {
+                    byNumber[n, default: []].append(id)
+                }
+            }
+            for (n, ms) in byNumber.sorted(by: { $0.key < $1.key }) {
+                addKey(Key(selector: s, namedPort: NamedPort(name: name, port: n, proto: proto)), ms)
+            }
+        }
+        // One class per distinct set of keys, numbered in identity order.
+        var classByKeys: [[Int]: NumericIdentity] = [:]
+        for id in ids {
+            guard let ks = matched[id] else { continue }
+            let c: NumericIdentity
+            if let existing = classByKeys[ks] {
+                c = existing
+            } else {
+                c = NumericIdentity(PAL_CLASS_FIRST + UInt32(classByKeys.count))
+                classByKeys[ks] = c
+                members[c] = ks
+                for k in ks { classesByKey[k, default: []].append(c) }
+            }
+            classOf[id] = c
+        }
+    }
+
+    func classes(containing s: WorkloadSelector) -> [NumericIdentity] {
+        keyIndex[Key(selector: s)].flatMap { classesByKey[$0] } ?? []
+    }
+
+    /// (port number, classes) for an egress named port on selector s.
+    func classes(containing s: WorkloadSelector, name: String, proto: IPProtocol) -> [(UInt16, [NumericIdentity])] {
+        keys.indices.compactMap { i in
+            let k = keys[i]
+            guard k.selector == s, let np = k.namedPort, np.name == name, np.proto == proto else { return nil }
+            return (np.port, classesByKey[i] ?? [])
+        }
+    }
+
+    func descriptions() -> [NumericIdentity: [String]] {
+        members.mapValues { ks in ks.map { i in
+            let k = keys[i]
+            return k.selector.summary + (k.namedPort.map { " port \($0)" } ?? "")
+        } }
     }
 }

@@ -62,8 +62,32 @@ public struct ReferenceEvaluator {
         }
     }
 
+    /// Does the rule's port list admit the flow? Named ports resolve on the
+    /// local workload for ingress; for egress on the peer workload, and only
+    /// through peers that name workloads (an address has no port names).
+    func portMatches(_ r: Rule, _ f: Flow, local: WorkloadIdentity, kind: PeerKind) -> Bool {
+        if r.ports.isEmpty { return true }
+        for p in r.ports {
+            if p.name == nil {
+                if p.matches(proto: f.proto, port: f.port) { return true }
+            } else if f.direction == .ingress {
+                if p.matches(proto: f.proto, port: f.port, on: local) { return true }
+            } else if case .workload(_, let w) = kind, p.matches(proto: f.proto, port: f.port, on: w) {
+                let viaWorkloadPeer = r.peers.isEmpty || r.peers.contains {
+                    switch $0 {
+                    case .workloads(let sel): return sel.matches(w)
+                    case .entity(.all): return true
+                    default: return false
+                    }
+                }
+                if viaWorkloadPeer { return true }
+            }
+        }
+        return false
+    }
+
     public func evaluate(_ f: Flow) -> Decision {
-        guard let local = universe.workloads[f.local] else { return Decision(verdict: .allow, ruleID: 0, enforced: false) }
+        guard let local = universe.workloads[f.local], local.isLocal else { return Decision(verdict: .allow, ruleID: 0, enforced: false) }
         let kind = peerKind(f.peerAddress)
         var enforced = false
         var best: (Verdict, UInt32) = (.none, 0)
@@ -75,7 +99,7 @@ public struct ReferenceEvaluator {
             if def.rank > fallback.0.rank { fallback = (def, ruleIDs["\(p.name)/\(f.direction)/default"]!) }
             for (i, r) in rs.enumerated() {
                 let peerOK = r.peers.isEmpty || r.peers.contains { matches($0, address: f.peerAddress, kind: kind) }
-                let portOK = r.ports.isEmpty || r.ports.contains { $0.matches(proto: f.proto, port: f.port) }
+                let portOK = portMatches(r, f, local: local, kind: kind)
                 guard peerOK && portOK else { continue }
                 let v: Verdict = r.action == .allow ? .allow : (p.mode == .enforce ? .deny : .audit)
                 if v.rank > best.0.rank { best = (v, ruleIDs["\(p.name)/\(f.direction)/\(i)"]!) }
@@ -88,8 +112,9 @@ public struct ReferenceEvaluator {
 }
 
 /// Looks a flow up in compiled entries exactly as the datapath does: ipcache
-/// longest prefix for the peer, then the policy trie for (peer) and (any),
-/// the stronger verdict winning, then the default. Used by explain and tests.
+/// longest prefix for the peer (its class and CIDR identity), then the policy
+/// trie for (class), (CIDR) and (any), the stronger verdict winning, then the
+/// default. Used by explain, the tunnel's inbound check and tests.
 public struct CompiledLookup {
     let compiled: CompiledPolicy
     let entries: [PolicyEntry.Slot: PolicyEntry]
@@ -110,6 +135,9 @@ public struct CompiledLookup {
         }
         return (.world, nil)
     }
+
+    /// The class an identity is looked up with (nil: matches no selector).
+    public func peerClass(of identity: NumericIdentity) -> NumericIdentity? { compiled.peerClass(of: identity) }
 
     func longest(_ local: NumericIdentity, _ d: Direction, _ peer: NumericIdentity, _ proto: UInt8, _ port: UInt16) -> PolicyEntry? {
         for bits in stride(from: 16, through: 0, by: -1) {
@@ -134,7 +162,7 @@ public struct CompiledLookup {
         let port = (proto == 6 || proto == 17) ? port : 0
         // Same order and tie-break as the datapath: strongest verdict, then the more specific peer.
         func may(_ bit: UInt32) -> Bool { def.lookups & UInt8(bit) != 0 }
-        var win = may(PAL_LOOKUP_PEER) ? longest(local, direction, peer, proto, port) : nil
+        var win = may(PAL_LOOKUP_PEER) ? peerClass(of: peer).flatMap { longest(local, direction, $0, proto, port) } : nil
         for candidate in [may(PAL_LOOKUP_CIDR) ? cidrPeer.flatMap { longest(local, direction, $0, proto, port) } : nil,
                           may(PAL_LOOKUP_ANY) ? longest(local, direction, .any, proto, port) : nil] {
             if let c = candidate, win == nil || c.verdict.rank > win!.verdict.rank { win = c }

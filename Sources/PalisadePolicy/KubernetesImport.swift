@@ -7,8 +7,9 @@ import PalisadeIdentity
 /// one peer entry podSelector and namespaceSelector are ANDed; podSelector
 /// alone means the policy's own namespace.
 ///
-/// Not supported, and rejected with an error rather than ignored: SCTP, and
-/// named ports (workloads carry no container port names).
+/// Named ports resolve on the workloads' declared `ports` (ingress: the
+/// selected workload's; egress: the peer's). Not supported, and rejected
+/// with an error rather than ignored: SCTP.
 enum KubernetesImport {
     static let apiVersion = "networking.k8s.io/v1"
 
@@ -108,7 +109,13 @@ enum KubernetesImport {
             return PortRule(proto: proto)
         }
         guard let first = Int(try portNode.string()) else {
-            throw portNode.error("named port '\(try portNode.string())' is not supported (workloads carry no port names); use the number")
+            // A named port: resolved on the selected pod (ingress) or the peer pod (egress).
+            let name = try portNode.string()
+            guard NamedPort.isValidName(name) else {
+                throw portNode.error("expected a port number or an IANA service name (1-15 lowercase letters, digits and '-'), got '\(name)'")
+            }
+            if let e = m["endPort"] { throw e.error("'endPort' cannot be combined with a named port") }
+            return PortRule(proto: proto, name: name)
         }
         guard (1...65535).contains(first) else { throw portNode.error("expected a port 1-65535, got \(first)") }
         var last = first

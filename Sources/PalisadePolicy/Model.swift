@@ -60,6 +60,12 @@ public struct LabelSelector: Hashable, Codable, Sendable {
 
     public var isEmpty: Bool { matchLabels.isEmpty && matchExpressions.isEmpty }
 
+    public var summary: String {
+        let l = matchLabels.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }
+        let e = matchExpressions.map { "\($0.key) \($0.op.rawValue) (\($0.values.joined(separator: ",")))" }
+        return (l + e).joined(separator: " ")
+    }
+
     public func matches(_ labels: [String: String]) -> Bool {
         for (k, v) in matchLabels where labels[k] != v { return false }
         for r in matchExpressions {
@@ -96,6 +102,17 @@ public struct WorkloadSelector: Hashable, Codable, Sendable {
         self.namespace = namespace
     }
 
+    /// A one-line reading for dumps ("namespace=shop app=web", "any workload").
+    public var summary: String {
+        var parts: [String] = []
+        if let spiffeID { parts.append("spiffeID=\(spiffeID)") }
+        if let spiffeIDPrefix { parts.append("spiffeIDPrefix=\(spiffeIDPrefix)") }
+        if let namespace { parts.append("namespace=\(namespace)") }
+        if let n = namespaceLabels { parts.append("namespaceLabels{\(n.summary)}") }
+        if !labels.isEmpty { parts.append(labels.summary) }
+        return parts.isEmpty ? "any workload" : parts.joined(separator: " ")
+    }
+
     public func matches(_ w: WorkloadIdentity) -> Bool {
         if let id = spiffeID, w.spiffeID != id { return false }
         if let p = spiffeIDPrefix, !w.spiffeID.isWithin(p) { return false }
@@ -116,19 +133,74 @@ public enum Peer: Hashable, Codable, Sendable {
     case entity(Entity)
 }
 
-/// Ports of a rule: a protocol and, for TCP/UDP, an inclusive range.
-/// protocol nil = any protocol (and then no port).
+/// Ports of a rule: a protocol and, for TCP/UDP, an inclusive range or a
+/// port name. protocol nil = any protocol (and then no port).
+///
+/// A named port is resolved as Kubernetes resolves it: for ingress, on the
+/// selected (destination) workload; for egress, on the peer workload, so an
+/// egress named port matches workload peers only (selectors, `all`, or any
+/// peer), never a CIDR or the host: an address has no port names.
 public struct PortRule: Hashable, Codable, Sendable {
     public var proto: IPProtocol?
     public var first: UInt16?
     public var last: UInt16?
+    /// A port name (a workload's `ports:` entry); first/last are nil then.
+    public var name: String?
     public init(proto: IPProtocol?, first: UInt16? = nil, last: UInt16? = nil) {
         self.proto = proto; self.first = first; self.last = last ?? first
     }
+    public init(proto: IPProtocol, name: String) {
+        self.proto = proto; self.name = name
+    }
+    /// Numbered ports only; a named port needs the workload that names it.
     public func matches(proto p: UInt8, port: UInt16) -> Bool {
+        if name != nil { return false }
         if let proto, proto.rawValue != p { return false }
         guard let first, let last else { return true }
         return port >= first && port <= last
+    }
+    /// A named port against the workload that resolves it.
+    public func matches(proto p: UInt8, port: UInt16, on w: WorkloadIdentity?) -> Bool {
+        guard let name else { return matches(proto: p, port: port) }
+        guard let w, let proto, proto.rawValue == p else { return false }
+        return w.ports.contains { $0.name == name && $0.proto == proto && $0.port == port }
+    }
+}
+
+/// A port a workload declares by name (a Kubernetes containerPort name).
+public struct NamedPort: Hashable, Codable, Sendable, CustomStringConvertible {
+    public var name: String
+    public var port: UInt16
+    public var proto: IPProtocol
+    public init(name: String, port: UInt16, proto: IPProtocol = .tcp) { self.name = name; self.port = port; self.proto = proto }
+    public var description: String { "\(name)=\(port)/\(proto.description.lowercased())" }
+
+    /// Parses `NAME=PORT[/PROTOCOL]` (protocol tcp unless given).
+    public init?(_ s: String) {
+        let parts = s.split(separator: "=", maxSplits: 1)
+        guard parts.count == 2, NamedPort.isValidName(String(parts[0])) else { return nil }
+        let rest = parts[1].split(separator: "/", maxSplits: 1)
+        guard let n = Int(rest[0]), (1...65535).contains(n) else { return nil }
+        var proto = IPProtocol.tcp
+        if rest.count == 2 {
+            guard let p = IPProtocol(name: String(rest[1])), p.hasPorts else { return nil }
+            proto = p
+        }
+        self.init(name: String(parts[0]), port: UInt16(n), proto: proto)
+    }
+
+    /// The ports of several instances of one identity (each kept once).
+    public static func union(_ a: [NamedPort], _ b: [NamedPort]) -> [NamedPort] {
+        var out = a
+        for p in b where !out.contains(p) { out.append(p) }
+        return out
+    }
+
+    /// Kubernetes' IANA_SVC_NAME: 1-15 lowercase letters, digits and '-',
+    /// at least one letter, no leading, trailing or double '-'.
+    public static func isValidName(_ s: String) -> Bool {
+        !s.isEmpty && s.utf8.count <= 15 && s.allSatisfy { $0.isASCII && ($0.isLowercase || $0.isNumber || $0 == "-") }
+            && s.contains(where: \.isLetter) && !s.hasPrefix("-") && !s.hasSuffix("-") && !s.contains("--")
     }
 }
 
@@ -171,10 +243,17 @@ public struct WorkloadIdentity: Hashable, Codable, Sendable {
     /// Addresses of instances on other nodes (a subset of addresses).
     /// Connections to them travel through the agents' mTLS tunnel.
     public var remoteAddresses: Set<IPAddress>
+    /// Has an instance on this node: only such workloads get policy entries
+    /// here (others are peers: their node enforces their own policy).
+    public var isLocal: Bool
+    /// Named ports of the identity's instances (their union).
+    public var ports: [NamedPort]
 
     public init(spiffeID: SpiffeID, labels: [String: String] = [:], namespace: String = "default",
-                namespaceLabels: [String: String]? = nil, addresses: [IPAddress] = [], remoteAddresses: Set<IPAddress> = []) {
+                namespaceLabels: [String: String]? = nil, addresses: [IPAddress] = [], remoteAddresses: Set<IPAddress> = [],
+                isLocal: Bool = true, ports: [NamedPort] = []) {
         self.remoteAddresses = remoteAddresses
+        self.isLocal = isLocal; self.ports = ports
         self.spiffeID = spiffeID; self.labels = labels; self.namespace = namespace
         self.namespaceLabels = namespaceLabels ?? ["kubernetes.io/metadata.name": namespace]
         self.addresses = addresses

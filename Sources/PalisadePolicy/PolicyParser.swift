@@ -157,6 +157,41 @@ public enum PolicyParser {
         return c
     }
 
+    /// A workload's named ports: a list of `{name, port, protocol}` (protocol
+    /// TCP unless given) or of `NAME=PORT[/PROTOCOL]` strings. A name is
+    /// declared once per protocol.
+    public static func namedPorts(_ v: YAMLValue) throws -> [NamedPort] {
+        var out: [NamedPort] = []
+        for e in try v.sequence() {
+            let np: NamedPort
+            if case .scalar = e.node {
+                let text = try e.string()
+                guard let p = NamedPort(text) else {
+                    throw e.error("expected NAME=PORT or NAME=PORT/PROTOCOL (a name of 1-15 lowercase letters, digits and '-'; port 1-65535; tcp or udp), got '\(text)'")
+                }
+                np = p
+            } else {
+                let m = try e.mapping(allowedKeys: ["name", "port", "protocol"])
+                guard let n = m["name"], let p = m["port"] else { throw e.error("a named port needs 'name' and 'port'") }
+                let name = try n.string()
+                guard NamedPort.isValidName(name) else {
+                    throw n.error("expected a port name of 1-15 lowercase letters, digits and '-' with at least one letter, got '\(name)'")
+                }
+                var proto = IPProtocol.tcp
+                if let pr = m["protocol"] {
+                    guard let x = IPProtocol(name: try pr.string()), x.hasPorts else { throw pr.error("expected TCP or UDP, got '\(try pr.string())'") }
+                    proto = x
+                }
+                np = NamedPort(name: name, port: UInt16(try p.int(in: 1...65535)), proto: proto)
+            }
+            if let dup = out.first(where: { $0.name == np.name && $0.proto == np.proto }) {
+                throw e.error("port name '\(np.name)' (\(np.proto)) is declared twice (\(dup.port) and \(np.port))")
+            }
+            out.append(np)
+        }
+        return out
+    }
+
     static func parsePort(_ v: YAMLValue) throws -> PortRule {
         let m = try v.mapping(allowedKeys: ["port", "endPort", "protocol"])
         var proto: IPProtocol? = .tcp
@@ -175,6 +210,14 @@ public enum PolicyParser {
         }
         guard let p = proto, p.hasPorts else {
             throw portNode.error("ports apply to TCP and UDP only (protocol is \(proto.map { "\($0)" } ?? "ANY"))")
+        }
+        if case .scalar(let s) = portNode.node, let c = s.string.first, c.isLetter {
+            // A named port, resolved on the workloads (see PortRule).
+            guard NamedPort.isValidName(s.string) else {
+                throw portNode.error("expected a port 1-65535, a range 'LOW-HIGH' or a port name (1-15 lowercase letters, digits and '-'), got '\(s.string)'")
+            }
+            if let e = m["endPort"] { throw e.error("'endPort' cannot be combined with a named port") }
+            return PortRule(proto: p, name: s.string)
         }
         var first: Int, last: Int
         if case .scalar(let s) = portNode.node, s.string.contains("-") {

@@ -48,6 +48,7 @@ public enum PolicyWriter {
 
     static func port(_ p: PortRule) -> String {
         guard let proto = p.proto else { return "{protocol: ANY}" }
+        if let name = p.name { return "{port: \(name), protocol: \(proto)}" }
         guard let first = p.first, let last = p.last else { return "{protocol: \(proto)}" }
         return first == last ? "{port: \(first), protocol: \(proto)}" : "{port: \(first), endPort: \(last), protocol: \(proto)}"
     }

@@ -3,6 +3,7 @@ import CPalisadeShared
 import Foundation
 import PalisadeAgent
 import PalisadeDatapath
+import PalisadeIdentity
 import PalisadePolicy
 
 /// `palisade graph`: the effective policy, from the kernel maps, as a
@@ -63,10 +64,15 @@ struct GraphCommand: ParsableCommand {
         struct Edge: Hashable { var from: UInt32; var to: UInt32; var verdict: UInt8 }
         var edges: [Edge: [String: [(UInt32, UInt32)]]] = [:]
         var nodes = Set(isolated.keys).union(state.identities.keys)
+        // Entries name peer classes: draw the identities each class stands for.
+        var classMembers: [UInt32: [UInt32]] = [:]
+        for (k, c) in try maps.peerClasses.entries() where k.generation == slot { classMembers[c, default: []].append(k.identity) }
         for (k, v) in try maps.policy.entries() where k.generation == slot {
             guard v.verdict == UInt8(PAL_VERDICT_ALLOW.rawValue) || withDenied else { continue }
-            let local = UInt32(bigEndian: k.local_identity), peer = UInt32(bigEndian: k.peer_identity)
+            let local = UInt32(bigEndian: k.local_identity), peerKey = UInt32(bigEndian: k.peer_class)
+            let peers = NumericIdentity(peerKey).isWorkload ? (classMembers[peerKey] ?? []).sorted() : [peerKey]
             let ingress = Direction(kernel: k.direction) == .ingress
+            for peer in peers {
             let edge = Edge(from: ingress ? peer : local, to: ingress ? local : peer, verdict: v.verdict)
             let bits = Int(k.prefixlen)
             let port = UInt32(UInt16(bigEndian: k.dport))
@@ -78,6 +84,7 @@ struct GraphCommand: ParsableCommand {
             else { byProto[proto, default: []].append((port, port + (1 << (16 - portBits)) - 1)) }
             edges[edge] = byProto
             nodes.insert(edge.from); nodes.insert(edge.to)
+            }
         }
         var out = ["digraph palisade {", "  rankdir=LR;", "  node [shape=box, style=rounded, fontname=Helvetica];", "  edge [fontname=Helvetica, fontsize=10];"]
         for n in nodes.sorted() {

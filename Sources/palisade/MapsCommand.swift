@@ -3,6 +3,7 @@ import CPalisadeShared
 import Foundation
 import PalisadeAgent
 import PalisadeDatapath
+import PalisadeIdentity
 import PalisadePolicy
 
 /// Reads the pinned maps directly, so it works while the agent is stopped.
@@ -10,7 +11,7 @@ struct MapsCommand: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "maps", abstract: "Inspect the kernel maps.", subcommands: [Dump.self])
 
     enum Kind: String, ExpressibleByArgument, CaseIterable {
-        case policy, identities, ipcache, conntrack, endpoints, counters
+        case policy, classes, identities, ipcache, conntrack, endpoints, counters
         case l7ports = "l7-ports"
     }
 
@@ -32,6 +33,7 @@ struct MapsCommand: ParsableCommand {
             let columns: [String]
             switch kind {
             case .policy: (columns, rows) = try dumper.policy()
+            case .classes: (columns, rows) = try dumper.classes()
             case .identities: (columns, rows) = dumper.identities()
             case .ipcache: (columns, rows) = try dumper.ipcache()
             case .conntrack: (columns, rows) = try dumper.conntrack()
@@ -70,7 +72,7 @@ struct MapDumper {
             rows.append([
                 "local": name(UInt32(bigEndian: k.local_identity)),
                 "direction": Direction(kernel: k.direction).rawValue,
-                "peer": name(UInt32(bigEndian: k.peer_identity)),
+                "peer": state.peerName(of: UInt32(bigEndian: k.peer_class)),
                 "protocol": protoText, "port": portText,
                 "verdict": Verdict(rawValue: v.verdict)?.description ?? "\(v.verdict)",
                 "rule": rule(v.rule_id), "packets": "\(v.packets)", "bytes": "\(v.bytes)",
@@ -83,6 +85,18 @@ struct MapDumper {
         }
         rows.sort { ($0["local"]!, $0["direction"]!, $0["peer"]!, $0["protocol"]!, $0["port"]!) < ($1["local"]!, $1["direction"]!, $1["peer"]!, $1["protocol"]!, $1["port"]!) }
         return (["local", "direction", "peer", "protocol", "port", "verdict", "rule", "packets", "bytes"], rows)
+    }
+
+    /// Peer classes: what each stands for and which identities are in it.
+    func classes() throws -> ([String], [[String: String]]) {
+        var members: [UInt32: [UInt32]] = [:]
+        for (k, c) in try maps.peerClasses.entries() where k.generation == slot { members[c, default: []].append(k.identity) }
+        let rows = members.sorted { $0.key < $1.key }.map { c, ids -> [String: String] in
+            let sorted = ids.sorted()
+            return ["class": "\(c)", "selectors": (state.peerClasses[c] ?? ["?"]).joined(separator: " & "), "identities": "\(ids.count)",
+                    "members": sorted.prefix(3).map { name($0) }.joined(separator: ", ") + (ids.count > 3 ? ", ..." : "")]
+        }
+        return (["class", "selectors", "identities", "members"], rows)
     }
 
     func identities() -> ([String], [[String: String]]) {
@@ -116,9 +130,10 @@ struct MapDumper {
             let cidr = CIDR(address: IPAddress(tuple: k.addr), mappedPrefixLength: Int(k.prefixlen) - Int(PAL_IPCACHE_BITS_GENERATION))
             rows.append(["prefix": cidr.description, "identity": "\(v.identity)", "name": name(v.identity),
                          "cidr-identity": v.cidr_identity == 0 ? "-" : name(v.cidr_identity),
+                         "class": NumericIdentity(v.identity).isWorkload ? (v.peer_class == 0 ? "-" : "\(v.peer_class)") : "-",
                          "remote": v.flags & UInt32(PAL_IPCACHE_REMOTE_WORKLOAD) != 0 ? "tunnel" : "-"])
         }
-        return (["prefix", "identity", "name", "cidr-identity", "remote"], rows.sorted { $0["prefix"]! < $1["prefix"]! })
+        return (["prefix", "identity", "name", "cidr-identity", "class", "remote"], rows.sorted { $0["prefix"]! < $1["prefix"]! })
     }
 
     func conntrack() throws -> ([String], [[String: String]]) {

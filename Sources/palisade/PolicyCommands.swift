@@ -92,9 +92,12 @@ struct PolicyCommand: ParsableCommand {
             print("generation:   \(p.generation)")
             print("applied at:   \(p.appliedAt.map { "\($0)" } ?? "never")")
             print("policies:     \(p.policies) from \(p.files.count) files")
-            print("map entries:  \(p.policyEntries)")
+            print("map entries:  \(p.policyEntries) policy, \(p.peerClassEntries) peer class, \(p.defaultEntries) default")
+            print("compile:      \(Int(p.compileSeconds * 1000)) ms, kernel apply \(Int(p.applySeconds * 1000)) ms")
             print("last error:   \(p.lastError ?? "none")")
-            if p.lastError != nil { throw ExitCode(1) }
+            if let why = p.notInstalled { print("installed:    NO, the previous policy stays: \(why)") }
+            if let locked = p.lockedDown, !locked.isEmpty { print("locked down:  \(locked.joined(separator: ", "))") }
+            if p.lastError != nil || p.notInstalled != nil { throw ExitCode(1) }
         }
     }
 }

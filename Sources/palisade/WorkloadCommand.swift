@@ -26,6 +26,7 @@ struct WorkloadCommand: ParsableCommand {
         @Option(help: "Host side of the pod's veth.") var interface: String?
         @Option(help: "cgroup path, relative to the cgroup2 mount or absolute (with --interface: the pod's cgroup, for socket redirection).") var cgroup: String?
         @Option(help: "Mutual TLS mode: strict, permissive or disabled.") var mtls: String?
+        @Option(name: .customLong("port"), help: "A named port NAME=PORT[/tcp|udp] (e.g. http=8080/tcp), repeatable.") var ports: [String] = []
 
         /// KEY=VALUE arguments as a YAML mapping under `key` ("" when none).
         func yamlMap(_ key: String, _ pairs: [String], flag: String) throws -> String {
@@ -48,6 +49,7 @@ struct WorkloadCommand: ParsableCommand {
             if let interface { yaml += "interface: \(interface)\n" }
             if let cgroup { yaml += "cgroup: \(cgroup)\n" }
             if let mtls { yaml += "mtls: \(mtls)\n" }
+            if !ports.isEmpty { yaml += "ports: [\(ports.map { "\"\($0)\"" }.joined(separator: ", "))]\n" }
             let path = "\(config.resolvedWorkloadDir)/\(name).yaml"
             // Validate exactly as the agent will, before writing anything.
             do { _ = try Workload.parse(yaml, file: path, trustDomain: config.trustDomain) } catch { throw CLIError("\(error)") }
@@ -107,6 +109,7 @@ struct StatusCommand: ParsableCommand {
             ("policy", try? maps.policy.keys().count, Int(PAL_MAX_POLICY)),
             ("ipcache", try? maps.ipcache.keys().count, Int(PAL_MAX_IPCACHE)),
             ("defaults", try? maps.defaults.keys().count, Int(PAL_MAX_DEFAULTS)),
+            ("peer-class", try? maps.peerClasses.keys().count, Int(PAL_MAX_PEER_CLASS)),
             ("conntrack", try? maps.conntrack.entries().count, Int(PAL_MAX_CONNTRACK)),
             ("endpoints", (try? maps.endpointsByIfindex.keys().count).map { $0 + ((try? maps.endpointsByCgroup.keys().count) ?? 0) }, 2 * Int(PAL_MAX_ENDPOINTS)),
         ]
@@ -139,6 +142,14 @@ struct StatusCommand: ParsableCommand {
             print("certs:      none issued yet")
         }
         if let e = state.policy.lastError { problems.append("policy: \(e)") }
+        if let why = state.policy.notInstalled {
+            print("policy:     NOT INSTALLED, the previous policy stays: \(why)")
+            if state.policy.lastError == nil { problems.append("policy not installed: \(why)") }
+        }
+        if let locked = state.policy.lockedDown, !locked.isEmpty {
+            print("policy:     locked down (default deny until their policy is installed): \(locked.joined(separator: ", "))")
+            problems.append("\(locked.count) workloads locked down")
+        }
         if let st = state.store {
             print("store:      \(st.connected ? "connected" : "UNREACHABLE (enforcing the last known state)"), revision \(st.revision), \(st.peers) other nodes")
             if !st.connected { problems.append("store unreachable: \(st.lastError ?? "?")") }

@@ -31,9 +31,14 @@ final class ConfigTests: XCTestCase {
           - name: batch
             spiffeID: spiffe://example.org/batch
             cgroup: palisade/batch
+            ports: ["http=8080", {name: dns, port: 53, protocol: UDP}]
         """)
         let c = try AgentConfig.load(path: path)
         XCTAssertEqual(c.workloads.map(\.name), ["web", "batch"])
+        XCTAssertEqual(c.workloads[1].ports, [NamedPort(name: "http", port: 8080), NamedPort(name: "dns", port: 53, proto: .udp)])
+        // The workload file written back reads the same.
+        let again = try Workload.parse(c.workloads[1].yaml(), file: "w.yaml", trustDomain: "example.org")
+        XCTAssertEqual(again[0].ports, c.workloads[1].ports)
         XCTAssertEqual(c.workloads[0].addresses.map(\.description), ["10.0.0.2", "fd00::2"])
         XCTAssertEqual(c.workloads[1].attachment, .cgroup(path: "palisade/batch"))
     }
@@ -55,6 +60,9 @@ final class ConfigTests: XCTestCase {
         try assertError("workloads:\n  - name: w\n    spiffeID: spiffe://palisade.local/w\n    interface: v0\n", contains: "needs 'addresses'", line: 2)
         try assertError("workloads:\n  - name: w\n    spiffeID: spiffe://palisade.local/w\n    addresses: [10.0.0.1]\n", contains: "a workload needs 'interface'", line: 2)
         try assertError("workloads:\n  - name: w\n    spiffeID: spiffe://palisade.local/w\n    cgroup: c\n    mtls: sometimes\n", contains: "expected one of strict, permissive, disabled", line: 5)
+        try assertError("workloads:\n  - name: w\n    spiffeID: spiffe://palisade.local/w\n    cgroup: c\n    ports: [http=80000]\n", contains: "expected NAME=PORT", line: 5)
+        try assertError("workloads:\n  - name: w\n    spiffeID: spiffe://palisade.local/w\n    cgroup: c\n    ports: [http=80, http=81]\n", contains: "port name 'http' (TCP) is declared twice", line: 5)
+        try assertError("workloads:\n  - name: w\n    spiffeID: spiffe://palisade.local/w\n    cgroup: c\n    ports: [{name: Web, port: 80}]\n", contains: "expected a port name", line: 5)
     }
 
     func testMeshErrorsAndPodCgroups() throws {

@@ -69,7 +69,7 @@ final class ObservabilityTests: XCTestCase {
         let denied = "sum(palisade_datapath_packets_total{direction=\"ingress\",reason=\"denied-default\"})"
         let allowed = "sum(palisade_datapath_packets_total{direction=\"ingress\",reason=\"allowed-by-policy\"})"
         let pair = "sum(palisade_identity_pair_denied_flows_total{local=\"spiffe://test.local/ns/default/sa/b\",peer=\"spiffe://test.local/ns/default/sa/a\"})"
-        let ruleMatches = "sum(palisade_identity_pair_rule_matches_total{local=\"spiffe://test.local/ns/default/sa/b\",peer=\"spiffe://test.local/ns/default/sa/a\",verdict=\"allow\"})"
+        let ruleMatches = "sum(palisade_rule_matches_total{local=\"spiffe://test.local/ns/default/sa/b\",peer=\"app=a\",verdict=\"allow\"})"
         var got: [String: Double?] = [:]
         let deadline = Date().addingTimeInterval(30)
         repeat {

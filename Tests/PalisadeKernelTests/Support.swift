@@ -213,12 +213,14 @@ final class AgentHarness {
         try yaml.write(toFile: "\(dir)/policies/\(name).yaml", atomically: true, encoding: .utf8)
     }
 
-    func enrollPod(_ pod: String, index: Int, labels: [String: String], namespace: String = "default", namespaceLabels: [String: String] = [:]) throws {
+    func enrollPod(_ pod: String, index: Int, labels: [String: String], namespace: String = "default", namespaceLabels: [String: String] = [:],
+                   ports: [String] = []) throws {
         var args = ["workload", "enroll", "--name", pod, "--spiffe-id", "spiffe://test.local/ns/\(namespace)/sa/\(pod)",
                     "--namespace", namespace, "--interface", lab.hostInterface(pod),
                     "--address", "10.99.\(index).2", "--address", "fd00:99:\(index)::2"]
         for (k, v) in labels { args += ["--label", "\(k)=\(v)"] }
         for (k, v) in namespaceLabels { args += ["--namespace-label", "\(k)=\(v)"] }
+        for p in ports { args += ["--port", p] }
         _ = try palisade(args)
     }
 
@@ -229,7 +231,7 @@ final class AgentHarness {
     }
 
     struct State: Decodable {
-        struct Policy: Decodable { var generation: UInt64; var lastError: String? }
+        struct Policy: Decodable { var generation: UInt64; var lastError: String?; var notInstalled: String?; var lockedDown: [String]? }
         struct Endpoint: Decodable { var workload: String }
         var policy: Policy
         var endpoints: [Endpoint]

@@ -37,10 +37,12 @@ final class CompilerPropertyTests: XCTestCase {
         var policy = LPM<pal_policy_value>()
         var ipcache = LPM<pal_ipcache_value>()
         var defaults: [String: pal_defaults_value] = [:]
+        var peerClass: [UInt32: UInt32] = [:]   // pal_peer_class of the generation
         let slot: UInt8 = 1
 
         init(_ c: CompiledPolicy) {
             for e in c.entries { let (bits, data) = bytes(e.key(generation: slot)); policy.insert(bits: Int(bits), data: data, value: e.value) }
+            for e in c.peerClassEntries { peerClass[e.key(generation: slot).identity] = e.peerClass.rawValue }
             for e in c.ipcache { let (bits, data) = bytes(e.key(generation: slot)); ipcache.insert(bits: Int(bits), data: data, value: e.value) }
             for e in c.defaults { defaults["\(e.local.rawValue)/\(e.direction)"] = e.value }
         }
@@ -53,14 +55,27 @@ final class CompilerPropertyTests: XCTestCase {
             ik.prefixlen = 136
             ik.generation = slot
             withUnsafeMutableBytes(of: &ik.addr) { for i in 0..<16 { $0[i] = f.peerAddress.bytes[i] } }
-            let peer = ipcache.lookup(CompilerPropertyTests.bytes(ik).1) ?? { var v = pal_ipcache_value(); v.identity = 2; return v }()
+            let peer = ipcache.lookup(CompilerPropertyTests.bytes(ik).1) ?? { var v = pal_ipcache_value(); v.identity = 2; v.peer_class = 2; return v }()
+            return decide(f, peer: peer, def: def)
+        }
+
+        /// A tunnelled flow: the peer is known by identity, its class from pal_peer_class.
+        func decide(_ f: Flow, peerIdentity: UInt32) -> Verdict {
+            guard let def = defaults["\(f.local.rawValue)/\(f.direction)"] else { return .allow }
+            var peer = pal_ipcache_value()
+            peer.identity = peerIdentity
+            peer.peer_class = NumericIdentity(peerIdentity).isWorkload ? (peerClass[peerIdentity] ?? 0) : peerIdentity
+            return decide(f, peer: peer, def: def)
+        }
+
+        func decide(_ f: Flow, peer: pal_ipcache_value, def: pal_defaults_value) -> Verdict {
             let port: UInt16 = (f.proto == 6 || f.proto == 17) ? f.port : 0
             func look(_ id: UInt32) -> pal_policy_value? {
                 let e = PolicyEntry(local: f.local, direction: f.direction, peer: NumericIdentity(id), proto: f.proto, port: port, portBits: 16, verdict: .none, ruleID: 0)
                 return policy.lookup(CompilerPropertyTests.bytes(e.key(generation: slot)).1)
             }
             func may(_ bit: UInt32) -> Bool { def.lookups & UInt8(bit) != 0 }   // as enforce.h skips lookups
-            var win = may(PAL_LOOKUP_PEER) ? look(peer.identity) : nil
+            var win = peer.peer_class != 0 && may(PAL_LOOKUP_PEER) ? look(peer.peer_class) : nil
             if peer.cidr_identity != 0, may(PAL_LOOKUP_CIDR), let c = look(peer.cidr_identity), win == nil || rank(c.verdict) > rank(win!.verdict) { win = c }
             if may(PAL_LOOKUP_ANY), let a = look(0), win == nil || rank(a.verdict) > rank(win!.verdict) { win = a }
             return Verdict(rawValue: win?.verdict ?? def.verdict)!
@@ -81,14 +96,21 @@ final class CompilerPropertyTests: XCTestCase {
     func randomWorld(_ r: inout SplitMix64) -> World {
         var workloads: [NumericIdentity: WorkloadIdentity] = [:]
         var addresses: [IPAddress] = []
-        for i in 0..<6 {
+        for i in 0..<8 {
             let id = NumericIdentity(256 + UInt32(i))
             var addrs = [IPAddress.v4(10, 0, UInt8(i % 3), UInt8(2 + i))]
             if Bool.random(using: &r) { addrs.append(IPAddress("fd00:0:\(i % 2)::\(i + 2)")!) }
             if i == 5 { addrs.append(.v4(192, 168, 7, 7)) }   // split across CIDR boundaries
+            // Named ports: the same name on different numbers, some missing.
+            var ports: [NamedPort] = []
+            if Int.random(in: 0..<4, using: &r) != 0 { ports.append(NamedPort(name: "http", port: [80, 81, 8080].randomElement(using: &r)!)) }
+            if Bool.random(using: &r) { ports.append(NamedPort(name: "dns", port: 53, proto: .udp)) }
+            if Bool.random(using: &r) { ports.append(NamedPort(name: "http", port: 80, proto: .udp)) }
             workloads[id] = WorkloadIdentity(spiffeID: try! SpiffeID("spiffe://td/ns/ns\(i % 2)/sa/w\(i)"),
                                              labels: ["app": ["a", "b", "c"][i % 3], "tier": ["x", "y"][i % 2]],
-                                             namespace: "ns\(i % 2)", addresses: addrs)
+                                             namespace: "ns\(i % 2)", addresses: addrs,
+                                             isLocal: i < 6,   // 6 and 7 live on another node: peers only
+                                             ports: ports)
             addresses += addrs
         }
         let host = [IPAddress.v4(10, 0, 255, 1), IPAddress.v4(127, 0, 0, 1)]
@@ -121,7 +143,9 @@ final class CompilerPropertyTests: XCTestCase {
 
     func randomPorts(_ r: inout SplitMix64) -> [PortRule] {
         (0..<Int.random(in: 0...2, using: &r)).map { _ in
-            switch Int.random(in: 0..<5, using: &r) {
+            switch Int.random(in: 0..<7, using: &r) {
+            case 5: return PortRule(proto: [.tcp, .udp].randomElement(using: &r)!, name: "http")
+            case 6: return PortRule(proto: .udp, name: ["dns", "none"].randomElement(using: &r)!)
             case 0: return PortRule(proto: .icmp)
             case 1: return PortRule(proto: nil)
             case 2:
@@ -153,7 +177,7 @@ final class CompilerPropertyTests: XCTestCase {
 
     func testCompiledMapsAgreeWithReferenceEvaluator() throws {
         var r = SplitMix64(seed: 0x5eed)
-        var checked = 0, enforcedSeen = 0, deniedSeen = 0, auditSeen = 0
+        var checked = 0, enforcedSeen = 0, deniedSeen = 0, auditSeen = 0, tunnelledChecked = 0, namedPortAllowed = 0
         for round in 0..<400 {
             let world = randomWorld(&r)
             let set = randomPolicies(&r)
@@ -161,6 +185,13 @@ final class CompilerPropertyTests: XCTestCase {
             let kernel = KernelModel(compiled)
             let reference = ReferenceEvaluator(set: set, universe: world.universe)
             let lookup = CompiledLookup(compiled)
+            // Identity -> class agrees with the ipcache's class for every workload address.
+            for e in compiled.ipcache where e.identity.isWorkload {
+                XCTAssertEqual(e.value.peer_class, compiled.peerClass(of: e.identity)?.rawValue ?? 0, "ipcache class of \(e.cidr)")
+            }
+            // Only this node's workloads get entries.
+            XCTAssertTrue(compiled.entries.allSatisfy { world.universe.workloads[$0.local]!.isLocal })
+            XCTAssertTrue(compiled.defaults.allSatisfy { world.universe.workloads[$0.local]!.isLocal })
             for _ in 0..<60 {
                 let f = Flow(local: world.ids.randomElement(using: &r)!, direction: Direction.allCases.randomElement(using: &r)!,
                              peerAddress: world.addresses.randomElement(using: &r)!,
@@ -172,16 +203,30 @@ final class CompilerPropertyTests: XCTestCase {
                     return
                 }
                 XCTAssertEqual(lookup.evaluate(f).verdict, got, "CompiledLookup (explain) disagrees with the kernel model on \(f)")
+                // The same workload peer known by identity (tunnelled), its class
+                // from pal_peer_class: the same verdict when no CIDR rule is involved.
+                let (peerID, cidrID) = lookup.identities(of: f.peerAddress)
+                if peerID.isWorkload, cidrID == nil {
+                    XCTAssertEqual(kernel.decide(f, peerIdentity: peerID.rawValue), got, "tunnelled peer \(peerID) on \(f)")
+                    tunnelledChecked += 1
+                }
                 checked += 1
                 if want.enforced { enforcedSeen += 1 }
                 if want.verdict == .deny { deniedSeen += 1 }
                 if want.verdict == .audit { auditSeen += 1 }
+                if want.verdict == .allow, want.enforced, let rule = compiled.rule(want.ruleID),
+                   let p = set.policies.first(where: { $0.name == rule.policy }),
+                   p.rules(rule.direction)?.first(where: { $0.location == rule.location && $0.ports.contains { $0.name != nil } }) != nil {
+                    namedPortAllowed += 1
+                }
             }
         }
         // The generator must exercise every outcome, or the property proves little.
         XCTAssertGreaterThan(enforcedSeen, checked / 4)
         XCTAssertGreaterThan(deniedSeen, checked / 10)
         XCTAssertGreaterThan(auditSeen, 50)
+        XCTAssertGreaterThan(tunnelledChecked, checked / 10)
+        print("checked \(checked) flows, \(tunnelledChecked) also as tunnelled, \(namedPortAllowed) allowed by rules with named ports")
     }
 
     func testTenThousandRulesCompileQuickly() throws {

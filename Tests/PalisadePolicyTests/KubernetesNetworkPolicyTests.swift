@@ -20,13 +20,22 @@ final class KubernetesNetworkPolicyTests: XCTestCase {
     }
     static func identity(_ p: Pod) -> NumericIdentity { NumericIdentity(256 + UInt32(pods.firstIndex(of: p)!)) }
 
+    /// As the upstream suite's pods: "serve-80-tcp" and friends name their
+    /// ports; here pod c of namespace y serves "serve-80-tcp" on 81 instead,
+    /// so a named port resolves to different numbers on different pods.
+    static func namedPorts(_ p: Pod) -> [NamedPort] {
+        let http: UInt16 = p == Pod(ns: "y", name: "c") ? 81 : 80
+        return [NamedPort(name: "serve-80-tcp", port: http), NamedPort(name: "serve-81-tcp", port: 81),
+                NamedPort(name: "serve-80-udp", port: 80, proto: .udp)]
+    }
+
     static let universe: Universe = {
         var w: [NumericIdentity: WorkloadIdentity] = [:]
         for p in pods {
             w[identity(p)] = WorkloadIdentity(spiffeID: try! SpiffeID("spiffe://cluster.local/ns/\(p.ns)/sa/\(p.name)"),
                                               labels: ["pod": p.name], namespace: p.ns,
                                               namespaceLabels: ["ns": p.ns, "kubernetes.io/metadata.name": p.ns],
-                                              addresses: [address(p)])
+                                              addresses: [address(p)], ports: namedPorts(p))
         }
         return Universe(workloads: w, hostAddresses: [.v4(10, 0, 255, 1)])
     }()
@@ -142,16 +151,36 @@ final class KubernetesNetworkPolicyTests: XCTestCase {
         try check([k8s("deny-y", ns: "y", "  podSelector: {matchLabels: {pod: c}}\n")]) { _, d, _, _ in d != Pod(ns: "y", name: "c") }
     }
 
+    /// Ingress: the name resolves on the selected (destination) pod.
+    func testNamedPortIngressResolvesOnTheDestination() throws {
+        try check([k8s("named-in", ns: "y", "  podSelector: {}\n  ingress:\n  - ports:\n    - port: serve-80-tcp\n")]) { _, d, port, _ in
+            d.ns != "y" || port == (d.name == "c" ? 81 : 80)
+        }
+        // The UDP name does not open TCP.
+        try check([k8s("named-udp", "  podSelector: {}\n  ingress:\n  - ports:\n    - {port: serve-80-udp, protocol: UDP}\n")], protos: [6, 17]) { _, d, port, proto in
+            d.ns != "x" || (proto == 17 && port == 80)
+        }
+    }
+
+    /// Egress: the name resolves on the peer pod, whatever the caller's own ports.
+    func testNamedPortEgressResolvesOnThePeer() throws {
+        try check([k8s("named-out", "  podSelector: {}\n  policyTypes: [Egress]\n  egress:\n  - to:\n    - namespaceSelector: {}\n    ports:\n    - port: serve-80-tcp\n")]) { s, d, port, _ in
+            s.ns != "x" || port == (d == Pod(ns: "y", name: "c") ? 81 : 80)
+        }
+        // An unknown name matches nothing.
+        try check([k8s("named-none", "  podSelector: {}\n  policyTypes: [Egress]\n  egress:\n  - ports:\n    - port: nope\n")]) { s, _, _, _ in s.ns != "x" }
+    }
+
     func testUnsupportedFeaturesAreRejectedClearly() {
-        let named = k8s("named", "  podSelector: {}\n  ingress:\n  - ports:\n    - port: http\n")
-        XCTAssertThrowsError(try PolicySet.load([("n.yaml", named)])) { XCTAssertTrue("\($0)".contains("n.yaml:10:13: spec.ingress[0].ports[0].port: named port 'http' is not supported"), "\($0)") }
+        let named = k8s("named", "  podSelector: {}\n  ingress:\n  - ports:\n    - port: Not_A_Name\n")
+        XCTAssertThrowsError(try PolicySet.load([("n.yaml", named)])) { XCTAssertTrue("\($0)".contains("n.yaml:10:13: spec.ingress[0].ports[0].port: expected a port number or an IANA service name"), "\($0)") }
         let sctp = k8s("sctp", "  podSelector: {}\n  ingress:\n  - ports:\n    - {protocol: SCTP, port: 80}\n")
         XCTAssertThrowsError(try PolicySet.load([("s.yaml", sctp)])) { XCTAssertTrue("\($0)".contains("SCTP is not supported"), "\($0)") }
     }
 
     func testConvertRoundTrips() throws {
         let docs = [
-            k8s("or", "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - namespaceSelector: {matchLabels: {ns: y}}\n      podSelector: {matchLabels: {pod: b}}\n    - ipBlock: {cidr: 10.0.0.0/15, except: [10.0.1.11/32]}\n    ports:\n    - {port: 80, endPort: 90}\n    - {protocol: UDP}\n  policyTypes: [Ingress, Egress]\n"),
+            k8s("or", "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - namespaceSelector: {matchLabels: {ns: y}}\n      podSelector: {matchLabels: {pod: b}}\n    - ipBlock: {cidr: 10.0.0.0/15, except: [10.0.1.11/32]}\n    ports:\n    - {port: 80, endPort: 90}\n    - {protocol: UDP}\n    - {port: serve-80-tcp}\n  policyTypes: [Ingress, Egress]\n"),
         ]
         let original = try PolicySet.load([("k.yaml", docs[0])]).policies
         let text = PolicyWriter.yaml(original)

@@ -21,6 +21,19 @@ final class ParserTests: XCTestCase {
 
     let header = "apiVersion: palisade.dev/v1\nkind: Policy\nmetadata:\n  name: p\nspec:\n"
 
+    func testNamedPorts() throws {
+        let ps = try parse(header + """
+          selector: {labels: {app: web}}
+          ingress:
+            - ports: [{port: http}, {port: dns, protocol: UDP}, {port: 9090}]
+        """)
+        XCTAssertEqual(ps[0].ingress?[0].ports, [PortRule(proto: .tcp, name: "http"), PortRule(proto: .udp, name: "dns"), PortRule(proto: .tcp, first: 9090)])
+        expectError(header + "  selector: {}\n  ingress:\n    - ports: [{port: Http_1}]\n", line: 8, field: "spec.ingress[0].ports[0].port",
+                    contains: "expected a port 1-65535, a range 'LOW-HIGH' or a port name")
+        expectError(header + "  selector: {}\n  ingress:\n    - ports: [{port: http, endPort: 90}]\n", line: 8, field: "spec.ingress[0].ports[0].endPort",
+                    contains: "cannot be combined with a named port")
+    }
+
     func testFullPolicy() throws {
         let ps = try parse(header + """
           mode: audit

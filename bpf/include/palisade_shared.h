@@ -26,6 +26,16 @@ enum pal_reserved_identity {
 	PAL_ID_FIRST_CIDR = 0x01000000,
 };
 
+/* Peer classes. A rule's peer that names workloads (a selector) is not
+ * expanded into one policy entry per matching identity: the agent gives every
+ * identity of the cluster the class of the exact set of rule selectors it
+ * matches (identities matching the same selectors share one class), and the
+ * policy is keyed by class. So entries grow with selectors, not identities.
+ * Classes are numbered from PAL_CLASS_FIRST, below PAL_ID_FIRST_CIDR; the
+ * reserved identities and the CIDR identities are their own classes. */
+#define PAL_CLASS_NONE  0u          /* matches no selector: no peer lookup */
+#define PAL_CLASS_FIRST 256u
+
 /* ---- Enumerations used in keys and values -------------------------- */
 
 enum pal_direction {
@@ -71,7 +81,8 @@ enum pal_reason {
 
 /* Capacities. The agent refuses an apply that would not fit. */
 #define PAL_MAX_ENDPOINTS   4096
-#define PAL_MAX_IPCACHE     65536
+#define PAL_MAX_IPCACHE     262144   /* both generations together */
+#define PAL_MAX_PEER_CLASS  262144   /* both generations together */
 #define PAL_MAX_POLICY      262144   /* both generations together */
 #define PAL_MAX_DEFAULTS    16384    /* both generations together */
 #define PAL_MAX_CONNTRACK   262144
@@ -117,18 +128,30 @@ struct pal_ipcache_value {
 	__u32 identity;
 	__u32 cidr_identity;
 	__u32 flags;          /* PAL_IPCACHE_* */
-	__u32 _pad;
+	__u32 peer_class;     /* the identity's peer class (pal_peer_class says the same) */
+};
+
+/* Peer class of an identity, for peers known by identity rather than by
+ * address (a tunnelled connection's authenticated source). An identity
+ * without an entry matches no rule selector (PAL_CLASS_NONE). */
+struct pal_peer_class_key {
+	__u32 identity;
+	__u8 generation;
+	__u8 _pad[3];
 };
 
 /* The address is a workload on another node, reached through the agents'
  * mTLS tunnel: enrolled callers' connect() to it is redirected. */
 #define PAL_IPCACHE_REMOTE_WORKLOAD (1u << 0)
 
-/* Policy: LPM trie. The matched bytes follow prefixlen in memory order:
- * generation, direction, local identity, peer identity, protocol, port.
+/* Policy: LPM trie, entries for this node's workloads only. The matched
+ * bytes follow prefixlen in memory order: generation, direction, local
+ * identity, peer class (a class of identities, a reserved identity or a CIDR
+ * identity; 0 = any peer), protocol, port.
  * A rule on any protocol stops its prefix after the peer; on any port, after
  * the protocol; a port range is split into aligned power-of-two blocks.
- * The datapath looks up (peer) and (PAL_ID_ANY) and a deny from either wins.
+ * The datapath looks up (peer class), (CIDR identity) and (PAL_ID_ANY); the
+ * strongest verdict wins.
  * Padding bytes are part of the matched bits and are always zero. */
 struct pal_policy_key {
 	__u32 prefixlen;
@@ -136,7 +159,7 @@ struct pal_policy_key {
 	__u8 direction;
 	__u8 _pad[2];
 	__u32 local_identity; /* network byte order, so the trie compares it bytewise */
-	__u32 peer_identity;  /* network byte order */
+	__u32 peer_class;     /* network byte order */
 	__u8 protocol;
 	__u8 _pad2;
 	__u16 dport;          /* network byte order */

@@ -31,10 +31,21 @@ static __always_inline struct pal_ipcache_value pal_ipcache_lookup(__u8 slot, co
 	struct pal_ipcache_key key = { .prefixlen = PAL_IPCACHE_BITS_GENERATION + 128, .generation = slot };
 	__builtin_memcpy(key.addr, addr, 16);
 	struct pal_ipcache_value *v = bpf_map_lookup_elem(&pal_ipcache, &key);
-	struct pal_ipcache_value out = { .identity = PAL_ID_WORLD, .cidr_identity = 0, .flags = 0 };
+	struct pal_ipcache_value out = { .identity = PAL_ID_WORLD, .cidr_identity = 0, .flags = 0, .peer_class = PAL_ID_WORLD };
 	if (v)
 		out = *v;
 	return out;
+}
+
+/* The peer class of an identity known without its address (a tunnelled
+ * connection's source): reserved identities are their own class. */
+static __always_inline __u32 pal_peer_class_of(__u8 slot, __u32 identity)
+{
+	if (identity < PAL_ID_FIRST_WORKLOAD || identity >= PAL_ID_FIRST_CIDR)
+		return identity;
+	struct pal_peer_class_key k = { .identity = identity, .generation = slot };
+	__u32 *c = bpf_map_lookup_elem(&pal_peer_class, &k);
+	return c ? *c : PAL_CLASS_NONE;
 }
 
 /* Ring buffer event, limited per CPU by a token bucket so that a flood of
@@ -82,14 +93,14 @@ static __always_inline void pal_emit_event(const struct pal_flow *f, __u8 dir, c
 }
 
 static __always_inline struct pal_policy_value *
-pal_policy_lookup(__u8 slot, __u8 dir, __u32 local_id, __u32 peer_id, __u8 proto, __u16 dport)
+pal_policy_lookup(__u8 slot, __u8 dir, __u32 local_id, __u32 peer_class, __u8 proto, __u16 dport)
 {
 	struct pal_policy_key key = {
 		.prefixlen = PAL_POLICY_BITS_FULL,
 		.generation = slot,
 		.direction = dir,
 		.local_identity = bpf_htonl(local_id),
-		.peer_identity = bpf_htonl(peer_id),
+		.peer_class = bpf_htonl(peer_class),
 		.protocol = proto,
 		.dport = dport,
 	};
@@ -147,8 +158,10 @@ static __always_inline void pal_ct_track_close(struct pal_ct_value *ct, const st
 
 /* The policy of the active generation for a new flow: fills d (verdict
  * reason, rule) and returns the defaults entry (0: endpoint not selected in
- * that direction). Bumps the winning entry's hit counters. Shared by the
- * packet programs and the connect hooks. */
+ * that direction). At most three policy lookups, whatever the size of the
+ * cluster: the peer's class (the selectors it matches), its CIDR identity,
+ * and any peer. Bumps the winning entry's hit counters. Shared by the packet
+ * programs and the connect hooks. */
 static __always_inline struct pal_defaults_value *
 pal_policy_decide(__u8 slot, __u8 dir, __u32 local_id, struct pal_ipcache_value peer, __u8 proto,
 		  __u16 dport, __u32 len, struct pal_decision *d)
@@ -162,8 +175,8 @@ pal_policy_decide(__u8 slot, __u8 dir, __u32 local_id, struct pal_ipcache_value 
 		return 0;
 	}
 	dport = (proto == IPPROTO_TCP || proto == IPPROTO_UDP) ? dport : 0;
-	struct pal_policy_value *exact = (def->lookups & PAL_LOOKUP_PEER) ?
-		pal_policy_lookup(slot, dir, local_id, peer.identity, proto, dport) : 0;
+	struct pal_policy_value *exact = (peer.peer_class != PAL_CLASS_NONE && (def->lookups & PAL_LOOKUP_PEER)) ?
+		pal_policy_lookup(slot, dir, local_id, peer.peer_class, proto, dport) : 0;
 	struct pal_policy_value *cidr = (peer.cidr_identity && (def->lookups & PAL_LOOKUP_CIDR)) ?
 		pal_policy_lookup(slot, dir, local_id, peer.cidr_identity, proto, dport) : 0;
 	struct pal_policy_value *any = (def->lookups & PAL_LOOKUP_ANY) ?
@@ -305,6 +318,7 @@ static __always_inline int pal_enforce(struct __sk_buff *skb, const struct pal_e
 			peer.identity = skb->mark & PAL_MARK_IDENTITY;
 			peer.cidr_identity = 0;
 			peer.flags = 0;
+			peer.peer_class = pal_peer_class_of(slot, peer.identity);
 		} else {
 			peer = pal_ipcache_lookup(slot, dir == PAL_DIR_INGRESS ? f->saddr : f->daddr);
 		}

@@ -35,6 +35,15 @@ struct {
 } pal_ipcache SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, PAL_MAX_PEER_CLASS);
+	__type(key, struct pal_peer_class_key);
+	__type(value, __u32);               /* peer class */
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pal_peer_class SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__uint(max_entries, PAL_MAX_POLICY);
 	__type(key, struct pal_policy_key);
