@@ -3,6 +3,8 @@
 #include <bpf/libbpf.h>
 #include <bpf/bpf.h>
 #include <errno.h>
+#include <string.h>
+#include <linux/bpf.h>
 #include <fcntl.h>
 #include <sched.h>
 #include <unistd.h>
@@ -105,4 +107,18 @@ static int pal_libbpf_print(enum libbpf_print_level level, const char *fmt, va_l
 void pal_libbpf_quiet(void)
 {
 	libbpf_set_print(pal_libbpf_print);
+}
+
+int pal_prog_test_run_skb(int prog_fd, const void *data, uint32_t size, uint32_t mark, uint32_t *retval)
+{
+	struct __sk_buff ctx;
+	memset(&ctx, 0, sizeof(ctx));
+	ctx.mark = mark;
+	LIBBPF_OPTS(bpf_test_run_opts, opts, .data_in = data, .data_size_in = size,
+		    .ctx_in = &ctx, .ctx_size_in = sizeof(ctx), .repeat = 1);
+	int err = bpf_prog_test_run_opts(prog_fd, &opts);
+	if (err)
+		return err < 0 ? err : -errno;
+	*retval = opts.retval;
+	return 0;
 }

@@ -58,6 +58,16 @@ public struct BPFProgram {
 
     public var fd: Int32 { bpf_program__fd(handle) }
 
+    /// Runs the program once on a crafted packet (BPF_PROG_TEST_RUN; tc and
+    /// cgroup_skb programs) and returns its return value: unit tests of the
+    /// datapath without namespaces or real traffic.
+    public func testRun(packet: [UInt8], mark: UInt32 = 0) throws -> UInt32 {
+        var retval: UInt32 = 0
+        let err = packet.withUnsafeBytes { pal_prog_test_run_skb(fd, $0.baseAddress, UInt32($0.count), mark, &retval) }
+        if err != 0 { throw BPFError("BPF_PROG_TEST_RUN", name, errno: err) }
+        return retval
+    }
+
     /// Kernel id of the loaded program (for status and for adoption checks).
     public var id: UInt32 {
         var info = bpf_prog_info()

@@ -1,6 +1,7 @@
 /* New-TCP-connections-per-second load for Palisade's benchmarks.
  *   connrate server PORT                      accept, read the byte, reply, close
- *   connrate client ADDR PORT SECONDS THREADS  connect, send a byte, read the reply, close; prints conn/s
+ *   connrate client ADDR PORT SECONDS THREADS [SOURCE]
+ *                                             connect (from SOURCE if given), send a byte, read the reply, close; prints conn/s
  * A connection counts only if its round trip completed. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -15,7 +16,8 @@
 #include <time.h>
 #include <unistd.h>
 
-static struct sockaddr_in target;
+static struct sockaddr_in target, source;
+static int bind_source;
 static atomic_long done, failed;
 static double deadline;
 
@@ -31,6 +33,11 @@ static void *client(void *arg) {
 		struct timeval tv = { 1, 0 };
 		setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
 		setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+		if (bind_source && bind(s, (struct sockaddr *)&source, sizeof(source)) != 0) {
+			atomic_fetch_add(&failed, 1);
+			close(s);
+			continue;
+		}
 		if (connect(s, (struct sockaddr *)&target, sizeof(target)) == 0 && write(s, &b, 1) == 1 && read(s, &b, 1) == 1)
 			atomic_fetch_add(&done, 1);
 		else
@@ -54,7 +61,11 @@ int main(int argc, char **argv) {
 			close(c);
 		}
 	}
-	if (argc == 6 && !strcmp(argv[1], "client")) {
+	if ((argc == 6 || argc == 7) && !strcmp(argv[1], "client")) {
+		if (argc == 7) {
+			source.sin_family = AF_INET;
+			bind_source = inet_pton(AF_INET, argv[6], &source.sin_addr) == 1;
+		}
 		target.sin_family = AF_INET;
 		target.sin_port = htons(atoi(argv[3]));
 		inet_pton(AF_INET, argv[2], &target.sin_addr);
@@ -68,6 +79,6 @@ int main(int argc, char **argv) {
 		printf("%.0f %ld\n", atomic_load(&done) / (now() - start), atomic_load(&failed));
 		return 0;
 	}
-	fprintf(stderr, "usage: connrate server PORT | connrate client ADDR PORT SECONDS THREADS\n");
+	fprintf(stderr, "usage: connrate server PORT | connrate client ADDR PORT SECONDS THREADS [SOURCE]\n");
 	return 2;
 }

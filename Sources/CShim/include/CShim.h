@@ -32,6 +32,11 @@ struct ring_buffer *pal_ringbuf_new(int map_fd, pal_ringbuf_cb cb, void *ctx);
 /* Route libbpf messages, dropping expected noise. */
 void pal_libbpf_quiet(void);
 
+/* Runs a socket-buffer program (tc, cgroup_skb) once on a crafted packet
+ * (BPF_PROG_TEST_RUN) with skb->mark set; *retval is its return value.
+ * 0 or -errno. */
+int pal_prog_test_run_skb(int prog_fd, const void *data, uint32_t size, uint32_t mark, uint32_t *retval);
+
 /* Number of possible CPUs, for per-CPU value arrays. */
 int pal_num_possible_cpus(void);
 
