@@ -55,6 +55,7 @@ let package = Package(
         .target(name: "PalisadeTunnel", dependencies: [
             "PalisadeCA", "PalisadeIdentity",
             .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             .product(name: "NIOHTTP2", package: "swift-nio-http2"),
             .product(name: "NIOHPACK", package: "swift-nio-http2"),
             .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -98,6 +99,7 @@ let package = Package(
         .testTarget(name: "PalisadeTunnelTests", dependencies: ["PalisadeTunnel", "PalisadeCA", "PalisadeIdentity", "PalisadeAgent", "PalisadeJWT",
             "PalisadePolicy", .product(name: "JWTKit", package: "jwt-kit"),
             .product(name: "NIOSSL", package: "swift-nio-ssl"), .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"), .product(name: "NIOHPACK", package: "swift-nio-http2"),
             .product(name: "X509", package: "swift-certificates"), .product(name: "Crypto", package: "swift-crypto")]),
         .testTarget(name: "PalisadeJWTTests", dependencies: ["PalisadeJWT", .product(name: "JWTKit", package: "jwt-kit")]),
         .testTarget(name: "PalisadeCATests", dependencies: ["PalisadeCA",

@@ -70,6 +70,8 @@ public final class Agent {
     public init(config: AgentConfig, logger: Logger) throws {
         self.config = config
         log = logger
+        let files = FileDescriptors.raiseLimit()
+        log.info("file descriptors", metadata: ["limit": "\(files)"])
         try FileManager.default.createDirectory(atPath: config.stateDir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
         for d in [config.resolvedPolicyDir, config.resolvedWorkloadDir] {
             try FileManager.default.createDirectory(atPath: d, withIntermediateDirectories: true)
@@ -92,7 +94,8 @@ public final class Agent {
                               "defaults": Int(PAL_MAX_DEFAULTS), "peer_class": Int(PAL_MAX_PEER_CLASS), "endpoints_by_ifindex": Int(PAL_MAX_ENDPOINTS),
                               "endpoints_by_cgroup": Int(PAL_MAX_ENDPOINTS)]
             metricsServer = try MetricsServer(host: host, port: port) {
-                metrics.render(names: { shared.state.name(of: $0) }, peerNames: { shared.state.peerName(of: $0) }, capacities: capacities)
+                metrics.setFiles(open: FileDescriptors.inUse, max: FileDescriptors.limit)
+                return metrics.render(names: { shared.state.name(of: $0) }, peerNames: { shared.state.peerName(of: $0) }, capacities: capacities)
             }
             log.info("metrics", metadata: ["address": "http://\(host.contains(":") ? "[\(host)]" : host):\(metricsServer!.localPort)/metrics"])
         }
@@ -250,6 +253,9 @@ public final class Agent {
             }
         }
         l.onHandshakeFailure = { metrics.recordHandshake(accepted: false) }
+        l.limits = HandshakeLimits(timeout: .milliseconds(Int64(config.handshakeTimeoutMilliseconds)),
+                                   maxPending: config.maxPendingHandshakes, maxPendingPerSource: config.maxPendingHandshakesPerSource)
+        l.onRefuse = { reason in metrics.recordHandshakeRefusal(reason.rawValue) }
         l.onAccept = { _ in metrics.recordHandshake(accepted: true) }
         listener = l
         log.info("mTLS listener", metadata: ["address": "\(host):\(l.localPort)", "identity": "\(config.nodeSpiffeID)", "tls": "1.3 only"])
@@ -497,6 +503,7 @@ public final class Agent {
     }
 
     func saveState() {
+        state.files = .init(open: FileDescriptors.inUse, limit: FileDescriptors.limit)
         shared.publish(state)
         metrics.setWorkloads(state.endpoints.count)
         do { try state.save(config.stateFile) } catch {

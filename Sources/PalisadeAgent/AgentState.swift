@@ -60,6 +60,12 @@ public struct AgentState: Codable, Sendable {
         public var peers: Int
     }
     public var store: StoreStatus?
+    /// File descriptors the agent held at its last reconcile, and its limit.
+    public struct Files: Codable, Sendable {
+        public var open: Int
+        public var limit: Int
+    }
+    public var files: Files?
 
     public init() {}
 

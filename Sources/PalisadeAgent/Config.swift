@@ -56,6 +56,12 @@ public struct AgentConfig: Sendable {
     public var services: [GlobalService] = []
     /// Fraction of L7 requests written to STATE/access.jsonl (0...1).
     public var accessLogSampling = 1.0
+    /// A connection to the mTLS listener that has not completed its TLS
+    /// handshake by then is closed; at most this many may be handshaking at
+    /// once, overall and from one address (refusals counted by reason).
+    public var handshakeTimeoutMilliseconds = 10_000
+    public var maxPendingHandshakes = 1024
+    public var maxPendingHandshakesPerSource = 64
 
     public init() {}
 
@@ -85,7 +91,8 @@ public struct AgentConfig: Sendable {
     static let keys: Set<String> = ["trustDomain", "stateDir", "bpffs", "policyDir", "workloadDir", "cgroupRoot",
                                     "eventsPerSecond", "pollIntervalMilliseconds", "hostAddresses", "workloads", "metricsAddress", "metricsIdentityPairs", "allowedFlowEvents", "svidLifetimeSeconds", "federatedBundles", "tunnelAddress", "jwtIssuers",
                                     "outboundPort", "nodes", "remoteWorkloads", "nodeName", "store", "advertiseAddress",
-                                    "locality", "services", "accessLogSampling"]
+                                    "locality", "services", "accessLogSampling",
+                                    "handshakeTimeoutMilliseconds", "maxPendingHandshakes", "maxPendingHandshakesPerSource"]
 
     /// "HOST:PORT" with an IP address (IPv6 in brackets), or "off" (nil).
     static func address(_ v: YAMLValue) throws -> (host: String, port: Int)? {
@@ -124,6 +131,9 @@ public struct AgentConfig: Sendable {
         }
         if let v = m["eventsPerSecond"] { c.eventsPerSecond = UInt32(try v.int(in: 0...1_000_000)) }
         if let v = m["pollIntervalMilliseconds"] { c.pollIntervalMilliseconds = try v.int(in: 50...60_000) }
+        if let v = m["handshakeTimeoutMilliseconds"] { c.handshakeTimeoutMilliseconds = try v.int(in: 100...300_000) }
+        if let v = m["maxPendingHandshakes"] { c.maxPendingHandshakes = try v.int(in: 1...1_000_000) }
+        if let v = m["maxPendingHandshakesPerSource"] { c.maxPendingHandshakesPerSource = try v.int(in: 1...1_000_000) }
         if let v = m["metricsAddress"] { c.metricsAddress = try address(v) }
         if let v = m["tunnelAddress"] { c.tunnelAddress = try address(v) }
         if let v = m["federatedBundles"] {

@@ -88,6 +88,20 @@ public final class DatapathMetrics: @unchecked Sendable {
         }
     }
 
+    /// A connection refused or closed before its TLS handshake completed.
+    public func recordHandshakeRefusal(_ reason: String) {
+        result("palisade_listener_refused_connections_total", reason,
+               "Connections to the mTLS listener refused or closed before their handshake completed, by reason.").increment()
+    }
+
+    lazy var openFiles = registry.makeGauge(name: "palisade_open_files", help: "File descriptors the agent holds.")
+    lazy var maxFiles = registry.makeGauge(name: "palisade_max_files", help: "The agent's file-descriptor limit (RLIMIT_NOFILE, raised to the hard limit at start).")
+    public func setFiles(open: Int, max: Int) {
+        lock.lock(); let o = openFiles, m = maxFiles; lock.unlock()
+        o.set(to: Double(open))
+        m.set(to: Double(max))
+    }
+
     public func recordTunnelConnection(ok: Bool) {
         result("palisade_tunnel_outbound_connections_total", ok ? "tunnelled" : "refused",
                "Workload connections redirected to the agent, by result.").increment()

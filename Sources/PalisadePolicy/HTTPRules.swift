@@ -107,11 +107,41 @@ public struct HTTPRequestFacts: Sendable {
     public var method: String
     public var path: String
     public var host: String
-    public var headers: [String: String]   // lower-case names
+    /// Lower-case names; every field line's value, in the order received
+    /// (HTTP/1.1 and HTTP/2 collect them the same way: HeaderValues).
+    public var headers: [String: [String]]
     public init(source: SpiffeID?, jwtIdentity: String? = nil, sourceAddress: IPAddress? = nil, method: String, path: String, host: String,
-                headers: [String: String] = [:]) {
+                headers: [String: [String]] = [:]) {
         self.source = source; self.jwtIdentity = jwtIdentity; self.sourceAddress = sourceAddress
         self.method = method; self.path = path; self.host = host; self.headers = headers
+    }
+    /// One value per header.
+    public init(source: SpiffeID?, jwtIdentity: String? = nil, sourceAddress: IPAddress? = nil, method: String, path: String, host: String,
+                headers: [String: String]) {
+        self.init(source: source, jwtIdentity: jwtIdentity, sourceAddress: sourceAddress, method: method, path: path, host: host,
+                  headers: headers.mapValues { [$0] })
+    }
+}
+
+/// How a rule's `headers: {name: value}` reads a request that carries the
+/// header several times, or as a comma-separated list (RFC 9110 5.3 makes
+/// the two equivalent, and a workload may read either its first or its last
+/// value). The header's values are its field lines split at commas,
+/// trimmed. A deny or audit rule matches when ANY value (or the whole
+/// combined list) equals the rule's value; an allow rule matches only when
+/// EVERY value does (or the whole combined list does), and never when the
+/// header is absent. So repeating a header can neither skip a deny nor
+/// widen an allow, whatever value the workload reads. Both proxies collect
+/// every field line (HTTP/1.1 in order of the head, HTTP/2 in order of the
+/// header block), so the two protocols decide one request alike.
+public enum HeaderValues {
+    public static func matches(_ lines: [String]?, _ wanted: String, denyLike: Bool) -> Bool {
+        guard let lines, !lines.isEmpty else { return false }
+        if lines.count == 1 && lines[0] == wanted { return true }
+        if lines.joined(separator: ", ") == wanted { return true }
+        let elements = lines.flatMap { $0.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) } }
+        if denyLike { return lines.contains(wanted) || elements.contains(wanted) }
+        return !elements.isEmpty && elements.allSatisfy { $0 == wanted }
     }
 }
 
@@ -287,7 +317,7 @@ public struct HTTPDestinationRules: Sendable {
             let host = f.host.split(separator: ":").first.map { $0.lowercased() } ?? ""
             if !r.hosts.contains(host) { return false }
         }
-        for (k, v) in r.headers where f.headers[k] != v { return false }
+        for (k, v) in r.headers where !HeaderValues.matches(f.headers[k], v, denyLike: r.action != .allow) { return false }
         return true
     }
 }

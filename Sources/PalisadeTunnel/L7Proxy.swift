@@ -14,7 +14,7 @@ public struct HTTPVerdict: Sendable {
 /// Judges a request: method, path (with query), Host, headers (lower-case names).
 /// `jwtIdentity`: what a verified bearer token names ("jwt:ISSUER/SUBJECT"),
 /// "jwt:unverified" for a token that did not verify, nil without a token.
-public typealias HTTPGate = @Sendable (_ method: String, _ uri: String, _ host: String, _ headers: [String: String],
+public typealias HTTPGate = @Sendable (_ method: String, _ uri: String, _ host: String, _ headers: [String: [String]],
                                        _ jwtIdentity: String?) -> HTTPVerdict
 
 /// Verifies a bearer token on the proxy's behalf: the identity it carries
@@ -213,11 +213,15 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
         }
     }
 
+    /// Every field line of the head, by lower-case name (HeaderValues).
+    static func headerValues(_ h: HTTPHeaders) -> [String: [String]] {
+        var headers: [String: [String]] = [:]
+        for (k, v) in h where k.lowercased() != "authorization" { headers[k.lowercased(), default: []].append(v) }
+        return headers
+    }
+
     private func judge(_ h: HTTPRequestHead, jwtIdentity: String?) {
-        var headers: [String: String] = [:]
-        if l7.usesHeaders {
-            for (k, v) in h.headers where k.lowercased() != "authorization" { headers[k.lowercased()] = v }
-        }
+        let headers = l7.usesHeaders ? Self.headerValues(h.headers) : [:]
         let verdict = gate(h.method.rawValue, h.uri, h.headers.first(name: "host") ?? "", headers, jwtIdentity)
         let (head, upgrade) = Self.upgradeIntent(h)
         self.upgrade = upgrade

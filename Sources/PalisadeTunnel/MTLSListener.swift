@@ -37,6 +37,17 @@ public final class MTLSListener: @unchecked Sendable {
     public var onStream: (@Sendable (InboundRequest, InboundDecision, String?) -> Void)?
     /// One entry per request through the L7 proxy.
     public var accessLog: (@Sendable (AccessLogEntry) -> Void)?
+    /// Deadline and caps for connections still handshaking (read at accept).
+    public var limits: HandshakeLimits {
+        get { lock.withLock { _limits } }
+        set { lock.withLock { _limits = newValue } }
+    }
+    private var _limits = HandshakeLimits()
+    let pending = PendingHandshakes()
+    /// Called with each connection refused or closed before its handshake completed.
+    public var onRefuse: (@Sendable (HandshakeRefusal) -> Void)?
+    /// Connections accepted and still handshaking.
+    public var pendingHandshakes: Int { pending.total }
 
     public static func context(certificateFile: String, keyFile: String, roots: [Certificate]) throws -> NIOSSLContext {
         let chain = try NIOSSLCertificate.fromPEMFile(certificateFile).map { NIOSSLCertificateSource.certificate($0) }
@@ -79,9 +90,18 @@ public final class MTLSListener: @unchecked Sendable {
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { channel in
                 guard let me = weakSelf else { return channel.close() }
-                me.lock.lock(); let ctx = me.context; me.lock.unlock()
+                let (ctx, limits) = me.lock.withLock { (me.context, me._limits) }
+                // Anyone who reaches the port can open connections and never
+                // start TLS: each is counted until its handshake completes.
+                let source = channel.remoteAddress?.ipAddress ?? "unknown"
+                if let refusal = me.pending.admit(source, limits) {
+                    me.onRefuse?(refusal)
+                    return channel.close()
+                }
                 return channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: ctx, customVerificationCallbackWithMetadata: verify))
+                    try channel.pipeline.syncOperations.addHandler(HandshakeGuard(pending: me.pending, source: source, timeout: limits.timeout,
+                                                                                  onTimeout: { weakSelf?.onRefuse?(.timeout) }))
                     try channel.pipeline.syncOperations.addHandler(IdentityEcho(
                         onFailure: { weakSelf?.onHandshakeFailure?() },
                         tunnel: { ch, peer in

@@ -141,6 +141,10 @@ struct StatusCommand: ParsableCommand {
         } else {
             print("certs:      none issued yet")
         }
+        if let f = state.files {
+            print("files:      \(f.open) of \(f.limit) descriptors open")
+            if f.limit > 0, f.open * 10 > f.limit * 9 { problems.append("file descriptors nearly exhausted: \(f.open) of \(f.limit)") }
+        }
         if let e = state.policy.lastError { problems.append("policy: \(e)") }
         if let why = state.policy.notInstalled {
             print("policy:     NOT INSTALLED, the previous policy stays: \(why)")

@@ -59,6 +59,39 @@ final class HTTPRulesTests: XCTestCase {
         }
     }
 
+    /// Repeated or listed headers: a deny matches any value, an allow needs every value.
+    func testRepeatedHeadersNeitherSkipDenyNorWidenAllow() throws {
+        let set = HTTPRuleSet(try HTTPPolicyParser.parse("""
+        apiVersion: palisade.dev/v1
+        kind: HTTPPolicy
+        metadata: {name: h}
+        spec:
+          selector: {labels: {app: h}}
+          rules:
+            - paths: ["/open/**"]
+            - paths: ["/prod/**"]
+              headers: {x-env: prod}
+            - action: deny
+              headers: {x-debug: "1"}
+        """, file: "h.yaml"))
+        func allowed(_ path: String, _ headers: [String: [String]]) -> Bool {
+            set.decide(HTTPRequestFacts(source: nil, method: "GET", path: path, host: "h", headers: headers), labels: ["app": "h"], port: 80).allowed
+        }
+        XCTAssertTrue(allowed("/open/a", [:]))
+        XCTAssertTrue(allowed("/open/a", ["x-debug": ["0"]]))
+        for debug in [["1"], ["1", "0"], ["0", "1"], ["1", "1"], ["0, 1"], ["0,1"], ["2", " 1 "]] {
+            XCTAssertFalse(allowed("/open/a", ["x-debug": debug]), "x-debug \(debug) must meet the deny")
+        }
+        XCTAssertTrue(allowed("/prod/a", ["x-env": ["prod"]]))
+        XCTAssertTrue(allowed("/prod/a", ["x-env": ["prod", "prod"]]))
+        for env in [[], ["dev"], ["prod", "dev"], ["dev", "prod"], ["prod, dev"]] as [[String]] {
+            XCTAssertFalse(allowed("/prod/a", env.isEmpty ? [:] : ["x-env": env]), "x-env \(env) must not meet the allow")
+        }
+        // A rule value with a comma compares with the whole list.
+        XCTAssertTrue(HeaderValues.matches(["a", "b"], "a, b", denyLike: false))
+        XCTAssertTrue(HeaderValues.matches(["a, b"], "a, b", denyLike: true))
+    }
+
     func testGlobs() {
         let p = PathPattern("/api/*/items/**")!
         XCTAssertTrue(p.matches("/api/v1/items"))

@@ -1,6 +1,8 @@
 import Foundation
 import XCTest
 import JWTKit
+import NIOHPACK
+import NIOHTTP1
 import PalisadeAgent
 import PalisadeJWT
 import PalisadePolicy
@@ -36,6 +38,43 @@ extension TunnelTests {
 
     func curl(_ args: [String]) throws -> String {
         try sh(["curl", "-s", "--max-time", "10"] + args).output
+    }
+
+    /// Random header multisets: the HTTP/1.1 and the HTTP/2 proxy collect
+    /// the same values and reach the same decision, and x-debug: 1 in any
+    /// line or list element never passes the deny rule.
+    func testBothProtocolsReadRepeatedHeadersAlike() throws {
+        let rules = try XCTUnwrap(try HTTPRuleSet.load([(name: "h.yaml", text: """
+            apiVersion: palisade.dev/v1
+            kind: HTTPPolicy
+            metadata: {name: h}
+            spec:
+              selector: {labels: {app: h}}
+              rules:
+                - paths: ["/open/**"]
+                - paths: ["/prod/**"]
+                  headers: {x-env: prod}
+                - action: deny
+                  headers: {x-debug: "1"}
+            """)]).destination(labels: ["app": "h"], port: 80))
+        var r = SystemRandomNumberGenerator()
+        let names = ["x-debug", "X-Debug", "x-env", "x-other"], values = ["1", "0", "prod", "dev", "1, 0", "prod, prod", " 1", "prod,dev"]
+        var denied = 0, allowed = 0
+        for _ in 0..<3_000 {
+            let lines = (0..<Int.random(in: 0...4, using: &r)).map { _ in (names.randomElement(using: &r)!, values.randomElement(using: &r)!) }
+            let path = ["/open/a", "/prod/a"].randomElement(using: &r)!
+            let h1 = L7Gate.headerValues(HTTPHeaders(lines))
+            let h2 = L7HTTP2.facts(HPACKHeaders(lines.map { ($0.0.lowercased(), $0.1) })).headers
+            XCTAssertEqual(h1, h2, "\(lines)")
+            let d1 = rules.decide(HTTPRequestFacts(source: nil, method: "GET", path: path, host: "h", headers: h1))
+            let d2 = rules.decide(HTTPRequestFacts(source: nil, method: "GET", path: path, host: "h", headers: h2))
+            XCTAssertEqual(d1, d2, "\(lines)")
+            let debugOne = lines.contains { $0.0.lowercased() == "x-debug" && $0.1.split(separator: ",").contains { $0.trimmingCharacters(in: .whitespaces) == "1" } }
+            if debugOne { XCTAssertFalse(d1.allowed, "x-debug: 1 hidden among \(lines)") }
+            if d1.allowed { allowed += 1 } else { denied += 1 }
+        }
+        XCTAssertGreaterThan(allowed, 300)
+        XCTAssertGreaterThan(denied, 300)
     }
 
     func testHTTP2StreamsJudgedOneByOneThroughTheTunnel() throws {
@@ -169,6 +208,49 @@ extension TunnelTests {
                 XCTAssertEqual(try status([]), "403", "\(what): no token")
                 XCTAssertEqual(try status(["-H", "Authorization: Bearer \(forged)"]), "403", "\(what): forged")
                 XCTAssertEqual(try status(["-H", "Authorization: Bearer \(mallory)"]), "403", "\(what): deny wins")
+            }
+        }
+    }
+
+    /// The header bypasses found by trying: a deny rule on `x-debug: 1` is
+    /// met however the header is repeated or listed, over HTTP/1.1 and
+    /// HTTP/2, through the tunnel and on the same node.
+    func testRepeatedHeadersCannotSkipADenyRule() throws {
+        let rules = try XCTUnwrap(try HTTPRuleSet.load([(name: "h.yaml", text: """
+            apiVersion: palisade.dev/v1
+            kind: HTTPPolicy
+            metadata: {name: web}
+            spec:
+              selector: {labels: {app: web}}
+              rules:
+                - paths: ["/public/**"]
+                - action: deny
+                  headers: {x-debug: "1"}
+            """)]).destination(labels: ["app": "web"], port: 80))
+        let gate: HTTPGate = { method, uri, host, headers, jwt in
+            let d = rules.decide(HTTPRequestFacts(source: nil, jwtIdentity: jwt, method: method, path: uri, host: host, headers: headers))
+            return HTTPVerdict(allowed: d.allowed, reason: d.reason, rule: d.rule)
+        }
+        for http2 in [false, true] {
+            let port = freeLoopbackPort()
+            let server = http2 ? ["nghttpd", "--no-tls", "-d", "WWW", "\(port)"] : [Self.python, Self.netprobe, "http", "WWW", "\(port)"]
+            let p = try startL7(server, port: port)
+            defer { kill(p.processIdentifier, SIGKILL); p.waitUntilExit() }
+            listener.authorize = { _ in .deliverHTTP(mark: 0, destination: "spiffe://example.org/ns/default/sa/web", gate: gate) }
+            let url = "http://127.0.0.1:\(proxy.localPort)/public/a.txt"
+            for path in ["tunnel", "same node"] {
+                localHTTP = path == "tunnel" ? nil : OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web", gate: gate)
+                let what = "\(path), \(http2 ? "HTTP/2" : "HTTP/1.1")"
+                func status(_ headers: [String]) throws -> String {
+                    try curl((http2 ? ["--http2-prior-knowledge"] : []) + ["-o", "/dev/null", "-w", "%{http_code}"]
+                             + headers.flatMap { ["-H", $0] } + [url])
+                }
+                XCTAssertEqual(try status([]), "200", what)
+                XCTAssertEqual(try status(["x-debug: 0"]), "200", what)
+                for attempt in [["x-debug: 1"], ["x-debug: 1", "x-debug: 0"], ["x-debug: 0", "x-debug: 1"], ["x-debug: 1", "x-debug: 1"],
+                                ["x-debug: 0, 1"], ["X-Debug: 0", "x-debug: 1"]] {
+                    XCTAssertEqual(try status(attempt), "403", "\(what): \(attempt)")
+                }
             }
         }
     }
