@@ -36,6 +36,14 @@ extension TunnelTests {
         return p
     }
 
+    /// A gate that judges by real HTTP rules (the caller has no SPIFFE ID here).
+    static func gate(_ rules: HTTPDestinationRules) -> HTTPGate {
+        { method, uri, host, headers, jwt in
+            let d = rules.decide(HTTPRequestFacts(source: nil, jwtIdentity: jwt, method: method, path: uri, host: host, headers: headers))
+            return HTTPVerdict(allowed: d.allowed, reason: d.reason, rule: d.rule)
+        }
+    }
+
     func curl(_ args: [String]) throws -> String {
         try sh(["curl", "-s", "--max-time", "10"] + args).output
     }
@@ -178,10 +186,7 @@ extension TunnelTests {
                 - action: deny
                   from: [{jwt: "jwt:https://idp.test/mallory"}]
             """)]).destination(labels: ["app": "web"], port: 80))
-        let gate: HTTPGate = { method, uri, host, headers, jwt in
-            let d = rules.decide(HTTPRequestFacts(source: nil, jwtIdentity: jwt, method: method, path: uri, host: host, headers: headers))
-            return HTTPVerdict(allowed: d.allowed, reason: d.reason, rule: d.rule)
-        }
+        let gate = Self.gate(rules)
         let body = "\(dir!)/body.bin"
         try Data(repeating: 0x61, count: 300_000).write(to: URL(fileURLWithPath: body))
         // HTTP/1.1 against a sink that counts the body; HTTP/2 against nghttpd.
@@ -227,10 +232,7 @@ extension TunnelTests {
                 - action: deny
                   headers: {x-debug: "1"}
             """)]).destination(labels: ["app": "web"], port: 80))
-        let gate: HTTPGate = { method, uri, host, headers, jwt in
-            let d = rules.decide(HTTPRequestFacts(source: nil, jwtIdentity: jwt, method: method, path: uri, host: host, headers: headers))
-            return HTTPVerdict(allowed: d.allowed, reason: d.reason, rule: d.rule)
-        }
+        let gate = Self.gate(rules)
         for http2 in [false, true] {
             let port = freeLoopbackPort()
             let server = http2 ? ["nghttpd", "--no-tls", "-d", "WWW", "\(port)"] : [Self.python, Self.netprobe, "http", "WWW", "\(port)"]
