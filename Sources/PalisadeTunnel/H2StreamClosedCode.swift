@@ -8,7 +8,9 @@ import NIOCore
 /// in front of NIO's HTTP/2 handler: it follows frame headers (never
 /// payloads, so HPACK stays NIO's alone), notes such a HEADERS frame, and
 /// gives the RST_STREAM or GOAWAY that NIO sends about it the code the RFC
-/// names. Everything else passes untouched.
+/// names. And after a connection error, once NIO's GOAWAY (with an error
+/// code) is written, it closes the connection, as RFC 9113 §5.4.1 asks (NIO
+/// left it open: h2spec 5.4.1/1). Everything else passes untouched.
 final class H2StreamClosedCode: ChannelDuplexHandler, @unchecked Sendable {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = ByteBuffer
@@ -69,7 +71,7 @@ final class H2StreamClosedCode: ChannelDuplexHandler, @unchecked Sendable {
             context.write(data, promise: promise)   // (NIO's HTTP/2 handler writes no file regions here)
             return
         }
-        var changed = false
+        var changed = false, connectionError = false
         outbound.scan(buffer) { type, _, stream, payload in
             switch type {
             case Self.rstStream:
@@ -86,11 +88,21 @@ final class H2StreamClosedCode: ChannelDuplexHandler, @unchecked Sendable {
                     changed = true
                 }
                 pending.removeAll()
+                if let at = payload, at + 8 <= buffer.writerIndex, buffer.getInteger(at: at + 4, as: UInt32.self) != 0 {
+                    connectionError = true
+                }
             default:
                 break
             }
         }
-        context.write(changed ? wrapOutboundOut(.byteBuffer(buffer)) : data, promise: promise)
+        let out = changed ? wrapOutboundOut(.byteBuffer(buffer)) : data
+        guard connectionError else {
+            context.write(out, promise: promise)
+            return
+        }
+        let written = promise ?? context.eventLoop.makePromise()
+        written.futureResult.whenComplete { _ in context.close(promise: nil) }
+        context.write(out, promise: written)
     }
 }
 

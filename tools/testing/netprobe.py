@@ -135,7 +135,8 @@ def sink(port):
 def h2raw(case, addr, port):
     """Sends one hand-made HTTP/2 protocol violation (or a valid request) with
     prior knowledge and prints what came back, leaving out SETTINGS, PING and
-    WINDOW_UPDATE: e.g. "GOAWAY:PROTOCOL_ERROR", "RST_STREAM:1:PROTOCOL_ERROR",
+    WINDOW_UPDATE: e.g. "GOAWAY:PROTOCOL_ERROR closed" (a GOAWAY is followed by
+    whether the peer then closed, or "still-open"), "RST_STREAM:1:PROTOCOL_ERROR",
     "HEADERS:1 DATA:1", or "closed" when the connection ended silently."""
     import struct
     names = {0: "DATA", 1: "HEADERS", 3: "RST_STREAM", 4: "SETTINGS", 6: "PING", 7: "GOAWAY", 8: "WINDOW_UPDATE"}
@@ -162,6 +163,7 @@ def h2raw(case, addr, port):
         "rst-on-idle-stream": preface + frame(3, 0, 5, struct.pack(">I", 8)),
         "missing-method": preface + frame(1, 0x5, 1, b"\x86\x84" + lit(b":authority", b"h2raw")),
         "data-after-end-stream": preface + frame(1, 0x5, 1, get) + frame(0, 0x1, 1, b"late"),
+        "ping-wrong-length": preface + frame(6, 0, 0, b"1234567"),
     }
     s = socket.create_connection((addr, port), timeout=3)
     s.sendall(cases[case])
@@ -184,6 +186,17 @@ def h2raw(case, addr, port):
             if any(o.startswith(("GOAWAY", "RST_STREAM")) for o in out) or "DATA:1" in out: break
     except OSError:
         pass
+    # After a connection error (GOAWAY) the peer must also close (RFC 9113 5.4.1).
+    if out and out[-1].startswith("GOAWAY"):
+        s.settimeout(2)
+        try:
+            while s.recv(65536):
+                pass
+            out.append("closed")
+        except socket.timeout:
+            out.append("still-open")
+        except OSError:
+            out.append("closed")
     print(" ".join(out) or "closed")
 
 H1_CASES = {
