@@ -64,7 +64,7 @@ final class H2Relay: @unchecked Sendable {
         try upstream.pipeline.syncOperations.addHandler(NIOHTTP2Handler(mode: .client, connectionConfiguration: upConfig))
         try upstream.pipeline.syncOperations.addHandler(H2RelaySide(relay, isDown: false))
         try downstream.pipeline.syncOperations.addHandler(CloseOnEndOfInput())
-        try downstream.pipeline.syncOperations.addHandler(H2StreamClosedCode())
+        try downstream.pipeline.syncOperations.addHandler(H2CallerGuard())
         try downstream.pipeline.syncOperations.addHandler(NIOHTTP2Handler(mode: .server, connectionConfiguration: config))
         try downstream.pipeline.syncOperations.addHandler(H2RelaySide(relay, isDown: true))
         upstream.closeFuture.whenComplete { _ in downstream.close(promise: nil) }

@@ -132,6 +132,35 @@ extension TunnelTests {
         }
     }
 
+    /// HTTP/2 floods against the proxy's caller side: each ends with a
+    /// GOAWAY and a closed connection well before the flood is through, and
+    /// a legitimate caller is served right after each.
+    func testHTTP2FloodsCloseTheOffendingConnection() throws {
+        let port = freeLoopbackPort()
+        let server = try startL7(["nghttpd", "--no-tls", "-d", "WWW", "\(port)"], port: port)
+        defer { server.terminate() }
+        listener.authorize = { _ in
+            .deliverHTTP(mark: 0, destination: "spiffe://example.org/ns/default/sa/web") { _, _, _, _, _ in HTTPVerdict(allowed: true, reason: "", rule: "all") }
+        }
+        let url = "http://127.0.0.1:\(proxy.localPort)/public/a.txt"
+        let expected = [
+            "rapid-reset": "GOAWAY:ENHANCE_YOUR_CALM closed",        // CVE-2023-44487
+            "continuation": "GOAWAY:ENHANCE_YOUR_CALM closed",       // the 2024 CONTINUATION family
+            "settings": "GOAWAY:ENHANCE_YOUR_CALM closed",
+            "ping": "GOAWAY:ENHANCE_YOUR_CALM closed",
+            "window-update": "GOAWAY:ENHANCE_YOUR_CALM closed",      // far more than the data sent asks for
+            "empty-data": "GOAWAY:ENHANCE_YOUR_CALM closed",
+            "hpack-bomb": "GOAWAY:COMPRESSION_ERROR closed",         // past the 64 KiB header list while decoding
+        ]
+        for (attack, answer) in expected.sorted(by: { $0.key < $1.key }) {
+            let start = Date()
+            let got = try sh([Self.python, Self.netprobe, "h2flood", attack, "127.0.0.1", "\(proxy.localPort)", "100000"]).output
+            print("\(attack): \(got.trimmingCharacters(in: .whitespacesAndNewlines)) in \(String(format: "%.2f", Date().timeIntervalSince(start))) s")
+            XCTAssertEqual(got.trimmingCharacters(in: .whitespacesAndNewlines), answer, attack)
+            XCTAssertEqual(try curl(["--http2-prior-knowledge", url]), "public a", "a legitimate caller after \(attack)")
+        }
+    }
+
     /// tools/testing/h2conform.py (RFC 9113 and RFC 7541, frame by frame:
     /// stream states, frame sizes, flow control, header rules, HPACK) against
     /// the proxy, through the tunnel and on the same node. Every case must

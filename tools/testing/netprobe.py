@@ -396,6 +396,86 @@ def h2badserver(port, case):
             c.close()
     serve_each(port, serve_one)
 
+H2_CODES = {0: "NO_ERROR", 1: "PROTOCOL_ERROR", 2: "INTERNAL_ERROR", 3: "FLOW_CONTROL_ERROR", 5: "STREAM_CLOSED",
+            6: "FRAME_SIZE_ERROR", 7: "REFUSED_STREAM", 8: "CANCEL", 9: "COMPRESSION_ERROR", 11: "ENHANCE_YOUR_CALM"}
+
+def h2flood(attack, addr, port, count):
+    """One HTTP/2 flood, sent as fast as the socket takes it while the answers
+    are read: prints the first GOAWAY's code and whether the peer then
+    closed ("GOAWAY:ENHANCE_YOUR_CALM closed"), "no-goaway closed", or
+    "still-open" when the connection survived the whole flood (5 s after)."""
+    import struct, threading
+    def frame(t, flags, stream, payload=b""):
+        return struct.pack(">I", len(payload))[1:] + bytes([t, flags]) + struct.pack(">I", stream) + payload
+    def lit(name, value):   # literal header field with incremental indexing, new name (RFC 7541 6.2.1)
+        return b"\x40" + bytes([len(name)]) + name + hpack_len(len(value)) + value
+    def hpack_len(n):       # 7-bit prefix integer, no Huffman
+        if n < 127: return bytes([n])
+        out, n = [127], n - 127
+        while n >= 128: out.append(n % 128 + 128); n //= 128
+        return bytes(out + [n])
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0)
+    get = b"\x82\x86\x84" + b"\x00\x0a:authority\x05flood"
+    def frames():
+        if attack == "rapid-reset":
+            for i in range(count):
+                sid = 1 + 2 * i
+                yield frame(1, 0x5, sid, get) + frame(3, 0, sid, struct.pack(">I", 8))
+        elif attack == "continuation":
+            yield frame(1, 0x0, 1, get)
+            for _ in range(count): yield frame(9, 0x0, 1, b"\x00\x01a\x01b")
+        elif attack == "settings":
+            for _ in range(count): yield frame(4, 0, 0)
+        elif attack == "ping":
+            for i in range(count): yield frame(6, 0, 0, struct.pack(">Q", i))
+        elif attack == "window-update":
+            for _ in range(count): yield frame(8, 0, 0, struct.pack(">I", 1))
+        elif attack == "empty-data":
+            yield frame(1, 0x4, 1, b"\x83\x86\x84" + b"\x00\x0a:authority\x05flood")
+            for _ in range(count): yield frame(0, 0, 1)
+        elif attack == "hpack-bomb":
+            # One 4 KiB header into the dynamic table, then header blocks that
+            # name it again and again (a few bytes that decode to megabytes).
+            yield frame(1, 0x5, 1, get + lit(b"x-bomb", b"a" * 4000))
+            for i in range(count):
+                yield frame(1, 0x5, 3 + 2 * i, get + b"\xbe" * 64)   # index 62: the newest dynamic entry
+        else:
+            raise SystemExit("unknown attack " + attack)
+    s = socket.create_connection((addr, port), timeout=5)
+    s.sendall(preface)
+    result, done = [], threading.Event()
+    def reader():
+        got = b""
+        try:
+            while not done.is_set():
+                d = s.recv(65536)
+                if not d:
+                    result.append("closed"); break
+                got += d
+                while len(got) >= 9:
+                    n = struct.unpack(">I", b"\x00" + got[:3])[0]
+                    if len(got) < 9 + n: break
+                    t, payload = got[3], got[9:9 + n]
+                    got = got[9 + n:]
+                    if t == 7 and not any(r.startswith("GOAWAY") for r in result):
+                        result.append("GOAWAY:" + H2_CODES.get(struct.unpack(">I", payload[4:8])[0], "?"))
+        except socket.timeout:
+            result.append("still-open")
+        except OSError:
+            result.append("closed")
+    t = threading.Thread(target=reader); t.start()
+    start = time.time()
+    try:
+        for f in frames():
+            s.sendall(f)
+    except OSError:
+        pass
+    t.join(timeout=10)
+    done.set()
+    if not any(r.startswith("GOAWAY") for r in result): result.insert(0, "no-goaway")
+    print(" ".join(r for r in result if r in ("closed", "still-open") or r.startswith(("GOAWAY", "no-goaway"))), flush=True)
+    print("seconds %.2f" % (time.time() - start), file=sys.stderr)
+
 def hold(addr, port, seconds, interval):
     ok = failed = 0
     s = socket.create_connection((addr, port), timeout=2)
@@ -426,4 +506,5 @@ if __name__ == "__main__":
     elif a[0] == "wsclient": sys.exit(wsclient(a[1], int(a[2]), a[3], int(a[4])))
     elif a[0] == "h2badserver": h2badserver(int(a[1]), a[2])
     elif a[0] == "hold": sys.exit(hold(a[1], int(a[2]), float(a[3]), float(a[4])))
+    elif a[0] == "h2flood": h2flood(a[1], a[2], int(a[3]), int(a[4]) if len(a) > 4 else 10000)
     else: sys.exit(2)

@@ -1,5 +1,8 @@
 import NIOCore
 
+/// On the caller's byte stream, in front of NIO's HTTP/2 handler, following
+/// frame headers (never payloads, so HPACK stays NIO's alone). Three jobs:
+///
 /// RFC 9113 §5.1: a HEADERS frame on a stream the caller already ended
 /// (END_STREAM sent: half-closed (remote)) or reset is a STREAM_CLOSED
 /// error. swift-nio-http2 answers it with PROTOCOL_ERROR (a stream error
@@ -10,16 +13,29 @@ import NIOCore
 /// gives the RST_STREAM or GOAWAY that NIO sends about it the code the RFC
 /// names. And after a connection error, once NIO's GOAWAY (with an error
 /// code) is written, it closes the connection, as RFC 9113 §5.4.1 asks (NIO
-/// left it open: h2spec 5.4.1/1). Everything else passes untouched.
-final class H2StreamClosedCode: ChannelDuplexHandler, @unchecked Sendable {
+/// left it open: h2spec 5.4.1/1).
+///
+/// WINDOW_UPDATE floods, which NIO's frame-rate limits do not count: a
+/// caller only has reason to open a window for data it was sent (a stream's
+/// and the connection's) or for a stream it opens, so more WINDOW_UPDATE
+/// frames than two per DATA frame sent and one per stream opened (beyond a
+/// slack) end the connection with GOAWAY ENHANCE_YOUR_CALM.
+///
+/// Everything else passes untouched.
+final class H2CallerGuard: ChannelDuplexHandler, @unchecked Sendable {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = ByteBuffer
     typealias OutboundIn = IOData
     typealias OutboundOut = IOData
 
-    static let headers: UInt8 = 1, data: UInt8 = 0, rstStream: UInt8 = 3, goaway: UInt8 = 7
+    static let headers: UInt8 = 1, data: UInt8 = 0, rstStream: UInt8 = 3, goaway: UInt8 = 7, windowUpdate: UInt8 = 8
     static let endStream: UInt8 = 0x1
-    static let protocolError: UInt32 = 1, streamClosed: UInt32 = 5
+    static let protocolError: UInt32 = 1, streamClosed: UInt32 = 5, enhanceYourCalm: UInt32 = 11
+    /// WINDOW_UPDATE frames allowed beyond the DATA frames sent.
+    static let windowUpdateSlack = 1000
+    /// WINDOW_UPDATE frames received minus DATA frames sent.
+    private var unearnedWindowUpdates = 0
+    private var calmedDown = false
 
     private var inbound = FrameScanner(skip: 24)    // the client's preface first
     private var outbound = FrameScanner(skip: 0)
@@ -48,6 +64,7 @@ final class H2StreamClosedCode: ChannelDuplexHandler, @unchecked Sendable {
         inbound.scan(buffer) { type, flags, stream, _ in
             switch type {
             case Self.headers:
+                unearnedWindowUpdates -= 1
                 if ended.contains(stream) {
                     // (NIO ignores HEADERS on a stream it reset itself: no
                     // answer comes, so the set is bounded too.)
@@ -59,11 +76,28 @@ final class H2StreamClosedCode: ChannelDuplexHandler, @unchecked Sendable {
                 if flags & Self.endStream != 0 { end(stream) }
             case Self.rstStream:
                 end(stream)
+            case Self.windowUpdate:
+                unearnedWindowUpdates += 1
             default:
                 break
             }
         }
+        if unearnedWindowUpdates > Self.windowUpdateSlack {
+            enhanceYourCalm(context)
+            return
+        }
         context.fireChannelRead(data)
+    }
+
+    /// GOAWAY ENHANCE_YOUR_CALM (written whole, between NIO's frames) and the end.
+    private func enhanceYourCalm(_ context: ChannelHandlerContext) {
+        guard !calmedDown else { return }
+        calmedDown = true
+        var b = context.channel.allocator.buffer(capacity: 17)
+        b.writeBytes([0, 0, 8, Self.goaway, 0, 0, 0, 0, 0])
+        b.writeInteger(UInt32(0))                     // last stream id: none processed after this
+        b.writeInteger(Self.enhanceYourCalm)
+        context.writeAndFlush(wrapOutboundOut(.byteBuffer(b))).whenComplete { _ in context.close(promise: nil) }
     }
 
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
@@ -74,6 +108,8 @@ final class H2StreamClosedCode: ChannelDuplexHandler, @unchecked Sendable {
         var changed = false, connectionError = false
         outbound.scan(buffer) { type, _, stream, payload in
             switch type {
+            case Self.data:
+                unearnedWindowUpdates -= 2   // a stream's and the connection's window
             case Self.rstStream:
                 end(stream)
                 if pending.remove(stream) != nil, let at = payload, at + 4 <= buffer.writerIndex,
