@@ -70,6 +70,10 @@ public final class Agent {
     public init(config: AgentConfig, logger: Logger) throws {
         self.config = config
         log = logger
+        var http = HTTPLimits()
+        http.requestHeadTimeout = .milliseconds(Int64(config.httpRequestHeadTimeoutMilliseconds))
+        http.bodyIdleTimeout = .milliseconds(Int64(config.httpBodyIdleTimeoutMilliseconds))
+        HTTPLimits.current = http
         let files = FileDescriptors.raiseLimit()
         log.info("file descriptors", metadata: ["limit": "\(files)"])
         try FileManager.default.createDirectory(atPath: config.stateDir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])

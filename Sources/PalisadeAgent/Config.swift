@@ -62,6 +62,10 @@ public struct AgentConfig: Sendable {
     public var handshakeTimeoutMilliseconds = 10_000
     public var maxPendingHandshakes = 1024
     public var maxPendingHandshakesPerSource = 64
+    /// HTTP proxy: a request head must be complete this long after its first
+    /// byte (408 past it), a request body may stall this long.
+    public var httpRequestHeadTimeoutMilliseconds = 10_000
+    public var httpBodyIdleTimeoutMilliseconds = 30_000
 
     public init() {}
 
@@ -92,7 +96,8 @@ public struct AgentConfig: Sendable {
                                     "eventsPerSecond", "pollIntervalMilliseconds", "hostAddresses", "workloads", "metricsAddress", "metricsIdentityPairs", "allowedFlowEvents", "svidLifetimeSeconds", "federatedBundles", "tunnelAddress", "jwtIssuers",
                                     "outboundPort", "nodes", "remoteWorkloads", "nodeName", "store", "advertiseAddress",
                                     "locality", "services", "accessLogSampling",
-                                    "handshakeTimeoutMilliseconds", "maxPendingHandshakes", "maxPendingHandshakesPerSource"]
+                                    "handshakeTimeoutMilliseconds", "maxPendingHandshakes", "maxPendingHandshakesPerSource",
+                                    "httpRequestHeadTimeoutMilliseconds", "httpBodyIdleTimeoutMilliseconds"]
 
     /// "HOST:PORT" with an IP address (IPv6 in brackets), or "off" (nil).
     static func address(_ v: YAMLValue) throws -> (host: String, port: Int)? {
@@ -134,6 +139,8 @@ public struct AgentConfig: Sendable {
         if let v = m["handshakeTimeoutMilliseconds"] { c.handshakeTimeoutMilliseconds = try v.int(in: 100...300_000) }
         if let v = m["maxPendingHandshakes"] { c.maxPendingHandshakes = try v.int(in: 1...1_000_000) }
         if let v = m["maxPendingHandshakesPerSource"] { c.maxPendingHandshakesPerSource = try v.int(in: 1...1_000_000) }
+        if let v = m["httpRequestHeadTimeoutMilliseconds"] { c.httpRequestHeadTimeoutMilliseconds = try v.int(in: 100...600_000) }
+        if let v = m["httpBodyIdleTimeoutMilliseconds"] { c.httpBodyIdleTimeoutMilliseconds = try v.int(in: 100...3_600_000) }
         if let v = m["metricsAddress"] { c.metricsAddress = try address(v) }
         if let v = m["tunnelAddress"] { c.tunnelAddress = try address(v) }
         if let v = m["federatedBundles"] {

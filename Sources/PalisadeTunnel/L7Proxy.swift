@@ -1,4 +1,5 @@
 import Foundation
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
 
@@ -51,6 +52,35 @@ public struct AccessLogEntry: Codable, Sendable {
     public var durationMs: Double
     public var decision: String
     public var rule: String?
+}
+
+/// What a caller of the HTTP proxy may hold: how long a request head may
+/// take once its first byte arrived (slow headers, "slowloris"), how long a
+/// request body may stall, and how large a head may be (431 past it; the
+/// HTTP/2 side advertises the same header list size). Set once by the agent
+/// from its configuration, read when a connection starts.
+public struct HTTPLimits: Sendable {
+    public var requestHeadTimeout: TimeAmount = .seconds(10)
+    public var bodyIdleTimeout: TimeAmount = .seconds(30)
+    /// A connection idle between requests is closed after this (nginx: 75 s).
+    public var keepAliveTimeout: TimeAmount = .seconds(75)
+    public var maxHeaderListSize = 64 << 10
+    public var maxHeaderFields = 256
+    public init() {}
+
+    private static let box = NIOLockedValueBox(HTTPLimits())
+    public static var current: HTTPLimits {
+        get { box.withLockedValue { $0 } }
+        set { box.withLockedValue { $0 = newValue } }
+    }
+
+    var decoderLimits: NIOHTTPDecoderLimitConfiguration {
+        var c = NIOHTTPDecoderLimitConfiguration()
+        c.maxHeaderListSize = maxHeaderListSize
+        c.maxHeaderFieldSize = maxHeaderListSize
+        c.maxHeaderFieldCount = maxHeaderFields
+        return c
+    }
 }
 
 /// Who is talking to whom through one proxied connection, and where its
@@ -106,8 +136,104 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
     private var inputClosed = false
     private var pendingRead = false
     static let maxQueuedParts = 4096
+    let limits = HTTPLimits.current
+    /// Between requests: set when the first byte of the next head arrives,
+    /// the head must be complete before it fires (408, then the end).
+    private var headDeadline: Scheduled<Void>?
+    /// A request body is arriving (head decoded, end not yet).
+    private var inBody = false
+    private var lastBytes = NIODeadline.now()
+    private var bodyCheck: Scheduled<Void>?
+    /// Between requests with no bytes coming: the end of the connection.
+    private var idleDeadline: Scheduled<Void>?
+    /// The workload's response to the current request has begun.
+    private var responseStarted = false
 
     init(_ l7: L7Context) { self.l7 = l7 }
+
+    /// Bytes from the caller arrived (L7RequestClock, before the decoder).
+    func bytesArrived() {
+        lastBytes = .now()
+        idleDeadline?.cancel()
+        idleDeadline = nil
+        guard !inBody, headDeadline == nil, upgrade == .none, !refused, let context else { return }
+        headDeadline = context.eventLoop.scheduleTask(in: limits.requestHeadTimeout) { [weak self] in self?.headTimedOut() }
+    }
+
+    private func headTimedOut() {
+        headDeadline = nil
+        // Not the caller's fault while the proxy itself is not reading.
+        if pendingRead { bytesArrived(); return }
+        timedOut()
+    }
+
+    private func checkBody() {
+        bodyCheck = nil
+        guard inBody, let context else { return }
+        let idle = NIODeadline.now() - lastBytes
+        if pendingRead || idle < limits.bodyIdleTimeout {
+            if pendingRead { lastBytes = .now() }
+            bodyCheck = context.eventLoop.scheduleTask(in: limits.bodyIdleTimeout - (pendingRead ? .zero : idle)) { [weak self] in self?.checkBody() }
+            return
+        }
+        timedOut()
+    }
+
+    /// 408 Request Timeout and the end of the connection (no request in
+    /// progress is forwarded further).
+    private func timedOut() {
+        guard let context, !refused else { return }
+        refused = true
+        queue.removeAll()
+        let upstream = self.upstream
+        self.upstream = nil
+        if responseStarted {
+            context.close(promise: nil)   // a response had begun: no clean answer possible
+            upstream?.close(promise: nil)
+            return
+        }
+        var head = HTTPResponseHead(version: .http1_1, status: .requestTimeout)
+        head.headers.add(name: "content-length", value: "0")
+        head.headers.add(name: "connection", value: "close")
+        context.write(wrapOutboundOut(.head(head)), promise: nil)
+        context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in
+            context.close(promise: nil)
+            upstream?.close(promise: nil)
+        }
+    }
+
+    /// Follows request boundaries as the decoder delivers them (before
+    /// the queue), for the timers.
+    private func track(_ part: HTTPServerRequestPart) {
+        switch part {
+        case .head:
+            headDeadline?.cancel()
+            headDeadline = nil
+            inBody = true
+            if bodyCheck == nil, let context {
+                bodyCheck = context.eventLoop.scheduleTask(in: limits.bodyIdleTimeout) { [weak self] in self?.checkBody() }
+            }
+        case .body:
+            break
+        case .end:
+            inBody = false
+            bodyCheck?.cancel()
+            bodyCheck = nil
+            armIdle()
+        }
+    }
+
+    /// After a request (and after its response): no bytes for the
+    /// keep-alive timeout end the connection. (Also bounds a pipelined head
+    /// that arrived in part and stalled.)
+    private func armIdle() {
+        guard let context else { return }
+        idleDeadline?.cancel()
+        idleDeadline = context.eventLoop.scheduleTask(in: limits.keepAliveTimeout) { [weak self] in
+            guard let self, !self.awaitingResponse, self.current == nil, !self.pendingRead, !self.inBody else { return }
+            self.finish()
+        }
+    }
 
     /// Backpressure: the caller is read only while the workload's
     /// connection can take more (and no response is awaited with parts
@@ -143,7 +269,9 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        queue.append(unwrapInboundIn(data))
+        let part = unwrapInboundIn(data)
+        track(part)
+        queue.append(part)
         if queue.count > Self.maxQueuedParts {
             context.close(promise: nil)   // pipelining beyond the limit
             return
@@ -263,6 +391,7 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
                 return
             }
             responseStatus = Int(h.status.code)
+            responseStarted = true
             switch (upgrade, h.status) {
             case (.websocket, .switchingProtocols):
                 upgrade = .switching
@@ -283,6 +412,8 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
             responseBytes += b.readableBytes
             context.write(wrapOutboundOut(.body(.byteBuffer(b))), promise: nil)
         case .end(let t):
+            responseStarted = false
+            armIdle()
             context.writeAndFlush(wrapOutboundOut(.end(t)), promise: nil)
             if let cur = current { record(cur, status: responseStatus, bytesOut: responseBytes) }
             current = nil
@@ -311,9 +442,9 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
         // A request the decoder refused (smuggling attempt, bad header name):
-        // answer 400 and close, never forward it.
-        if error is HTTPParserError {
-            badRequest(context)
+        // answer 400 and close, never forward it; a head over the limits: 431.
+        if let e = error as? HTTPParserError {
+            badRequest(context, status: e == .headerOverflow ? .requestHeaderFieldsTooLarge : .badRequest)
         } else {
             context.close(promise: nil)
             upstream?.close(promise: nil)
@@ -322,12 +453,14 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
 
     /// 400 and the end of the connection: the request is never forwarded,
     /// nor anything after it.
-    private func badRequest(_ context: ChannelHandlerContext) {
+    private func badRequest(_ context: ChannelHandlerContext, status: HTTPResponseStatus = .badRequest) {
         guard !refused else { return }
         refused = true
         current = nil
         queue.removeAll()
-        var head = HTTPResponseHead(version: .http1_1, status: .badRequest)
+        headDeadline?.cancel()
+        bodyCheck?.cancel()
+        var head = HTTPResponseHead(version: .http1_1, status: status)
         head.headers.add(name: "content-length", value: "0")
         head.headers.add(name: "connection", value: "close")
         context.write(wrapOutboundOut(.head(head)), promise: nil)
@@ -342,6 +475,9 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
     }
 
     func channelInactive(context: ChannelHandlerContext) {
+        headDeadline?.cancel()
+        bodyCheck?.cancel()
+        idleDeadline?.cancel()
         upstream?.close(promise: nil)
         context.fireChannelInactive()
     }
@@ -490,8 +626,11 @@ final class L7ProtocolSniffer: ChannelInboundHandler, RemovableChannelHandler, @
                 try upstream.pipeline.syncOperations.addHandlers([upEncoder, upDecoder, up])
                 let ops = stream.pipeline.syncOperations
                 // After the sniffer, in order: bytes -> requests -> gate.
-                let decoder = ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .forwardBytes))
-                try ops.addHandler(decoder, position: .after(self))
+                let decoder = ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .forwardBytes,
+                                                                     limitConfiguration: gate.limits.decoderLimits))
+                let clock = L7RequestClock(gate)
+                try ops.addHandler(clock, position: .after(self))
+                try ops.addHandler(decoder, position: .after(clock))
                 let encoder = HTTPResponseEncoder()
                 try ops.addHandler(encoder, position: .after(decoder))
                 try ops.addHandler(gate, position: .after(encoder))
@@ -510,5 +649,19 @@ final class L7ProtocolSniffer: ChannelInboundHandler, RemovableChannelHandler, @
         context.fireChannelReadComplete()
         if inputClosed { context.fireUserInboundEventTriggered(ChannelEvent.inputClosed) }
         context.pipeline.syncOperations.removeHandler(self, promise: nil)
+    }
+}
+
+/// Tells the gate when caller bytes arrive (it sits before the decoder,
+/// which delivers a head only once it is complete): the slow-headers and
+/// stalled-body timers start from the bytes, not from the decoded parts.
+final class L7RequestClock: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    typealias InboundOut = ByteBuffer
+    private weak var gate: L7Gate?
+    init(_ gate: L7Gate) { self.gate = gate }
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        gate?.bytesArrived()
+        context.fireChannelRead(data)
     }
 }

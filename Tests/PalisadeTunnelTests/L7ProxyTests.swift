@@ -433,6 +433,7 @@ extension TunnelTests {
         let expected = ["valid": "200", "cl-and-te": "400", "te-chunked-not-last": "400", "te-unknown": "400", "te-space-before-colon": "400",
                         "te-obs-fold": "400", "cl-twice-differing": "400", "cl-list": "400", "cl-plus-sign": "400", "chunk-size-hex-prefix": "400",
                         "host-twice": "400", "host-missing": "400", "nul-in-header": "400",
+                        "header-too-large": "431", "too-many-headers": "431",
                         "absolute-form-other-host": "403"]   // (its path is not origin-form: denied as ambiguous)
         for (name, answer) in expected.sorted(by: { $0.key < $1.key }) {
             let got = try sh([Self.python, Self.netprobe, "h1raw", name, "127.0.0.1", "\(proxy.localPort)"]).output
@@ -442,6 +443,37 @@ extension TunnelTests {
     }
 
     static var python: String { "/usr/bin/python3" }
+
+    /// Slow callers cannot hold a connection: a head still incomplete after
+    /// the head timeout, or a body that stalls past the idle timeout, gets
+    /// 408 and the end of the connection; a normal caller is served.
+    func testSlowHTTP1CallersAreTimedOut() throws {
+        let saved = HTTPLimits.current
+        defer { HTTPLimits.current = saved }
+        var limits = saved
+        limits.requestHeadTimeout = .seconds(1)
+        limits.bodyIdleTimeout = .seconds(1)
+        HTTPLimits.current = limits
+        let port = freeLoopbackPort()
+        let server = try startL7([Self.python, Self.netprobe, "sink", "\(port)"], port: port)
+        defer { server.terminate() }
+        listener.authorize = { _ in
+            .deliverHTTP(mark: 0, destination: "spiffe://example.org/ns/default/sa/web") { _, _, _, _, _ in HTTPVerdict(allowed: true, reason: "", rule: "all") }
+        }
+        for path in ["tunnel", "same node"] {
+            localHTTP = path == "tunnel" ? nil : OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web") { _, _, _, _, _ in
+                HTTPVerdict(allowed: true, reason: "", rule: "all")
+            }
+            for mode in ["head", "body"] {
+                let got = try sh([Self.python, Self.netprobe, "h1slow", mode, "127.0.0.1", "\(proxy.localPort)", "8"]).output
+                let parts = got.split(separator: " ")
+                XCTAssertEqual(parts.first.map(String.init), "408", "\(path), slow \(mode): \(got)")
+                let seconds = parts.count > 1 ? Double(parts[1].trimmingCharacters(in: .whitespacesAndNewlines)) ?? 99 : 99
+                XCTAssertTrue(seconds >= 0.9 && seconds < 3, "\(path), slow \(mode): ended after \(seconds) s")
+            }
+            XCTAssertEqual(try curl(["--data-binary", "hello", "http://127.0.0.1:\(proxy.localPort)/up"]), "received 5\n", path)
+        }
+    }
 
     func testAccessLogLinesAreJSONWhateverThePathHolds() throws {
         let start = Date(timeIntervalSince1970: 1_795_000_000.25)

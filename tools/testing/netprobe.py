@@ -200,6 +200,8 @@ def h2raw(case, addr, port):
     print(" ".join(out) or "closed")
 
 H1_CASES = {
+    "header-too-large": b"GET /public/a.txt HTTP/1.1\r\nHost: b\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n",
+    "too-many-headers": b"GET /public/a.txt HTTP/1.1\r\nHost: b\r\n" + b"".join(b"X-H%d: 1\r\n" % i for i in range(300)) + b"\r\n",
     # name: (bytes sent; the second request, if any, must never reach the workload)
     "valid": b"GET /public/a.txt HTTP/1.1\r\nHost: b\r\n\r\n",
     "cl-and-te": b"POST /public/a.txt HTTP/1.1\r\nHost: b\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /private/b.txt HTTP/1.1\r\nHost: b\r\n\r\n",
@@ -236,6 +238,47 @@ def h1raw(case, addr, port):
     codes = [line.split(b" ")[1].decode() for line in got.split(b"\r\n") if line.startswith(b"HTTP/1.1 ") and len(line.split(b" ")) > 1]
     print(" ".join(codes) or "closed")
 
+
+def h1slow(mode, addr, port, seconds):
+    """A slow HTTP/1.1 caller: "head" sends a request head one header line
+    every 0.3 s, "body" sends a head announcing 1,000 body bytes, 10 of them,
+    then nothing. Prints the status that came back (or "closed") and after
+    how many seconds the connection ended ("408 1.3"), or "still-open"."""
+    s = socket.create_connection((addr, port), timeout=seconds)
+    start = time.time()
+    if mode == "head":
+        s.sendall(b"GET /public/a.txt HTTP/1.1\r\nHost: slow\r\n")
+        s.setblocking(False)
+        got = b""
+        while time.time() - start < seconds:
+            try:
+                s.sendall(b"X-Slow: 1\r\n")
+            except OSError:
+                break
+            time.sleep(0.3)
+            try:
+                d = s.recv(65536)
+                if not d: break
+                got += d
+            except BlockingIOError:
+                pass
+            except OSError:
+                break
+    else:
+        s.sendall(b"POST /public/a.txt HTTP/1.1\r\nHost: slow\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+        got = b""
+        try:
+            while True:
+                d = s.recv(65536)
+                if not d: break
+                got += d
+        except OSError:
+            pass
+    took = time.time() - start
+    if took >= seconds:
+        print("still-open"); return
+    codes = [line.split(b" ")[1].decode() for line in got.split(b"\r\n") if line.startswith(b"HTTP/1.1 ")]
+    print("%s %.1f" % (" ".join(codes) or "closed", took))
 
 def serve_each(port, serve_one):
     """Listens on 127.0.0.1:port, prints "ready", and hands every
@@ -502,6 +545,7 @@ if __name__ == "__main__":
     elif a[0] == "sink": sink(int(a[1]))
     elif a[0] == "h2raw": h2raw(a[1], a[2], int(a[3]))
     elif a[0] == "h1raw": h1raw(a[1], a[2], int(a[3]))
+    elif a[0] == "h1slow": h1slow(a[1], a[2], int(a[3]), float(a[4]) if len(a) > 4 else 10.0)
     elif a[0] == "wsecho": wsecho(int(a[1]))
     elif a[0] == "wsclient": sys.exit(wsclient(a[1], int(a[2]), a[3], int(a[4])))
     elif a[0] == "h2badserver": h2badserver(int(a[1]), a[2])
