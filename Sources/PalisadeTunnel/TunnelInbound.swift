@@ -211,6 +211,9 @@ extension MTLSListener {
     static func configureTunnel(_ channel: Channel, peer: SpiffeID, authorize: @escaping InboundAuthorizer,
                                 onStream: (@Sendable (InboundRequest, InboundDecision, String?) -> Void)?,
                                 accessLog: (@Sendable (AccessLogEntry) -> Void)?) throws {
+        // The same guard as the proxy's caller side: a GOAWAY of a connection
+        // error ends the connection, WINDOW_UPDATE floods are cut off.
+        try channel.pipeline.syncOperations.addHandler(H2CallerGuard())
         _ = try channel.pipeline.syncOperations.configureHTTP2Pipeline(
             mode: .server, connectionConfiguration: TunnelSettings.connection, streamConfiguration: TunnelSettings.stream
         ) { stream in
@@ -233,6 +236,8 @@ enum TunnelSettings {
             HTTP2Setting(parameter: .maxConcurrentStreams, value: 4096),
             HTTP2Setting(parameter: .initialWindowSize, value: 4 << 20),
             HTTP2Setting(parameter: .maxFrameSize, value: 1 << 16),
+            // A CONNECT request is a few hundred bytes.
+            HTTP2Setting(parameter: .maxHeaderListSize, value: 16 << 10),
         ]
         // The connection-level window (NIO's default is HTTP/2's 64 KiB)
         // caps what all streams together have in flight: with one tunnel

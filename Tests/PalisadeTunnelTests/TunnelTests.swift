@@ -137,4 +137,21 @@ final class TunnelTests: XCTestCase {
         XCTAssertNil(try roundTrip(Array("x".utf8)))
         XCTAssertLessThan(Date().timeIntervalSince(start), 2)
     }
+
+    /// HTTP/2 floods from a peer that passed the mTLS handshake (a stolen
+    /// SVID, a compromised node): each ends in a GOAWAY and a closed
+    /// connection within a fraction of a second, and other callers keep
+    /// being served.
+    func testHTTP2FloodsFromAPeerCloseItsConnection() throws {
+        let svid = store.cached(source)!
+        for attack in ["rapid-reset", "continuation", "settings", "ping", "window-update", "empty-data", "hpack-bomb"] {
+            let start = Date()
+            let got = try sh(["/usr/bin/python3", Self.netprobe, "h2flood", attack, "127.0.0.1", "\(listener.localPort)", "100000",
+                              svid.certificateFile, svid.keyFile]).output.trimmingCharacters(in: .whitespacesAndNewlines)
+            print("tunnel, \(attack): \(got) in \(String(format: "%.2f", Date().timeIntervalSince(start))) s")
+            XCTAssertTrue(got.hasPrefix("GOAWAY:") && got.hasSuffix(" closed") && !got.contains("NO_ERROR"), "\(attack): \(got)")
+            XCTAssertLessThan(Date().timeIntervalSince(start), 5, attack)
+            XCTAssertEqual(try roundTrip(Array("after \(attack)".utf8)), Array("after \(attack)".utf8))
+        }
+    }
 }

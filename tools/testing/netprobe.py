@@ -442,12 +442,13 @@ def h2badserver(port, case):
 H2_CODES = {0: "NO_ERROR", 1: "PROTOCOL_ERROR", 2: "INTERNAL_ERROR", 3: "FLOW_CONTROL_ERROR", 5: "STREAM_CLOSED",
             6: "FRAME_SIZE_ERROR", 7: "REFUSED_STREAM", 8: "CANCEL", 9: "COMPRESSION_ERROR", 11: "ENHANCE_YOUR_CALM"}
 
-def h2flood(attack, addr, port, count):
-    """One HTTP/2 flood, sent as fast as the socket takes it while the answers
-    are read: prints the first GOAWAY's code and whether the peer then
-    closed ("GOAWAY:ENHANCE_YOUR_CALM closed"), "no-goaway closed", or
-    "still-open" when the connection survived the whole flood (5 s after)."""
-    import struct, threading
+def h2flood(attack, addr, port, count, cert=None, key=None):
+    """One HTTP/2 flood of COUNT frames, sent as fast as the socket takes it
+    while the answers are read: prints the first GOAWAY's code and whether
+    the peer then closed ("GOAWAY:ENHANCE_YOUR_CALM closed"), "no-goaway
+    closed", or "still-open" when the connection survived the whole flood
+    (5 s after its last byte). With CERT and KEY: over mTLS 1.3, ALPN h2."""
+    import struct
     def frame(t, flags, stream, payload=b""):
         return struct.pack(">I", len(payload))[1:] + bytes([t, flags]) + struct.pack(">I", stream) + payload
     def lit(name, value):   # literal header field with incremental indexing, new name (RFC 7541 6.2.1)
@@ -485,39 +486,60 @@ def h2flood(attack, addr, port, count):
         else:
             raise SystemExit("unknown attack " + attack)
     s = socket.create_connection((addr, port), timeout=5)
-    s.sendall(preface)
-    result, done = [], threading.Event()
-    def reader():
-        got = b""
-        try:
-            while not done.is_set():
+    if cert:   # the agents' tunnel: mTLS 1.3 with an SVID, ALPN h2
+        import ssl
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        ctx.load_cert_chain(cert, key)
+        ctx.set_alpn_protocols(["h2"])
+        s = ctx.wrap_socket(s)
+    # One thread: Python's TLS sockets cannot be written and read at once
+    # from two. Frames go out in 64 KiB pieces whenever the socket takes
+    # them, and answers are read as they come.
+    import select, ssl
+    retry = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+    data = preface + b"".join(frames())
+    sent, got, result, start = 0, b"", [], time.time()
+    s.setblocking(False)
+    closed = False
+    deadline = None   # 5 s after the last byte went out
+    while not closed:
+        if deadline and time.time() > deadline:
+            result.append("still-open"); break
+        want_write = [s] if sent < len(data) else []
+        r, w, _ = select.select([s], want_write, [], 0.5)
+        if w:
+            try:
+                sent += s.send(data[sent:sent + 65536])
+            except retry:
+                pass
+            except OSError:
+                sent = len(data)
+            if sent >= len(data) and deadline is None: deadline = time.time() + 5
+        if r or (hasattr(s, "pending") and s.pending()):
+            try:
                 d = s.recv(65536)
-                if not d:
-                    result.append("closed"); break
-                got += d
-                while len(got) >= 9:
-                    n = struct.unpack(">I", b"\x00" + got[:3])[0]
-                    if len(got) < 9 + n: break
-                    t, payload = got[3], got[9:9 + n]
-                    got = got[9 + n:]
-                    if t == 7 and not any(r.startswith("GOAWAY") for r in result):
-                        result.append("GOAWAY:" + H2_CODES.get(struct.unpack(">I", payload[4:8])[0], "?"))
-        except socket.timeout:
-            result.append("still-open")
-        except OSError:
-            result.append("closed")
-    t = threading.Thread(target=reader); t.start()
-    start = time.time()
-    try:
-        for f in frames():
-            s.sendall(f)
-    except OSError:
-        pass
-    t.join(timeout=10)
-    done.set()
+            except retry:
+                continue
+            except OSError:
+                closed = True; break
+            if not d:
+                closed = True; break
+            got += d
+            while len(got) >= 9:
+                n = struct.unpack(">I", b"\x00" + got[:3])[0]
+                if len(got) < 9 + n: break
+                t, payload = got[3], got[9:9 + n]
+                got = got[9 + n:]
+                if t == 7 and not result:
+                    result.append("GOAWAY:" + H2_CODES.get(struct.unpack(">I", payload[4:8])[0], "?"))
+        if sent >= len(data) and deadline is None: deadline = time.time() + 5
+    if closed: result.append("closed")
     if not any(r.startswith("GOAWAY") for r in result): result.insert(0, "no-goaway")
-    print(" ".join(r for r in result if r in ("closed", "still-open") or r.startswith(("GOAWAY", "no-goaway"))), flush=True)
-    print("seconds %.2f" % (time.time() - start), file=sys.stderr)
+    print(" ".join(result), flush=True)
+    print("seconds %.2f, sent %d of %d bytes" % (time.time() - start, sent, len(data)), file=sys.stderr)
 
 def hold(addr, port, seconds, interval):
     ok = failed = 0
@@ -550,5 +572,9 @@ if __name__ == "__main__":
     elif a[0] == "wsclient": sys.exit(wsclient(a[1], int(a[2]), a[3], int(a[4])))
     elif a[0] == "h2badserver": h2badserver(int(a[1]), a[2])
     elif a[0] == "hold": sys.exit(hold(a[1], int(a[2]), float(a[3]), float(a[4])))
-    elif a[0] == "h2flood": h2flood(a[1], a[2], int(a[3]), int(a[4]) if len(a) > 4 else 10000)
+    elif a[0] == "h2flood":
+        try:
+            h2flood(a[1], a[2], int(a[3]), int(a[4]) if len(a) > 4 else 10000, *(a[5:7] if len(a) > 6 else []))
+        except Exception as e:   # said on stdout, where the test reads
+            print("error %s: %s" % (type(e).__name__, e)); sys.exit(1)
     else: sys.exit(2)
