@@ -260,6 +260,8 @@ public final class Agent {
         l.limits = HandshakeLimits(timeout: .milliseconds(Int64(config.handshakeTimeoutMilliseconds)),
                                    maxPending: config.maxPendingHandshakes, maxPendingPerSource: config.maxPendingHandshakesPerSource)
         l.onRefuse = { reason in metrics.recordHandshakeRefusal(reason.rawValue) }
+        l.tunnelTimeouts = TunnelTimeouts(connectionIdle: .seconds(Int64(config.tunnelConnectionIdleSeconds)),
+                                          streamIdle: .seconds(Int64(config.tunnelStreamIdleSeconds)))
         l.onAccept = { _ in metrics.recordHandshake(accepted: true) }
         listener = l
         log.info("mTLS listener", metadata: ["address": "\(host):\(l.localPort)", "identity": "\(config.nodeSpiffeID)", "tls": "1.3 only"])

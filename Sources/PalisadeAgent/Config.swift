@@ -66,6 +66,10 @@ public struct AgentConfig: Sendable {
     /// byte (408 past it), a request body may stall this long.
     public var httpRequestHeadTimeoutMilliseconds = 10_000
     public var httpBodyIdleTimeoutMilliseconds = 30_000
+    /// The tunnel's receiving side closes a peer's connection with no
+    /// stream open this long, and a stream with no bytes either way.
+    public var tunnelConnectionIdleSeconds = 600
+    public var tunnelStreamIdleSeconds = 3600
 
     public init() {}
 
@@ -97,7 +101,8 @@ public struct AgentConfig: Sendable {
                                     "outboundPort", "nodes", "remoteWorkloads", "nodeName", "store", "advertiseAddress",
                                     "locality", "services", "accessLogSampling",
                                     "handshakeTimeoutMilliseconds", "maxPendingHandshakes", "maxPendingHandshakesPerSource",
-                                    "httpRequestHeadTimeoutMilliseconds", "httpBodyIdleTimeoutMilliseconds"]
+                                    "httpRequestHeadTimeoutMilliseconds", "httpBodyIdleTimeoutMilliseconds",
+                                    "tunnelConnectionIdleSeconds", "tunnelStreamIdleSeconds"]
 
     /// "HOST:PORT" with an IP address (IPv6 in brackets), or "off" (nil).
     static func address(_ v: YAMLValue) throws -> (host: String, port: Int)? {
@@ -141,6 +146,8 @@ public struct AgentConfig: Sendable {
         if let v = m["maxPendingHandshakesPerSource"] { c.maxPendingHandshakesPerSource = try v.int(in: 1...1_000_000) }
         if let v = m["httpRequestHeadTimeoutMilliseconds"] { c.httpRequestHeadTimeoutMilliseconds = try v.int(in: 100...600_000) }
         if let v = m["httpBodyIdleTimeoutMilliseconds"] { c.httpBodyIdleTimeoutMilliseconds = try v.int(in: 100...3_600_000) }
+        if let v = m["tunnelConnectionIdleSeconds"] { c.tunnelConnectionIdleSeconds = try v.int(in: 1...86_400) }
+        if let v = m["tunnelStreamIdleSeconds"] { c.tunnelStreamIdleSeconds = try v.int(in: 1...604_800) }
         if let v = m["metricsAddress"] { c.metricsAddress = try address(v) }
         if let v = m["tunnelAddress"] { c.tunnelAddress = try address(v) }
         if let v = m["federatedBundles"] {

@@ -43,6 +43,12 @@ public final class MTLSListener: @unchecked Sendable {
         set { lock.withLock { _limits = newValue } }
     }
     private var _limits = HandshakeLimits()
+    /// Idle timeouts of peers' tunnel connections and streams (read at accept).
+    public var tunnelTimeouts: TunnelTimeouts {
+        get { lock.withLock { _tunnelTimeouts } }
+        set { lock.withLock { _tunnelTimeouts = newValue } }
+    }
+    private var _tunnelTimeouts = TunnelTimeouts()
     let pending = PendingHandshakes()
     /// Called with each connection refused or closed before its handshake completed.
     public var onRefuse: (@Sendable (HandshakeRefusal) -> Void)?
@@ -106,7 +112,8 @@ public final class MTLSListener: @unchecked Sendable {
                         onFailure: { weakSelf?.onHandshakeFailure?() },
                         tunnel: { ch, peer in
                             guard let me = weakSelf, let authorize = me.authorize else { return false }
-                            try MTLSListener.configureTunnel(ch, peer: peer, authorize: authorize, onStream: me.onStream, accessLog: me.accessLog)
+                            try MTLSListener.configureTunnel(ch, peer: peer, authorize: authorize, onStream: me.onStream, accessLog: me.accessLog,
+                                                             timeouts: me.tunnelTimeouts)
                             return true
                         }))
                 }

@@ -210,16 +210,20 @@ extension MTLSListener {
     /// HTTP/2 server for the tunnel on a verified connection.
     static func configureTunnel(_ channel: Channel, peer: SpiffeID, authorize: @escaping InboundAuthorizer,
                                 onStream: (@Sendable (InboundRequest, InboundDecision, String?) -> Void)?,
-                                accessLog: (@Sendable (AccessLogEntry) -> Void)?) throws {
+                                accessLog: (@Sendable (AccessLogEntry) -> Void)?, timeouts: TunnelTimeouts = TunnelTimeouts()) throws {
         // The same guard as the proxy's caller side: a GOAWAY of a connection
         // error ends the connection, WINDOW_UPDATE floods are cut off.
         try channel.pipeline.syncOperations.addHandler(H2CallerGuard())
+        let idle = TunnelConnectionIdle(channel: channel, timeout: timeouts.connectionIdle)
         _ = try channel.pipeline.syncOperations.configureHTTP2Pipeline(
             mode: .server, connectionConfiguration: TunnelSettings.connection, streamConfiguration: TunnelSettings.stream
         ) { stream in
             stream.eventLoop.makeCompletedFuture {
+                idle.streamOpened(stream)
                 let handler = TunnelInboundStream(peer: peer, authorize: authorize, connectTimeout: .seconds(3), onStream: onStream)
                 handler.accessLog = accessLog
+                try stream.pipeline.syncOperations.addHandler(IdleStateHandler(allTimeout: timeouts.streamIdle))
+                try stream.pipeline.syncOperations.addHandler(CloseWhenIdle())
                 try stream.pipeline.syncOperations.addHandler(handler)
             }
         }

@@ -154,4 +154,32 @@ final class TunnelTests: XCTestCase {
             XCTAssertEqual(try roundTrip(Array("after \(attack)".utf8)), Array("after \(attack)".utf8))
         }
     }
+
+    /// The receiving side lets go of what nobody uses: a stream with no bytes
+    /// either way (and its workload connection) after the stream timeout, a
+    /// peer's connection with no stream after the connection timeout (the
+    /// pool then opens a new one).
+    func testIdleTunnelStreamsAndConnectionsAreClosed() throws {
+        listener.tunnelTimeouts = TunnelTimeouts(connectionIdle: .seconds(1), streamIdle: .seconds(1))
+        final class Count: @unchecked Sendable { let lock = NSLock(); var n = 0 }
+        let handshakes = Count()
+        listener.onAccept = { _ in handshakes.lock.withLock { handshakes.n += 1 } }
+        // A stream: one byte echoed, then nothing either way.
+        let fd = MTLSListenerTests.silentConnection(to: proxy.localPort)
+        defer { close(fd) }
+        var b: UInt8 = 0x78
+        XCTAssertEqual(send(fd, &b, 1, 0), 1)
+        XCTAssertEqual(recv(fd, &b, 1, 0), 1, "the echo came back")
+        let start = Date()
+        XCTAssertTrue(MTLSListenerTests.closedByPeer(fd, within: 4), "an idle stream is closed")
+        XCTAssertGreaterThan(Date().timeIntervalSince(start), 0.8)
+        // A connection: used, then left with no stream past its timeout.
+        XCTAssertEqual(try roundTrip(Array("one".utf8)), Array("one".utf8))
+        let before = handshakes.lock.withLock { handshakes.n }
+        XCTAssertEqual(try roundTrip(Array("two".utf8)), Array("two".utf8))
+        XCTAssertEqual(handshakes.lock.withLock { handshakes.n }, before, "reused while in use")
+        usleep(2_000_000)
+        XCTAssertEqual(try roundTrip(Array("three".utf8)), Array("three".utf8))
+        XCTAssertEqual(handshakes.lock.withLock { handshakes.n }, before + 1, "the idle connection was closed, a new one opened")
+    }
 }
