@@ -100,6 +100,7 @@ let package = Package(
             "PalisadePolicy", .product(name: "JWTKit", package: "jwt-kit"),
             .product(name: "NIOSSL", package: "swift-nio-ssl"), .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"), .product(name: "NIOHPACK", package: "swift-nio-http2"),
+            .product(name: "NIOEmbedded", package: "swift-nio"),
             .product(name: "X509", package: "swift-certificates"), .product(name: "Crypto", package: "swift-crypto")]),
         .testTarget(name: "PalisadeJWTTests", dependencies: ["PalisadeJWT", .product(name: "JWTKit", package: "jwt-kit")]),
         .testTarget(name: "PalisadeCATests", dependencies: ["PalisadeCA",
@@ -112,5 +113,10 @@ let package = Package(
 
 // The libFuzzer target exists only for tools/fuzz/run (it has no main).
 if ProcessInfo.processInfo.environment["PALISADE_FUZZ"] == "1" {
-    package.targets.append(.executableTarget(name: "PalisadeFuzz", dependencies: ["PalisadePolicy", "PalisadeIdentity"]))
+    package.targets.append(.executableTarget(name: "PalisadeFuzz", dependencies: [
+        "PalisadePolicy", "PalisadeIdentity", "PalisadeCA", "PalisadeStore", "PalisadeAgent", "PalisadeTunnel",
+        .product(name: "X509", package: "swift-certificates"),
+        .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOEmbedded", package: "swift-nio"),
+        .product(name: "NIOHTTP1", package: "swift-nio"),
+    ]))
 }

@@ -117,12 +117,17 @@ public struct AgentConfig: Sendable {
 
     /// Loads a YAML file; unknown fields and bad values are precise errors.
     public static func load(path: String?) throws -> AgentConfig {
-        var c = AgentConfig()
-        guard let path else { return c }
+        guard let path else { return AgentConfig() }
         let text: String
         do { text = try String(contentsOfFile: path, encoding: .utf8) } catch {
             throw InputError(SourceLocation(file: path, line: 0), field: "", "cannot read configuration: \(error.localizedDescription)")
         }
+        return try parse(text, file: path)
+    }
+
+    /// A configuration's text (`path` names it in errors).
+    public static func parse(_ text: String, file path: String) throws -> AgentConfig {
+        var c = AgentConfig()
         guard let doc = try YAMLValue.documents(text, file: path).first, !doc.isNull else { return c }
         let m = try doc.mapping(allowedKeys: keys)
         if let v = m["trustDomain"] {

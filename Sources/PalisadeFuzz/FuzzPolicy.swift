@@ -2,26 +2,24 @@ import Foundation
 import PalisadeIdentity
 import PalisadePolicy
 
-/// libFuzzer entry: every policy parser (Palisade's format and Kubernetes
+/// Target "policy": every policy parser (Palisade's format and Kubernetes
 /// NetworkPolicy, dispatched by apiVersion/kind), then the compiler and both
-/// evaluators on whatever parses. A crash or sanitizer report is a bug; a
-/// thrown error is the expected answer to bad input.
-/// Built only with PALISADE_FUZZ=1 (see tools/fuzz/run).
+/// evaluators on whatever parses (they must agree).
 let universe: Universe = {
     var w: [NumericIdentity: WorkloadIdentity] = [:]
     for i in 0..<4 {
         w[NumericIdentity(256 + UInt32(i))] = WorkloadIdentity(
             spiffeID: try! SpiffeID("spiffe://td/ns/n\(i % 2)/sa/w\(i)"), labels: ["app": "w\(i)", "tier": i < 2 ? "a" : "b"],
-            namespace: "n\(i % 2)", addresses: [.v4(10, 0, 0, UInt8(i + 1)), IPAddress("fd00::\(i + 1)")!])
+            namespace: "n\(i % 2)", addresses: [.v4(10, 0, 0, UInt8(i + 1)), IPAddress("fd00::\(i + 1)")!],
+            isLocal: i < 3, ports: [NamedPort(name: "http", port: UInt16(80 + i))])
     }
     return Universe(workloads: w, hostAddresses: [.v4(10, 0, 0, 254)])
 }()
 
-@_cdecl("LLVMFuzzerTestOneInput")
-public func fuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
-    let text = String(decoding: UnsafeBufferPointer(start: data, count: size), as: UTF8.self)
-    guard let set = try? PolicySet.load([("fuzz.yaml", text)]) else { return 0 }
-    guard let compiled = try? PolicyCompiler.compile(set, universe: universe) else { return 0 }
+func fuzzPolicy(_ bytes: UnsafeBufferPointer<UInt8>) {
+    let text = String(decoding: bytes, as: UTF8.self)
+    guard let set = try? PolicySet.load([("fuzz.yaml", text)]) else { return }
+    guard let compiled = try? PolicyCompiler.compile(set, universe: universe) else { return }
     let reference = ReferenceEvaluator(set: set, universe: universe)
     let lookup = CompiledLookup(compiled)
     for peer in [IPAddress.v4(10, 0, 0, 2), .v4(8, 8, 8, 8), IPAddress("fd00::3")!] {
@@ -31,5 +29,4 @@ public func fuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
         }
     }
     _ = PolicyWriter.yaml(set.policies)
-    return 0
 }

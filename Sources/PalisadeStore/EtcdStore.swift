@@ -83,6 +83,24 @@ public final class EtcdStore: Store, @unchecked Sendable {
         throw StoreError.unavailable(lastError)
     }
 
+    /// The events of one line of etcd's watch stream (JSON gateway); a line
+    /// that is not a result is skipped, a compaction is an error.
+    public static func watchEvents(line: [UInt8]) throws -> [WatchEvent] {
+        guard let obj = try? JSONSerialization.jsonObject(with: Data(line)) as? [String: Any],
+              let result = obj["result"] as? [String: Any] else { return [] }
+        let compact = int(result["compact_revision"])
+        if compact > 0 { throw StoreError.compacted(revision: compact) }
+        return (result["events"] as? [[String: Any]] ?? []).map { e in
+            let kv = keyValue(e["kv"] as? [String: Any] ?? [:])
+            return (e["type"] as? String) == "DELETE" ? .delete(key: kv.key, revision: kv.modRevision) : .put(kv)
+        }
+    }
+
+    /// A range answer: its pairs and the store's revision.
+    public static func rangeResult(_ r: [String: Any]) -> (kvs: [KeyValue], revision: Int64) {
+        ((r["kvs"] as? [[String: Any]] ?? []).map(keyValue), int((r["header"] as? [String: Any])?["revision"]))
+    }
+
     static func keyValue(_ o: [String: Any]) -> KeyValue {
         KeyValue(key: String(decoding: unb64(o["key"]), as: UTF8.self), value: unb64(o["value"]),
                  createRevision: int(o["create_revision"]), modRevision: int(o["mod_revision"]))
@@ -97,8 +115,7 @@ public final class EtcdStore: Store, @unchecked Sendable {
 
     public func list(prefix: String) async throws -> (kvs: [KeyValue], revision: Int64) {
         let r = try await call("/v3/kv/range", ["key": Self.b64(prefix), "range_end": Self.b64(prefixEnd(prefix))])
-        let kvs = (r["kvs"] as? [[String: Any]] ?? []).map(Self.keyValue)
-        return (kvs, Self.int((r["header"] as? [String: Any])?["revision"]))
+        return Self.rangeResult(r)
     }
 
     public func put(_ key: String, _ value: [UInt8]) async throws {
@@ -146,18 +163,7 @@ public final class EtcdStore: Store, @unchecked Sendable {
                         while let nl = pending.firstIndex(of: UInt8(ascii: "\n")) {
                             let line = Array(pending[..<nl])
                             pending.removeSubrange(...nl)
-                            guard let obj = try? JSONSerialization.jsonObject(with: Data(line)) as? [String: Any],
-                                  let result = obj["result"] as? [String: Any] else { continue }
-                            let compact = Self.int(result["compact_revision"])
-                            if compact > 0 { throw StoreError.compacted(revision: compact) }
-                            for e in result["events"] as? [[String: Any]] ?? [] {
-                                let kv = Self.keyValue(e["kv"] as? [String: Any] ?? [:])
-                                if (e["type"] as? String) == "DELETE" {
-                                    continuation.yield(.delete(key: kv.key, revision: kv.modRevision))
-                                } else {
-                                    continuation.yield(.put(kv))
-                                }
-                            }
+                            for e in try Self.watchEvents(line: line) { continuation.yield(e) }
                         }
                     }
                     continuation.finish(throwing: StoreError.unavailable("watch stream ended"))

@@ -263,6 +263,16 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
 
     func handlerAdded(context: ChannelHandlerContext) { self.context = context }
 
+    /// A context holds its handler: keeping it past removal would keep the
+    /// gate, both pipelines and the workload's channel alive after the
+    /// connection ended (found by the http1 fuzz target's leak check).
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+        headDeadline?.cancel()
+        bodyCheck?.cancel()
+        idleDeadline?.cancel()
+    }
+
     func channelReadComplete(context: ChannelHandlerContext) {
         upstream?.flush()
         context.fireChannelReadComplete()
@@ -494,6 +504,7 @@ final class L7Upstream: ChannelDuplexHandler, RemovableChannelHandler, @unchecke
     private var pendingRead = false
     init(gate: L7Gate, stream: Channel) { self.gate = gate; self.stream = stream }
     func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+    func handlerRemoved(context: ChannelHandlerContext) { self.context = nil }
     func channelRead(context: ChannelHandlerContext, data: NIOAny) { gate?.fromUpstream(unwrapInboundIn(data)) }
     func channelReadComplete(context: ChannelHandlerContext) {
         stream.flush()
@@ -560,7 +571,10 @@ final class L7ProtocolSniffer: ChannelInboundHandler, RemovableChannelHandler, @
         }
     }
 
-    func handlerRemoved(context: ChannelHandlerContext) { timeout?.cancel() }
+    func handlerRemoved(context: ChannelHandlerContext) {
+        timeout?.cancel()
+        self.context = nil
+    }
 
     private var callerGone = false
 
@@ -615,27 +629,7 @@ final class L7ProtocolSniffer: ChannelInboundHandler, RemovableChannelHandler, @
             if http2 {
                 try H2Relay.install(downstream: stream, upstream: upstream, l7: l7)
             } else {
-                let gate = L7Gate(l7)
-                gate.upstream = upstream
-                let up = L7Upstream(gate: gate, stream: stream)
-                gate.upstreamHandler = up
-                // Bytes a decoder holds past an upgrade go on when it is
-                // taken out (only then: not at a close), see L7Upgrade.swift.
-                let upEncoder = HTTPRequestEncoder()
-                let upDecoder = ByteToMessageHandler(HTTPResponseDecoder(leftOverBytesStrategy: .forwardBytes, informationalResponseStrategy: .forward))
-                try upstream.pipeline.syncOperations.addHandlers([upEncoder, upDecoder, up])
-                let ops = stream.pipeline.syncOperations
-                // After the sniffer, in order: bytes -> requests -> gate.
-                let decoder = ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .forwardBytes,
-                                                                     limitConfiguration: gate.limits.decoderLimits))
-                let clock = L7RequestClock(gate)
-                try ops.addHandler(clock, position: .after(self))
-                try ops.addHandler(decoder, position: .after(clock))
-                let encoder = HTTPResponseEncoder()
-                try ops.addHandler(encoder, position: .after(decoder))
-                try ops.addHandler(gate, position: .after(encoder))
-                gate.codecs = L7Codecs(requestDecoder: decoder, responseEncoder: encoder, upstreamEncoder: upEncoder,
-                                       upstreamDecoder: upDecoder, upstreamHandler: up)
+                try L7Gate.install(stream: stream, upstream: upstream, l7: l7, after: self)
             }
         } catch {
             stream.close(promise: nil)
@@ -649,6 +643,34 @@ final class L7ProtocolSniffer: ChannelInboundHandler, RemovableChannelHandler, @
         context.fireChannelReadComplete()
         if inputClosed { context.fireUserInboundEventTriggered(ChannelEvent.inputClosed) }
         context.pipeline.syncOperations.removeHandler(self, promise: nil)
+    }
+}
+
+extension L7Gate {
+    /// Puts the HTTP/1.1 proxy between a caller's byte stream (after
+    /// `after`, or at the end) and the workload's connection.
+    static func install(stream: Channel, upstream: Channel, l7: L7Context, after: ChannelHandler? = nil) throws {
+        let gate = L7Gate(l7)
+        gate.upstream = upstream
+        let up = L7Upstream(gate: gate, stream: stream)
+        gate.upstreamHandler = up
+        // Bytes a decoder holds past an upgrade go on when it is
+        // taken out (only then: not at a close), see L7Upgrade.swift.
+        let upEncoder = HTTPRequestEncoder()
+        let upDecoder = ByteToMessageHandler(HTTPResponseDecoder(leftOverBytesStrategy: .forwardBytes, informationalResponseStrategy: .forward))
+        try upstream.pipeline.syncOperations.addHandlers([upEncoder, upDecoder, up])
+        let ops = stream.pipeline.syncOperations
+        // In order: bytes -> (clock) -> requests -> gate.
+        let decoder = ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .forwardBytes,
+                                                             limitConfiguration: gate.limits.decoderLimits))
+        let clock = L7RequestClock(gate)
+        if let after { try ops.addHandler(clock, position: .after(after)) } else { try ops.addHandler(clock) }
+        try ops.addHandler(decoder, position: .after(clock))
+        let encoder = HTTPResponseEncoder()
+        try ops.addHandler(encoder, position: .after(decoder))
+        try ops.addHandler(gate, position: .after(encoder))
+        gate.codecs = L7Codecs(requestDecoder: decoder, responseEncoder: encoder, upstreamEncoder: upEncoder,
+                               upstreamDecoder: upDecoder, upstreamHandler: up)
     }
 }
 

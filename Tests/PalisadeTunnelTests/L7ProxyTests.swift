@@ -1,6 +1,8 @@
 import Foundation
 import XCTest
 import JWTKit
+import NIOCore
+import NIOEmbedded
 import NIOHPACK
 import NIOHTTP1
 import PalisadeAgent
@@ -443,6 +445,31 @@ extension TunnelTests {
     }
 
     static var python: String { "/usr/bin/python3" }
+
+    /// Nothing of the HTTP/1.1 proxy outlives its connections (it kept its
+    /// channel context, which holds the handler: the gate, both pipelines
+    /// and the workload's channel stayed alive after every connection).
+    func testHTTP1ProxyIsFreedWhenItsConnectionsClose() throws {
+        weak var gate: L7Gate?, upstreamChannel: EmbeddedChannel?
+        do {
+            let loop = EmbeddedEventLoop()
+            let caller = EmbeddedChannel(loop: loop), upstream = EmbeddedChannel(loop: loop)
+            let l7 = L7Context(gate: { _, _, _, _, _ in HTTPVerdict(allowed: true, reason: "", rule: "all") },
+                               source: "spiffe://t/a", destination: "spiffe://t/b", destinationAddress: "127.0.0.1:80")
+            try L7Gate.install(stream: caller, upstream: upstream, l7: l7)
+            gate = try caller.pipeline.syncOperations.handler(type: L7Gate.self)
+            upstreamChannel = upstream
+            try caller.writeInbound(ByteBuffer(string: "GET /a HTTP/1.1\r\nHost: b\r\n\r\n"))
+            XCTAssertNotNil(try upstream.readOutbound(as: ByteBuffer.self), "the request went to the workload")
+            try upstream.writeInbound(ByteBuffer(string: "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"))
+            _ = try? caller.finish()
+            _ = try? upstream.finish()
+            loop.run()
+            try loop.syncShutdownGracefully()
+        }
+        XCTAssertNil(gate, "the gate outlived its connection")
+        XCTAssertNil(upstreamChannel, "the workload's channel outlived the connection")
+    }
 
     /// Slow callers cannot hold a connection: a head still incomplete after
     /// the head timeout, or a body that stalls past the idle timeout, gets

@@ -1,0 +1,55 @@
+import NIOCore
+import NIOEmbedded
+import NIOHTTP1
+@testable import PalisadeTunnel
+
+/// Target "http1": any bytes from a caller into the HTTP/1.1 proxy (NIO's
+/// decoder, the gate), with a workload that answers every request. The
+/// gate allows GET /public/** only; the invariant: what the proxy sends the
+/// workload is well-formed HTTP/1.1 (the workload's own decoder reads it)
+/// and carries no request the gate did not allow.
+func fuzzHTTP1(_ bytes: UnsafeBufferPointer<UInt8>) {
+    let loop = EmbeddedEventLoop()
+    let caller = EmbeddedChannel(loop: loop)
+    let upstream = EmbeddedChannel(loop: loop)
+    let workload = EmbeddedChannel(handler: ByteToMessageHandler(HTTPRequestDecoder()), loop: loop)
+    defer {
+        // Every timer fires (the proxy's deadlines hold the gate), then the
+        // channels close: what one connection allocated must all be freed.
+        loop.advanceTime(by: .hours(2))
+        _ = try? caller.finish()
+        _ = try? upstream.finish()
+        _ = try? workload.finish()
+        loop.run()
+        try? loop.syncShutdownGracefully()
+    }
+    let l7 = L7Context(gate: { method, uri, _, _, _ in
+        let ok = method == "GET" && uri.hasPrefix("/public/")
+        return HTTPVerdict(allowed: ok, reason: ok ? "" : "denied", rule: ok ? "public" : nil)
+    }, source: "spiffe://fuzz/caller", destination: "spiffe://fuzz/workload", destinationAddress: "127.0.0.1:80")
+    do { try L7Gate.install(stream: caller, upstream: upstream, l7: l7) } catch { fatalError("install: \(error)") }
+    _ = try? caller.writeInbound(ByteBuffer(bytes: Array(bytes)))
+    var requests = 0
+    for _ in 0..<64 {
+        var progressed = false
+        while let out = try? upstream.readOutbound(as: ByteBuffer.self) {
+            progressed = true
+            do { try workload.writeInbound(out) } catch { fatalError("the proxy sent the workload bytes it cannot parse: \(error)") }
+        }
+        while let part = try? workload.readInbound(as: HTTPServerRequestPart.self) {
+            switch part {
+            case .head(let h):
+                guard h.method == .GET, h.uri.hasPrefix("/public/") else { fatalError("forwarded a request the gate denied: \(h.method) \(h.uri)") }
+            case .body:
+                break
+            case .end:
+                requests += 1
+                // The workload answers; the gate then takes the next request.
+                _ = try? upstream.writeInbound(ByteBuffer(string: "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"))
+            }
+        }
+        while (try? caller.readOutbound(as: ByteBuffer.self)) != nil { progressed = true }
+        loop.run()
+        if !progressed { break }
+    }
+}
