@@ -1,3 +1,4 @@
+import Foundation
 import NIOCore
 import NIOEmbedded
 import NIOHTTP1
@@ -8,6 +9,9 @@ import NIOHTTP1
 /// gate allows GET /public/** only; the invariant: what the proxy sends the
 /// workload is well-formed HTTP/1.1 (the workload's own decoder reads it)
 /// and carries no request the gate did not allow.
+/// PALISADE_FUZZ_DEBUG=1: say what goes where (to replay an artifact).
+let fuzzDebug = ProcessInfo.processInfo.environment["PALISADE_FUZZ_DEBUG"] == "1"
+
 func fuzzHTTP1(_ bytes: UnsafeBufferPointer<UInt8>) {
     let loop = EmbeddedEventLoop()
     let caller = EmbeddedChannel(loop: loop)
@@ -34,6 +38,7 @@ func fuzzHTTP1(_ bytes: UnsafeBufferPointer<UInt8>) {
         var progressed = false
         while let out = try? upstream.readOutbound(as: ByteBuffer.self) {
             progressed = true
+            if fuzzDebug { FileHandle.standardError.write(Data("to the workload: \(String(decoding: out.readableBytesView, as: UTF8.self).debugDescription)\n".utf8)) }
             do { try workload.writeInbound(out) } catch { fatalError("the proxy sent the workload bytes it cannot parse: \(error)") }
         }
         while let part = try? workload.readInbound(as: HTTPServerRequestPart.self) {

@@ -325,6 +325,16 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
                 if let context { badRequest(context) }
                 return
             }
+            // Transfer-Encoding in an HTTP/1.0 request: the proxy's decoder
+            // de-chunks the body, but forwarded as HTTP/1.0 it would go on
+            // unchunked under a "chunked" header, and the workload would read
+            // the de-chunked bytes as chunk framing, a request hidden in them
+            // included (found by the http1 fuzz target). RFC 9112 6.1: a
+            // client must not send it to a server it does not know is 1.1.
+            if (h.version.major, h.version.minor) < (1, 1), h.headers.contains(name: "transfer-encoding") {
+                if let context { badRequest(context) }
+                return
+            }
             if let verify = l7.verifyBearer, let token = bearerToken(h.headers.first(name: "authorization")), let context {
                 verifying = true
                 verify(token, context.eventLoop).whenComplete { result in
