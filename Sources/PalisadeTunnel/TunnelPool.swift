@@ -52,8 +52,10 @@ public struct TunnelError: Error, CustomStringConvertible {
     init(_ d: String, status: Int? = nil) { description = d; self.status = status }
 }
 
-/// Pooled mTLS + HTTP/2 connections to peer agents, one per (peer, source
-/// identity, certificate serial); each carries many CONNECT streams. All
+/// Pooled mTLS + HTTP/2 connections to peer agents, per (peer, source
+/// identity, certificate serial); each carries many CONNECT streams, up to
+/// `streamsPerConnection` (under the 4,096 a peer accepts), and another
+/// connection is opened when they are all full (as ztunnel's pool does). All
 /// state lives on one event loop, shared with the outbound listener, so
 /// streams and accepted sockets can be glued directly.
 public final class TunnelPool: @unchecked Sendable {
@@ -69,20 +71,25 @@ public final class TunnelPool: @unchecked Sendable {
     final class Entry {
         let multiplexer: EventLoopFuture<NIOHTTP2Handler.StreamMultiplexer>
         var channel: Channel?
-        var activeStreams = 0
+        /// Streams opening or open on this connection.
+        var streams = 0
         var retired = false
         init(_ m: EventLoopFuture<NIOHTTP2Handler.StreamMultiplexer>) { multiplexer = m }
         func closeIfDone() {
-            if retired && activeStreams == 0 { channel?.close(promise: nil) }
+            if retired && streams == 0 { channel?.close(promise: nil) }
         }
     }
-    private var entries: [Key: Entry] = [:]
+    /// Below the peer's SETTINGS_MAX_CONCURRENT_STREAMS (TunnelSettings: 4,096).
+    public let streamsPerConnection: Int
+    private var entries: [Key: [Entry]] = [:]
     private var contexts: [ClientCredentials: NIOSSLContext] = [:]
     /// Connections opened so far (for tests and metrics).
     public private(set) var connectionsOpened = 0
 
-    public init(eventLoop: EventLoop, connectTimeout: TimeAmount = .seconds(2), verifier: @escaping @Sendable () -> SPIFFEVerifier) {
+    public init(eventLoop: EventLoop, connectTimeout: TimeAmount = .seconds(2), streamsPerConnection: Int = 4000,
+                verifier: @escaping @Sendable () -> SPIFFEVerifier) {
         self.eventLoop = eventLoop
+        self.streamsPerConnection = streamsPerConnection
         self.connectTimeout = connectTimeout
         self.verifier = verifier
     }
@@ -127,7 +134,8 @@ public final class TunnelPool: @unchecked Sendable {
         do { entry = try connection(peer: peer, credentials: credentials) } catch {
             return eventLoop.makeFailedFuture(error)
         }
-        return entry.multiplexer.flatMap { mux in
+        entry.streams += 1   // counted from now, so a burst spreads over connections
+        let opened = entry.multiplexer.flatMap { mux in
             let ready = self.eventLoop.makePromise(of: Void.self)
             let streamPromise = self.eventLoop.makePromise(of: Channel.self)
             mux.createStreamChannel(promise: streamPromise) { stream in
@@ -138,28 +146,34 @@ public final class TunnelPool: @unchecked Sendable {
             streamPromise.futureResult.whenComplete { result in
                 switch result {
                 case .success(let stream):
-                    entry.activeStreams += 1
                     stream.closeFuture.whenComplete { _ in
-                        entry.activeStreams -= 1
+                        entry.streams -= 1
                         entry.closeIfDone()
                     }
                 case .failure(let e):
+                    entry.streams -= 1
+                    entry.closeIfDone()
                     ready.fail(e)
                 }
             }
             return ready.futureResult
         }
+        // No multiplexer (the connection failed): the reservation goes too.
+        entry.multiplexer.whenFailure { _ in entry.streams -= 1 }
+        return opened
     }
 
     private func connection(peer: TunnelPeer, credentials: ClientCredentials) throws -> Entry {
         let key = Key(peer: peer, identity: credentials.spiffeID, serial: credentials.serial)
-        if let e = entries[key] { return e }
+        if let e = entries[key]?.first(where: { $0.streams < streamsPerConnection }) { return e }
         // A rotated certificate: new connections use the new one; the old
-        // connection finishes the streams it carries, then closes.
-        for (k, e) in entries where k.peer == peer && k.identity == credentials.spiffeID {
-            e.retired = true
+        // connections finish the streams they carry, then close.
+        for (k, es) in entries where k.peer == peer && k.identity == credentials.spiffeID && k.serial != credentials.serial {
             entries[k] = nil
-            e.closeIfDone()
+            for e in es {
+                e.retired = true
+                e.closeIfDone()
+            }
         }
         let ctx = try tlsContext(credentials)
         let verifier = self.verifier
@@ -199,17 +213,19 @@ public final class TunnelPool: @unchecked Sendable {
                 return m
             }
         let entry = Entry(mux)
-        entries[key] = entry
+        entries[key, default: []].append(entry)
+        let forget = { [weak entry] in
+            // Gone (peer restarted, network cut, idle): the next stream reconnects.
+            self.entries[key]?.removeAll { $0 === entry }
+            if self.entries[key]?.isEmpty == true { self.entries[key] = nil }
+        }
         mux.whenComplete { result in
             switch result {
             case .success:
                 entry.channel = entryBox.channel
-                entryBox.channel?.closeFuture.whenComplete { _ in
-                    // Gone (peer restarted, network cut): the next connection reconnects.
-                    if self.entries[key] === entry { self.entries[key] = nil }
-                }
+                entryBox.channel?.closeFuture.whenComplete { _ in forget() }
             case .failure:
-                if self.entries[key] === entry { self.entries[key] = nil }
+                forget()
             }
         }
         return entry
@@ -217,7 +233,7 @@ public final class TunnelPool: @unchecked Sendable {
 
     /// Live pooled connections (for status and tests).
     public var connectionCount: EventLoopFuture<Int> {
-        eventLoop.submit { self.entries.count }
+        eventLoop.submit { self.entries.values.reduce(0) { $0 + $1.count } }
     }
 }
 

@@ -182,4 +182,29 @@ final class TunnelTests: XCTestCase {
         XCTAssertEqual(try roundTrip(Array("three".utf8)), Array("three".utf8))
         XCTAssertEqual(handshakes.lock.withLock { handshakes.n }, before + 1, "the idle connection was closed, a new one opened")
     }
+
+    /// When a peer connection carries as many streams as it may, the pool
+    /// opens another (it refused the streams past the peer's limit: with
+    /// 10,000 held connections, 1,808 failed between two lab nodes).
+    func testPoolOpensAnotherConnectionWhenStreamsAreFull() throws {
+        let verifier = SPIFFEVerifier(bundles: ["example.org": [ca.certificate]])
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? group.syncShutdownGracefully() }
+        let small = try OutboundProxy(port: 0, group: group, makePool: { TunnelPool(eventLoop: $0, streamsPerConnection: 3, verifier: { verifier }) }) { [unowned self] _ in
+            let s = store.cached(source)!
+            return OutboundRoute(peer: TunnelPeer(host: "127.0.0.1", port: listener.localPort, trustDomain: "example.org"),
+                                 credentials: ClientCredentials(spiffeID: source, serial: s.serial, certificateFile: s.certificateFile, keyFile: s.keyFile)!,
+                                 authority: authority)
+        }
+        defer { small.stop() }
+        let fds = (0..<7).map { _ in MTLSListenerTests.silentConnection(to: small.localPort) }
+        defer { fds.forEach { close($0) } }
+        for fd in fds {
+            var b: UInt8 = 0x78
+            XCTAssertEqual(send(fd, &b, 1, 0), 1)
+            XCTAssertEqual(recv(fd, &b, 1, 0), 1, "every held connection is served")
+        }
+        XCTAssertEqual(small.pool.connectionsOpened, 3, "7 streams at 3 per connection")
+        XCTAssertEqual(try small.pool.connectionCount.wait(), 3)
+    }
 }
