@@ -13,7 +13,7 @@ import NIOCore
 /// gives the RST_STREAM or GOAWAY that NIO sends about it the code the RFC
 /// names. And after a connection error, once NIO's GOAWAY (with an error
 /// code) is written, it closes the connection, as RFC 9113 §5.4.1 asks (NIO
-/// left it open: h2spec 5.4.1/1).
+/// sends the GOAWAY but leaves the connection open).
 ///
 /// WINDOW_UPDATE floods, which NIO's frame-rate limits do not count: a
 /// caller only has reason to open a window for data it was sent (a stream's

@@ -265,7 +265,7 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
 
     /// A context holds its handler: keeping it past removal would keep the
     /// gate, both pipelines and the workload's channel alive after the
-    /// connection ended (found by the http1 fuzz target's leak check).
+    /// connection ended.
     func handlerRemoved(context: ChannelHandlerContext) {
         self.context = nil
         headDeadline?.cancel()
@@ -329,7 +329,7 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
             // de-chunks the body, but forwarded as HTTP/1.0 it would go on
             // unchunked under a "chunked" header, and the workload would read
             // the de-chunked bytes as chunk framing, a request hidden in them
-            // included (found by the http1 fuzz target). RFC 9112 6.1: a
+            // included. RFC 9112 6.1: a
             // client must not send it to a server it does not know is 1.1.
             if (h.version.major, h.version.minor) < (1, 1), h.headers.contains(name: "transfer-encoding") {
                 if let context { badRequest(context) }

@@ -38,6 +38,9 @@ extension TunnelTests {
         return p
     }
 
+    /// A gate that allows every request.
+    static let allowAll: HTTPGate = { _, _, _, _, _ in HTTPVerdict(allowed: true, reason: "", rule: "all") }
+
     /// A gate that judges by real HTTP rules (the caller has no SPIFFE ID here).
     static func gate(_ rules: HTTPDestinationRules) -> HTTPGate {
         { method, uri, host, headers, jwt in
@@ -110,7 +113,7 @@ extension TunnelTests {
         let server = try startL7(["nghttpd", "--no-tls", "-d", "WWW", "\(port)"], port: port)
         defer { server.terminate() }
         listener.authorize = { _ in
-            .deliverHTTP(mark: 0, destination: "spiffe://example.org/ns/default/sa/web") { _, _, _, _, _ in HTTPVerdict(allowed: true, reason: "", rule: "all") }
+            .deliverHTTP(mark: 0, destination: "spiffe://example.org/ns/default/sa/web", gate: Self.allowAll)
         }
         // A connection error is a GOAWAY and then a closed connection (RFC 9113 5.4.1).
         let expected = [
@@ -142,7 +145,7 @@ extension TunnelTests {
         let server = try startL7(["nghttpd", "--no-tls", "-d", "WWW", "\(port)"], port: port)
         defer { server.terminate() }
         listener.authorize = { _ in
-            .deliverHTTP(mark: 0, destination: "spiffe://example.org/ns/default/sa/web") { _, _, _, _, _ in HTTPVerdict(allowed: true, reason: "", rule: "all") }
+            .deliverHTTP(mark: 0, destination: "spiffe://example.org/ns/default/sa/web", gate: Self.allowAll)
         }
         let url = "http://127.0.0.1:\(proxy.localPort)/public/a.txt"
         let expected = [
@@ -174,7 +177,7 @@ extension TunnelTests {
         defer { server.terminate() }
         for path in ["tunnel", "same node"] {
             localHTTP = path == "tunnel" ? nil
-                : OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web") { _, _, _, _, _ in HTTPVerdict(allowed: true, reason: "", rule: "all") }
+                : OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web", gate: Self.allowAll)
             let out = try sh([Self.python, Self.h2conform, "127.0.0.1", "\(proxy.localPort)", "--path", "/public/a.txt"]).output
             let summary = out.split(separator: "\n").last { $0.hasSuffix(" failed") }.map(String.init) ?? "no summary"
             let counts = summary.split(separator: " ").compactMap { Int($0) }
@@ -314,7 +317,7 @@ extension TunnelTests {
             let url = "http://127.0.0.1:\(proxy.localPort)/public/a.txt"
             for path in ["tunnel", "same node"] {
                 localHTTP = path == "tunnel" ? nil
-                    : OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web") { _, _, _, _, _ in HTTPVerdict(allowed: true, reason: "", rule: "all") }
+                    : OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web", gate: Self.allowAll)
                 XCTAssertEqual(try curl(["--http2-prior-knowledge", "-o", "/dev/null", "-w", "%{http_code}", url]), "502", "\(bad) via \(path)")
                 // Three streams on one connection: each answered 502, none hangs.
                 let streams = H2Streams.run(try sh(["nghttp", "-ns", "-t", "5", url + "?1", url + "?2", url + "?3"]).output)
@@ -332,7 +335,7 @@ extension TunnelTests {
         let url = "http://127.0.0.1:\(proxy.localPort)/public/a.txt"
         for path in ["tunnel", "same node"] {
             if path == "same node" {
-                localHTTP = OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web") { _, _, _, _, _ in HTTPVerdict(allowed: true, reason: "", rule: "all") }
+                localHTTP = OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web", gate: Self.allowAll)
             }
             let out = try sh(["timeout", "60", "h2load", "-n", "3000", "-c", "2", "-m", "16", url]).output
             XCTAssertTrue(out.contains("3000 succeeded, 0 failed"), "\(path): \(out.split(separator: "\n").filter { $0.contains("requests:") || $0.contains("status codes") })")
@@ -345,7 +348,7 @@ extension TunnelTests {
         let port = freeLoopbackPort()
         let server = try startL7(["nghttpd", "--no-tls", "-d", "WWW", "\(port)"], port: port)
         defer { server.terminate() }
-        localHTTP = OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web") { _, _, _, _, _ in HTTPVerdict(allowed: true, reason: "", rule: "all") }
+        localHTTP = OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web", gate: Self.allowAll)
         proxy.firstBytesTimeout = .milliseconds(500)
         let out = try sh([Self.python, "-c", """
         import socket; s = socket.create_connection(("127.0.0.1", \(proxy.localPort))); s.settimeout(5)
@@ -376,11 +379,11 @@ extension TunnelTests {
         let body = "\(dir!)/upload.bin"
         try Data(repeating: 0x62, count: 3 << 20).write(to: URL(fileURLWithPath: body))
         listener.authorize = { _ in
-            .deliverHTTP(mark: 0, destination: "spiffe://example.org/ns/default/sa/web") { _, _, _, _, _ in HTTPVerdict(allowed: true, reason: "", rule: "all") }
+            .deliverHTTP(mark: 0, destination: "spiffe://example.org/ns/default/sa/web", gate: Self.allowAll)
         }
         for path in ["tunnel", "same node"] {
             localHTTP = path == "tunnel" ? nil
-                : OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web") { _, _, _, _, _ in HTTPVerdict(allowed: true, reason: "", rule: "all") }
+                : OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web", gate: Self.allowAll)
             let out = try sh(["sh", "-c", "curl -sv --max-time 10 --expect100-timeout 8 -T \(body) http://127.0.0.1:\(proxy.localPort)/public/up 2>&1"]).output
             XCTAssertTrue(out.contains("< HTTP/1.1 100 Continue"), "\(path): \(out.suffix(600))")
             XCTAssertTrue(out.contains("received \(3 << 20)"), "\(path): \(out.suffix(600))")
@@ -446,15 +449,15 @@ extension TunnelTests {
 
     static var python: String { "/usr/bin/python3" }
 
-    /// Nothing of the HTTP/1.1 proxy outlives its connections (it kept its
-    /// channel context, which holds the handler: the gate, both pipelines
-    /// and the workload's channel stayed alive after every connection).
+    /// Nothing of the HTTP/1.1 proxy outlives its connections (a handler
+    /// that kept its channel context, which holds the handler, would keep the
+    /// gate, both pipelines and the workload's channel alive).
     func testHTTP1ProxyIsFreedWhenItsConnectionsClose() throws {
         weak var gate: L7Gate?, upstreamChannel: EmbeddedChannel?
         do {
             let loop = EmbeddedEventLoop()
             let caller = EmbeddedChannel(loop: loop), upstream = EmbeddedChannel(loop: loop)
-            let l7 = L7Context(gate: { _, _, _, _, _ in HTTPVerdict(allowed: true, reason: "", rule: "all") },
+            let l7 = L7Context(gate: Self.allowAll,
                                source: "spiffe://t/a", destination: "spiffe://t/b", destinationAddress: "127.0.0.1:80")
             try L7Gate.install(stream: caller, upstream: upstream, l7: l7)
             gate = try caller.pipeline.syncOperations.handler(type: L7Gate.self)
@@ -485,12 +488,10 @@ extension TunnelTests {
         let server = try startL7([Self.python, Self.netprobe, "sink", "\(port)"], port: port)
         defer { server.terminate() }
         listener.authorize = { _ in
-            .deliverHTTP(mark: 0, destination: "spiffe://example.org/ns/default/sa/web") { _, _, _, _, _ in HTTPVerdict(allowed: true, reason: "", rule: "all") }
+            .deliverHTTP(mark: 0, destination: "spiffe://example.org/ns/default/sa/web", gate: Self.allowAll)
         }
         for path in ["tunnel", "same node"] {
-            localHTTP = path == "tunnel" ? nil : OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web") { _, _, _, _, _ in
-                HTTPVerdict(allowed: true, reason: "", rule: "all")
-            }
+            localHTTP = path == "tunnel" ? nil : OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web", gate: Self.allowAll)
             for mode in ["head", "body"] {
                 let got = try sh([Self.python, Self.netprobe, "h1slow", mode, "127.0.0.1", "\(proxy.localPort)", "8"]).output
                 let parts = got.split(separator: " ")

@@ -184,8 +184,7 @@ final class TunnelTests: XCTestCase {
     }
 
     /// When a peer connection carries as many streams as it may, the pool
-    /// opens another (it refused the streams past the peer's limit: with
-    /// 10,000 held connections, 1,808 failed between two lab nodes).
+    /// opens another (the peer refuses streams past its limit).
     func testPoolOpensAnotherConnectionWhenStreamsAreFull() throws {
         let verifier = SPIFFEVerifier(bundles: ["example.org": [ca.certificate]])
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)

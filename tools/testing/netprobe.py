@@ -229,17 +229,24 @@ def h1raw(case, addr, port):
     "closed" when the connection ended with no answer."""
     s = socket.create_connection((addr, port), timeout=3)
     s.sendall(H1_CASES[case])
+    print(" ".join(status_codes(read_until_closed(s, then_wait=0.5))) or "closed")
+
+def read_until_closed(s, then_wait=None):
+    """What the peer sends until it closes (or an error, or, with then_wait,
+    that long without more once something came)."""
     got = b""
     try:
         while True:
             d = s.recv(65536)
             if not d: break
             got += d
-            s.settimeout(0.5)   # answered: wait briefly for anything more
+            if then_wait: s.settimeout(then_wait)
     except OSError:
         pass
-    codes = [line.split(b" ")[1].decode() for line in got.split(b"\r\n") if line.startswith(b"HTTP/1.1 ") and len(line.split(b" ")) > 1]
-    print(" ".join(codes) or "closed")
+    return got
+
+def status_codes(got):
+    return [line.split(b" ")[1].decode() for line in got.split(b"\r\n") if line.startswith(b"HTTP/1.1 ") and len(line.split(b" ")) > 1]
 
 
 def h1slow(mode, addr, port, seconds):
@@ -269,19 +276,11 @@ def h1slow(mode, addr, port, seconds):
                 break
     else:
         s.sendall(b"POST /public/a.txt HTTP/1.1\r\nHost: slow\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
-        got = b""
-        try:
-            while True:
-                d = s.recv(65536)
-                if not d: break
-                got += d
-        except OSError:
-            pass
+        got = read_until_closed(s)
     took = time.time() - start
     if took >= seconds:
         print("still-open"); return
-    codes = [line.split(b" ")[1].decode() for line in got.split(b"\r\n") if line.startswith(b"HTTP/1.1 ")]
-    print("%s %.1f" % (" ".join(codes) or "closed", took))
+    print("%s %.1f" % (" ".join(status_codes(got)) or "closed", took))
 
 def serve_each(port, serve_one):
     """Listens on 127.0.0.1:port, prints "ready", and hands every
