@@ -97,7 +97,8 @@ public final class Agent {
             let capacities = ["conntrack": Int(PAL_MAX_CONNTRACK), "policy": Int(PAL_MAX_POLICY), "ipcache": Int(PAL_MAX_IPCACHE),
                               "defaults": Int(PAL_MAX_DEFAULTS), "peer_class": Int(PAL_MAX_PEER_CLASS), "endpoints_by_ifindex": Int(PAL_MAX_ENDPOINTS),
                               "endpoints_by_cgroup": Int(PAL_MAX_ENDPOINTS)]
-            metricsServer = try MetricsServer(host: host, port: port) {
+            metricsServer = try MetricsServer(host: host, port: port,
+                                              refused: { metrics.recordAdminRefusal(endpoint: "metrics", reason: $0.rawValue) }) {
                 metrics.setFiles(open: FileDescriptors.inUse, max: FileDescriptors.limit)
                 return metrics.render(names: { shared.state.name(of: $0) }, peerNames: { shared.state.peerName(of: $0) }, capacities: capacities)
             }

@@ -33,7 +33,7 @@ final class FlowEventWriter: @unchecked Sendable {
 
     init(maps: PalisadeMaps, path: String, socket: String, names: @escaping @Sendable () -> AgentState, metrics: DatapathMetrics) throws {
         let file = EventFile(path: path)
-        let stream = try FlowStream(path: socket)
+        let stream = try FlowStream(path: socket) { metrics.recordAdminRefusal(endpoint: "flows", reason: AdminRefusal.tooManyConnections.rawValue) }
         self.stream = stream
         let bootOffset = Date().timeIntervalSince1970 - Double(clockMonotonicNanoseconds()) / 1e9
         ring = try RingBuffer(map: maps.events) { bytes in

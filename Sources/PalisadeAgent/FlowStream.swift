@@ -6,7 +6,10 @@ import NIOPosix
 /// every flow event is written as one JSON line to each connected client.
 /// A client too slow to keep up loses events, and is told how many in a
 /// line {"lost": N} before the next event it gets: never silently.
+/// At most `maxClients` listen at once (each holds a socket and up to 256 KiB
+/// of queued lines); past it a new client is closed at accept, and counted.
 final class FlowStream: @unchecked Sendable {
+    static let maxClients = 32
     let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
     let channel: Channel
     let registry = ClientRegistry()
@@ -14,25 +17,37 @@ final class FlowStream: @unchecked Sendable {
     final class ClientRegistry: @unchecked Sendable {
         let lock = NSLock()
         var clients: [ObjectIdentifier: (channel: Channel, lost: Int)] = [:]
-        func add(_ c: Channel) { lock.lock(); clients[ObjectIdentifier(c)] = (c, 0); lock.unlock() }
+        /// False (and nothing added) when the registry is full.
+        func add(_ c: Channel) -> Bool {
+            lock.lock(); defer { lock.unlock() }
+            guard clients.count < FlowStream.maxClients else { return false }
+            clients[ObjectIdentifier(c)] = (c, 0)
+            return true
+        }
         func remove(_ c: Channel) { lock.lock(); clients[ObjectIdentifier(c)] = nil; lock.unlock() }
     }
 
     final class Tracker: ChannelInboundHandler, @unchecked Sendable {
         typealias InboundIn = ByteBuffer
         let registry: ClientRegistry
-        init(_ r: ClientRegistry) { registry = r }
-        func channelActive(context: ChannelHandlerContext) { registry.add(context.channel) }
+        let refused: @Sendable () -> Void
+        init(_ r: ClientRegistry, refused: @escaping @Sendable () -> Void) { registry = r; self.refused = refused }
+        func channelActive(context: ChannelHandlerContext) {
+            if !registry.add(context.channel) {
+                refused()
+                context.close(promise: nil)
+            }
+        }
         func channelInactive(context: ChannelHandlerContext) { registry.remove(context.channel) }
         func channelRead(context: ChannelHandlerContext, data: NIOAny) {}   // clients only listen
     }
 
-    init(path: String) throws {
+    init(path: String, refused: @escaping @Sendable () -> Void = {}) throws {
         unlink(path)
         let registry = self.registry
         channel = try ServerBootstrap(group: group)
             .childChannelOption(ChannelOptions.writeBufferWaterMark, value: .init(low: 32 << 10, high: 256 << 10))
-            .childChannelInitializer { $0.pipeline.addHandler(Tracker(registry)) }
+            .childChannelInitializer { $0.pipeline.addHandler(Tracker(registry, refused: refused)) }
             .bind(unixDomainSocketPath: path).wait()
         chmod(path, 0o600)
     }

@@ -94,6 +94,19 @@ public final class DatapathMetrics: @unchecked Sendable {
                "Connections to the mTLS listener refused or closed before their handshake completed, by reason.").increment()
     }
 
+    /// A connection to an admin endpoint (metrics, flows socket) refused or
+    /// cut, by endpoint and reason.
+    public func recordAdminRefusal(endpoint: String, reason: String) {
+        lock.withLock {
+            let key = "admin|\(endpoint)|\(reason)"
+            if let c = resultCounters[key] { return c }
+            let c = registry.makeCounter(name: "palisade_admin_refused_connections_total", labels: [("endpoint", endpoint), ("reason", reason)],
+                                         help: "Connections to an admin endpoint (metrics, flows socket) refused or cut, by endpoint and reason.")
+            resultCounters[key] = c
+            return c
+        }.increment()
+    }
+
     lazy var openFiles = registry.makeGauge(name: "palisade_open_files", help: "File descriptors the agent holds.")
     lazy var maxFiles = registry.makeGauge(name: "palisade_max_files", help: "The agent's file-descriptor limit (RLIMIT_NOFILE, raised to the hard limit at start).")
     public func setFiles(open: Int, max: Int) {

@@ -1,4 +1,5 @@
 import Foundation
+import PalisadeTestSupport
 import XCTest
 import PalisadeIdentity
 @testable import PalisadeStore
@@ -209,13 +210,3 @@ final class StoreTests: XCTestCase {
     }
 }
 
-/// A TCP port on 127.0.0.1 that nothing listens on now (the kernel picks
-/// it), for a server a test is about to start; random picks collided.
-func freeLoopbackPort() -> Int {
-    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-    defer { close(fd) }
-    var a = sockaddr_in(); a.sin_family = sa_family_t(AF_INET); a.sin_addr.s_addr = inet_addr("127.0.0.1")
-    var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-    _ = withUnsafeMutablePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) == 0 ? getsockname(fd, $0, &len) : -1 } }
-    return Int(UInt16(bigEndian: a.sin_port))
-}

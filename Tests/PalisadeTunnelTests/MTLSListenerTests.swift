@@ -4,6 +4,7 @@ import NIOCore
 import NIOPosix
 import NIOSSL
 import X509
+import PalisadeTestSupport
 import XCTest
 @testable import PalisadeCA
 import PalisadeIdentity
@@ -129,26 +130,6 @@ final class MTLSListenerTests: XCTestCase {
         XCTAssertNil(try present(svid, key: key, tls: .tlsv12))
     }
 
-    /// A TCP connection to the listener that never starts TLS.
-    static func silentConnection(to port: Int) -> Int32 {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        var a = sockaddr_in()
-        a.sin_family = sa_family_t(AF_INET)
-        a.sin_port = in_port_t(UInt16(port).bigEndian)
-        a.sin_addr.s_addr = inet_addr("127.0.0.1")
-        let r = withUnsafePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
-        precondition(r == 0, "connect: \(errno)")
-        return fd
-    }
-
-    /// Has the listener closed this connection (EOF or reset within `seconds`)?
-    static func closedByPeer(_ fd: Int32, within seconds: Double) -> Bool {
-        var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-        guard poll(&p, 1, Int32(seconds * 1000)) == 1 else { return false }
-        var b: UInt8 = 0
-        return recv(fd, &b, 1, Int32(MSG_DONTWAIT)) <= 0
-    }
-
     /// Connections that never finish their handshake cannot pile up: past
     /// the per-address cap they are refused at once, the others are closed
     /// at the deadline, each refusal is counted by reason, and a real peer
@@ -158,14 +139,14 @@ final class MTLSListenerTests: XCTestCase {
         let reasons = Reasons()
         listener.limits = HandshakeLimits(timeout: .milliseconds(1500), maxPending: 1000, maxPendingPerSource: 20)
         listener.onRefuse = { r in reasons.lock.withLock { reasons.items.append(r) } }
-        let fds = (0..<30).map { _ in Self.silentConnection(to: listener.localPort) }
-        defer { fds.forEach { close($0) } }
+        let sockets = (0..<30).compactMap { _ in LoopbackSocket(port: listener.localPort) }
+        XCTAssertEqual(sockets.count, 30)
         usleep(300_000)
-        let refusedAtOnce = fds.filter { Self.closedByPeer($0, within: 0.05) }
+        let refusedAtOnce = sockets.filter { $0.closedByPeer(within: 0.05) }.map(\.fd)
         XCTAssertEqual(refusedAtOnce.count, 10, "past 20 handshaking connections from one address")
         XCTAssertEqual(listener.pendingHandshakes, 20)
-        let waiting = fds.filter { !refusedAtOnce.contains($0) }
-        XCTAssertTrue(waiting.allSatisfy { Self.closedByPeer($0, within: 3) }, "closed at the handshake deadline")
+        let waiting = sockets.filter { !refusedAtOnce.contains($0.fd) }
+        XCTAssertTrue(waiting.allSatisfy { $0.closedByPeer(within: 3) }, "closed at the handshake deadline")
         usleep(100_000)
         XCTAssertEqual(listener.pendingHandshakes, 0)
         reasons.lock.withLock {

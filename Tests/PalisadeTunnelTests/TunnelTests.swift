@@ -1,6 +1,7 @@
 import Foundation
 import NIOCore
 import NIOPosix
+import PalisadeTestSupport
 import XCTest
 @testable import PalisadeCA
 import PalisadeIdentity
@@ -79,34 +80,13 @@ final class TunnelTests: XCTestCase {
         try? FileManager.default.removeItem(atPath: dir)
     }
 
-    /// Connects to the proxy, sends `payload`, half-closes, reads to EOF.
+    /// Connects to the proxy, sends `payload`, half-closes, reads to EOF
+    /// (nil on a reset or timeout).
     func roundTrip(_ payload: [UInt8]) throws -> [UInt8]? {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        defer { close(fd) }
-        var tv = timeval(tv_sec: 5, tv_usec: 0)
-        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-        var addr = sockaddr_in()
-        addr.sin_family = sa_family_t(AF_INET)
-        addr.sin_port = UInt16(proxy.localPort).bigEndian
-        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
-        let rc = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
-        XCTAssertEqual(rc, 0)
-        var sent = 0
-        while sent < payload.count {
-            let n = payload[sent...].withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
-            if n <= 0 { return nil }
-            sent += n
-        }
-        shutdown(fd, Int32(SHUT_WR))
-        var got: [UInt8] = []
-        var buf = [UInt8](repeating: 0, count: 65536)
-        while true {
-            let n = recv(fd, &buf, buf.count, 0)
-            if n < 0 { return nil }   // reset or timeout
-            if n == 0 { break }
-            got += buf[0..<n]
-        }
-        return got
+        let s = try XCTUnwrap(LoopbackSocket(port: proxy.localPort))
+        guard s.send(payload) else { return nil }
+        s.shutdownWrite()
+        return s.readToEnd()
     }
 
     func testBytesAndHalfCloseCrossTheTunnel() throws {
@@ -165,13 +145,11 @@ final class TunnelTests: XCTestCase {
         let handshakes = Count()
         listener.onAccept = { _ in handshakes.lock.withLock { handshakes.n += 1 } }
         // A stream: one byte echoed, then nothing either way.
-        let fd = MTLSListenerTests.silentConnection(to: proxy.localPort)
-        defer { close(fd) }
-        var b: UInt8 = 0x78
-        XCTAssertEqual(send(fd, &b, 1, 0), 1)
-        XCTAssertEqual(recv(fd, &b, 1, 0), 1, "the echo came back")
+        let held = try XCTUnwrap(LoopbackSocket(port: proxy.localPort))
+        held.send("x")
+        XCTAssertEqual(held.readSome(), Array("x".utf8), "the echo came back")
         let start = Date()
-        XCTAssertTrue(MTLSListenerTests.closedByPeer(fd, within: 4), "an idle stream is closed")
+        XCTAssertTrue(held.closedByPeer(within: 4), "an idle stream is closed")
         XCTAssertGreaterThan(Date().timeIntervalSince(start), 0.8)
         // A connection: used, then left with no stream past its timeout.
         XCTAssertEqual(try roundTrip(Array("one".utf8)), Array("one".utf8))
@@ -196,12 +174,11 @@ final class TunnelTests: XCTestCase {
                                  authority: authority)
         }
         defer { small.stop() }
-        let fds = (0..<7).map { _ in MTLSListenerTests.silentConnection(to: small.localPort) }
-        defer { fds.forEach { close($0) } }
-        for fd in fds {
-            var b: UInt8 = 0x78
-            XCTAssertEqual(send(fd, &b, 1, 0), 1)
-            XCTAssertEqual(recv(fd, &b, 1, 0), 1, "every held connection is served")
+        let sockets = (0..<7).compactMap { _ in LoopbackSocket(port: small.localPort) }
+        XCTAssertEqual(sockets.count, 7)
+        for s in sockets {
+            s.send("x")
+            XCTAssertEqual(s.readSome(), Array("x".utf8), "every held connection is served")
         }
         XCTAssertEqual(small.pool.connectionsOpened, 3, "7 streams at 3 per connection")
         XCTAssertEqual(try small.pool.connectionCount.wait(), 3)
