@@ -39,7 +39,8 @@ struct MeshDirectory: @unchecked Sendable {  // immutable snapshots; CompiledLoo
         // Rules on JWT identities without a configured issuer: every token
         // counts as unverified (deny rules on JWT identities apply to it).
         let verify: BearerVerifier? = rules.usesJWT ? (verifyBearer ?? { _, loop in loop.makeSucceededFuture(nil) }) : nil
-        return OutboundRoute.HTTP(destination: destination, usesHeaders: rules.usesHeaders, verifyBearer: verify) { method, uri, host, headers, jwt in
+        let appProtocol: L7AppProtocol = switch rules.appProtocol { case .h2c: .http2; case .http: .http1; case nil: .detect }
+        return OutboundRoute.HTTP(destination: destination, usesHeaders: rules.usesHeaders, verifyBearer: verify, appProtocol: appProtocol) { method, uri, host, headers, jwt in
             let d = rules.decide(HTTPRequestFacts(source: source, jwtIdentity: jwt, sourceAddress: caller, method: method, path: uri,
                                                   host: host, headers: headers))
             return HTTPVerdict(allowed: d.allowed, reason: d.reason, rule: d.rule)
@@ -164,7 +165,8 @@ extension Agent {
         // that address is a workload of the authenticated identity.
         let caller = r.caller.flatMap(IPAddress.init).flatMap { a in directory.remoteIdentities[a] == source ? a : nil }
         if let http = directory.httpGate(address: dst, port: r.port, source: r.peer, caller: caller) {
-            return .deliverHTTP(mark: mark, destination: http.destination, usesHeaders: http.usesHeaders, verifyBearer: http.verifyBearer, gate: http.gate)
+            return .deliverHTTP(mark: mark, destination: http.destination, usesHeaders: http.usesHeaders, verifyBearer: http.verifyBearer,
+                                appProtocol: http.appProtocol, gate: http.gate)
         }
         return .deliver(mark: mark)
     }

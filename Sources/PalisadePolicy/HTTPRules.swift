@@ -42,6 +42,18 @@ public struct HTTPPolicy: Hashable, Sendable {
     public var location: SourceLocation
     /// Only workloads of this namespace (Istio policies are namespaced).
     public var namespace: String? = nil
+    /// What the governed ports speak; nil: told from the first bytes.
+    public var appProtocol: AppProtocol? = nil
+
+    /// A port's application protocol, as Kubernetes' appProtocol says it.
+    /// Declared, the proxy reads every connection as that protocol: an
+    /// HTTP/2 port answers a bad preface with GOAWAY PROTOCOL_ERROR (RFC
+    /// 9113 3.4) instead of reading it as an HTTP/1.1 request. Undeclared,
+    /// a connection starting with "PRI " is HTTP/2 and any other HTTP/1.x.
+    public enum AppProtocol: String, Hashable, Sendable, CaseIterable {
+        case http = "http"       // HTTP/1.x
+        case h2c = "h2c"         // HTTP/2 with prior knowledge (also gRPC)
+    }
 }
 
 /// `/exact`, a prefix `/api/` followed by `*` or `**`, or a safe glob where
@@ -250,7 +262,12 @@ public struct HTTPRuleSet: Sendable {
     /// (the proxy judges every request against them); nil: no L7 rules.
     public func destination(labels: [String: String], namespace: String? = nil, port: Int) -> HTTPDestinationRules? {
         guard applies(labels: labels, namespace: namespace, port: port) else { return nil }
-        return HTTPDestinationRules(rules(labels: labels, namespace: namespace, port: port).map { ($0.0, $0.1) })
+        var d = HTTPDestinationRules(rules(labels: labels, namespace: namespace, port: port).map { ($0.0, $0.1) })
+        // Policies that disagree on the protocol leave it to detection.
+        let declared = Set(policies.filter { p in (p.ports.isEmpty || p.ports.contains(port)) && p.selector.allSatisfy { labels[$0.key] == $0.value }
+                                               && (p.namespace == nil || p.namespace == namespace) }.compactMap(\.appProtocol))
+        d.appProtocol = declared.count == 1 ? declared.first : nil
+        return d
     }
 }
 
@@ -267,6 +284,8 @@ public struct HTTPDestinationRules: Sendable {
     public let usesHeaders: Bool
     /// Does any rule name a JWT identity (so bearer tokens must be verified)?
     public let usesJWT: Bool
+    /// What the port speaks, when its policies declare it.
+    public var appProtocol: HTTPPolicy.AppProtocol?
 
     init(_ rules: [(String, HTTPPolicy.Rule)]) {
         self.rules = rules.map { id, r in
@@ -336,15 +355,23 @@ public enum HTTPPolicyParser {
             throw doc.error("missing metadata.name")
         }
         guard let spec = m["spec"] else { throw doc.error("missing spec") }
-        let s = try spec.mapping(allowedKeys: ["selector", "port", "ports", "rules"])
+        let s = try spec.mapping(allowedKeys: ["selector", "port", "ports", "rules", "appProtocol"])
         guard let sel = s["selector"] else { throw spec.error("missing field 'selector' (labels of the destination workloads)") }
         let selector = try PolicyParser.labels(try sel.mapping(allowedKeys: ["labels"])["labels"] ?? sel)
         guard let rulesV = s["rules"] else { throw spec.error("missing field 'rules'") }
         let rules = try rulesV.sequence().map(parseRule)
         var ports = try (s["ports"]?.sequence() ?? []).map { try $0.int(in: 1...65535) }
         if let p = s["port"] { ports.append(try p.int(in: 1...65535)) }
+        var appProtocol: HTTPPolicy.AppProtocol?
+        if let v = s["appProtocol"] {
+            let text = try v.string()
+            guard let p = HTTPPolicy.AppProtocol(rawValue: text) else {
+                throw v.error("appProtocol: expected one of \(HTTPPolicy.AppProtocol.allCases.map(\.rawValue).joined(separator: ", ")), got '\(text)'")
+            }
+            appProtocol = p
+        }
         return HTTPPolicy(name: try nameV.string(), selector: selector, ports: ports,
-                          rules: rules, location: doc.location)
+                          rules: rules, location: doc.location, appProtocol: appProtocol)
     }
 
     static func parseRule(_ v: YAMLValue) throws -> HTTPPolicy.Rule {

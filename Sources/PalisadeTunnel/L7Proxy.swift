@@ -83,6 +83,12 @@ public struct HTTPLimits: Sendable {
     }
 }
 
+/// What a proxied port speaks: told from the first bytes ("PRI " starts
+/// HTTP/2's preface, anything else is HTTP/1.x), or declared by its rules.
+public enum L7AppProtocol: Sendable {
+    case detect, http1, http2
+}
+
 /// Who is talking to whom through one proxied connection, and where its
 /// requests are judged and logged.
 struct L7Context: Sendable {
@@ -92,6 +98,7 @@ struct L7Context: Sendable {
     /// Set when the rules name JWT identities: a request's bearer token is
     /// verified before it is judged.
     var verifyBearer: BearerVerifier? = nil
+    var appProtocol = L7AppProtocol.detect
     var source: String
     var destination: String
     var destinationAddress: String
@@ -608,6 +615,12 @@ final class L7ProtocolSniffer: ChannelInboundHandler, RemovableChannelHandler, @
         var b = unwrapInboundIn(data)
         seen.writeBuffer(&b)
         guard protocolHTTP2 == nil else { return }
+        if l7.appProtocol != .detect {
+            // Declared: a damaged HTTP/2 preface is then HTTP/2's to refuse.
+            protocolHTTP2 = l7.appProtocol == .http2
+            configureIfReady()
+            return
+        }
         // "PRI " is HTTP/2's preface (no HTTP/1.1 method is called PRI):
         // from there NIO's HTTP/2 handler checks the rest, so a damaged
         // preface gets HTTP/2's answer (GOAWAY), not an HTTP/1.1 one.
@@ -624,7 +637,7 @@ final class L7ProtocolSniffer: ChannelInboundHandler, RemovableChannelHandler, @
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if let e = event as? ChannelEvent, e == .inputClosed, !done {
             inputClosed = true
-            if protocolHTTP2 == nil { protocolHTTP2 = false }
+            if protocolHTTP2 == nil { protocolHTTP2 = l7.appProtocol == .http2 }
             configureIfReady()
             return
         }

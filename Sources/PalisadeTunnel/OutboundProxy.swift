@@ -29,8 +29,11 @@ public struct OutboundRoute: Sendable {
         public var usesHeaders: Bool
         /// Set when the rules name JWT identities.
         public var verifyBearer: BearerVerifier?
-        public init(destination: String, usesHeaders: Bool = true, verifyBearer: BearerVerifier? = nil, gate: @escaping HTTPGate) {
-            self.destination = destination; self.usesHeaders = usesHeaders; self.verifyBearer = verifyBearer; self.gate = gate
+        public var appProtocol: L7AppProtocol
+        public init(destination: String, usesHeaders: Bool = true, verifyBearer: BearerVerifier? = nil, appProtocol: L7AppProtocol = .detect,
+                    gate: @escaping HTTPGate) {
+            self.destination = destination; self.usesHeaders = usesHeaders; self.verifyBearer = verifyBearer; self.appProtocol = appProtocol
+            self.gate = gate
         }
     }
     public var credentials: ClientCredentials
@@ -129,7 +132,7 @@ public final class OutboundProxy: @unchecked Sendable {
                     return OutboundProxy.reset(ch)
                 }
                 if let http = route.http, let c = route.candidates.first, c.peer == nil {
-                    let l7 = L7Context(gate: http.gate, usesHeaders: http.usesHeaders, verifyBearer: http.verifyBearer, source: route.credentials.spiffeID.description, destination: http.destination,
+                    let l7 = L7Context(gate: http.gate, usesHeaders: http.usesHeaders, verifyBearer: http.verifyBearer, appProtocol: http.appProtocol, source: route.credentials.spiffeID.description, destination: http.destination,
                                        destinationAddress: c.authority, log: weakSelf?.accessLog)
                     OutboundProxy.deliverHTTP(ch, to: c, mark: route.mark, l7: l7, firstBytesTimeout: weakSelf?.firstBytesTimeout ?? .seconds(15)) { error in
                         weakSelf?.onOutcome?(OutboundOutcome(route: route, error: error, seconds: Date().timeIntervalSince(start)))

@@ -13,7 +13,8 @@ public enum InboundDecision: Sendable {
     case deliver(mark: UInt32)
     /// Deliver through the in-agent HTTP proxy: each request is judged by
     /// the destination's L7 rules.
-    case deliverHTTP(mark: UInt32, destination: String, usesHeaders: Bool = true, verifyBearer: BearerVerifier? = nil, gate: HTTPGate)
+    case deliverHTTP(mark: UInt32, destination: String, usesHeaders: Bool = true, verifyBearer: BearerVerifier? = nil,
+                     appProtocol: L7AppProtocol = .detect, gate: HTTPGate)
     /// Refuse with an HTTP status and a short reason (no internals).
     case refuse(status: Int, reason: String)
 }
@@ -107,11 +108,12 @@ final class TunnelInboundStream: ChannelInboundHandler, RemovableChannelHandler,
         let request = InboundRequest(peer: peer, host: host, port: port, caller: forwardedFor(h.headers.first(name: "forwarded")))
         let decision = authorize(request)
         let mark: UInt32
-        var httpGate: HTTPGate?, usesHeaders = true, verifyBearer: BearerVerifier?
+        var httpGate: HTTPGate?, usesHeaders = true, verifyBearer: BearerVerifier?, appProtocol = L7AppProtocol.detect
         var destinationID = "\(host):\(port)"
         switch decision {
         case .deliver(let m): mark = m
-        case .deliverHTTP(let m, let d, let u, let v, let g): mark = m; httpGate = g; destinationID = d; usesHeaders = u; verifyBearer = v
+        case .deliverHTTP(let m, let d, let u, let v, let a, let g):
+            mark = m; httpGate = g; destinationID = d; usesHeaders = u; verifyBearer = v; appProtocol = a
         case .refuse(let status, let reason):
             onStream?(request, decision, nil)
             respond(context, status: status, body: reason)
@@ -119,7 +121,8 @@ final class TunnelInboundStream: ChannelInboundHandler, RemovableChannelHandler,
         }
         let stream = context.channel
         if let httpGate {
-            deliverHTTP(context, request: request, decision: decision, mark: mark, destination: destinationID, usesHeaders: usesHeaders, verifyBearer: verifyBearer, gate: httpGate)
+            deliverHTTP(context, request: request, decision: decision, mark: mark, destination: destinationID, usesHeaders: usesHeaders,
+                        verifyBearer: verifyBearer, appProtocol: appProtocol, gate: httpGate)
             return
         }
         let (streamGlue, tcpGlue) = GlueHandler.pair()
@@ -164,10 +167,10 @@ extension TunnelInboundStream {
     /// Connects to the workload and puts the HTTP proxy between the stream
     /// and that connection.
     func deliverHTTP(_ context: ChannelHandlerContext, request: InboundRequest, decision: InboundDecision, mark: UInt32,
-                     destination: String, usesHeaders: Bool, verifyBearer: BearerVerifier?, gate: @escaping HTTPGate) {
+                     destination: String, usesHeaders: Bool, verifyBearer: BearerVerifier?, appProtocol: L7AppProtocol, gate: @escaping HTTPGate) {
         let stream = context.channel
-        let l7 = L7Context(gate: gate, usesHeaders: usesHeaders, verifyBearer: verifyBearer, source: request.peer.description, destination: destination,
-                           destinationAddress: "\(request.host):\(request.port)", log: accessLog, callerIsStream: true)
+        let l7 = L7Context(gate: gate, usesHeaders: usesHeaders, verifyBearer: verifyBearer, appProtocol: appProtocol, source: request.peer.description,
+                           destination: destination, destinationAddress: "\(request.host):\(request.port)", log: accessLog, callerIsStream: true)
         ClientBootstrap(group: context.eventLoop)
             .connectTimeout(connectTimeout)
             .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)

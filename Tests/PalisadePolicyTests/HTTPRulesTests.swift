@@ -165,6 +165,28 @@ final class HTTPRulesTests: XCTestCase {
         XCTAssertTrue(decide(nil, "/open"), "no token: the JWT deny does not apply")
     }
 
+    /// A port's declared protocol reaches the rules of that destination
+    /// and port; policies that disagree leave it to detection; a value
+    /// Palisade does not know is an error with its place.
+    func testAppProtocolIsDeclaredPerPort() throws {
+        func policy(_ name: String, port: Int, _ proto: String?) -> String {
+            "apiVersion: palisade.dev/v1\nkind: HTTPPolicy\nmetadata: {name: \(name)}\nspec:\n  selector: {labels: {app: api}}\n  port: \(port)\n"
+                + (proto.map { "  appProtocol: \($0)\n" } ?? "") + "  rules:\n    - methods: [GET]\n"
+        }
+        let set = HTTPRuleSet(try HTTPPolicyParser.parse([policy("grpc", port: 9000, "h2c"), policy("web", port: 8080, "http"),
+                                                          policy("plain", port: 7000, nil), policy("a", port: 6000, "h2c"),
+                                                          policy("b", port: 6000, "http")].joined(separator: "---\n"), file: "p.yaml"))
+        let labels = ["app": "api"]
+        XCTAssertEqual(set.destination(labels: labels, port: 9000)?.appProtocol, .h2c)
+        XCTAssertEqual(set.destination(labels: labels, port: 8080)?.appProtocol, .http)
+        XCTAssertNil(set.destination(labels: labels, port: 7000)?.appProtocol)
+        XCTAssertNotNil(set.destination(labels: labels, port: 6000))
+        XCTAssertNil(set.destination(labels: labels, port: 6000)?.appProtocol, "two policies disagree")
+        XCTAssertThrowsError(try HTTPPolicyParser.parse(policy("bad", port: 1, "http3"), file: "p.yaml")) {
+            XCTAssertTrue("\($0)".contains("p.yaml:7") && "\($0)".contains("appProtocol: expected one of http, h2c, got 'http3'"), "\($0)")
+        }
+    }
+
     func testPreciseErrors() {
         func error(_ rules: String) -> String {
             let text = "apiVersion: palisade.dev/v1\nkind: HTTPPolicy\nmetadata: {name: p}\nspec:\n  selector: {labels: {app: x}}\n  rules:\n" + rules

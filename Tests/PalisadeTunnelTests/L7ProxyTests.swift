@@ -108,7 +108,10 @@ extension TunnelTests {
 
     /// Hand-made protocol violations through the proxy (a small part of
     /// what h2spec checks; tools/testing/h2-conformance runs the real one):
-    /// each is answered the way RFC 9113 asks, by the proxy itself.
+    /// each is answered the way RFC 9113 asks, by the proxy itself. The
+    /// port is declared HTTP/2 (appProtocol: h2c), so even bytes that are no
+    /// preface at all get HTTP/2's answer; a port left to detection reads a
+    /// damaged preface starting "PRI " as HTTP/2 too.
     func testHTTP2ProtocolViolationsAreAnsweredPerRFC9113() throws {
         let port = freeLoopbackPort()
         let server = try startL7(["nghttpd", "--no-tls", "-d", "WWW", "\(port)"], port: port)
@@ -116,10 +119,16 @@ extension TunnelTests {
         listener.authorize = { _ in
             .deliverHTTP(mark: 0, destination: "spiffe://example.org/ns/default/sa/web", gate: Self.allowAll)
         }
+        let detected = try sh([Self.python, Self.netprobe, "h2raw", "bad-preface", "127.0.0.1", "\(proxy.localPort)"]).output
+        XCTAssertEqual(detected.trimmingCharacters(in: .whitespacesAndNewlines), "GOAWAY:PROTOCOL_ERROR closed")
+        listener.authorize = { _ in
+            .deliverHTTP(mark: 0, destination: "spiffe://example.org/ns/default/sa/web", appProtocol: .http2, gate: Self.allowAll)
+        }
         // A connection error is a GOAWAY and then a closed connection (RFC 9113 5.4.1).
         let expected = [
             "valid": "HEADERS:1 DATA:1",
             "bad-preface": "GOAWAY:PROTOCOL_ERROR closed",
+            "not-a-preface": "GOAWAY:PROTOCOL_ERROR closed",
             "headers-on-stream-0": "GOAWAY:PROTOCOL_ERROR closed",
             "uppercase-header": "RST_STREAM:1:PROTOCOL_ERROR",
             "connection-header": "RST_STREAM:1:PROTOCOL_ERROR",

@@ -151,6 +151,7 @@ def h2raw(case, addr, port):
     cases = {
         "valid": preface + frame(1, 0x5, 1, get),
         "bad-preface": b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n" + frame(4, 0, 0),
+        "not-a-preface": b"INVALID CONNECTION PREFACE\r\n\r\n",
         "headers-on-stream-0": preface + frame(1, 0x5, 0, get),
         "uppercase-header": preface + frame(1, 0x5, 1, get + lit(b"X-Upper", b"v")),
         "connection-header": preface + frame(1, 0x5, 1, get + lit(b"connection", b"keep-alive")),
