@@ -64,6 +64,18 @@ let package = Package(
             .product(name: "NIOSSL", package: "swift-nio-ssl"),
             .product(name: "X509", package: "swift-certificates"),
         ]),
+        // The trust domain's issuer (`palisade ca serve`): join tokens,
+        // registrations, CSR signing over HTTPS; and the node's client of it.
+        .target(name: "PalisadeIssuer", dependencies: [
+            "PalisadeCA", "PalisadeIdentity", "PalisadePolicy", "PalisadeTunnel",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOSSL", package: "swift-nio-ssl"),
+            .product(name: "X509", package: "swift-certificates"),
+            .product(name: "Crypto", package: "swift-crypto"),
+        ]),
         // Shared state: the Store interface, the embedded file store and etcd v3
         // (its JSON gateway over AsyncHTTPClient), cluster-wide identity allocation.
         .target(name: "PalisadeStore", dependencies: [
@@ -82,14 +94,14 @@ let package = Package(
         ]),
         // Configuration, workload enrollment, state directory, reconcile loop.
         .target(name: "PalisadeAgent", dependencies: [
-            "PalisadeDatapath", "PalisadePolicy", "PalisadeMetrics", "PalisadeCA", "PalisadeTunnel", "PalisadeJWT", "PalisadeStore",
+            "PalisadeDatapath", "PalisadePolicy", "PalisadeMetrics", "PalisadeCA", "PalisadeTunnel", "PalisadeJWT", "PalisadeStore", "PalisadeIssuer",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "Yams", package: "Yams"),
         ]),
         .executableTarget(name: "palisade", dependencies: [
-            "PalisadeAgent", "PalisadeBPF", "PalisadeDatapath", "CPalisadeShared", "PalisadeCA", "PalisadeStore",
+            "PalisadeAgent", "PalisadeBPF", "PalisadeDatapath", "CPalisadeShared", "PalisadeCA", "PalisadeStore", "PalisadeIssuer",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
@@ -108,7 +120,7 @@ let package = Package(
             .product(name: "NIOEmbedded", package: "swift-nio"),
             .product(name: "X509", package: "swift-certificates"), .product(name: "Crypto", package: "swift-crypto")]),
         .testTarget(name: "PalisadeJWTTests", dependencies: ["PalisadeJWT", .product(name: "JWTKit", package: "jwt-kit")]),
-        .testTarget(name: "PalisadeCATests", dependencies: ["PalisadeCA",
+        .testTarget(name: "PalisadeCATests", dependencies: ["PalisadeCA", "PalisadeIssuer", "PalisadeIdentity",
             .product(name: "X509", package: "swift-certificates"), .product(name: "Crypto", package: "swift-crypto")]),
         .testTarget(name: "PalisadeStoreTests", dependencies: ["PalisadeStore", "PalisadeIdentity", "PalisadeTestSupport"]),
         .testTarget(name: "PalisadeKernelTests", dependencies: ["PalisadeAgent", "PalisadeDatapath"]),

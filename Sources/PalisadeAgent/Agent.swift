@@ -82,7 +82,7 @@ public final class Agent {
         }
         state = AgentState.load(config.stateFile) ?? AgentState()
         ca = try CertificateAuthority.loadOrCreate(directory: config.caDir, trustDomain: config.trustDomain)
-        svids = try SVIDStore(directory: config.svidDir, ca: ca, lifetime: TimeInterval(config.svidLifetimeSeconds))
+        svids = try SVIDStore(directory: config.svidDir, signer: ca, lifetime: TimeInterval(config.svidLifetimeSeconds))
         datapath = try Datapath(pinRoot: config.bpffs)
         let gen = datapath.maps.activeConfig.generation
         log.info("datapath loaded", metadata: ["bpffs": "\(config.bpffs)", "adopted-generation": "\(gen)",

@@ -94,7 +94,7 @@ public final class CertificateAuthority: @unchecked Sendable {
 }
 
 /// Writes a private key: created with mode 0600 before any byte is written.
-func writeSecret(_ text: String, to path: String) throws {
+public func writeSecret(_ text: String, to path: String) throws {
     let tmp = path + ".tmp"
     unlink(tmp)
     let fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)

@@ -20,13 +20,15 @@ public struct SVIDInfo: Codable, Sendable {
 /// the lifetime so peers never see an expired one.
 public final class SVIDStore: @unchecked Sendable {
     public let directory: String
-    let ca: CertificateAuthority
+    let signer: SVIDSigner
     public let lifetime: TimeInterval
     private var cache: [SpiffeID: SVIDInfo] = [:]
+    /// Requests the signer refused in the last `ensure`, and why.
+    public private(set) var refused: [SpiffeID: String] = [:]
 
-    public init(directory: String, ca: CertificateAuthority, lifetime: TimeInterval) throws {
+    public init(directory: String, signer: SVIDSigner, lifetime: TimeInterval) throws {
         self.directory = directory
-        self.ca = ca
+        self.signer = signer
         self.lifetime = lifetime
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
     }
@@ -51,30 +53,75 @@ public final class SVIDStore: @unchecked Sendable {
     }
 
     /// Makes sure each ID has a current SVID; returns the IDs (re)issued.
+    /// `first`, when it needs issuing, is asked for alone before the others:
+    /// the node's own SVID, which a remote issuer needs to authenticate the
+    /// node's other requests. A signer that cannot be reached throws; the
+    /// SVIDs already on disk stay in use until they expire.
     @discardableResult
-    public func ensure(_ ids: Set<SpiffeID>, now: Date = Date()) throws -> [SpiffeID] {
-        var issued: [SpiffeID] = []
+    public func ensure(_ ids: Set<SpiffeID>, first: SpiffeID? = nil, now: Date = Date()) throws -> [SpiffeID] {
+        var due: [SpiffeID] = []
         for id in ids.sorted() {
             if let known = cache[id] ?? load(id), now < known.rotateAt {
                 cache[id] = known
                 continue
             }
-            let key = P256.Signing.PrivateKey()
-            let cert = try ca.issue(id, publicKey: .init(key.publicKey), lifetime: lifetime, now: now)
-            let (certPath, keyPath) = paths(id)
-            // Key first: a reader that sees the new certificate finds its key.
-            try writeSecret(key.pemRepresentation, to: keyPath)
-            let chain = try ([cert] + ca.intermediates).map { try $0.serializeAsPEM().pemString }.joined(separator: "\n")
-            try (chain + "\n").write(toFile: certPath, atomically: true, encoding: .utf8)
-            cache[id] = SVIDStore.info(of: cert, id: id.description, cert: certPath, key: keyPath)
-            issued.append(id)
+            due.append(id)
         }
+        refused = [:]
+        var issued: [SpiffeID] = []
+        if let first, let i = due.firstIndex(of: first) {
+            due.remove(at: i)
+            issued += try issue([first], now: now)
+        }
+        if !due.isEmpty { issued += try issue(due, now: now) }
         // Identities no longer on this node lose their SVIDs.
         for (id, info) in cache where !ids.contains(id) {
             unlink(info.certificateFile); unlink(info.keyFile)
             cache[id] = nil
         }
         return issued
+    }
+
+    /// New keys, one CSR each, signed together; each SVID written with its key.
+    private func issue(_ ids: [SpiffeID], now: Date) throws -> [SpiffeID] {
+        var keys: [SpiffeID: P256.Signing.PrivateKey] = [:]
+        var requests: [SVIDRequest] = []
+        for id in ids {
+            let key = P256.Signing.PrivateKey()
+            keys[id] = key
+            requests.append(try SVIDRequest.make(id, key: key))
+        }
+        let results = try signer.sign(requests, lifetime: lifetime, now: now)
+        var issued: [SpiffeID] = []
+        for id in ids {
+            switch results[id] {
+            case .success(let chain)?:
+                guard let leaf = chain.first, leaf.publicKey == Certificate.PublicKey(keys[id]!.publicKey),
+                      case .success(let named) = SPIFFEVerifier.checkLeaf(leaf, trustDomain: id.trustDomain), named == id else {
+                    refused[id] = "the signer returned a certificate that is not this key's SVID for \(id)"
+                    continue
+                }
+                let (certPath, keyPath) = paths(id)
+                // Key first: a reader that sees the new certificate finds its key.
+                try writeSecret(keys[id]!.pemRepresentation, to: keyPath)
+                let pem = try chain.map { try $0.serializeAsPEM().pemString }.joined(separator: "\n")
+                try (pem + "\n").write(toFile: certPath, atomically: true, encoding: .utf8)
+                cache[id] = SVIDStore.info(of: leaf, id: id.description, cert: certPath, key: keyPath)
+                issued.append(id)
+            case .failure(let e)?: refused[id] = e.description
+            case nil: refused[id] = "the signer did not answer this request"
+            }
+        }
+        return issued
+    }
+
+    /// The chain and key (PEM) of an SVID on disk that is still valid: a
+    /// node authenticates to its issuer with its own.
+    public func credentials(_ id: SpiffeID, now: Date = Date()) -> (chain: String, key: String)? {
+        guard let info = load(id), now < info.notAfter,
+              let chain = try? String(contentsOfFile: info.certificateFile, encoding: .utf8),
+              let key = try? String(contentsOfFile: info.keyFile, encoding: .utf8) else { return nil }
+        return (chain, key)
     }
 
     public func cached(_ id: SpiffeID) -> SVIDInfo? { cache[id] }

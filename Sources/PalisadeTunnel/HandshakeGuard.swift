@@ -25,11 +25,12 @@ public enum HandshakeRefusal: String, Sendable, CaseIterable {
 
 /// The connections of one listener still handshaking, overall and by
 /// source address (shared by the listener's event loops).
-final class PendingHandshakes: Sendable {
+public final class PendingHandshakes: Sendable {
+    public init() {}
     private let counts = NIOLockedValueBox<(total: Int, bySource: [String: Int])>((0, [:]))
 
     /// Counts the connection in, or says why it is refused.
-    func admit(_ source: String, _ limits: HandshakeLimits) -> HandshakeRefusal? {
+    public func admit(_ source: String, _ limits: HandshakeLimits) -> HandshakeRefusal? {
         counts.withLockedValue { c in
             if c.total >= limits.maxPending { return .tooManyPending }
             if c.bySource[source, default: 0] >= limits.maxPendingPerSource { return .tooManyFromSource }
@@ -39,7 +40,7 @@ final class PendingHandshakes: Sendable {
         }
     }
 
-    func release(_ source: String) {
+    public func release(_ source: String) {
         counts.withLockedValue { c in
             c.total -= 1
             let n = c.bySource[source, default: 1] - 1
@@ -47,14 +48,14 @@ final class PendingHandshakes: Sendable {
         }
     }
 
-    var total: Int { counts.withLockedValue { $0.total } }
+    public var total: Int { counts.withLockedValue { $0.total } }
 }
 
 /// Sits after the TLS handler of an admitted connection: closes it when the
 /// handshake has not completed by the deadline, and gives its place back
 /// when the handshake completes or the connection ends.
-final class HandshakeGuard: ChannelInboundHandler, RemovableChannelHandler {
-    typealias InboundIn = NIOAny
+public final class HandshakeGuard: ChannelInboundHandler, RemovableChannelHandler {
+    public typealias InboundIn = NIOAny
     private let pending: PendingHandshakes
     private let source: String
     private let timeout: TimeAmount
@@ -62,11 +63,11 @@ final class HandshakeGuard: ChannelInboundHandler, RemovableChannelHandler {
     private var deadline: Scheduled<Void>?
     private var counted = true
 
-    init(pending: PendingHandshakes, source: String, timeout: TimeAmount, onTimeout: @escaping () -> Void) {
+    public init(pending: PendingHandshakes, source: String, timeout: TimeAmount, onTimeout: @escaping () -> Void) {
         self.pending = pending; self.source = source; self.timeout = timeout; self.onTimeout = onTimeout
     }
 
-    func handlerAdded(context: ChannelHandlerContext) {
+    public func handlerAdded(context: ChannelHandlerContext) {
         let channel = context.channel
         deadline = context.eventLoop.scheduleTask(in: timeout) { [self] in
             onTimeout()
@@ -80,7 +81,7 @@ final class HandshakeGuard: ChannelInboundHandler, RemovableChannelHandler {
         if counted { counted = false; pending.release(source) }
     }
 
-    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+    public func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if case TLSUserEvent.handshakeCompleted = event {
             release()
             context.fireUserInboundEventTriggered(event)
@@ -90,7 +91,7 @@ final class HandshakeGuard: ChannelInboundHandler, RemovableChannelHandler {
         context.fireUserInboundEventTriggered(event)
     }
 
-    func channelInactive(context: ChannelHandlerContext) {
+    public func channelInactive(context: ChannelHandlerContext) {
         release()
         context.fireChannelInactive()
     }

@@ -110,7 +110,7 @@ final class SVIDTests: XCTestCase {
 
     func testStoreIssuesRotatesAtHalfLifeAndRemoves() throws {
         let root = try ca("example.org")
-        let store = try SVIDStore(directory: "\(dir!)/svids", ca: root, lifetime: 3600)
+        let store = try SVIDStore(directory: "\(dir!)/svids", signer: root, lifetime: 3600)
         let web = try SpiffeID("spiffe://example.org/ns/prod/sa/web"), api = try SpiffeID("spiffe://example.org/ns/prod/sa/api")
         let t0 = Date()
         XCTAssertEqual(Set(try store.ensure([web, api], now: t0)), [web, api])

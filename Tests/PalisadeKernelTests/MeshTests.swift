@@ -713,15 +713,7 @@ extension MeshTests {
         }
         try m.n2.writePolicy("big", docs)
         usleep(1_500_000)
-        let pids = try [m.n1, m.n2].map { a -> Int32 in
-            let out = try sh(["pgrep", "-f", "agent --config \(a.configPath)$"]).output
-            return try XCTUnwrap(out.split(separator: "\n").compactMap { Int32($0) }.last, "agent pid")
-        }
-        func rss(_ pid: Int32) -> Int {
-            let status = (try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)) ?? ""
-            let line = status.split(separator: "\n").first { $0.hasPrefix("VmRSS:") } ?? ""
-            return (Int(line.split(separator: " ").dropFirst().first ?? "") ?? 0) * 1024
-        }
+        let pids = try agentPIDs(m)
         func curl(_ args: [String]) throws -> String {
             let command = (["nsenter", "--net=\(m.lab.netns("a"))", "curl", "-s", "--max-time", "300"] + args).map { "'\($0)'" }.joined(separator: " ")
             return try sh(["sh", "-c", "echo $$ > '\(m.lab.podCgroup("a"))/cgroup.procs' && exec \(command)"], check: false).output
@@ -748,6 +740,31 @@ extension MeshTests {
         // watermarks (a few MiB per stream); 1 GiB held anywhere would show.
         for (node, g) in zip(["n1", "n2"], growth) { XCTAssertLessThan(g, 128, "\(node)'s agent grew by \(g) MiB moving 2 GiB") }
     }
+}
+
+/// The two agents' process IDs, and what they hold (from /proc).
+extension MeshTests {
+    func agentPIDs(_ m: Mesh) throws -> [Int32] {
+        try [m.n1, m.n2].map { a -> Int32 in
+            let out = try sh(["pgrep", "-f", "agent --config \(a.configPath)$"]).output
+            return try XCTUnwrap(out.split(separator: "\n").compactMap { Int32($0) }.last, "agent pid")
+        }
+    }
+}
+
+/// Resident memory in bytes.
+@Sendable func rss(_ pid: Int32) -> Int {
+    let status = (try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)) ?? ""
+    let line = status.split(separator: "\n").first { $0.hasPrefix("VmRSS:") } ?? ""
+    return (Int(line.split(separator: " ").dropFirst().first ?? "") ?? 0) * 1024
+}
+
+/// Open file descriptors, and the soft limit on them.
+func fileDescriptors(_ pid: Int32) -> (open: Int, limit: Int) {
+    let open = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd").count) ?? 0
+    let limits = (try? String(contentsOfFile: "/proc/\(pid)/limits", encoding: .utf8)) ?? ""
+    let line = limits.split(separator: "\n").first { $0.hasPrefix("Max open files") } ?? ""
+    return (open, Int(line.split(separator: " ", omittingEmptySubsequences: true).dropFirst(3).first ?? "") ?? 0)
 }
 
 /// The highest values seen by the sampling thread.

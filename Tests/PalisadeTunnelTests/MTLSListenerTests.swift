@@ -22,7 +22,7 @@ final class MTLSListenerTests: XCTestCase {
     override func setUpWithError() throws {
         dir = NSTemporaryDirectory() + "palisade-mtls-\(UUID().uuidString)"
         root = try CertificateAuthority.loadOrCreate(directory: "\(dir!)/ca", trustDomain: "example.org")
-        let store = try SVIDStore(directory: "\(dir!)/svids", ca: root, lifetime: 3600)
+        let store = try SVIDStore(directory: "\(dir!)/svids", signer: root, lifetime: 3600)
         let node = try SpiffeID("spiffe://example.org/palisade/node/test")
         try store.ensure([node])
         let info = store.cached(node)!

@@ -32,7 +32,7 @@ final class TunnelTests: XCTestCase {
     override func setUpWithError() throws {
         dir = NSTemporaryDirectory() + "palisade-tunnel-\(UUID().uuidString)"
         ca = try CertificateAuthority.loadOrCreate(directory: "\(dir!)/ca", trustDomain: "example.org")
-        store = try SVIDStore(directory: "\(dir!)/svids", ca: ca, lifetime: 3600)
+        store = try SVIDStore(directory: "\(dir!)/svids", signer: ca, lifetime: 3600)
         try store.ensure([source, node])
         let verifier = SPIFFEVerifier(bundles: ["example.org": [ca.certificate]])
         let n = store.cached(node)!

@@ -1,0 +1,119 @@
+import Foundation
+import NIOConcurrencyHelpers
+import PalisadeCA
+import PalisadeIdentity
+import X509
+
+/// The only holder of a trust domain's signing key when nodes join it
+/// (`palisade ca serve`). A node joins once with a one-time token and gets
+/// its node SVID; from then on it authenticates with that SVID and sends
+/// CSRs, and gets SVIDs only for the SPIFFE IDs it is entitled to: those the
+/// operator's registrations allow for that node and, when the issuer reads
+/// the store, those registered under that node there.
+public final class Issuer: Sendable {
+    public let ca: CertificateAuthority
+    public let tokens: JoinTokens
+    public let nodeLifetime: TimeInterval
+    public let svidLifetime: TimeInterval
+    private let rules: NIOLockedValueBox<Registrations>
+    /// The SPIFFE IDs the store lists under a node (nil: the issuer does not
+    /// read a store, and the registrations alone decide).
+    private let registered: (@Sendable (String) -> Set<SpiffeID>?)?
+    private let counts = NIOLockedValueBox<[String: Int]>([:])
+    private let log: @Sendable (String) -> Void
+
+    public init(ca: CertificateAuthority, tokens: JoinTokens, registrations: Registrations, nodeLifetime: TimeInterval = 86400,
+                svidLifetime: TimeInterval = 3600, registered: (@Sendable (String) -> Set<SpiffeID>?)? = nil,
+                log: @escaping @Sendable (String) -> Void = { _ in }) {
+        self.ca = ca; self.tokens = tokens; self.nodeLifetime = nodeLifetime; self.svidLifetime = svidLifetime
+        rules = NIOLockedValueBox(registrations)
+        self.registered = registered; self.log = log
+    }
+
+    public var registrations: Registrations {
+        get { rules.withLockedValue { $0 } }
+        set { rules.withLockedValue { $0 = newValue } }
+    }
+
+    /// SVIDs issued and requests refused, by kind and reason.
+    public var counters: [String: Int] { counts.withLockedValue { $0 } }
+    private func count(_ key: String) { counts.withLockedValue { $0[key, default: 0] += 1 } }
+
+    /// The SPIFFE ID of node `name` in this trust domain.
+    public static func nodeID(_ name: String, trustDomain: String) throws -> SpiffeID {
+        try SpiffeID("spiffe://\(trustDomain)/palisade/node/\(name)")
+    }
+
+    /// The node name in a node SPIFFE ID of this trust domain, if it is one.
+    public func nodeName(_ id: SpiffeID) -> String? {
+        guard id.trustDomain == ca.trustDomain, id.path.hasPrefix("/palisade/node/") else { return nil }
+        let name = String(id.path.dropFirst("/palisade/node/".count))
+        return name.isEmpty || name.contains("/") ? nil : name
+    }
+
+    /// A node's first SVID: the token names the node, the CSR must ask for
+    /// that node's ID.
+    public func join(token: String, csr: CertificateSigningRequest, now: Date = Date()) -> Result<[Certificate], CAError> {
+        let node: String
+        switch tokens.consume(token, now: now) {
+        case .success(let n): node = n
+        case .failure(let e): return refuse("join", "bad-token", e.description)
+        }
+        let expected: SpiffeID
+        do { expected = try Self.nodeID(node, trustDomain: ca.trustDomain) } catch { return refuse("join", "bad-csr", "node name '\(node)': \(error)") }
+        switch SVIDRequest.requestedID(csr) {
+        case .failure(let e): return refuse("join", "bad-csr", "node \(node): \(e)")
+        case .success(let id) where id != expected:
+            return refuse("join", "not-entitled", "a join token for node \(node) cannot get \(id)")
+        case .success:
+            return issue(expected, csr, lifetime: nodeLifetime, now: now, kind: "node-joined")
+        }
+    }
+
+    /// SVIDs for an authenticated node (the SPIFFE ID of its client
+    /// certificate): its own node ID again (renewal), or workload IDs it
+    /// is entitled to. Each request is answered on its own.
+    public func sign(node: SpiffeID, csrs: [CertificateSigningRequest], lifetime: TimeInterval, now: Date = Date())
+        -> [(id: SpiffeID?, result: Result<[Certificate], CAError>)] {
+        guard let name = nodeName(node) else {
+            return csrs.map { _ in (nil, refuse("svid", "not-a-node", "\(node) is not a node of \(ca.trustDomain)")) }
+        }
+        return csrs.map { csr in
+            switch SVIDRequest.requestedID(csr) {
+            case .failure(let e): return (nil, refuse("svid", "bad-csr", "node \(name): \(e)"))
+            case .success(let id): return (id, entitled(name, node: node, id).flatMap { _ in
+                issue(id, csr, lifetime: id == node ? nodeLifetime : min(lifetime, svidLifetime), now: now, kind: id == node ? "node-renewed" : "workload")
+            })
+            }
+        }
+    }
+
+    private func entitled(_ name: String, node: SpiffeID, _ id: SpiffeID) -> Result<Void, CAError> {
+        if id == node { return .success(()) }
+        guard id.trustDomain == ca.trustDomain else { return refuse("svid", "other-trust-domain", "node \(name) asked for \(id), not in \(ca.trustDomain)") }
+        guard !id.path.hasPrefix("/palisade/") else { return refuse("svid", "reserved", "node \(name) asked for \(id): /palisade/ IDs are the mesh's own") }
+        guard registrations.allows(node: name, id) else {
+            return refuse("svid", "not-entitled", "node \(name) asked for \(id), which no registration allows on that node")
+        }
+        if let registered, !(registered(name)?.contains(id) ?? false) {
+            return refuse("svid", "not-registered", "node \(name) asked for \(id), which the store does not list on that node")
+        }
+        return .success(())
+    }
+
+    private func issue(_ id: SpiffeID, _ csr: CertificateSigningRequest, lifetime: TimeInterval, now: Date, kind: String) -> Result<[Certificate], CAError> {
+        do {
+            let cert = try ca.issue(id, publicKey: csr.publicKey, lifetime: lifetime, now: now)
+            count("issued/\(kind)")
+            return .success([cert] + ca.intermediates)
+        } catch {
+            return refuse("svid", "signing-failed", "\(id): \(error)")
+        }
+    }
+
+    private func refuse<T>(_ what: String, _ reason: String, _ message: String) -> Result<T, CAError> {
+        count("refused/\(reason)")
+        log("\(what) refused (\(reason)): \(message)")
+        return .failure(CAError(message))
+    }
+}

@@ -1,0 +1,160 @@
+import Foundation
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import NIOSSL
+import PalisadeCA
+import PalisadeIdentity
+import SwiftASN1
+import X509
+
+/// A node's signer when its trust domain has an issuer: CSRs go to
+/// `palisade ca serve` over TLS 1.3, authenticated by the node's SVID (or,
+/// before the node has one, by a one-time join token). The issuer must
+/// present an SVID for spiffe://TD/palisade/issuer chaining to the bundle
+/// the operator gave this node. No signing key is ever on the node.
+public final class IssuerClient: SVIDSigner, @unchecked Sendable {
+    public let host: String
+    public let port: Int
+    public let nodeID: SpiffeID
+    /// The node's current SVID files (chain PEM, key PEM), if valid.
+    let credentials: @Sendable () -> (chain: String, key: String)?
+    /// A join token, if the operator gave one (read when needed).
+    let joinToken: @Sendable () -> String?
+    private let roots: NIOLockedValueBox<[Certificate]>
+    let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+    public var timeout: TimeAmount = .seconds(10)
+
+    public init(host: String, port: Int, nodeID: SpiffeID, bundle: [Certificate],
+                credentials: @escaping @Sendable () -> (chain: String, key: String)?, joinToken: @escaping @Sendable () -> String?) {
+        self.host = host; self.port = port; self.nodeID = nodeID
+        self.credentials = credentials; self.joinToken = joinToken
+        roots = NIOLockedValueBox(bundle)
+    }
+
+    deinit { try? group.syncShutdownGracefully() }
+
+    /// The trust domain's roots, as the issuer last served them.
+    public var bundle: [Certificate] { roots.withLockedValue { $0 } }
+
+    public func sign(_ requests: [SVIDRequest], lifetime: TimeInterval, now: Date) throws -> [SpiffeID: Result<[Certificate], CAError>] {
+        guard let creds = credentials() else {
+            // No valid node SVID: the node joins (again) with a token.
+            guard let node = requests.first(where: { $0.id == nodeID }) else {
+                throw CAError("no valid node SVID yet: the node's own SVID comes first")
+            }
+            guard let token = joinToken(), !token.isEmpty else {
+                throw CAError("no valid node SVID and no join token: run `palisade ca join-token --node NAME` where the issuer runs and give the token to this node (issuer.joinTokenFile)")
+            }
+            let body = try JSONEncoder().encode(IssuerAPI.JoinRequest(token: token, csr: node.csr.serializeAsPEM().pemString))
+            let (status, data) = try request("/v1/join", body: body, credentials: nil)
+            guard status == 200, let r = try? JSONDecoder().decode(IssuerAPI.JoinResponse.self, from: data) else {
+                let reason = (try? JSONDecoder().decode(IssuerAPI.ErrorResponse.self, from: data))?.error ?? "status \(status)"
+                return [node.id: .failure(CAError("join refused: \(reason)"))]
+            }
+            try updateBundle(r.bundle)
+            return [node.id: Result { try Self.certificates(r.chain) }.mapError { CAError("\($0)") }]
+        }
+        let pems = try requests.map { try $0.csr.serializeAsPEM().pemString }
+        let body = try JSONEncoder().encode(IssuerAPI.SignRequest(csrs: pems, lifetimeSeconds: lifetime))
+        let (status, data) = try request("/v1/sign", body: body, credentials: creds)
+        guard status == 200, let r = try? JSONDecoder().decode(IssuerAPI.SignResponse.self, from: data), r.results.count == requests.count else {
+            let reason = (try? JSONDecoder().decode(IssuerAPI.ErrorResponse.self, from: data))?.error ?? "status \(status)"
+            throw CAError("the issuer refused the request: \(reason)")
+        }
+        try updateBundle(r.bundle)
+        var out: [SpiffeID: Result<[Certificate], CAError>] = [:]
+        for (req, res) in zip(requests, r.results) {
+            if let chain = res.chain { out[req.id] = Result { try Self.certificates(chain) }.mapError { CAError("\($0)") } }
+            else { out[req.id] = .failure(CAError(res.error ?? "refused")) }
+        }
+        return out
+    }
+
+    static func certificates(_ pem: String) throws -> [Certificate] {
+        try PEMDocument.parseMultiple(pemString: pem).map { try Certificate(pemDocument: $0) }
+    }
+
+    /// The issuer's bundle is taken only if it still holds a root this node
+    /// already trusts (a new root arrives beside the old one, never alone).
+    private func updateBundle(_ pem: String) throws {
+        let served = try Self.certificates(pem)
+        roots.withLockedValue { current in
+            if !served.isEmpty, served.contains(where: { current.contains($0) }) { current = served }
+        }
+    }
+
+    /// One HTTPS request to the issuer; blocks the caller (never an event loop).
+    func request(_ path: String, body: Data, credentials: (chain: String, key: String)?) throws -> (Int, Data) {
+        var tls = TLSConfiguration.makeClientConfiguration()
+        tls.minimumTLSVersion = .tlsv13
+        tls.maximumTLSVersion = .tlsv13
+        tls.certificateVerification = .noHostnameVerification
+        tls.trustRoots = .certificates(try bundle.map { try NIOSSLCertificate(bytes: $0.serializeAsPEM().derBytes, format: .der) })
+        if let credentials {
+            tls.certificateChain = try NIOSSLCertificate.fromPEMBytes(Array(credentials.chain.utf8)).map { .certificate($0) }
+            tls.privateKey = .privateKey(try NIOSSLPrivateKey(bytes: Array(credentials.key.utf8), format: .pem))
+        }
+        let context = try NIOSSLContext(configuration: tls)
+        let verifier = SPIFFEVerifier(bundles: [nodeID.trustDomain: bundle])
+        let issuerID = try SpiffeID("spiffe://\(nodeID.trustDomain)\(IssuerAPI.issuerPath())")
+        let verify: NIOSSLCustomVerificationCallbackWithMetadata = { certs, promise in
+            Task {
+                let parsed = certs.compactMap { try? Certificate(derEncoded: $0.toDERBytes()) }
+                guard parsed.count == certs.count, let leaf = parsed.first,
+                      case .success(let id) = await verifier.verify(leaf: leaf, intermediates: Array(parsed.dropFirst())), id == issuerID else {
+                    promise.succeed(.failed)
+                    return
+                }
+                promise.succeed(.certificateVerified(VerificationMetadata(nil)))
+            }
+        }
+        let response = group.next().makePromise(of: (Int, Data).self)
+        let channel = try ClientBootstrap(group: group)
+            .connectTimeout(timeout)
+            .channelInitializer { ch in
+                ch.eventLoop.makeCompletedFuture {
+                    try ch.pipeline.syncOperations.addHandler(NIOSSLClientHandler(context: context, serverHostname: nil,
+                                                                                  customVerificationCallbackWithMetadata: verify))
+                    try ch.pipeline.syncOperations.addHTTPClientHandlers()
+                    try ch.pipeline.syncOperations.addHandler(ResponseCollector(promise: response))
+                }
+            }
+            .connect(host: host, port: port).wait()
+        defer { channel.close(promise: nil) }
+        var head = HTTPRequestHead(version: .http1_1, method: .POST, uri: path)
+        head.headers.add(name: "host", value: host)
+        head.headers.add(name: "content-type", value: "application/json")
+        head.headers.add(name: "content-length", value: "\(body.count)")
+        channel.write(HTTPClientRequestPart.head(head), promise: nil)
+        channel.write(HTTPClientRequestPart.body(.byteBuffer(ByteBuffer(bytes: body))), promise: nil)
+        channel.writeAndFlush(HTTPClientRequestPart.end(nil), promise: nil)
+        let deadline = channel.eventLoop.scheduleTask(in: timeout) { response.fail(CAError("the issuer at \(self.host):\(self.port) did not answer in time")) }
+        defer { deadline.cancel() }
+        return try response.futureResult.wait()
+    }
+}
+
+/// Gathers one response (bounded) and completes the promise.
+final class ResponseCollector: ChannelInboundHandler, @unchecked Sendable {
+    typealias InboundIn = HTTPClientResponsePart
+    let promise: EventLoopPromise<(Int, Data)>
+    private var status = 0
+    private var body = Data()
+    init(promise: EventLoopPromise<(Int, Data)>) { self.promise = promise }
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let h): status = Int(h.status.code)
+        case .body(let b): if body.count < 16 << 20 { body.append(contentsOf: b.readableBytesView) }
+        case .end: promise.succeed((status, body))
+        }
+    }
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        promise.fail(CAError("issuer connection: \(error)"))
+        context.close(promise: nil)
+    }
+    func channelInactive(context: ChannelHandlerContext) {
+        promise.fail(CAError("the issuer closed the connection (handshake refused?)"))
+    }
+}

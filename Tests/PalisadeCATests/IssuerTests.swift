@@ -1,0 +1,175 @@
+import Crypto
+import Foundation
+import PalisadeIdentity
+import XCTest
+import X509
+@testable import PalisadeCA
+@testable import PalisadeIssuer
+
+/// The issuer over real HTTPS on loopback: a node joins once with a
+/// one-time token, then gets SVIDs only for the SPIFFE IDs it is entitled
+/// to; keys stay on the node; an issuer that is not the trust domain's is
+/// not believed.
+final class IssuerTests: XCTestCase {
+    var dir: String!
+    var issuer: Issuer!
+    var server: IssuerServer!
+    var refusals: [String] = []
+
+    override func setUpWithError() throws {
+        dir = NSTemporaryDirectory() + "palisade-issuer-\(UUID().uuidString)"
+        let ca = try CertificateAuthority.loadOrCreate(directory: "\(dir!)/issuer/ca", trustDomain: "shop.test")
+        let registrations = try Registrations.parse("""
+            apiVersion: palisade.dev/v1
+            kind: Registrations
+            entries:
+              - nodes: ["web-*"]
+                spiffeIDs: ["spiffe://shop.test/ns/web/*", "spiffe://shop.test/ns/shared/sa/cache"]
+            """, file: "registrations.yaml")
+        issuer = Issuer(ca: ca, tokens: try JoinTokens(directory: "\(dir!)/issuer/tokens"), registrations: registrations,
+                        nodeLifetime: 600, svidLifetime: 300)
+        server = try IssuerServer(issuer: issuer, host: "127.0.0.1", port: 0)
+    }
+
+    override func tearDownWithError() throws {
+        server?.stop()
+        try? FileManager.default.removeItem(atPath: dir)
+    }
+
+    /// A node's SVID store signed by the issuer, with its node SVID read
+    /// back from its own files (as the agent does).
+    func node(_ name: String, token: String?, bundle: [Certificate]? = nil) throws -> (SVIDStore, SpiffeID, IssuerClient) {
+        let nodeID = try Issuer.nodeID(name, trustDomain: "shop.test")
+        let svidDir = "\(dir!)/\(name)/svids"
+        let holder = StoreHolder()
+        let client = IssuerClient(host: "127.0.0.1", port: server.localPort, nodeID: nodeID, bundle: bundle ?? issuer.ca.bundle,
+                                  credentials: { holder.store?.credentials(nodeID) }, joinToken: { token })
+        let store = try SVIDStore(directory: svidDir, signer: client, lifetime: 300)
+        holder.store = store
+        return (store, nodeID, client)
+    }
+
+    final class StoreHolder: @unchecked Sendable { var store: SVIDStore? }
+
+    func testNodeJoinsOnceThenGetsOnlyWhatItIsEntitledTo() throws {
+        let token = try issuer.tokens.create(node: "web-1", ttl: 600)
+        let (store, nodeID, _) = try node("web-1", token: token)
+        let web = try SpiffeID("spiffe://shop.test/ns/web/sa/frontend")
+        let cache = try SpiffeID("spiffe://shop.test/ns/shared/sa/cache")
+        let billing = try SpiffeID("spiffe://shop.test/ns/billing/sa/api")
+        let otherNode = try Issuer.nodeID("db-1", trustDomain: "shop.test")
+        let issued = try store.ensure([nodeID, web, cache, billing, otherNode], first: nodeID)
+        XCTAssertEqual(Set(issued), [nodeID, web, cache])
+        XCTAssertEqual(Set(store.refused.keys), [billing, otherNode])
+        XCTAssertTrue(store.refused[billing]?.contains("no registration allows") ?? false, "\(store.refused)")
+        // What the node holds chains to the trust domain's root and names the ID asked for.
+        let verifier = SPIFFEVerifier(bundles: ["shop.test": issuer.ca.bundle])
+        for id in [nodeID, web] {
+            let pem = try String(contentsOfFile: XCTUnwrap(store.cached(id)).certificateFile, encoding: .utf8)
+            let chain = try IssuerClient.certificates(pem)
+            let verified = try awaitResult { await verifier.verify(leaf: chain[0], intermediates: Array(chain.dropFirst())) }
+            XCTAssertEqual(try verified.get(), id)
+        }
+        // No signing key on the node: only its own SVID keys, mode 0600.
+        let files = try FileManager.default.subpathsOfDirectory(atPath: "\(dir!)/web-1")
+        XCTAssertEqual(Set(files.filter { !$0.hasPrefix("svids/") }), ["svids"], "nothing but SVIDs: \(files)")
+        XCTAssertEqual(files.filter { $0.hasSuffix(".key") }.count, 3, "one key per SVID: \(files)")
+        for f in files where f.hasSuffix(".key") {
+            let mode = try FileManager.default.attributesOfItem(atPath: "\(dir!)/web-1/\(f)")[.posixPermissions] as? Int
+            XCTAssertEqual(mode, 0o600, f)
+        }
+        XCTAssertEqual(issuer.counters["issued/node-joined"], 1)
+        XCTAssertEqual(issuer.counters["refused/not-entitled"], 1)
+        XCTAssertEqual(issuer.counters["refused/reserved"], 1)
+    }
+
+    func testJoinTokensAreSingleUseBoundToOneNodeAndExpire() throws {
+        let token = try issuer.tokens.create(node: "web-1", ttl: 600)
+        let (first, firstID, _) = try node("web-1", token: token)
+        XCTAssertEqual(try first.ensure([firstID], first: firstID), [firstID])
+        // The same token again, from another machine claiming to be web-1.
+        let (again, againID, _) = try node("web-1b", token: token)
+        XCTAssertEqual(try again.ensure([againID], first: againID), [])
+        XCTAssertTrue(again.refused[againID]?.contains("unknown or already used join token") ?? false, "\(again.refused)")
+        // A token for web-2 cannot get web-3's node SVID.
+        let other = try issuer.tokens.create(node: "web-2", ttl: 600)
+        let (wrong, wrongID, _) = try node("web-3", token: other)
+        XCTAssertEqual(try wrong.ensure([wrongID], first: wrongID), [])
+        XCTAssertTrue(wrong.refused[wrongID]?.contains("a join token for node web-2 cannot get spiffe://shop.test/palisade/node/web-3") ?? false,
+                      "\(wrong.refused)")
+        // Expired.
+        let old = try issuer.tokens.create(node: "web-4", ttl: 600, now: Date().addingTimeInterval(-3600))
+        let (late, lateID, _) = try node("web-4", token: old)
+        XCTAssertEqual(try late.ensure([lateID], first: lateID), [])
+        XCTAssertTrue(late.refused[lateID]?.contains("expired") ?? false, "\(late.refused)")
+        // No token and no node SVID: a precise error, nothing written.
+        let (none, noneID, _) = try node("web-5", token: nil)
+        XCTAssertThrowsError(try none.ensure([noneID], first: noneID)) { XCTAssertTrue("\($0)".contains("join-token"), "\($0)") }
+        // Token files hold digests only.
+        let stored = try FileManager.default.contentsOfDirectory(atPath: "\(dir!)/issuer/tokens")
+        for name in stored {
+            let text = try String(contentsOfFile: "\(dir!)/issuer/tokens/\(name)", encoding: .utf8)
+            XCTAssertFalse(text.contains(token) || text.contains(other), "a token in clear")
+        }
+    }
+
+    /// A node SVID renews itself with itself (no token needed again).
+    func testNodeRenewsWithItsOwnSVID() throws {
+        let token = try issuer.tokens.create(node: "web-1", ttl: 600)
+        let (store, nodeID, _) = try node("web-1", token: token)
+        XCTAssertEqual(try store.ensure([nodeID], first: nodeID), [nodeID])
+        let serial = store.cached(nodeID)?.serial
+        // Past half-life: renewed over mTLS with the current node SVID.
+        XCTAssertEqual(try store.ensure([nodeID], first: nodeID, now: Date().addingTimeInterval(400)), [nodeID])
+        XCTAssertNotEqual(store.cached(nodeID)?.serial, serial)
+        XCTAssertEqual(issuer.counters["issued/node-renewed"], 1)
+    }
+
+    /// A server with a certificate from another trust domain's CA (or any
+    /// SVID other than the issuer's) is not the issuer: nothing is sent.
+    func testAnImpostorIssuerIsNotBelieved() throws {
+        let other = try CertificateAuthority.loadOrCreate(directory: "\(dir!)/other/ca", trustDomain: "shop.test")
+        let token = try issuer.tokens.create(node: "web-1", ttl: 600)
+        let (store, nodeID, _) = try node("web-1", token: token, bundle: other.bundle)
+        XCTAssertThrowsError(try store.ensure([nodeID], first: nodeID))
+        XCTAssertNil(store.cached(nodeID))
+        XCTAssertNotNil(issuer.tokens.consume(token).success, "the token was never sent")
+    }
+
+    func testRegistrationsParseAndMatch() throws {
+        let r = try Registrations.parse("""
+            apiVersion: palisade.dev/v1
+            kind: Registrations
+            entries:
+              - nodes: [n1, "gpu-*-east"]
+                spiffeIDs: ["spiffe://td/ns/ml/*", "spiffe://td/ns/db/sa/pg"]
+            """, file: "r.yaml")
+        XCTAssertTrue(r.allows(node: "n1", try SpiffeID("spiffe://td/ns/ml/sa/train")))
+        XCTAssertTrue(r.allows(node: "gpu-7-east", try SpiffeID("spiffe://td/ns/db/sa/pg")))
+        XCTAssertFalse(r.allows(node: "gpu-7-west", try SpiffeID("spiffe://td/ns/db/sa/pg")))
+        XCTAssertFalse(r.allows(node: "n1", try SpiffeID("spiffe://td/ns/mlx/sa/a")), "a prefix ends at a /")
+        XCTAssertFalse(r.allows(node: "n1", try SpiffeID("spiffe://td/ns/db/sa/pg2")))
+        XCTAssertThrowsError(try Registrations.parse("apiVersion: palisade.dev/v1\nkind: Registrations\nentries:\n  - nodes: [a]\n    spiffeIDs: [\"spiffe://td/ns/*/sa/x\"]\n",
+                                                     file: "r.yaml")) {
+            XCTAssertTrue("\($0)".contains("r.yaml:5") && "\($0)".contains("a prefix ending in /*"), "\($0)")
+        }
+        XCTAssertThrowsError(try Registrations.parse("apiVersion: palisade.dev/v1\nkind: Registrations\nentries:\n  - nodes: [a]\n", file: "r.yaml")) {
+            XCTAssertTrue("\($0)".contains("r.yaml:4") && "\($0)".contains("missing field 'spiffeIDs'"), "\($0)")
+        }
+    }
+}
+
+extension Result {
+    var success: Success? { if case .success(let s) = self { return s }; return nil }
+}
+
+/// Runs async work from a synchronous test.
+func awaitResult<T: Sendable>(_ work: @escaping @Sendable () async -> T) throws -> T {
+    let box = ResultBox<T>()
+    let done = DispatchSemaphore(value: 0)
+    Task { box.value = await work(); done.signal() }
+    done.wait()
+    return box.value!
+}
+
+final class ResultBox<T>: @unchecked Sendable { var value: T? }
