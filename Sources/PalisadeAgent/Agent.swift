@@ -6,6 +6,7 @@ import PalisadeBPF
 import PalisadeCA
 import PalisadeDatapath
 import PalisadeIdentity
+import PalisadeIssuer
 import PalisadeMetrics
 import PalisadePolicy
 import PalisadeTunnel
@@ -43,8 +44,13 @@ public final class Agent {
     let shared: StateBox
     public let metrics: DatapathMetrics
     var metricsServer: MetricsServer?
-    public let ca: CertificateAuthority
+    /// Who signs this node's SVIDs: its own CA, or the trust domain's issuer.
+    let signer: SVIDSigner
     let svids: SVIDStore
+    /// After a failed or refused issuance, the next attempt waits (the
+    /// issuer may be down; a refusal will not change by asking every second).
+    var nextIssuance = Date.distantPast
+    var issuanceBackoff: TimeInterval = 1
     var lastSVIDs = Set<SpiffeID>()
     var listener: MTLSListener?
     var outbound: OutboundProxy?
@@ -81,8 +87,20 @@ public final class Agent {
             try FileManager.default.createDirectory(atPath: d, withIntermediateDirectories: true)
         }
         state = AgentState.load(config.stateFile) ?? AgentState()
-        ca = try CertificateAuthority.loadOrCreate(directory: config.caDir, trustDomain: config.trustDomain)
-        svids = try SVIDStore(directory: config.svidDir, signer: ca, lifetime: TimeInterval(config.svidLifetimeSeconds))
+        if let issuer = config.issuer {
+            let bundle: [Certificate]
+            do {
+                bundle = try PEMDocument.parseMultiple(pemString: String(contentsOfFile: issuer.bundleFile, encoding: .utf8)).map { try Certificate(pemDocument: $0) }
+            } catch { throw CAError("issuer bundle \(issuer.bundleFile): \(error)") }
+            guard !bundle.isEmpty else { throw CAError("issuer bundle \(issuer.bundleFile) holds no certificate") }
+            let nodeID = config.nodeSpiffeID, svidDir = config.svidDir, tokenFile = issuer.joinTokenFile
+            signer = IssuerClient(host: issuer.host, port: issuer.port, nodeID: nodeID, bundle: bundle,
+                                  credentials: { SVIDStore.credentials(nodeID, directory: svidDir) },
+                                  joinToken: { tokenFile.flatMap { try? String(contentsOfFile: $0, encoding: .utf8) }?.trimmingCharacters(in: .whitespacesAndNewlines) })
+        } else {
+            signer = try CertificateAuthority.loadOrCreate(directory: config.caDir, trustDomain: config.trustDomain)
+        }
+        svids = try SVIDStore(directory: config.svidDir, signer: signer, lifetime: TimeInterval(config.svidLifetimeSeconds))
         datapath = try Datapath(pinRoot: config.bpffs)
         let gen = datapath.maps.activeConfig.generation
         log.info("datapath loaded", metadata: ["bpffs": "\(config.bpffs)", "adopted-generation": "\(gen)",
@@ -186,8 +204,13 @@ public final class Agent {
     func rotateSVIDs() {
         var ids = localSpiffeIDs
         ids.insert(config.nodeSpiffeID)
+        guard Date() >= nextIssuance else { return }
         do {
-            let issued = try svids.ensure(ids)
+            let issued = try svids.ensure(ids, first: config.nodeSpiffeID)
+            for (id, reason) in svids.refused.sorted(by: { $0.key < $1.key }) {
+                log.error("svid refused", metadata: ["spiffe-id": "\(id)", "reason": "\(reason)"])
+            }
+            backOff(svids.refused.isEmpty ? nil : "refused")
             if issued.contains(config.nodeSpiffeID) || (listener == nil && config.tunnelAddress != nil) { try startOrReloadListener() }
             for id in issued {
                 let info = svids.cached(id)
@@ -199,13 +222,22 @@ public final class Agent {
             lastSVIDs = ids
             if !issued.isEmpty { publishCredentials() }
         } catch {
-            log.error("svid issuance failed", metadata: ["error": "\(error)"])
+            log.error("svid issuance failed", metadata: ["error": "\(error)", "retry-in-seconds": "\(Int(issuanceBackoff))"])
+            backOff("failed")
         }
+    }
+
+    /// Doubles the wait before the next issuance attempt (to a minute) after
+    /// a failure or refusal; a clean round resets it.
+    func backOff(_ why: String?) {
+        guard why != nil else { issuanceBackoff = 1; nextIssuance = .distantPast; return }
+        nextIssuance = Date().addingTimeInterval(issuanceBackoff)
+        issuanceBackoff = min(issuanceBackoff * 2, 60)
     }
 
     /// The trust bundles: this trust domain's CA and the federated ones.
     func verifier() throws -> SPIFFEVerifier {
-        var bundles: [String: [Certificate]] = [config.trustDomain: [ca.certificate]]
+        var bundles: [String: [Certificate]] = [config.trustDomain: signer.bundle]
         for (td, path) in config.federatedBundles {
             let text = try String(contentsOfFile: path, encoding: .utf8)
             bundles[td, default: []] += try PEMDocument.parseMultiple(pemString: text).map { try Certificate(pemDocument: $0) }

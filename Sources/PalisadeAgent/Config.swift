@@ -46,6 +46,9 @@ public struct AgentConfig: Sendable {
     /// workloads and learn everyone else's; nil: this node alone, with the
     /// static `nodes`/`remoteWorkloads`.
     public var store: StoreConfig?
+    /// The trust domain's issuer (`palisade ca serve`); nil: this node runs
+    /// its own CA in-process (one machine, or nodes sharing STATE/ca).
+    public var issuer: IssuerConfig?
     /// The tunnel address other nodes use (published in the store).
     public var advertiseAddress: String?
     /// Where this node runs: global services prefer endpoints in the same
@@ -98,7 +101,7 @@ public struct AgentConfig: Sendable {
 
     static let keys: Set<String> = ["trustDomain", "stateDir", "bpffs", "policyDir", "workloadDir", "cgroupRoot",
                                     "eventsPerSecond", "pollIntervalMilliseconds", "hostAddresses", "workloads", "metricsAddress", "metricsIdentityPairs", "allowedFlowEvents", "svidLifetimeSeconds", "federatedBundles", "tunnelAddress", "jwtIssuers",
-                                    "outboundPort", "nodes", "remoteWorkloads", "nodeName", "store", "advertiseAddress",
+                                    "outboundPort", "nodes", "remoteWorkloads", "nodeName", "store", "issuer", "advertiseAddress",
                                     "locality", "services", "accessLogSampling",
                                     "handshakeTimeoutMilliseconds", "maxPendingHandshakes", "maxPendingHandshakesPerSource",
                                     "httpRequestHeadTimeoutMilliseconds", "httpBodyIdleTimeoutMilliseconds",
@@ -208,6 +211,7 @@ public struct AgentConfig: Sendable {
             }
         }
         if let v = m["store"] { c.store = try StoreConfig.parse(v) }
+        if let v = m["issuer"] { c.issuer = try IssuerConfig.parse(v) }
         if let v = m["locality"] { c.locality = try Locality.parse(v) }
         if let v = m["accessLogSampling"] {
             guard let d = Double(try v.string()), (0...1).contains(d) else { throw v.error("expected a fraction between 0 and 1") }
@@ -340,6 +344,36 @@ public struct RemoteWorkload: Sendable, Hashable {
 }
 
 /// `store: {etcd: [URL...], ca: FILE, cert: FILE, key: FILE, prefix: /palisade/}`.
+/// Where a node gets its SVIDs when no signing key is on it:
+///
+///     issuer:
+///       address: 10.0.0.1:15100          # palisade ca serve --listen
+///       bundle: /etc/palisade/bundle.pem  # the trust domain's root(s): palisade ca bundle, on the issuer
+///       joinTokenFile: /etc/palisade/join-token   # palisade ca join-token --node NAME (used once)
+public struct IssuerConfig: Sendable {
+    public var host: String
+    public var port: Int
+    public var bundleFile: String
+    public var joinTokenFile: String?
+
+    static func parse(_ v: YAMLValue) throws -> IssuerConfig {
+        let m = try v.mapping(allowedKeys: ["address", "bundle", "joinTokenFile"])
+        guard let a = m["address"], let (host, port) = try AgentConfig.address(a) else {
+            throw v.error("an issuer needs 'address' (HOST:PORT of palisade ca serve)")
+        }
+        guard let b = m["bundle"] else { throw v.error("an issuer needs 'bundle' (a PEM file with the trust domain's root, from palisade ca bundle)") }
+        let bundle = try b.string()
+        guard bundle.hasPrefix("/"), FileManager.default.isReadableFile(atPath: bundle) else { throw b.error("expected a readable absolute path, got '\(bundle)'") }
+        var token: String?
+        if let t = m["joinTokenFile"] {
+            let path = try t.string()
+            guard path.hasPrefix("/") else { throw t.error("expected an absolute path, got '\(path)'") }
+            token = path
+        }
+        return IssuerConfig(host: host, port: port, bundleFile: bundle, joinTokenFile: token)
+    }
+}
+
 public struct StoreConfig: Sendable {
     public var endpoints: [String]
     public var caFile: String?

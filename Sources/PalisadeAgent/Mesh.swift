@@ -299,7 +299,7 @@ extension Agent {
                                   labels: $0.labels, namespaceLabels: ns, addresses: $0.addresses.map(\.description),
                                   ports: $0.ports.isEmpty ? nil : $0.ports.map(\.description))
         }
-        sync.publish(node: node, workloads: records, bundlePEM: try? ca.certificate.serializeAsPEM().pemString)
+        sync.publish(node: node, workloads: records, bundlePEM: signer.bundle.compactMap { try? $0.serializeAsPEM().pemString }.joined(separator: "\n"))
     }
 }
 

@@ -118,10 +118,18 @@ public final class SVIDStore: @unchecked Sendable {
     /// The chain and key (PEM) of an SVID on disk that is still valid: a
     /// node authenticates to its issuer with its own.
     public func credentials(_ id: SpiffeID, now: Date = Date()) -> (chain: String, key: String)? {
-        guard let info = load(id), now < info.notAfter,
-              let chain = try? String(contentsOfFile: info.certificateFile, encoding: .utf8),
-              let key = try? String(contentsOfFile: info.keyFile, encoding: .utf8) else { return nil }
-        return (chain, key)
+        Self.credentials(id, directory: directory, now: now)
+    }
+
+    /// The same, read from a directory without a store (the issuer client
+    /// reads them while the store is signing).
+    public static func credentials(_ id: SpiffeID, directory: String, now: Date = Date()) -> (chain: String, key: String)? {
+        let stem = "\(directory)/\(SVIDStore.fileStem(id))"
+        guard let text = try? String(contentsOfFile: stem + ".pem", encoding: .utf8),
+              let doc = try? PEMDocument.parseMultiple(pemString: text).first, let cert = try? Certificate(pemDocument: doc),
+              now < cert.notValidAfter,
+              let key = try? String(contentsOfFile: stem + ".key", encoding: .utf8) else { return nil }
+        return (text, key)
     }
 
     public func cached(_ id: SpiffeID) -> SVIDInfo? { cache[id] }

@@ -44,15 +44,18 @@ struct CertsCommand: AsyncParsableCommand {
 }
 
 struct CACommand: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "ca", abstract: "The trust domain's certificate authority.", subcommands: [Bundle.self])
+    static let configuration = CommandConfiguration(commandName: "ca", abstract: "The trust domain's certificate authority.",
+                                                    subcommands: [Bundle.self, CAServe.self, CAJoinToken.self])
 
     struct Bundle: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Print the trust bundle (PEM) to give to federated trust domains.")
+        static let configuration = CommandConfiguration(abstract: "Print the trust bundle (PEM): for nodes joining an issuer, and for federated trust domains.")
         @OptionGroup var options: ConfigOption
+        @Option(help: "Print the bundle of the issuer whose state directory this is (where palisade ca serve runs).") var issuerState: String?
         func run() throws {
             let config = try options.load()
-            guard let pem = try? String(contentsOfFile: "\(config.caDir)/ca.pem", encoding: .utf8) else {
-                throw CLIError("no CA at \(config.caDir) (the agent creates it on first start)")
+            let path = issuerState.map { "\($0)/ca/ca.pem" } ?? config.issuer?.bundleFile ?? "\(config.caDir)/ca.pem"
+            guard let pem = try? String(contentsOfFile: path, encoding: .utf8) else {
+                throw CLIError("no CA certificate at \(path) (the agent, or palisade ca serve, creates it on first start)")
             }
             print(pem, terminator: pem.hasSuffix("\n") ? "" : "\n")
         }
@@ -79,7 +82,8 @@ struct VerifyCert: AsyncParsableCommand {
             }
         }
         var bundles: [String: [Certificate]] = [:]
-        if FileManager.default.fileExists(atPath: "\(config.caDir)/ca.pem") { bundles[config.trustDomain] = try certs("\(config.caDir)/ca.pem") }
+        let own = config.issuer?.bundleFile ?? "\(config.caDir)/ca.pem"
+        if FileManager.default.fileExists(atPath: own) { bundles[config.trustDomain] = try certs(own) }
         for (td, path) in config.federatedBundles { bundles[td, default: []] += try certs(path) }
         let chain = try certs(file)
         guard let leaf = chain.first else { throw CLIError("\(file): no certificate") }

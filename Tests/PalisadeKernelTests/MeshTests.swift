@@ -26,12 +26,17 @@ final class MeshTests: XCTestCase {
         """
     }
 
-    func setUpMesh(_ prefix: String, extraConfig: String = "") throws -> Mesh {
+    /// `trust`, when given, is called once the lab exists and returns each
+    /// node's trust configuration (an issuer's); otherwise node 2 shares
+    /// node 1's CA directory.
+    func setUpMesh(_ prefix: String, extraConfig: String = "", trust: ((Lab) throws -> (Int) -> String)? = nil) throws -> Mesh {
         try requireKernel()
         let lab = try Lab(self, prefix: prefix, meshPods: ["1:a", "2:b", "1:c"])
+        let trustConfig = try trust?(lab)
         let n1 = try AgentHarness(self, lab: lab, extraConfig: """
             nodeName: n1
             \(extraConfig)
+            \(trustConfig?(1) ?? "")
             workloads:
             \(Self.workload("a", node: 1, index: 1, lab: lab))
             \(Self.workload("c", node: 1, index: 2, lab: lab))
@@ -43,6 +48,7 @@ final class MeshTests: XCTestCase {
         let n2 = try AgentHarness(self, lab: lab, extraConfig: """
             nodeName: n2
             \(extraConfig)
+            \(trustConfig?(2) ?? "")
             workloads:
             \(Self.workload("b", node: 2, index: 1, lab: lab, extra: ", mtls: strict"))
             nodes:
@@ -57,7 +63,14 @@ final class MeshTests: XCTestCase {
             - from: [{labels: {app: a}}]
               ports: [{port: 8080}]
         """))
-        try n2.start(sharingCAOf: n1, firstEndpoints: 2, endpoints: 1)
+        if trustConfig != nil {
+            try n1.start()
+            try n2.start()
+            try n1.waitApplied(endpoints: 2)
+            try n2.waitApplied(endpoints: 1)
+        } else {
+            try n2.start(sharingCAOf: n1, firstEndpoints: 2, endpoints: 1)
+        }
         try lab.serve("b", "tcp", port: 8080, address: "::")
         return Mesh(lab: lab, n1: n1, n2: n2)
     }

@@ -1,0 +1,96 @@
+import ArgumentParser
+import Foundation
+import Logging
+import PalisadeCA
+import PalisadeIdentity
+import PalisadeIssuer
+
+/// `palisade ca serve`: the trust domain's issuer, the only process that
+/// holds its signing key. Nodes configured with `issuer:` join it with a
+/// one-time token and then send it CSRs (see README, "Trust model").
+struct CAServe: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "serve", abstract: "Run the trust domain's issuer (holds the signing key; nodes send CSRs).")
+    @Option(help: "The issuer's state directory: ca/ (key 0600), tokens/, registrations.yaml.") var state = "/var/lib/palisade-issuer"
+    @Option(help: "The trust domain.") var trustDomain = "palisade.local"
+    @Option(help: "HOST:PORT to listen on (TLS 1.3).") var listen = "0.0.0.0:15100"
+    @Option(help: "Lifetime of node SVIDs, seconds (renewed at half-life; a node past it must join again).") var nodeLifetime = 86400
+    @Option(help: "Longest lifetime of workload SVIDs, seconds.") var svidLifetime = 3600
+
+    func run() throws {
+        LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
+        let log = Logger(label: "palisade.issuer")
+        guard let colon = listen.lastIndex(of: ":"), let port = Int(listen[listen.index(after: colon)...]) else {
+            throw CLIError("--listen: expected HOST:PORT, got '\(listen)'")
+        }
+        let host = String(listen[..<colon]).trimmingCharacters(in: CharacterSet(charactersIn: "[]"))
+        try FileManager.default.createDirectory(atPath: state, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+        let ca = try CertificateAuthority.loadOrCreate(directory: "\(state)/ca", trustDomain: trustDomain)
+        let rulesFile = "\(state)/registrations.yaml"
+        let issuer = Issuer(ca: ca, tokens: try JoinTokens(directory: "\(state)/tokens"), registrations: try Self.registrations(rulesFile),
+                            nodeLifetime: TimeInterval(nodeLifetime), svidLifetime: TimeInterval(svidLifetime),
+                            log: { log.warning("\($0)") })
+        let server = try IssuerServer(issuer: issuer, host: host, port: port)
+        log.info("issuer running", metadata: ["trust-domain": "\(trustDomain)", "address": "\(host):\(server.localPort)", "state": "\(state)",
+                                              "registrations": "\(issuer.registrations.entries.count)"])
+        signal(SIGTERM) { _ in stopRequested = 1 }
+        signal(SIGINT) { _ in stopRequested = 1 }
+        signal(SIGPIPE, SIG_IGN)
+        // The registrations file is read again when it changes; a file with
+        // an error leaves the previous rules in force.
+        var seen = Self.stamp(rulesFile)
+        while stopRequested == 0 {
+            usleep(500_000)
+            let now = Self.stamp(rulesFile)
+            guard now != seen else { continue }
+            seen = now
+            do {
+                issuer.registrations = try Self.registrations(rulesFile)
+                log.info("registrations reloaded", metadata: ["entries": "\(issuer.registrations.entries.count)"])
+            } catch {
+                log.error("registrations refused; the previous ones stay", metadata: ["error": "\(error)"])
+            }
+        }
+        server.stop()
+    }
+
+    static func registrations(_ path: String) throws -> Registrations {
+        guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { return Registrations() }
+        return try Registrations.parse(text, file: path)
+    }
+
+    static func stamp(_ path: String) -> String {
+        var st = stat()
+        guard stat(path, &st) == 0 else { return "none" }
+        return "\(st.st_size)/\(st.st_mtim.tv_sec).\(st.st_mtim.tv_nsec)/\(st.st_ino)"
+    }
+}
+
+/// `palisade ca join-token --node NAME`: a one-time token for one node,
+/// made where the issuer runs (its state directory).
+struct CAJoinToken: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "join-token", abstract: "Print a one-time token a node uses to join the issuer.")
+    @Option(help: "The issuer's state directory.") var state = "/var/lib/palisade-issuer"
+    @Option(help: "The node's name (its SPIFFE ID is spiffe://TD/palisade/node/NAME).") var node: String
+    @Option(help: "How long the token is valid: 90s, 10m, 2h.") var ttl = "10m"
+
+    func run() throws {
+        guard (try? SpiffeID("spiffe://x/palisade/node/\(node)")) != nil, !node.contains("/") else {
+            throw CLIError("--node: '\(node)' is not a valid node name (letters, digits, '.', '-', '_')")
+        }
+        guard let seconds = Self.duration(ttl), seconds > 0 else { throw CLIError("--ttl: expected a duration like 90s, 10m or 2h, got '\(ttl)'") }
+        guard FileManager.default.fileExists(atPath: "\(state)/ca/ca.pem") else {
+            throw CLIError("no issuer at \(state) (palisade ca serve --state \(state) creates it)")
+        }
+        print(try JoinTokens(directory: "\(state)/tokens").create(node: node, ttl: seconds))
+    }
+
+    static func duration(_ text: String) -> TimeInterval? {
+        guard let unit = text.last, let n = Double(text.dropLast()) else { return Double(text) }
+        switch unit {
+        case "s": return n
+        case "m": return n * 60
+        case "h": return n * 3600
+        default: return nil
+        }
+    }
+}
