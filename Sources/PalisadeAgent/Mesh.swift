@@ -30,6 +30,10 @@ struct MeshDirectory: @unchecked Sendable {  // immutable snapshots; CompiledLoo
     /// Other nodes' workload addresses -> identity (to check a tunnel's
     /// claim of where a request came from).
     var remoteIdentities: [IPAddress: NumericIdentity] = [:]
+    /// The tunnel addresses of the nodes each remote workload is registered
+    /// on: a stream from anywhere else with that SVID is a stolen one.
+    var registeredNodeAddresses: [SpiffeID: Set<IPAddress>] = [:]
+    var trustDomain = ""
 
     /// The HTTP gate for requests from `source` to this node's workload at
     /// `address`:`port`, if that port has L7 rules.
@@ -155,6 +159,7 @@ extension Agent {
         guard let dst = IPAddress(r.host), let local = directory.localEndpoints[dst] else {
             return .refuse(status: 404, reason: "no such workload on this node")
         }
+        if let refusal = checkSendingNode(r, directory: directory) { return refusal }
         let source = directory.identityBySpiffeID[r.peer] ?? .unknown
         if let lookup = directory.lookup {
             let d = lookup.evaluate(local: local, direction: .ingress, peer: source, cidrPeer: nil, proto: 6, port: UInt16(r.port))
@@ -171,12 +176,31 @@ extension Agent {
         return .deliver(mark: mark)
     }
 
+    /// Defence in depth against a workload SVID (and key) stolen from the
+    /// node it was issued to: the tunnel connection must come from the node
+    /// the workload is registered on (by its tunnel address, as the store or
+    /// the configuration lists it). A peer of this trust domain that no node
+    /// lists is refused too; a federated domain's workloads are checked when
+    /// they are listed. (Nodes behind NAT must advertise the address their
+    /// peers see.)
+    static func checkSendingNode(_ r: InboundRequest, directory: MeshDirectory) -> InboundDecision? {
+        guard let source = r.sourceAddress.flatMap(IPAddress.init) else { return nil }
+        if let nodes = directory.registeredNodeAddresses[r.peer] {
+            return nodes.contains(source) ? nil
+                : .refuse(status: 403, reason: "\(r.peer) is not registered on the node this tunnel comes from (\(source))")
+        }
+        return r.peer.trustDomain == directory.trustDomain
+            ? .refuse(status: 403, reason: "\(r.peer) is not registered on any node") : nil
+    }
+
     /// Publishes what the tunnel needs after a reconcile or a rotation.
     func publishDirectory(universe: Universe, compiled: CompiledPolicy?) {
         var remote: [IPAddress: TunnelPeer] = [:]
+        var registered: [SpiffeID: Set<IPAddress>] = [:]
         let nodes = Dictionary(meshNodes.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
         for w in meshRemoteWorkloads {
             guard let n = nodes[w.node] else { continue }
+            if let a = IPAddress(n.tunnelHost) { registered[w.spiffeID, default: []].insert(a) }
             for a in w.addresses {
                 remote[a] = TunnelPeer(host: n.tunnelHost, port: n.tunnelPort, trustDomain: n.trustDomain, expectedIdentity: n.spiffeID)
             }
@@ -200,6 +224,8 @@ extension Agent {
             d.http = http
             d.localWorkloads = workloadsByAddress
             d.remoteIdentities = remoteIdentities
+            d.registeredNodeAddresses = registered
+            d.trustDomain = config.trustDomain
             d.remoteEndpoints = remote
             d.localEndpoints = local
             d.identityBySpiffeID = bySpiffe

@@ -27,6 +27,8 @@ public struct InboundRequest: Sendable {
     /// The calling workload's address as the sending agent reports it
     /// (`forwarded: for=`); the receiver checks it belongs to `peer`.
     public var caller: String? = nil
+    /// Where the tunnel connection comes from (the sending node's address).
+    public var sourceAddress: String? = nil
 }
 
 /// The address in a `forwarded: for=...` header (RFC 7239), if any.
@@ -105,7 +107,8 @@ final class TunnelInboundStream: ChannelInboundHandler, RemovableChannelHandler,
             respond(context, status: 400, body: "expected CONNECT with :authority HOST:PORT")
             return
         }
-        let request = InboundRequest(peer: peer, host: host, port: port, caller: forwardedFor(h.headers.first(name: "forwarded")))
+        let request = InboundRequest(peer: peer, host: host, port: port, caller: forwardedFor(h.headers.first(name: "forwarded")),
+                                     sourceAddress: context.channel.parent?.remoteAddress?.ipAddress)
         let decision = authorize(request)
         let mark: UInt32
         var httpGate: HTTPGate?, usesHeaders = true, verifyBearer: BearerVerifier?, appProtocol = L7AppProtocol.detect

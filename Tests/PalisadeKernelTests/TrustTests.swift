@@ -63,5 +63,16 @@ extension MeshTests {
         XCTAssertTrue(issuerLog.contains("not-entitled") && issuerLog.contains("node n1 asked for spiffe://test.local/ns/default/sa/c"), issuerLog)
         // The tokens were spent: nothing is left in the issuer's token directory.
         XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: "\(issuerDir)/tokens"), [])
+
+        // a's SVID and key, stolen from node 1, replayed to node 2's tunnel:
+        // from node 1's address the stream opens; from anywhere else, 403.
+        let stolen = ["\(m.n1.dir)/svids/test.local_ns_default_sa_a.pem", "\(m.n1.dir)/svids/test.local_ns_default_sa_a.key"]
+        func replay(from netns: String) throws -> String {
+            try sh(["nsenter", "--net=\(netns)", Paths.python, Paths.probe, "tunnelconnect", "10.200.0.2", "15008"] + stolen + ["10.102.1.2:8080"],
+                   check: false).output.trimmingCharacters(in: .whitespacesAndNewlines)
+        }
+        XCTAssertEqual(try replay(from: m.lab.nodeNetns(1)), "200")
+        let refused = try replay(from: m.lab.nodeNetns(2))
+        XCTAssertTrue(refused.contains("spiffe://test.local/ns/default/sa/a is not registered on the node this tunnel comes from (10.200.0.2)"), refused)
     }
 }

@@ -560,6 +560,43 @@ def hold(addr, port, seconds, interval):
     print("ok=%d failed=%d" % (ok, failed), flush=True)
     return 0 if failed == 0 else 1
 
+def tunnelconnect(addr, port, cert, key, authority):
+    """Opens one tunnel stream as an agent would: mTLS 1.3 with CERT/KEY (an
+    SVID), ALPN h2, CONNECT to AUTHORITY. Prints "200", or the refusal's
+    plain-text reason (the DATA after a non-200 HEADERS)."""
+    import ssl, struct
+    def frame(t, flags, stream, payload=b""):
+        return struct.pack(">I", len(payload))[1:] + bytes([t, flags]) + struct.pack(">I", stream) + payload
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.load_cert_chain(cert, key)
+    ctx.set_alpn_protocols(["h2"])
+    s = ctx.wrap_socket(socket.create_connection((addr, port), timeout=5))
+    auth = authority.encode()
+    block = b"\x02\x07CONNECT" + b"\x01" + bytes([len(auth)]) + auth   # literals with static names :method, :authority
+    s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0) + frame(1, 0x4, 1, block))
+    buf, end = b"", time.time() + 5
+    while time.time() < end:
+        while len(buf) >= 9:
+            length = int.from_bytes(buf[:3], "big"); ftype = buf[3]; sid = struct.unpack(">I", buf[5:9])[0] & 0x7fffffff
+            if len(buf) < 9 + length: break
+            payload, buf = buf[9:9 + length], buf[9 + length:]
+            if ftype == 1 and sid == 1 and payload[:1] == b"\x88":   # :status 200 (static index 8)
+                print("200"); return 0
+            if ftype == 0 and sid == 1:
+                print(payload.decode(errors="replace").strip()); return 1
+            if ftype == 3 and sid == 1:
+                print("reset"); return 1
+        try:
+            d = s.recv(65536)
+        except OSError:
+            break
+        if not d: break
+        buf += d
+    print("no answer"); return 1
+
 if __name__ == "__main__":
     a = sys.argv[1:]
     if a[0] == "serve": serve(a[1], a[2], int(a[3]))
@@ -575,6 +612,7 @@ if __name__ == "__main__":
     elif a[0] == "wsclient": sys.exit(wsclient(a[1], int(a[2]), a[3], int(a[4])))
     elif a[0] == "h2badserver": h2badserver(int(a[1]), a[2])
     elif a[0] == "hold": sys.exit(hold(a[1], int(a[2]), float(a[3]), float(a[4])))
+    elif a[0] == "tunnelconnect": sys.exit(tunnelconnect(a[1], int(a[2]), a[3], a[4], a[5]))
     elif a[0] == "h2flood":
         try:
             h2flood(a[1], a[2], int(a[3]), int(a[4]) if len(a) > 4 else 10000, *(a[5:7] if len(a) > 6 else []))
