@@ -27,7 +27,7 @@ extension MeshTests {
         let command = ["nsenter", "--net=\(m.lab.netns("a"))", Paths.python, hold, "hold", "10.102.1.2", "7000", "\(connections)", "\(seconds)"]
             .map { "'\($0)'" }.joined(separator: " ")
         let client = try m.lab.spawn(netns: m.lab.nodeNetns(1),
-                                     ["sh", "-c", "echo $$ > '\(m.lab.podCgroup("a"))/cgroup.procs' && exec \(command) > '\(out)'"])
+                                     ["sh", "-c", "echo $$ > '\(m.lab.podCgroup("a"))/cgroup.procs' && exec \(command) > '\(out)' 2> '\(out).rounds'"])
         // Sampled in the middle of the hold, when every connection is open.
         Thread.sleep(forTimeInterval: Double(seconds) / 2 + 10)
         let held = pids.map(rss)
@@ -37,8 +37,9 @@ extension MeshTests {
         let words = ((try? String(contentsOfFile: out, encoding: .utf8)) ?? "").split(separator: " ").map(String.init)
         func figure(_ name: String) -> Int? { words.firstIndex(of: name).flatMap { Int(words[$0 + 1].trimmingCharacters(in: .whitespacesAndNewlines)) } }
         XCTAssertEqual(figure("opened"), connections, words.joined(separator: " "))
-        XCTAssertEqual(figure("failed"), 0)
+        XCTAssertEqual(figure("failed"), 0, ((try? String(contentsOfFile: "\(out).rounds", encoding: .utf8)) ?? "") + m.n1.warnings() + m.n2.warnings())
         XCTAssertEqual(figure("held"), connections)
+        print((try? String(contentsOfFile: "\(out).rounds", encoding: .utf8)) ?? "")
         let perThousand = zip(held, idle).map { Double($0 - $1) / Double(1 << 20) / Double(connections) * 1000 }
         print(String(format: "%d connections held %d s: agent RSS idle %@ MiB, held %@ MiB, %.1f / %.1f MiB per 1,000 (n1 / n2, debug build); fds %@",
                      connections, seconds, "\(idle.map { $0 >> 20 })", "\(held.map { $0 >> 20 })", perThousand[0], perThousand[1],

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Many concurrent TCP connections, held (for tools/bench/tunnel-hold).
   holdmany.py serve PORT                  echo server for any number of connections
-  holdmany.py hold ADDR PORT N SECONDS    opens N connections (200 at a time), then
+  holdmany.py hold ADDR PORT N SECONDS    opens N connections (200 at a time, each open once a
+                                          first byte came back through it), then
                                           every 5 s sends a byte on each and expects it
                                           back; prints "opened N ok K failed F" at the end
 """
@@ -34,7 +35,12 @@ async def hold(addr, port, n, seconds):
         nonlocal failed
         async with sem:
             try:
-                conns.append(await asyncio.wait_for(asyncio.open_connection(addr, port), 10))
+                # Open means working end to end: through a mesh, the local
+                # accept comes before the path to the server exists.
+                r, w = await asyncio.wait_for(asyncio.open_connection(addr, port), 10)
+                w.write(b"x"); await w.drain()
+                if await asyncio.wait_for(r.readexactly(1), 30) != b"x": raise OSError("bad echo")
+                conns.append((r, w))
             except Exception:
                 failed += 1
     await asyncio.gather(*(open_one() for _ in range(n)))
@@ -49,10 +55,12 @@ async def hold(addr, port, n, seconds):
             return False
     alive = list(conns)
     while time.time() < end:
+        began = time.time()
         results = await asyncio.gather(*(ping(c) for c in alive))
         ok += sum(results)
         dead = [c for c, good in zip(alive, results) if not good]
         failed += len(dead)
+        print("round: %d ok, %d failed, %.2f s" % (sum(results), len(dead), time.time() - began), file=sys.stderr, flush=True)
         alive = [c for c, good in zip(alive, results) if good]
         await asyncio.sleep(5)
     print("opened %d ok %d failed %d held %d" % (len(conns), ok, failed, len(alive)), flush=True)
