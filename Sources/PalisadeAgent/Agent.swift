@@ -127,8 +127,7 @@ public final class Agent {
         directory.update { $0.verifyBearer = bearer }
         try startMesh()
         if let sc = config.store {
-            let tls = sc.caFile.map { EtcdStore.TLS(caFile: $0, certificateFile: sc.certificateFile, keyFile: sc.keyFile) }
-            let sync = StoreSync(store: try EtcdStore(endpoints: sc.endpoints, tls: tls), prefix: sc.prefix, node: config.nodeSpiffeID.path.split(separator: "/").last.map(String.init) ?? "node", log: log,
+            let sync = StoreSync(store: try sc.makeStore(), prefix: sc.prefix, node: config.nodeSpiffeID.path.split(separator: "/").last.map(String.init) ?? "node", log: log,
                                  cachePath: "\(config.stateDir)/store-cache.json")
             sync.start()
             storeSync = sync

@@ -2,6 +2,7 @@ import Foundation
 import PalisadeBPF
 import PalisadeJWT
 import PalisadePolicy
+import PalisadeStore
 
 /// Agent configuration. Every field has a default, so the agent runs with
 /// no file at all (the embedded default: state on local disk, no server).
@@ -380,9 +381,26 @@ public struct StoreConfig: Sendable {
     public var certificateFile: String?
     public var keyFile: String?
     public var prefix = "/palisade/"
+    /// etcd authentication: the user (`palisade-node-NAME` for a node, see
+    /// `palisade store grant-node`) and a file holding its password (0600).
+    public var user: String?
+    public var passwordFile: String?
+
+    /// The etcd client this configuration describes.
+    public func makeStore() throws -> EtcdStore {
+        let tls = caFile.map { EtcdStore.TLS(caFile: $0, certificateFile: certificateFile, keyFile: keyFile) }
+        var credentials: EtcdStore.Credentials?
+        if let user, let passwordFile {
+            let mode = (try FileManager.default.attributesOfItem(atPath: passwordFile)[.posixPermissions] as? NSNumber)?.intValue ?? 0
+            guard mode & 0o077 == 0 else { throw StoreError.permissionDenied("\(passwordFile) is readable by group or others (mode \(String(mode, radix: 8))); expected 0600") }
+            let password = try String(contentsOfFile: passwordFile, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+            credentials = EtcdStore.Credentials(user: user, password: password)
+        }
+        return try EtcdStore(endpoints: endpoints, tls: tls, credentials: credentials)
+    }
 
     static func parse(_ v: YAMLValue) throws -> StoreConfig {
-        let m = try v.mapping(allowedKeys: ["etcd", "ca", "cert", "key", "prefix"])
+        let m = try v.mapping(allowedKeys: ["etcd", "ca", "cert", "key", "prefix", "user", "passwordFile"])
         guard let e = m["etcd"] else { throw v.error("a store needs 'etcd' (a list of client URLs)") }
         let urls = try e.sequence().map { u -> String in
             let s = try u.string()
@@ -401,6 +419,13 @@ public struct StoreConfig: Sendable {
             }
         }
         if (c.certificateFile == nil) != (c.keyFile == nil) { throw v.error("'cert' and 'key' go together") }
+        if let u = m["user"] { c.user = try u.string() }
+        if let f = m["passwordFile"] {
+            let path = try f.string()
+            guard path.hasPrefix("/"), FileManager.default.isReadableFile(atPath: path) else { throw f.error("expected a readable absolute path, got '\(path)'") }
+            c.passwordFile = path
+        }
+        if (c.user == nil) != (c.passwordFile == nil) { throw v.error("'user' and 'passwordFile' go together") }
         if urls.contains(where: { $0.hasPrefix("https://") }) && c.caFile == nil { throw v.error("https etcd URLs need 'ca' (the etcd CA bundle)") }
         if let p = m["prefix"] {
             let s = try p.string()

@@ -193,6 +193,11 @@ extension Agent {
             ? .refuse(status: 403, reason: "\(r.peer) is not registered on any node") : nil
     }
 
+    /// Nodes publish their trust domain's bundle (for federation) only when
+    /// they are its CA and the store lets anyone write: with an issuer, or
+    /// with etcd authentication on, bundles are the operator's to publish.
+    var publishesBundle: Bool { config.issuer == nil && config.store?.user == nil }
+
     /// Publishes what the tunnel needs after a reconcile or a rotation.
     func publishDirectory(universe: Universe, compiled: CompiledPolicy?) {
         var remote: [IPAddress: TunnelPeer] = [:]
@@ -325,7 +330,7 @@ extension Agent {
                                   labels: $0.labels, namespaceLabels: ns, addresses: $0.addresses.map(\.description),
                                   ports: $0.ports.isEmpty ? nil : $0.ports.map(\.description))
         }
-        sync.publish(node: node, workloads: records, bundlePEM: signer.bundle.compactMap { try? $0.serializeAsPEM().pemString }.joined(separator: "\n"))
+        sync.publish(node: node, workloads: records, bundlePEM: publishesBundle ? signer.bundle.compactMap { try? $0.serializeAsPEM().pemString }.joined(separator: "\n") : nil)
     }
 }
 

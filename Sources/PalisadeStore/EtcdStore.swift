@@ -16,18 +16,30 @@ public final class EtcdStore: Store, @unchecked Sendable {
         }
     }
 
+    /// A user of etcd's authentication (etcd checks every request against
+    /// the user's roles; see `grantNode`).
+    public struct Credentials: Sendable {
+        public var user: String
+        public var password: String
+        public init(user: String, password: String) { self.user = user; self.password = password }
+    }
+
     public let endpoints: [String]
     let client: HTTPClient
     let timeout: TimeAmount
+    let credentials: Credentials?
     private let lock = NSLock()
     private var preferred = 0
+    /// etcd's simple token for `credentials` (expires when idle: renewed on refusal).
+    private var token: String?
 
     /// `endpoints`: "http://host:2379" or "https://host:2379" (the first one
     /// that answers is used; a failure moves to the next).
-    public init(endpoints: [String], tls: TLS? = nil, timeout: TimeAmount = .seconds(2)) throws {
+    public init(endpoints: [String], tls: TLS? = nil, credentials: Credentials? = nil, timeout: TimeAmount = .seconds(2)) throws {
         precondition(!endpoints.isEmpty)
         self.endpoints = endpoints
         self.timeout = timeout
+        self.credentials = credentials
         var config = HTTPClient.Configuration()
         config.timeout = .init(connect: .seconds(2), read: nil)
         if let tls {
@@ -55,6 +67,25 @@ public final class EtcdStore: Store, @unchecked Sendable {
     static func int(_ v: Any?) -> Int64 { (v as? String).flatMap(Int64.init) ?? (v as? NSNumber)?.int64Value ?? 0 }
 
     func call(_ path: String, _ body: [String: Any]) async throws -> [String: Any] {
+        do {
+            return try await send(path, body, token: try await currentToken())
+        } catch StoreError.permissionDenied(let why) where credentials != nil && why.contains("token") {
+            // The token expired (etcd drops idle ones): authenticate again once.
+            lock.withLock { token = nil }
+            return try await send(path, body, token: try await currentToken())
+        }
+    }
+
+    private func currentToken() async throws -> String? {
+        guard let credentials else { return nil }
+        if let t = lock.withLock({ token }) { return t }
+        let r = try await send("/v3/auth/authenticate", ["name": credentials.user, "password": credentials.password], token: nil)
+        guard let t = r["token"] as? String else { throw StoreError.malformed("/v3/auth/authenticate: no token") }
+        lock.withLock { token = t }
+        return t
+    }
+
+    private func send(_ path: String, _ body: [String: Any], token: String?) async throws -> [String: Any] {
         let data = try JSONSerialization.data(withJSONObject: body)
         var lastError = ""
         for attempt in 0..<endpoints.count {
@@ -62,6 +93,7 @@ public final class EtcdStore: Store, @unchecked Sendable {
             var req = HTTPClientRequest(url: endpoints[i] + path)
             req.method = .POST
             req.headers.add(name: "content-type", value: "application/json")
+            if let token { req.headers.add(name: "authorization", value: token) }
             req.body = .bytes(ByteBuffer(bytes: data))
             do {
                 let resp = try await client.execute(req, timeout: timeout)
@@ -70,7 +102,15 @@ public final class EtcdStore: Store, @unchecked Sendable {
                     throw StoreError.malformed("\(path): not a JSON object")
                 }
                 if resp.status.code != 200 {
-                    throw StoreError.malformed("\(path): HTTP \(resp.status.code) \(obj["error"] ?? obj["message"] ?? "")")
+                    let message = "\(obj["error"] ?? obj["message"] ?? "")"
+                    // gRPC codes 7 (permission denied) and 16 (unauthenticated), 3 for bad credentials.
+                    let code = Self.int(obj["code"])
+                    if code == 7 || code == 16 || resp.status.code == 401 || resp.status.code == 403
+                        || message.contains("authentication failed") || message.contains("permission denied")
+                        || message.contains("user name is empty") || message.contains("invalid auth token") {
+                        throw StoreError.permissionDenied("\(path): \(message)")
+                    }
+                    throw StoreError.malformed("\(path): HTTP \(resp.status.code) \(message)")
                 }
                 lock.withLock { preferred = i }
                 return obj
@@ -81,6 +121,38 @@ public final class EtcdStore: Store, @unchecked Sendable {
             }
         }
         throw StoreError.unavailable(lastError)
+    }
+
+    // MARK: authentication and roles (etcd's own users and roles)
+
+    /// The role and user of node `name`, made by an operator (root): the
+    /// node may read everything under `prefix` and write only its own keys:
+    /// its node record, its workloads, and identity allocation (see README,
+    /// "Trust model"). Policies, services, bundles and anything else under
+    /// the prefix stay the operator's. Idempotent; sets the password.
+    public func grantNode(_ name: String, prefix: String, password: String) async throws {
+        let role = "palisade-node-\(name)", user = "palisade-node-\(name)"
+        _ = try? await call("/v3/auth/role/add", ["name": role])
+        func grant(_ key: String, rangeEnd: [UInt8]?, _ type: String) async throws {
+            var perm: [String: Any] = ["permType": type, "key": Self.b64(key)]
+            if let rangeEnd { perm["range_end"] = Self.b64(rangeEnd) }
+            _ = try await call("/v3/auth/role/grant", ["name": role, "perm": perm])
+        }
+        try await grant(prefix, rangeEnd: prefixEnd(prefix), "READ")
+        try await grant("\(prefix)nodes/\(name)", rangeEnd: nil, "READWRITE")
+        try await grant("\(prefix)workloads/\(name)/", rangeEnd: prefixEnd("\(prefix)workloads/\(name)/"), "READWRITE")
+        try await grant("\(prefix)identities/", rangeEnd: prefixEnd("\(prefix)identities/"), "READWRITE")
+        if (try? await call("/v3/auth/user/add", ["name": user, "password": password])) == nil {
+            _ = try await call("/v3/auth/user/changepw", ["name": user, "password": password])
+        }
+        _ = try await call("/v3/auth/user/grant", ["user": user, "role": role])
+    }
+
+    /// Turns etcd's authentication on with a root user (first setup).
+    public func enableAuthentication(rootPassword: String) async throws {
+        _ = try? await call("/v3/auth/user/add", ["name": "root", "password": rootPassword])
+        _ = try? await call("/v3/auth/user/grant", ["user": "root", "role": "root"])
+        _ = try await call("/v3/auth/enable", [:])
     }
 
     /// The events of one line of etcd's watch stream (JSON gateway); a line
@@ -155,6 +227,7 @@ public final class EtcdStore: Store, @unchecked Sendable {
                     if revision > 0 { create["start_revision"] = "\(revision + 1)" }
                     var req = HTTPClientRequest(url: endpoints[0] + "/v3/watch")
                     req.method = .POST
+                    if let token = try await currentToken() { req.headers.add(name: "authorization", value: token) }
                     req.body = .bytes(ByteBuffer(bytes: try JSONSerialization.data(withJSONObject: ["create_request": create])))
                     let resp = try await client.execute(req, timeout: .hours(24 * 365))
                     var pending: [UInt8] = []

@@ -26,12 +26,15 @@ public enum StoreError: Error, CustomStringConvertible, Equatable {
     case compacted(revision: Int64)
     /// The store answered something this client does not understand.
     case malformed(String)
+    /// The store refused: wrong credentials, or a key this user may not write.
+    case permissionDenied(String)
 
     public var description: String {
         switch self {
         case .unavailable(let s): "store unavailable: \(s)"
         case .compacted(let r): "store history compacted (oldest revision \(r)); full resync needed"
         case .malformed(let s): "unexpected answer from the store: \(s)"
+        case .permissionDenied(let s): "store permission denied: \(s)"
         }
     }
 }

@@ -8,7 +8,7 @@ struct Palisade: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "palisade",
         abstract: "Zero-trust enforcement agent: identity-based microsegmentation in eBPF.",
-        subcommands: [AgentCommand.self, PolicyCommand.self, MapsCommand.self, WorkloadCommand.self, FlowsCommand.self, RequestsCommand.self, GraphCommand.self, CertsCommand.self, CACommand.self, JWTCommand.self, StatusCommand.self])
+        subcommands: [AgentCommand.self, PolicyCommand.self, MapsCommand.self, WorkloadCommand.self, FlowsCommand.self, RequestsCommand.self, GraphCommand.self, CertsCommand.self, CACommand.self, StoreCommand.self, JWTCommand.self, StatusCommand.self])
 }
 
 /// --config, shared by every subcommand. Without it: $PALISADE_CONFIG, then

@@ -110,8 +110,7 @@ extension PolicyCommand.Apply {
         let incoming = try readPolicyFiles(files)
         let names = incoming.map { (($0.name as NSString).lastPathComponent as NSString).deletingPathExtension }
         guard Set(names).count == names.count else { throw CLIError("two files share a name; the store holds policies by name") }
-        let tls = sc.caFile.map { EtcdStore.TLS(caFile: $0, certificateFile: sc.certificateFile, keyFile: sc.keyFile) }
-        let etcd = try EtcdStore(endpoints: sc.endpoints, tls: tls)
+        let etcd = try sc.makeStore()
         let prefix = "\(sc.prefix)policies/"
         let existing = try runBlocking { try await etcd.list(prefix: prefix).kvs }
             .filter { kv in !names.contains { prefix + $0 == kv.key } }

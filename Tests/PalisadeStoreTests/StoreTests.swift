@@ -131,6 +131,53 @@ final class StoreTests: XCTestCase {
         await store.shutdown()
     }
 
+    /// etcd with authentication on and a role per node: a node reads
+    /// everything and writes only its own keys; another node's keys and the
+    /// operator's (policies, bundles) are refused by etcd itself; a wrong
+    /// password is refused; an expired token is renewed.
+    func testNodesWriteOnlyTheirOwnKeys() async throws {
+        let etcd = try EtcdProcess(self)
+        let admin = try EtcdStore(endpoints: [etcd.url])
+        try await admin.enableAuthentication(rootPassword: "root-secret")
+        let root = try EtcdStore(endpoints: [etcd.url], credentials: .init(user: "root", password: "root-secret"))
+        try await root.grantNode("n1", prefix: "/palisade/", password: "n1-secret")
+        try await root.grantNode("n2", prefix: "/palisade/", password: "n2-secret")
+        try await root.put("/palisade/policies/p", Array("kind: Policy".utf8))
+
+        let n1 = try EtcdStore(endpoints: [etcd.url], credentials: .init(user: "palisade-node-n1", password: "n1-secret"))
+        try await n1.put("/palisade/nodes/n1", Array("{}".utf8))
+        try await n1.put("/palisade/workloads/n1/web", Array("{}".utf8))
+        let created = try await n1.createAll([(key: "/palisade/identities/by-id/300", value: Array("x".utf8))])
+        XCTAssertTrue(created)
+        let policy = try await n1.get("/palisade/policies/p")?.value
+        XCTAssertEqual(policy, Array("kind: Policy".utf8), "a node reads the operator's keys")
+        for key in ["/palisade/nodes/n2", "/palisade/workloads/n2/web", "/palisade/policies/p", "/palisade/bundles/test.local", "/elsewhere/x"] {
+            do {
+                try await n1.put(key, Array("forged".utf8))
+                XCTFail("node n1 wrote \(key)")
+            } catch let e as StoreError {
+                guard case .permissionDenied = e else { XCTFail("\(key): \(e)"); continue }
+            }
+        }
+        do {
+            try await n1.delete("/palisade/policies/p")
+            XCTFail("node n1 deleted a policy")
+        } catch StoreError.permissionDenied {}
+        let kept = try await root.get("/palisade/policies/p")?.value
+        XCTAssertEqual(kept, Array("kind: Policy".utf8))
+        let wrong = try EtcdStore(endpoints: [etcd.url], credentials: .init(user: "palisade-node-n1", password: "guess"))
+        do {
+            _ = try await wrong.get("/palisade/nodes/n1")
+            XCTFail("a wrong password was accepted")
+        } catch StoreError.permissionDenied {}
+        // Anonymous requests are refused once authentication is on.
+        do {
+            try await admin.put("/palisade/nodes/n1", Array("x".utf8))
+            XCTFail("an anonymous write was accepted")
+        } catch StoreError.permissionDenied {}
+        await admin.shutdown(); await root.shutdown(); await n1.shutdown(); await wrong.shutdown()
+    }
+
     /// etcd requiring client certificates: the store works with them, and a
     /// client without one is refused.
     func testEtcdStoreWithMutualTLS() async throws {
