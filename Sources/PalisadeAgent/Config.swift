@@ -229,8 +229,10 @@ public struct AgentConfig: Sendable {
             guard let a = try address(v) else { throw v.error("advertiseAddress cannot be 'off'") }
             c.advertiseAddress = a.host.contains(":") ? "[\(a.host)]:\(a.port)" : "\(a.host):\(a.port)"
         }
-        if c.store != nil && c.advertiseAddress == nil {
-            guard let t = c.tunnelAddress, t.host != "0.0.0.0", t.host != "::" else {
+        // (No tunnel, nothing to advertise: an operator's configuration for
+        // store commands says `tunnelAddress: off`.)
+        if c.store != nil && c.advertiseAddress == nil, let t = c.tunnelAddress {
+            guard t.host != "0.0.0.0", t.host != "::" else {
                 throw doc.error("with a 'store', set 'advertiseAddress' (the IP:PORT other nodes reach this node's tunnel at)")
             }
             c.advertiseAddress = t.host.contains(":") ? "[\(t.host)]:\(t.port)" : "\(t.host):\(t.port)"

@@ -75,4 +75,91 @@ extension MeshTests {
         let refused = try replay(from: m.lab.nodeNetns(2))
         XCTAssertTrue(refused.contains("spiffe://test.local/ns/default/sa/a is not registered on the node this tunnel comes from (10.200.0.2)"), refused)
     }
+
+    /// The whole setup with no shared secret: an issuer signs CSRs, etcd
+    /// has authentication on with a role per node (`palisade store
+    /// enable-auth` / `grant-node`), nodes learn each other from etcd only.
+    /// Traffic flows; a node's etcd credentials cannot write policies.
+    func testIssuerAndAuthenticatedStoreWithNothingShared() throws {
+        try requireKernel()
+        let lab = try Lab(self, prefix: "ptrust2", meshPods: ["1:a", "2:b"])
+        let (issuerDir, issuer) = try startIssuer(lab, registrations: """
+            apiVersion: palisade.dev/v1
+            kind: Registrations
+            entries:
+              - nodes: [n1]
+                spiffeIDs: ["spiffe://test.local/ns/default/sa/a"]
+              - nodes: [n2]
+                spiffeIDs: ["spiffe://test.local/ns/default/sa/b"]
+            """)
+        let etcdDir = "\(issuerDir)/etcd"
+        let port = Int.random(in: 30000...39000)
+        let etcd = try MeshStoreTests.startEtcd(lab, dir: etcdDir, port: port)
+        addTeardownBlock { etcd.terminate(); etcd.waitUntilExit() }
+        let url = "http://10.200.0.1:\(port)"
+        func secret(_ name: String, _ text: String) throws -> String {
+            let path = "\(issuerDir)/\(name)"
+            try text.write(toFile: path, atomically: true, encoding: .utf8)
+            chmod(path, 0o600)
+            return path
+        }
+        // The operator: root turns authentication on, then makes each node's user.
+        let rootPassword = try secret("root-password", "root-\(UUID().uuidString)")
+        let anonymous = try secret("operator-anonymous.yaml", "tunnelAddress: off\nstore: {etcd: [\"\(url)\"]}\n")
+        let operatorConfig = try secret("operator.yaml", "tunnelAddress: off\nstore: {etcd: [\"\(url)\"], user: root, passwordFile: \(rootPassword)}\n")
+        func cli(_ args: [String], check: Bool = true) throws -> (status: Int32, output: String) {
+            try sh(["nsenter", "--net=\(lab.nodeNetns(1))", Paths.palisade] + args, check: check)
+        }
+        _ = try cli(["store", "enable-auth", "--root-password-file", rootPassword, "--config", anonymous])
+        var store: [Int: String] = [:]
+        for node in 1...2 {
+            let password = try cli(["store", "grant-node", "--node", "n\(node)", "--config", operatorConfig]).output
+            let file = try secret("n\(node)-password", password)
+            store[node] = "store: {etcd: [\"\(url)\"], user: palisade-node-n\(node), passwordFile: \(file)}"
+        }
+        let n1 = try AgentHarness(self, lab: lab, extraConfig: """
+            nodeName: n1
+            \(store[1]!)
+            \(issuer(1))
+            advertiseAddress: "10.200.0.1:15008"
+            workloads:
+            \(MeshTests.workload("a", node: 1, index: 1, lab: lab))
+            """, node: 1)
+        let n2 = try AgentHarness(self, lab: lab, extraConfig: """
+            nodeName: n2
+            \(store[2]!)
+            \(issuer(2))
+            advertiseAddress: "10.200.0.2:15008"
+            workloads:
+            \(MeshTests.workload("b", node: 2, index: 1, lab: lab, extra: ", mtls: strict"))
+            """, node: 2)
+        try n2.writePolicy("b", policyYAML("b-ingress", """
+          selector: {labels: {app: b}}
+          ingress:
+            - from: [{labels: {app: a}}]
+              ports: [{port: 8080}]
+        """))
+        try n1.start()
+        try n2.start()
+        try lab.serve("b", "tcp", port: 8080, address: "::")
+        let mesh = MeshTests.Mesh(lab: lab, n1: n1, n2: n2)
+        var ok = false
+        for _ in 0..<75 where !ok {
+            ok = try MeshTests.reach(mesh, from: "a", "10.102.1.2")
+            if !ok { usleep(200_000) }
+        }
+        XCTAssertTrue(ok, "a reaches b: nodes learned each other from etcd, SVIDs from the issuer\n\(n1.warnings())\n\(n2.warnings())")
+        XCTAssertFalse((n1.warnings() + n2.warnings()).contains("permission denied"), n1.warnings() + n2.warnings())
+        for agent in [n1, n2] { XCTAssertFalse(FileManager.default.fileExists(atPath: "\(agent.dir)/ca")) }
+
+        // A node's etcd user cannot write a policy (nor anything not its own).
+        let policy = "\(issuerDir)/open.yaml"
+        try policyYAML("open-everything", "  selector: {labels: {app: b}}\n  ingress:\n    - from: [{cidr: 0.0.0.0/0}]\n")
+            .write(toFile: policy, atomically: true, encoding: .utf8)
+        let refused = try n1.palisade(["policy", "apply", "--store", policy], check: false)
+        XCTAssertNotEqual(refused.status, 0)
+        XCTAssertTrue(refused.output.contains("permission denied"), refused.output)
+        let applied = try cli(["policy", "apply", "--store", policy, "--config", operatorConfig], check: false)
+        XCTAssertEqual(applied.status, 0, applied.output)
+    }
 }
