@@ -311,6 +311,18 @@ extension Agent {
             state.store = .init(connected: st.connected, revision: st.revision, lastError: st.error, peers: n.count)
             metrics.setStoreConnected(st.connected)
         }
+        // Revoked nodes: configured ones are dropped too, and connections
+        // from their addresses are cut (new streams are refused anyway: none
+        // of their workloads is registered any more).
+        let revoked = storeSync?.revoked() ?? []
+        if !revoked.isEmpty {
+            let names = Set(revoked.map(\.node))
+            nodes.removeAll { names.contains($0.name) }
+            let addresses = Set(revoked.compactMap { r in r.tunnelAddress.flatMap { a in a.lastIndex(of: ":").map { String(a[..<$0]).trimmingCharacters(in: CharacterSet(charactersIn: "[]")) } } })
+            if let cut = listener?.closeConnections(from: addresses), cut > 0 {
+                log.warning("tunnel connections from revoked nodes closed", metadata: ["connections": "\(cut)", "nodes": "\(names.sorted())"])
+            }
+        }
         // A remote workload whose node is unknown cannot be reached.
         let nodeNames = Set(nodes.map(\.name))
         meshNodes = nodes

@@ -13,6 +13,14 @@ struct NodeRecord: Codable, Equatable, Sendable {
     var locality: Locality?
 }
 
+/// A node the operator revoked (`palisade ca revoke-node`), under
+/// PREFIX/revoked/NAME: its records are ignored and its tunnels cut.
+struct RevokedNode: Codable, Equatable, Sendable {
+    var node: String
+    var tunnelAddress: String?
+    var revokedAt: Double
+}
+
 /// One workload of a node, as other nodes need it (identity, labels, addresses).
 struct WorkloadRecord: Codable, Equatable, Sendable {
     var name: String
@@ -162,12 +170,23 @@ final class StoreSync: @unchecked Sendable {
     func peers() -> (nodes: [NodeRecord], workloads: [WorkloadRecord]) {
         let snapshot = lock.withLock { records }
         let dec = JSONDecoder()
+        let gone = Set(revoked().map(\.node))
         var nodes: [NodeRecord] = [], workloads: [WorkloadRecord] = []
         for (k, v) in snapshot {
-            if k.hasPrefix(nodesPrefix), let n = try? dec.decode(NodeRecord.self, from: Data(v)), n.name != node { nodes.append(n) }
-            if k.hasPrefix(workloadsPrefix), let w = try? dec.decode(WorkloadRecord.self, from: Data(v)), w.node != node { workloads.append(w) }
+            if k.hasPrefix(nodesPrefix), let n = try? dec.decode(NodeRecord.self, from: Data(v)), n.name != node, !gone.contains(n.name) { nodes.append(n) }
+            if k.hasPrefix(workloadsPrefix), let w = try? dec.decode(WorkloadRecord.self, from: Data(v)), w.node != node, !gone.contains(w.node) {
+                workloads.append(w)
+            }
         }
         return (nodes.sorted { $0.name < $1.name }, workloads.sorted { ($0.node, $0.name) < ($1.node, $1.name) })
+    }
+
+    var revokedPrefix: String { "\(prefix)revoked/" }
+
+    /// Nodes the operator revoked.
+    func revoked() -> [RevokedNode] {
+        let snapshot = lock.withLock { records }
+        return snapshot.filter { $0.key.hasPrefix(revokedPrefix) }.compactMap { try? JSONDecoder().decode(RevokedNode.self, from: Data($0.value)) }
     }
 
     var policiesPrefix: String { "\(prefix)policies/" }

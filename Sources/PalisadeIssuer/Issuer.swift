@@ -20,6 +20,7 @@ public final class Issuer: Sendable {
     /// read a store, and the registrations alone decide).
     private let registered: (@Sendable (String) -> Set<SpiffeID>?)?
     private let counts = NIOLockedValueBox<[String: Int]>([:])
+    private let revokedNodes = NIOLockedValueBox<Set<String>>([])
     private let log: @Sendable (String) -> Void
 
     public init(ca: CertificateAuthority, tokens: JoinTokens, registrations: Registrations, nodeLifetime: TimeInterval = 86400,
@@ -33,6 +34,13 @@ public final class Issuer: Sendable {
     public var registrations: Registrations {
         get { rules.withLockedValue { $0 } }
         set { rules.withLockedValue { $0 = newValue } }
+    }
+
+    /// Nodes that get nothing more (`palisade ca revoke-node`): no join, no
+    /// renewal, no workload SVID.
+    public var revoked: Set<String> {
+        get { revokedNodes.withLockedValue { $0 } }
+        set { revokedNodes.withLockedValue { $0 = newValue } }
     }
 
     /// SVIDs issued and requests refused, by kind and reason.
@@ -59,6 +67,7 @@ public final class Issuer: Sendable {
         case .success(let n): node = n
         case .failure(let e): return refuse("join", "bad-token", e.description)
         }
+        if revoked.contains(node) { return refuse("join", "revoked", "node \(node) is revoked") }
         let expected: SpiffeID
         do { expected = try Self.nodeID(node, trustDomain: ca.trustDomain) } catch { return refuse("join", "bad-csr", "node name '\(node)': \(error)") }
         switch SVIDRequest.requestedID(csr) {
@@ -77,6 +86,9 @@ public final class Issuer: Sendable {
         -> [(id: SpiffeID?, result: Result<[Certificate], CAError>)] {
         guard let name = nodeName(node) else {
             return csrs.map { _ in (nil, refuse("svid", "not-a-node", "\(node) is not a node of \(ca.trustDomain)")) }
+        }
+        if revoked.contains(name) {
+            return csrs.map { _ in (nil, refuse("svid", "revoked", "node \(name) is revoked")) }
         }
         return csrs.map { csr in
             switch SVIDRequest.requestedID(csr) {

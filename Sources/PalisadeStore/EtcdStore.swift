@@ -148,6 +148,11 @@ public final class EtcdStore: Store, @unchecked Sendable {
         _ = try await call("/v3/auth/user/grant", ["user": user, "role": role])
     }
 
+    /// Removes a user (a revoked node's): its token stops working at once.
+    public func deleteUser(_ name: String) async throws {
+        _ = try await call("/v3/auth/user/delete", ["name": name])
+    }
+
     /// Turns etcd's authentication on with a root user (first setup).
     public func enableAuthentication(rootPassword: String) async throws {
         _ = try? await call("/v3/auth/user/add", ["name": "root", "password": rootPassword])

@@ -1,4 +1,5 @@
 import Foundation
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import NIOSSL
@@ -54,6 +55,17 @@ public final class MTLSListener: @unchecked Sendable {
     public var onRefuse: (@Sendable (HandshakeRefusal) -> Void)?
     /// Connections accepted and still handshaking.
     public var pendingHandshakes: Int { pending.total }
+    /// Every open connection, by its remote address (to cut a revoked node).
+    private let connections = NIOLockedValueBox<[ObjectIdentifier: (address: String, channel: Channel)]>([:])
+
+    /// Closes every connection from these addresses; returns how many.
+    @discardableResult
+    public func closeConnections(from addresses: Set<String>) -> Int {
+        let normalized = Set(addresses.compactMap { IPAddressText.normalize($0) })
+        let victims = connections.withLockedValue { $0.values.filter { normalized.contains($0.address) }.map(\.channel) }
+        for c in victims { c.close(promise: nil) }
+        return victims.count
+    }
 
     public static func context(certificateFile: String, keyFile: String, roots: [Certificate]) throws -> NIOSSLContext {
         let chain = try NIOSSLCertificate.fromPEMFile(certificateFile).map { NIOSSLCertificateSource.certificate($0) }
@@ -104,6 +116,9 @@ public final class MTLSListener: @unchecked Sendable {
                     me.onRefuse?(refusal)
                     return channel.close()
                 }
+                let key = ObjectIdentifier(channel), tracked = me.connections
+                tracked.withLockedValue { $0[key] = (IPAddressText.normalize(source) ?? source, channel) }
+                channel.closeFuture.whenComplete { _ in _ = tracked.withLockedValue { $0.removeValue(forKey: key) } }
                 return channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: ctx, customVerificationCallbackWithMetadata: verify))
                     try channel.pipeline.syncOperations.addHandler(HandshakeGuard(pending: me.pending, source: source, timeout: limits.timeout,
@@ -207,4 +222,20 @@ final class IdentityEcho: ChannelInboundHandler, RemovableChannelHandler, @unche
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {}
+}
+
+/// Addresses as text in one spelling (IPv4-mapped IPv6 as IPv4), so a
+/// configured address and a socket's remote address compare equal.
+enum IPAddressText {
+    static func normalize(_ text: String) -> String? {
+        var v6 = in6_addr()
+        if inet_pton(AF_INET6, text, &v6) == 1 {
+            let b = withUnsafeBytes(of: v6) { Array($0) }
+            if b[0..<10].allSatisfy({ $0 == 0 }) && b[10] == 0xff && b[11] == 0xff { return "\(b[12]).\(b[13]).\(b[14]).\(b[15])" }
+            var buf = [CChar](repeating: 0, count: Int(INET6_ADDRSTRLEN))
+            return inet_ntop(AF_INET6, &v6, &buf, socklen_t(buf.count)).map { _ in String(cString: buf) }
+        }
+        var v4 = in_addr()
+        return inet_pton(AF_INET, text, &v4) == 1 ? text : nil
+    }
 }

@@ -1,9 +1,11 @@
 import ArgumentParser
 import Foundation
 import Logging
+import PalisadeAgent
 import PalisadeCA
 import PalisadeIdentity
 import PalisadeIssuer
+import PalisadeStore
 
 /// `palisade ca serve`: the trust domain's issuer, the only process that
 /// holds its signing key. Nodes configured with `issuer:` join it with a
@@ -29,6 +31,8 @@ struct CAServe: ParsableCommand {
         let issuer = Issuer(ca: ca, tokens: try JoinTokens(directory: "\(state)/tokens"), registrations: try Self.registrations(rulesFile),
                             nodeLifetime: TimeInterval(nodeLifetime), svidLifetime: TimeInterval(svidLifetime),
                             log: { log.warning("\($0)") })
+        let revokedFile = "\(state)/revoked.json"
+        issuer.revoked = RevokedNodes.load(revokedFile)
         let server = try IssuerServer(issuer: issuer, host: host, port: port)
         log.info("issuer running", metadata: ["trust-domain": "\(trustDomain)", "address": "\(host):\(server.localPort)", "state": "\(state)",
                                               "registrations": "\(issuer.registrations.entries.count)"])
@@ -37,9 +41,15 @@ struct CAServe: ParsableCommand {
         signal(SIGPIPE, SIG_IGN)
         // The registrations file is read again when it changes; a file with
         // an error leaves the previous rules in force.
-        var seen = Self.stamp(rulesFile)
+        var seen = Self.stamp(rulesFile), seenRevoked = Self.stamp(revokedFile)
         while stopRequested == 0 {
             usleep(500_000)
+            let revokedNow = Self.stamp(revokedFile)
+            if revokedNow != seenRevoked {
+                seenRevoked = revokedNow
+                issuer.revoked = RevokedNodes.load(revokedFile)
+                log.warning("revoked nodes", metadata: ["nodes": "\(issuer.revoked.sorted())"])
+            }
             let now = Self.stamp(rulesFile)
             guard now != seen else { continue }
             seen = now
@@ -92,5 +102,51 @@ struct CAJoinToken: ParsableCommand {
         case "h": return n * 3600
         default: return nil
         }
+    }
+}
+
+/// The issuer's list of revoked nodes (STATE/revoked.json: name -> time).
+enum RevokedNodes {
+    static func load(_ path: String) -> Set<String> {
+        guard let data = FileManager.default.contents(atPath: path),
+              let map = try? JSONDecoder().decode([String: Double].self, from: data) else { return [] }
+        return Set(map.keys)
+    }
+}
+
+/// `palisade ca revoke-node --node NAME`: the issuer stops serving that
+/// node at once (no join, renewal or workload SVID); with a store in the
+/// configuration (the operator's), its etcd user is deleted, its records
+/// removed and PREFIX/revoked/NAME written, so every agent drops its
+/// workloads and cuts its tunnels when the store tells it (about a second).
+struct CARevokeNode: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "revoke-node", abstract: "Revoke a node: no more SVIDs, its tunnels cut by every peer.")
+    @Option(help: "The issuer's state directory.") var state = "/var/lib/palisade-issuer"
+    @Option(help: "The node's name.") var node: String
+    @Option(help: "An operator configuration with the store (etcd root user), to tell every node.") var config: String?
+
+    func run() throws {
+        let path = "\(state)/revoked.json"
+        var map = (FileManager.default.contents(atPath: path).flatMap { try? JSONDecoder().decode([String: Double].self, from: $0) }) ?? [:]
+        map[node] = Date().timeIntervalSince1970
+        try JSONEncoder().encode(map).write(to: URL(fileURLWithPath: path), options: .atomic)
+        print("issuer: node \(node) revoked (no join, renewal or workload SVID)")
+        guard let config else { return }
+        guard let sc = try AgentConfig.load(path: config).store else { throw CLIError("\(config) has no 'store'") }
+        let etcd = try sc.makeStore()
+        let prefix = sc.prefix, name = node
+        let summary = try runBlocking { () -> String in
+            let record = try await etcd.get("\(prefix)nodes/\(name)")
+            let address = record.flatMap { try? JSONSerialization.jsonObject(with: Data($0.value)) as? [String: Any] }?["tunnelAddress"] as? String
+            var revoked: [String: Any] = ["node": name, "revokedAt": Date().timeIntervalSince1970]
+            if let address { revoked["tunnelAddress"] = address }
+            try await etcd.put("\(prefix)revoked/\(name)", Array(try JSONSerialization.data(withJSONObject: revoked)))
+            try? await etcd.deleteUser("palisade-node-\(name)")
+            try await etcd.delete("\(prefix)nodes/\(name)")
+            let workloads = try await etcd.list(prefix: "\(prefix)workloads/\(name)/").kvs
+            for kv in workloads { try await etcd.delete(kv.key) }
+            return "store: \(prefix)revoked/\(name) written (tunnel address \(address ?? "unknown")), its etcd user and \(workloads.count + (record == nil ? 0 : 1)) records removed"
+        }
+        print(summary)
     }
 }

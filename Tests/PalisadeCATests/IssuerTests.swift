@@ -125,6 +125,22 @@ final class IssuerTests: XCTestCase {
         XCTAssertEqual(issuer.counters["issued/node-renewed"], 1)
     }
 
+    /// A revoked node gets nothing more: no renewal, no workload SVID, no
+    /// join with a fresh token.
+    func testRevokedNodeGetsNothing() throws {
+        let token = try issuer.tokens.create(node: "web-1", ttl: 600)
+        let (store, nodeID, _) = try node("web-1", token: token)
+        let web = try SpiffeID("spiffe://shop.test/ns/web/sa/frontend")
+        XCTAssertEqual(Set(try store.ensure([nodeID, web], first: nodeID)), [nodeID, web])
+        issuer.revoked = ["web-1"]
+        XCTAssertEqual(try store.ensure([nodeID, web], first: nodeID, now: Date().addingTimeInterval(400)), [])
+        XCTAssertTrue(store.refused[nodeID]?.contains("node web-1 is revoked") ?? false, "\(store.refused)")
+        let again = try issuer.tokens.create(node: "web-1", ttl: 600)
+        let rejoin = try SVIDRequest.make(nodeID, key: P256.Signing.PrivateKey())
+        XCTAssertNil(issuer.join(token: again, csr: rejoin.csr).success, "a fresh token does not bring a revoked node back")
+        XCTAssertEqual(issuer.counters["refused/revoked"], 3)
+    }
+
     /// A server with a certificate from another trust domain's CA (or any
     /// SVID other than the issuer's) is not the issuer: nothing is sent.
     func testAnImpostorIssuerIsNotBelieved() throws {

@@ -262,6 +262,13 @@ final class AgentHarness {
     var generation: UInt64 { state()?.policy.generation ?? 0 }
 
     /// Warning and error lines of the agent's logs (for failure messages).
+    /// The agent's log, last lines first to read (for failure messages).
+    func logTail(_ lines: Int = 40) -> String {
+        ((try? FileManager.default.contentsOfDirectory(atPath: dir))?.filter { $0.hasPrefix("agent-") }.sorted() ?? [])
+            .compactMap { try? String(contentsOfFile: "\(dir)/\($0)", encoding: .utf8) }
+            .joined(separator: "\n").split(separator: "\n").suffix(lines).joined(separator: "\n")
+    }
+
     func warnings() -> String {
         ((try? FileManager.default.contentsOfDirectory(atPath: dir))?.filter { $0.hasPrefix("agent-") } ?? [])
             .compactMap { try? String(contentsOfFile: "\(dir)/\($0)", encoding: .utf8) }

@@ -76,13 +76,20 @@ extension MeshTests {
         XCTAssertTrue(refused.contains("spiffe://test.local/ns/default/sa/a is not registered on the node this tunnel comes from (10.200.0.2)"), refused)
     }
 
-    /// The whole setup with no shared secret: an issuer signs CSRs, etcd
-    /// has authentication on with a role per node (`palisade store
-    /// enable-auth` / `grant-node`), nodes learn each other from etcd only.
-    /// Traffic flows; a node's etcd credentials cannot write policies.
-    func testIssuerAndAuthenticatedStoreWithNothingShared() throws {
+    /// Two nodes sharing no secret: an issuer signs CSRs, etcd has
+    /// authentication on with a role per node (`palisade store enable-auth`
+    /// / `grant-node`), nodes learn each other from etcd only; b admits a
+    /// on 8080 and serves an echo there.
+    struct NothingShared {
+        let mesh: Mesh
+        let issuerDir: String
+        let operatorConfig: String
+        let cli: ([String], Bool) throws -> (status: Int32, output: String)
+    }
+
+    func setUpNothingShared(_ prefix: String) throws -> NothingShared {
         try requireKernel()
-        let lab = try Lab(self, prefix: "ptrust2", meshPods: ["1:a", "2:b"])
+        let lab = try Lab(self, prefix: prefix, meshPods: ["1:a", "2:b"])
         let (issuerDir, issuer) = try startIssuer(lab, registrations: """
             apiVersion: palisade.dev/v1
             kind: Registrations
@@ -92,9 +99,8 @@ extension MeshTests {
               - nodes: [n2]
                 spiffeIDs: ["spiffe://test.local/ns/default/sa/b"]
             """)
-        let etcdDir = "\(issuerDir)/etcd"
         let port = Int.random(in: 30000...39000)
-        let etcd = try MeshStoreTests.startEtcd(lab, dir: etcdDir, port: port)
+        let etcd = try MeshStoreTests.startEtcd(lab, dir: "\(issuerDir)/etcd", port: port)
         addTeardownBlock { etcd.terminate(); etcd.waitUntilExit() }
         let url = "http://10.200.0.1:\(port)"
         func secret(_ name: String, _ text: String) throws -> String {
@@ -107,14 +113,15 @@ extension MeshTests {
         let rootPassword = try secret("root-password", "root-\(UUID().uuidString)")
         let anonymous = try secret("operator-anonymous.yaml", "tunnelAddress: off\nstore: {etcd: [\"\(url)\"]}\n")
         let operatorConfig = try secret("operator.yaml", "tunnelAddress: off\nstore: {etcd: [\"\(url)\"], user: root, passwordFile: \(rootPassword)}\n")
-        func cli(_ args: [String], check: Bool = true) throws -> (status: Int32, output: String) {
+        let cli = { (args: [String], check: Bool) throws -> (status: Int32, output: String) in
             try sh(["nsenter", "--net=\(lab.nodeNetns(1))", Paths.palisade] + args, check: check)
         }
-        _ = try cli(["store", "enable-auth", "--root-password-file", rootPassword, "--config", anonymous])
+        _ = try cli(["store", "enable-auth", "--root-password-file", rootPassword, "--config", anonymous], true)
         var store: [Int: String] = [:]
         for node in 1...2 {
-            let password = try cli(["store", "grant-node", "--node", "n\(node)", "--config", operatorConfig]).output
-            let file = try secret("n\(node)-password", password)
+            // (The password is the last line: the note about it goes to stderr.)
+            let output = try cli(["store", "grant-node", "--node", "n\(node)", "--config", operatorConfig], true).output
+            let file = try secret("n\(node)-password", String(output.split(separator: "\n").last ?? ""))
             store[node] = "store: {etcd: [\"\(url)\"], user: palisade-node-n\(node), passwordFile: \(file)}"
         }
         let n1 = try AgentHarness(self, lab: lab, extraConfig: """
@@ -144,22 +151,53 @@ extension MeshTests {
         try lab.serve("b", "tcp", port: 8080, address: "::")
         let mesh = MeshTests.Mesh(lab: lab, n1: n1, n2: n2)
         var ok = false
-        for _ in 0..<75 where !ok {
+        for _ in 0..<25 where !ok {
             ok = try MeshTests.reach(mesh, from: "a", "10.102.1.2")
             if !ok { usleep(200_000) }
         }
-        XCTAssertTrue(ok, "a reaches b: nodes learned each other from etcd, SVIDs from the issuer\n\(n1.warnings())\n\(n2.warnings())")
+        XCTAssertTrue(ok, "a reaches b: nodes learned each other from etcd, SVIDs from the issuer\n\(n1.logTail())\n\(n2.logTail())\n"
+                      + ((try? n1.palisade(["status"], check: false).output) ?? ""))
+        return NothingShared(mesh: mesh, issuerDir: issuerDir, operatorConfig: operatorConfig, cli: cli)
+    }
+
+    /// Traffic flows with nothing shared; a node's etcd user cannot write a
+    /// policy (nor anything not its own), the operator's can.
+    func testIssuerAndAuthenticatedStoreWithNothingShared() throws {
+        let setup = try setUpNothingShared("ptrust2")
+        let (n1, n2) = (setup.mesh.n1, setup.mesh.n2)
         XCTAssertFalse((n1.warnings() + n2.warnings()).contains("permission denied"), n1.warnings() + n2.warnings())
         for agent in [n1, n2] { XCTAssertFalse(FileManager.default.fileExists(atPath: "\(agent.dir)/ca")) }
-
-        // A node's etcd user cannot write a policy (nor anything not its own).
-        let policy = "\(issuerDir)/open.yaml"
+        let policy = "\(setup.issuerDir)/open.yaml"
         try policyYAML("open-everything", "  selector: {labels: {app: b}}\n  ingress:\n    - from: [{cidr: 0.0.0.0/0}]\n")
             .write(toFile: policy, atomically: true, encoding: .utf8)
         let refused = try n1.palisade(["policy", "apply", "--store", policy], check: false)
         XCTAssertNotEqual(refused.status, 0)
         XCTAssertTrue(refused.output.contains("permission denied"), refused.output)
-        let applied = try cli(["policy", "apply", "--store", policy, "--config", operatorConfig], check: false)
+        let applied = try setup.cli(["policy", "apply", "--store", policy, "--config", setup.operatorConfig], false)
         XCTAssertEqual(applied.status, 0, applied.output)
+    }
+
+    /// `palisade ca revoke-node n1`: a connection from a to b held through
+    /// the tunnel is cut within 3 s, new ones are refused, the issuer
+    /// serves n1 nothing more and n1's etcd user is gone.
+    func testRevokedNodeIsCutOffWithinSeconds() throws {
+        let setup = try setUpNothingShared("ptrust3")
+        let m = setup.mesh
+        let holdLog = "\(m.n1.dir)/hold.log"
+        let hold = try m.lab.spawn(netns: m.lab.netns("a"), cgroup: m.lab.podCgroup("a"),
+                                   [Paths.python, Paths.probe, "hold", "10.102.1.2", "8080", "30", "0.05"], log: holdLog)
+        usleep(1_000_000)
+        XCTAssertTrue(hold.isRunning, (try? String(contentsOfFile: holdLog, encoding: .utf8)) ?? "")
+        let revoked = Date()
+        let out = try setup.cli(["ca", "revoke-node", "--state", setup.issuerDir, "--node", "n1", "--config", setup.operatorConfig], true).output
+        XCTAssertTrue(out.contains("revoked/n1 written (tunnel address 10.200.0.1:15008)"), out)
+        while hold.isRunning && Date().timeIntervalSince(revoked) < 10 { usleep(50_000) }
+        let cut = Date().timeIntervalSince(revoked)
+        XCTAssertFalse(hold.isRunning, "the held connection survived revocation")
+        XCTAssertLessThan(cut, 3, "cut \(cut) s after revocation")
+        XCTAssertTrue(((try? String(contentsOfFile: holdLog, encoding: .utf8)) ?? "").contains("failed=1"))
+        XCTAssertFalse(try MeshTests.reach(m, from: "a", "10.102.1.2"), "new connections from the revoked node are refused")
+        XCTAssertTrue(m.n2.warnings().contains("tunnel connections from revoked nodes closed"), m.n2.warnings())
+        print("held connection cut \(String(format: "%.2f", cut)) s after palisade ca revoke-node")
     }
 }
