@@ -51,6 +51,10 @@ public final class Agent {
     /// issuer may be down; a refusal will not change by asking every second).
     var nextIssuance = Date.distantPast
     var issuanceBackoff: TimeInterval = 1
+    /// The issuer is asked for its bundle this often (liveness for
+    /// `palisade status`, and a root it adds reaches the node).
+    var nextIssuerProbe = Date.distantPast
+    static let issuerProbeInterval: TimeInterval = 10
     var lastSVIDs = Set<SpiffeID>()
     var listener: MTLSListener?
     var outbound: OutboundProxy?
@@ -203,12 +207,14 @@ public final class Agent {
     func rotateSVIDs() {
         var ids = localSpiffeIDs
         ids.insert(config.nodeSpiffeID)
+        probeIssuer()
         guard Date() >= nextIssuance else { return }
         do {
             let issued = try svids.ensure(ids, first: config.nodeSpiffeID)
             for (id, reason) in svids.refused.sorted(by: { $0.key < $1.key }) {
                 log.error("svid refused", metadata: ["spiffe-id": "\(id)", "reason": "\(reason)"])
             }
+            if !issued.isEmpty || !svids.refused.isEmpty { recordIssuer(error: nil) }
             backOff(svids.refused.isEmpty ? nil : "refused")
             if issued.contains(config.nodeSpiffeID) || (listener == nil && config.tunnelAddress != nil) { try startOrReloadListener() }
             for id in issued {
@@ -222,7 +228,38 @@ public final class Agent {
             if !issued.isEmpty { publishCredentials() }
         } catch {
             log.error("svid issuance failed", metadata: ["error": "\(error)", "retry-in-seconds": "\(Int(issuanceBackoff))"])
+            recordIssuer(error: "\(error)")
             backOff("failed")
+        }
+    }
+
+    /// Asks the issuer for its bundle every few seconds (nodes with one).
+    func probeIssuer() {
+        guard let client = signer as? IssuerClient, Date() >= nextIssuerProbe else { return }
+        nextIssuerProbe = Date().addingTimeInterval(Self.issuerProbeInterval)
+        do {
+            try client.probe()
+            // Back: what failed meanwhile is tried again now.
+            if state.issuer?.reachable == false { nextIssuance = .distantPast; issuanceBackoff = 1 }
+            recordIssuer(error: nil)
+        } catch {
+            recordIssuer(error: "\(error)")
+        }
+    }
+
+    /// The issuer's status in the state file (`palisade status`).
+    func recordIssuer(error: String?) {
+        guard let issuer = config.issuer else { return }
+        var s = state.issuer ?? AgentState.IssuerStatus(address: "\(issuer.host):\(issuer.port)", reachable: false)
+        let before = s
+        s.reachable = error == nil
+        if error == nil { s.lastContact = Date() } else { s.lastError = error }
+        if error == nil { s.refused = Dictionary(uniqueKeysWithValues: svids.refused.map { ($0.key.description, $0.value) }) }
+        state.issuer = s
+        if s.reachable != before.reachable || s.refused != before.refused {
+            if s.reachable { log.info("issuer reachable", metadata: ["address": "\(s.address)"]) }
+            else { log.error("issuer unreachable; SVIDs in hand stay in use until they expire", metadata: ["address": "\(s.address)", "error": "\(error ?? "")"]) }
+            saveState()
         }
     }
 

@@ -60,6 +60,17 @@ public struct AgentState: Codable, Sendable {
         public var peers: Int
     }
     public var store: StoreStatus?
+    /// The trust domain's issuer, when the node has one: reachable at the
+    /// last contact, when it last answered, why it did not.
+    public struct IssuerStatus: Codable, Sendable, Equatable {
+        public var address: String
+        public var reachable: Bool
+        public var lastContact: Date?
+        public var lastError: String?
+        /// SPIFFE IDs of this node the issuer refused, with the reason.
+        public var refused: [String: String] = [:]
+    }
+    public var issuer: IssuerStatus?
     /// File descriptors the agent held at its last reconcile, and its limit.
     public struct Files: Codable, Sendable {
         public var open: Int

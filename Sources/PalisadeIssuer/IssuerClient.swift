@@ -72,6 +72,17 @@ public final class IssuerClient: SVIDSigner, @unchecked Sendable {
         return out
     }
 
+    /// Asks the issuer for its bundle (a liveness check that also brings a
+    /// new root the issuer added): throws when it cannot be reached.
+    public func probe() throws {
+        // A short deadline: the agent's loop waits for this answer.
+        let (status, data) = try request("/v1/bundle", body: Data(), credentials: nil, method: .GET, timeout: .seconds(2))
+        guard status == 200, let r = try? JSONDecoder().decode(IssuerAPI.BundleResponse.self, from: data) else {
+            throw CAError("the issuer answered \(status) to /v1/bundle")
+        }
+        try updateBundle(r.bundle)
+    }
+
     static func certificates(_ pem: String) throws -> [Certificate] {
         try PEMDocument.parseMultiple(pemString: pem).map { try Certificate(pemDocument: $0) }
     }
@@ -86,7 +97,9 @@ public final class IssuerClient: SVIDSigner, @unchecked Sendable {
     }
 
     /// One HTTPS request to the issuer; blocks the caller (never an event loop).
-    func request(_ path: String, body: Data, credentials: (chain: String, key: String)?) throws -> (Int, Data) {
+    func request(_ path: String, body: Data, credentials: (chain: String, key: String)?, method: HTTPMethod = .POST,
+                 timeout: TimeAmount? = nil) throws -> (Int, Data) {
+        let timeout = timeout ?? self.timeout
         var tls = TLSConfiguration.makeClientConfiguration()
         tls.minimumTLSVersion = .tlsv13
         tls.maximumTLSVersion = .tlsv13
@@ -111,7 +124,7 @@ public final class IssuerClient: SVIDSigner, @unchecked Sendable {
             }
         }
         let response = group.next().makePromise(of: (Int, Data).self)
-        let channel = try ClientBootstrap(group: group)
+        let connecting = ClientBootstrap(group: group)
             .connectTimeout(timeout)
             .channelInitializer { ch in
                 ch.eventLoop.makeCompletedFuture {
@@ -121,9 +134,14 @@ public final class IssuerClient: SVIDSigner, @unchecked Sendable {
                     try ch.pipeline.syncOperations.addHandler(ResponseCollector(promise: response))
                 }
             }
-            .connect(host: host, port: port).wait()
+            .connect(host: host, port: port)
+        let channel: Channel
+        do { channel = try connecting.wait() } catch {
+            response.fail(error)   // (a promise must be completed, even unused)
+            throw CAError("cannot reach the issuer at \(host):\(port): \(error)")
+        }
         defer { channel.close(promise: nil) }
-        var head = HTTPRequestHead(version: .http1_1, method: .POST, uri: path)
+        var head = HTTPRequestHead(version: .http1_1, method: method, uri: path)
         head.headers.add(name: "host", value: host)
         head.headers.add(name: "content-type", value: "application/json")
         head.headers.add(name: "content-length", value: "\(body.count)")

@@ -158,6 +158,12 @@ struct StatusCommand: ParsableCommand {
             print("store:      \(st.connected ? "connected" : "UNREACHABLE (enforcing the last known state)"), revision \(st.revision), \(st.peers) other nodes")
             if !st.connected { problems.append("store unreachable: \(st.lastError ?? "?")") }
         }
+        if let i = state.issuer {
+            let ago = i.lastContact.map { "last answer \(Int(-$0.timeIntervalSinceNow)) s ago" } ?? "never answered"
+            print("issuer:     \(i.address) \(i.reachable ? "reachable" : "UNREACHABLE (SVIDs in hand stay in use until they expire)"), \(ago)")
+            if !i.reachable { problems.append("issuer unreachable: \(i.lastError ?? "?")") }
+            for (id, why) in i.refused.sorted(by: { $0.key < $1.key }) { problems.append("issuer refused \(id): \(why)") }
+        }
         if let redirects = state.endpoints.filter({ $0.redirectCgroupID != nil }).map(\.workload) as [String]?, !redirects.isEmpty {
             print("mesh:       redirected to the tunnel: \(redirects.joined(separator: ", "))")
         }

@@ -125,6 +125,23 @@ final class IssuerTests: XCTestCase {
         XCTAssertEqual(issuer.counters["issued/node-renewed"], 1)
     }
 
+    /// With the issuer gone, a probe and a request fail at once (the
+    /// agent's loop waits for them), not at a timeout.
+    func testAnIssuerThatIsGoneFailsFast() throws {
+        let token = try issuer.tokens.create(node: "web-1", ttl: 600)
+        let (store, nodeID, client) = try node("web-1", token: token)
+        XCTAssertEqual(try store.ensure([nodeID], first: nodeID), [nodeID])
+        XCTAssertNoThrow(try client.probe())
+        server.stop()
+        var started = Date()
+        XCTAssertThrowsError(try client.probe())
+        XCTAssertLessThan(Date().timeIntervalSince(started), 1)
+        started = Date()
+        XCTAssertThrowsError(try store.ensure([nodeID], first: nodeID, now: Date().addingTimeInterval(400)))
+        XCTAssertLessThan(Date().timeIntervalSince(started), 1)
+        server = nil
+    }
+
     /// A revoked node gets nothing more: no renewal, no workload SVID, no
     /// join with a fresh token.
     func testRevokedNodeGetsNothing() throws {

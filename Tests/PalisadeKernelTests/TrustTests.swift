@@ -4,47 +4,77 @@ import XCTest
 /// Nodes that hold no signing key: an issuer (`palisade ca serve`) in the
 /// lab signs CSRs; each node joins it with a one-time token.
 extension MeshTests {
-    /// Starts an issuer on node 1's cloud address with `registrations`,
-    /// makes a join token per node; returns each node's `issuer:` block.
-    func startIssuer(_ lab: Lab, registrations: String) throws -> (dir: String, config: (Int) -> String) {
+    /// An issuer process on node 1's cloud address (10.200.0.1:15100).
+    final class IssuerProcess {
+        let lab: Lab
+        let dir: String
+        var process: Process?
+        init(lab: Lab, dir: String) { self.lab = lab; self.dir = dir }
+
+        func start() throws {
+            let log = "\(dir)/issuer-\(Date().timeIntervalSince1970).log"
+            process = try lab.spawn(netns: lab.nodeNetns(1), [Paths.palisade, "ca", "serve", "--state", dir, "--trust-domain", "test.local",
+                                                              "--listen", "10.200.0.1:15100"], log: log)
+            for _ in 0..<100 where !((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").contains("issuer running") { usleep(50_000) }
+        }
+
+        func stop() {
+            guard let p = process, p.isRunning else { return }
+            p.terminate()
+            p.waitUntilExit()
+            process = nil
+        }
+
+        /// Everything the issuer logged, across restarts.
+        var log: String {
+            ((try? FileManager.default.contentsOfDirectory(atPath: dir))?.filter { $0.hasPrefix("issuer-") }.sorted() ?? [])
+                .compactMap { try? String(contentsOfFile: "\(dir)/\($0)", encoding: .utf8) }.joined(separator: "\n")
+        }
+    }
+
+    /// Starts an issuer with `registrations` and makes a join token per
+    /// node; returns it and each node's `issuer:` block.
+    func startIssuer(_ lab: Lab, registrations: String) throws -> (issuer: IssuerProcess, config: (Int) -> String) {
         let dir = NSTemporaryDirectory() + "palisade-issuer-\(lab.prefix)-\(getpid())"
         try? FileManager.default.removeItem(atPath: dir)
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         addTeardownBlock { try? FileManager.default.removeItem(atPath: dir) }
         try registrations.write(toFile: "\(dir)/registrations.yaml", atomically: true, encoding: .utf8)
-        let serve = try lab.spawn(netns: lab.nodeNetns(1), [Paths.palisade, "ca", "serve", "--state", dir, "--trust-domain", "test.local",
-                                                              "--listen", "10.200.0.1:15100"], log: "\(dir)/issuer.log")
-        addTeardownBlock { serve.terminate(); serve.waitUntilExit() }
-        for _ in 0..<100 where !((try? String(contentsOfFile: "\(dir)/issuer.log", encoding: .utf8)) ?? "").contains("issuer running") { usleep(50_000) }
+        let issuer = IssuerProcess(lab: lab, dir: dir)
+        addTeardownBlock { issuer.stop() }
+        try issuer.start()
         let bundle = try sh([Paths.palisade, "ca", "bundle", "--issuer-state", dir]).output
         try bundle.write(toFile: "\(dir)/bundle.pem", atomically: true, encoding: .utf8)
         for node in 1...2 {
             let token = try sh([Paths.palisade, "ca", "join-token", "--state", dir, "--node", "n\(node)", "--ttl", "5m"]).output
             try token.write(toFile: "\(dir)/token-n\(node)", atomically: true, encoding: .utf8)
         }
-        return (dir, { node in
+        return (issuer, { node in
             "issuer: {address: \"10.200.0.1:15100\", bundle: \(dir)/bundle.pem, joinTokenFile: \(dir)/token-n\(node)}"
         })
     }
+
+    static let registrationsAB = """
+        apiVersion: palisade.dev/v1
+        kind: Registrations
+        entries:
+          - nodes: [n1]
+            spiffeIDs: ["spiffe://test.local/ns/default/sa/a"]
+          - nodes: [n2]
+            spiffeIDs: ["spiffe://test.local/ns/default/sa/b"]
+        """
 
     /// No node holds a CA key; cross-node traffic runs on SVIDs the issuer
     /// signed for keys made on the nodes; a node gets no SVID for an
     /// identity the registrations do not give it; the join token is spent.
     func testNodesHoldNoSigningKeyAndGetOnlyTheirIdentities() throws {
-        var issuerDir = ""
+        var issuer: IssuerProcess!
         let m = try setUpMesh("ptrust1", trust: { lab in
-            let (dir, config) = try self.startIssuer(lab, registrations: """
-                apiVersion: palisade.dev/v1
-                kind: Registrations
-                entries:
-                  - nodes: [n1]
-                    spiffeIDs: ["spiffe://test.local/ns/default/sa/a"]
-                  - nodes: [n2]
-                    spiffeIDs: ["spiffe://test.local/ns/default/sa/b"]
-                """)
-            issuerDir = dir
+            let (started, config) = try self.startIssuer(lab, registrations: Self.registrationsAB)
+            issuer = started
             return config
         })
+        let issuerDir = issuer.dir
         var reached = false
         for _ in 0..<50 where !reached { reached = try reach(m, from: "a", "10.102.1.2"); if !reached { usleep(200_000) } }
         XCTAssertTrue(reached, "a -> b across nodes on issuer-signed SVIDs\n\(m.n1.warnings())")
@@ -59,7 +89,7 @@ extension MeshTests {
         XCTAssertTrue(n1Certs.contains("spiffe://test.local/ns/default/sa/a") && n1Certs.contains("spiffe://test.local/palisade/node/n1"), n1Certs)
         XCTAssertFalse(n1Certs.contains("sa/c"), n1Certs)
         XCTAssertTrue(m.n1.warnings().contains("svid refused") && m.n1.warnings().contains("sa/c"), m.n1.warnings())
-        let issuerLog = (try? String(contentsOfFile: "\(issuerDir)/issuer.log", encoding: .utf8)) ?? ""
+        let issuerLog = issuer.log
         XCTAssertTrue(issuerLog.contains("not-entitled") && issuerLog.contains("node n1 asked for spiffe://test.local/ns/default/sa/c"), issuerLog)
         // The tokens were spent: nothing is left in the issuer's token directory.
         XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: "\(issuerDir)/tokens"), [])
@@ -90,15 +120,8 @@ extension MeshTests {
     func setUpNothingShared(_ prefix: String) throws -> NothingShared {
         try requireKernel()
         let lab = try Lab(self, prefix: prefix, meshPods: ["1:a", "2:b"])
-        let (issuerDir, issuer) = try startIssuer(lab, registrations: """
-            apiVersion: palisade.dev/v1
-            kind: Registrations
-            entries:
-              - nodes: [n1]
-                spiffeIDs: ["spiffe://test.local/ns/default/sa/a"]
-              - nodes: [n2]
-                spiffeIDs: ["spiffe://test.local/ns/default/sa/b"]
-            """)
+        let (issuerProcess, issuer) = try startIssuer(lab, registrations: Self.registrationsAB)
+        let issuerDir = issuerProcess.dir
         let port = Int.random(in: 30000...39000)
         let etcd = try MeshStoreTests.startEtcd(lab, dir: "\(issuerDir)/etcd", port: port)
         addTeardownBlock { etcd.terminate(); etcd.waitUntilExit() }
@@ -199,5 +222,47 @@ extension MeshTests {
         XCTAssertFalse(try MeshTests.reach(m, from: "a", "10.102.1.2"), "new connections from the revoked node are refused")
         XCTAssertTrue(m.n2.warnings().contains("tunnel connections from revoked nodes closed"), m.n2.warnings())
         print("held connection cut \(String(format: "%.2f", cut)) s after palisade ca revoke-node")
+    }
+
+    /// The issuer goes down: traffic goes on on the SVIDs in hand, `palisade
+    /// status` says the issuer is unreachable; it comes back: the status
+    /// says so and the renewals that failed meanwhile succeed.
+    func testIssuerDownThenBack() throws {
+        var issuer: IssuerProcess!
+        let m = try setUpMesh("ptrust4", extraConfig: "svidLifetimeSeconds: 40", trust: { lab in
+            let (started, config) = try self.startIssuer(lab, registrations: Self.registrationsAB)
+            issuer = started
+            return config
+        })
+        func status() -> String { (try? m.n1.palisade(["status"], check: false).output) ?? "" }
+        func serial() -> String {
+            let out = (try? m.n1.palisade(["certs", "list", "--output", "json"]).output) ?? "[]"
+            let rows = (try? JSONSerialization.jsonObject(with: Data(out.utf8)) as? [[String: Any]]) ?? []
+            return rows.first { $0["spiffeID"] as? String == "spiffe://test.local/ns/default/sa/a" }?["serial"] as? String ?? ""
+        }
+        var reached = false
+        for _ in 0..<50 where !reached { reached = try reach(m, from: "a", "10.102.1.2"); if !reached { usleep(200_000) } }
+        XCTAssertTrue(reached, m.n1.logTail())
+        XCTAssertTrue(status().contains("issuer:     10.200.0.1:15100 reachable"), status())
+
+        issuer.stop()
+        let down = Date()
+        while !status().contains("UNREACHABLE") && Date().timeIntervalSince(down) < 20 { usleep(500_000) }
+        XCTAssertTrue(status().contains("issuer:     10.200.0.1:15100 UNREACHABLE"), status())
+        XCTAssertTrue(try reach(m, from: "a", "10.102.1.2"), "traffic goes on while the issuer is down")
+        let before = serial()
+
+        try issuer.start()
+        let back = Date()
+        // (Renewal is due at half of the 40 s lifetime, whenever the issuer came back.)
+        var reachableAgain: Double?
+        while (serial() == before || reachableAgain == nil) && Date().timeIntervalSince(back) < 45 {
+            if reachableAgain == nil, status().contains("reachable,") { reachableAgain = Date().timeIntervalSince(back) }
+            usleep(500_000)
+        }
+        XCTAssertTrue(status().contains("issuer:     10.200.0.1:15100 reachable"), status())
+        XCTAssertNotEqual(serial(), before, "renewal resumed once the issuer was back")
+        XCTAssertTrue(try reach(m, from: "a", "10.102.1.2"))
+        print("issuer down: traffic went on; back: reachable in status after \(String(format: "%.1f", reachableAgain ?? -1)) s, SVID renewed after \(String(format: "%.1f", Date().timeIntervalSince(back))) s")
     }
 }
