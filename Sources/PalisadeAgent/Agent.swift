@@ -523,7 +523,7 @@ public final class Agent {
         for w in workloads {
             let id = state.allocator.identity(for: w.spiffeID)
             do {
-                let mode = Datapath.MTLSMode(rawValue: w.mtls) ?? .permissive
+                let mode = w.mtls
                 var record: AgentState.EndpointRecord
                 switch w.attachment {
                 case .pod(let ifname):

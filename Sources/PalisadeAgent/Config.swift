@@ -39,7 +39,7 @@ public struct AgentConfig: Sendable {
     /// The outbound listener port that enrolled workloads' connections to
     /// remote workloads are redirected to (nil: no redirection).
     public var outboundPort: Int? = 15001
-    /// Other nodes' agents, by name (until the distributed store shares them).
+    /// Other nodes' agents, by name, when no store shares them (the store's are added).
     public var nodes: [MeshNode] = []
     /// Workloads running on other nodes, reached through their node's agent.
     public var remoteWorkloads: [RemoteWorkload] = []

@@ -184,7 +184,9 @@ extension Agent {
     /// they are listed. (Nodes behind NAT must advertise the address their
     /// peers see.)
     static func checkSendingNode(_ r: InboundRequest, directory: MeshDirectory) -> InboundDecision? {
-        guard let source = r.sourceAddress.flatMap(IPAddress.init) else { return nil }
+        // (A dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d.)
+        let text = r.sourceAddress.map { $0.hasPrefix("::ffff:") && $0.contains(".") ? String($0.dropFirst(7)) : $0 }
+        guard let source = text.flatMap(IPAddress.init) else { return nil }
         if let nodes = directory.registeredNodeAddresses[r.peer] {
             return nodes.contains(source) ? nil
                 : .refuse(status: 403, reason: "\(r.peer) is not registered on the node this tunnel comes from (\(source))")

@@ -1,4 +1,5 @@
 import Foundation
+import PalisadeDatapath
 import PalisadeIdentity
 import PalisadePolicy
 
@@ -22,7 +23,7 @@ public struct Workload: Codable, Hashable, Sendable {
     public var source: SourceLocation
     /// Mutual TLS mode (strict, permissive, disabled); permissive unless set,
     /// so enrolling a workload does not cut its existing plaintext clients.
-    public var mtls: String = "permissive"
+    public var mtls = Datapath.MTLSMode.permissive
     /// A pod-like workload's cgroup (its container's), whose processes get
     /// the socket redirection to the tunnel. Without it, a pod's connections
     /// to remote workloads are judged by the packet programs only.
@@ -37,7 +38,6 @@ public struct Workload: Codable, Hashable, Sendable {
     }
 
     static let keys: Set<String> = ["name", "spiffeID", "namespace", "namespaceLabels", "labels", "addresses", "interface", "cgroup", "mtls", "ports"]
-    public static let mtlsModes = ["strict", "permissive", "disabled"]
 
     /// Parses workload documents (one or more per file).
     public static func parse(_ text: String, file: String, trustDomain: String) throws -> [Workload] {
@@ -91,8 +91,10 @@ public struct Workload: Codable, Hashable, Sendable {
         w.podCgroup = podCgroup
         w.ports = try m["ports"].map { try PolicyParser.namedPorts($0) } ?? []
         if let v = m["mtls"] {
-            let mode = try v.string()
-            guard mtlsModes.contains(mode) else { throw v.error("expected one of \(mtlsModes.joined(separator: ", ")), got '\(mode)'") }
+            let text = try v.string()
+            guard let mode = Datapath.MTLSMode(rawValue: text) else {
+                throw v.error("expected one of \(Datapath.MTLSMode.allCases.map(\.rawValue).joined(separator: ", ")), got '\(text)'")
+            }
             w.mtls = mode
         }
         return w
@@ -111,7 +113,7 @@ public struct Workload: Codable, Hashable, Sendable {
             if let c = podCgroup { lines.append("cgroup: \(c)") }
         case .cgroup(let p): lines.append("cgroup: \(p)")
         }
-        if mtls != "permissive" { lines.append("mtls: \(mtls)") }
+        if mtls != .permissive { lines.append("mtls: \(mtls.rawValue)") }
         if !ports.isEmpty { lines.append("ports: [\(ports.map { "\"\($0)\"" }.joined(separator: ", "))]") }
         return lines.joined(separator: "\n") + "\n"
     }

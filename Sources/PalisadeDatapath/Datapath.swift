@@ -45,6 +45,7 @@ public final class Datapath {
     /// Loads the programs, reusing maps already pinned under pinRoot (so a
     /// restarted agent adopts the state that kept enforcing while it was down).
     public init(pinRoot: String) throws {
+        guard Reason.coversKernelReasons else { throw BPFError("name", "enum pal_reason (Reason and palisade_shared.h disagree)", errno: EINVAL) }
         self.pinRoot = pinRoot
         try BPFFS.ensure(directory: pinRoot)
         try FileManager.default.createDirectory(atPath: "\(pinRoot)/links", withIntermediateDirectories: true)
@@ -71,7 +72,7 @@ public final class Datapath {
     }
 
     /// Mutual TLS mode of an endpoint, enforced on new inbound flows.
-    public enum MTLSMode: String, Sendable, CaseIterable {
+    public enum MTLSMode: String, Sendable, CaseIterable, Codable {
         /// Plaintext from outside the mesh is dropped in the kernel.
         case strict
         /// Plaintext from outside the mesh is admitted and counted.

@@ -57,8 +57,13 @@ public enum Reason: UInt8, CaseIterable, Sendable, CustomStringConvertible {
     }
 }
 
-// The Swift enum must cover the C enum exactly.
-let _reasonCountCheck: Void = precondition(Reason.allCases.count == Int(PAL_REASON_MAX.rawValue))
+extension Reason {
+    /// These names cover enum pal_reason exactly (the datapath refuses to
+    /// load otherwise: a reason without a name would be misreported).
+    public static var coversKernelReasons: Bool {
+        allCases.count == Int(PAL_REASON_MAX.rawValue) && allCases.enumerated().allSatisfy { Int($0.element.rawValue) == $0.offset }
+    }
+}
 
 extension Direction {
     public init(kernel: UInt8) { self = kernel == UInt8(PAL_DIR_INGRESS.rawValue) ? .ingress : .egress }

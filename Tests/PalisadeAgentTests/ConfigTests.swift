@@ -83,7 +83,7 @@ final class ConfigTests: XCTestCase {
             """)
         let c = try AgentConfig.load(path: ok)
         XCTAssertEqual(c.workloads.first?.podCgroup, "pods/a")
-        XCTAssertEqual(c.workloads.first?.mtls, "strict")
+        XCTAssertEqual(c.workloads.first?.mtls, .strict)
         XCTAssertEqual(c.nodes.first?.trustDomain, "other.org")
         XCTAssertEqual(c.remoteWorkloads.first?.node, "n2")
         XCTAssertEqual(c.nodeSpiffeID.description, "spiffe://palisade.local/palisade/node/n1")

@@ -11,6 +11,14 @@ import XCTest
 final class DatapathProgramTests: XCTestCase {
     static let pass: UInt32 = 0, drop: UInt32 = 2   // TC_ACT_OK, TC_ACT_SHOT
 
+    /// Every kernel verdict reason has its name, in the kernel's order (the
+    /// datapath refuses to load otherwise).
+    func testReasonNamesCoverTheKernelsReasons() {
+        XCTAssertTrue(Reason.coversKernelReasons)
+        XCTAssertEqual(Reason.allCases.count, Int(PAL_REASON_MAX.rawValue))
+        XCTAssertEqual(Set(Reason.allCases.map(\.description)).count, Reason.allCases.count, "names are distinct")
+    }
+
     /// Ethernet + IPv4 (+ TCP unless `l4` is given).
     static func packet(from src: [UInt8], _ sport: UInt16, to dst: [UInt8], _ dport: UInt16, flags: UInt8 = 0x02,
                        fragmentOffset: UInt16 = 0, ihl: UInt8 = 5, l4: [UInt8]? = nil) -> [UInt8] {

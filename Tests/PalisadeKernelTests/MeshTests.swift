@@ -153,7 +153,7 @@ final class MeshTests: XCTestCase {
         XCTAssertTrue(back, "the tunnel reconnects once the peer agent is back")
     }
 
-    /// Issue 4: SVIDs rotate at half-life under a long-lived connection and
+    /// SVIDs rotate at half-life under a long-lived connection and
     /// a stream of new ones; nothing is dropped, and new connections present
     /// the new certificate.
     func testRotationDuringALongLivedStreamDropsNothing() throws {
@@ -219,7 +219,7 @@ extension MeshTests {
     }
 }
 
-/// Issue 8 in the lab: the two agents share nothing but an etcd (run in
+/// The two agents share nothing but an etcd (run in
 /// node 1's namespace, reached over the cloud network): they publish
 /// themselves and their workloads there and learn each other's.
 final class MeshStoreTests: XCTestCase {
@@ -364,7 +364,7 @@ final class MeshStoreTests: XCTestCase {
     }
 }
 
-/// Issue 8: a global service (virtual IP) with endpoints on both nodes.
+/// A global service (virtual IP) with endpoints on both nodes.
 /// The caller's agent prefers the endpoint on its own node, fails over to
 /// the other node when that one stops answering (no failed connection),
 /// and comes back once it recovers.
@@ -434,7 +434,7 @@ final class GlobalServiceTests: XCTestCase {
     }
 }
 
-/// Issue 8's lab: two clouds with two nodes each, one etcd, each cloud its
+/// Two clouds with two nodes each, one etcd, each cloud its
 /// own trust domain, federated through the store. Written once into etcd: a
 /// global service with an endpoint in each cloud and a policy.
 final class MultiCloudTests: XCTestCase {
@@ -539,7 +539,7 @@ final class MultiCloudTests: XCTestCase {
     }
 }
 
-/// Issue 6 on the tunnel's receiving side: b has L7 rules, so requests to
+/// L7 rules on the tunnel's receiving side: b has L7 rules, so requests to
 /// it are judged one by one by the in-agent HTTP proxy.
 extension MeshTests {
     func testHTTPRulesJudgeEachRequest() throws {
@@ -620,7 +620,7 @@ extension MeshTests {
     }
 }
 
-/// Issue 6, HTTP/2: a caller speaking cleartext HTTP/2 (prior knowledge) to
+/// L7 rules over HTTP/2: a caller speaking cleartext HTTP/2 (prior knowledge) to
 /// b through the tunnel; every multiplexed stream is judged on its own.
 extension MeshTests {
     func testHTTP2StreamsAreJudgedOneByOne() throws {
@@ -689,7 +689,7 @@ extension MeshTests {
     }
 }
 
-/// Issue 6: bodies of any size stream through the L7 proxy in bounded
+/// Bodies of any size stream through the L7 proxy in bounded
 /// memory: 1 GiB up (HTTP/1.1 PUT) and 1 GiB down (HTTP/2), while both
 /// agents' resident memory is sampled.
 extension MeshTests {
@@ -794,7 +794,7 @@ final class Peak: @unchecked Sendable {
     func record(_ v: [Int]) { lock.withLock { _values = zip(_values, v).map { max($0, $1) } } }
 }
 
-/// Issue 6 on one node: a caller and a destination on the same node; the
+/// L7 rules on one node: a caller and a destination on the same node; the
 /// destination's port has HTTP rules, so the kernel sends the caller to its
 /// own agent's proxy, and a connection that skips the proxy is refused.
 extension MeshTests {

@@ -2,7 +2,7 @@ import XCTest
 import PalisadeIdentity
 @testable import PalisadePolicy
 
-/// L7 rules (issue 6, the pure part): matching, deny wins, default deny,
+/// L7 rules (the pure part): matching, deny wins, default deny,
 /// safe paths, precise errors.
 final class HTTPRulesTests: XCTestCase {
     let billing = """
