@@ -55,6 +55,8 @@ public final class Agent {
     /// `palisade status`, and a root it adds reaches the node).
     var nextIssuerProbe = Date.distantPast
     static let issuerProbeInterval: TimeInterval = 10
+    /// The issuer's signing generation last seen.
+    var issuerGeneration: Int?
     var lastSVIDs = Set<SpiffeID>()
     var listener: MTLSListener?
     var outbound: OutboundProxy?
@@ -92,15 +94,21 @@ public final class Agent {
         }
         state = AgentState.load(config.stateFile) ?? AgentState()
         if let issuer = config.issuer {
+            // The bundle last learned from the issuer (kept through root
+            // rotations) wins over the one the operator first gave.
+            let learned = "\(config.stateDir)/issuer-bundle.pem"
+            let bundleFile = FileManager.default.fileExists(atPath: learned) ? learned : issuer.bundleFile
             let bundle: [Certificate]
             do {
-                bundle = try PEMDocument.parseMultiple(pemString: String(contentsOfFile: issuer.bundleFile, encoding: .utf8)).map { try Certificate(pemDocument: $0) }
-            } catch { throw CAError("issuer bundle \(issuer.bundleFile): \(error)") }
+                bundle = try PEMDocument.parseMultiple(pemString: String(contentsOfFile: bundleFile, encoding: .utf8)).map { try Certificate(pemDocument: $0) }
+            } catch { throw CAError("issuer bundle \(bundleFile): \(error)") }
             guard !bundle.isEmpty else { throw CAError("issuer bundle \(issuer.bundleFile) holds no certificate") }
             let nodeID = config.nodeSpiffeID, svidDir = config.svidDir, tokenFile = issuer.joinTokenFile
-            signer = IssuerClient(host: issuer.host, port: issuer.port, nodeID: nodeID, bundle: bundle,
-                                  credentials: { SVIDStore.credentials(nodeID, directory: svidDir) },
-                                  joinToken: { tokenFile.flatMap { try? String(contentsOfFile: $0, encoding: .utf8) }?.trimmingCharacters(in: .whitespacesAndNewlines) })
+            let client = IssuerClient(host: issuer.host, port: issuer.port, nodeID: nodeID, bundle: bundle,
+                                      credentials: { SVIDStore.credentials(nodeID, directory: svidDir) },
+                                      joinToken: { tokenFile.flatMap { try? String(contentsOfFile: $0, encoding: .utf8) }?.trimmingCharacters(in: .whitespacesAndNewlines) })
+            client.onBundleChange = { pem in try? pem.write(toFile: learned, atomically: true, encoding: .utf8) }
+            signer = client
         } else {
             signer = try CertificateAuthority.loadOrCreate(directory: config.caDir, trustDomain: config.trustDomain)
         }
@@ -238,9 +246,20 @@ public final class Agent {
         guard let client = signer as? IssuerClient, Date() >= nextIssuerProbe else { return }
         nextIssuerProbe = Date().addingTimeInterval(Self.issuerProbeInterval)
         do {
-            try client.probe()
+            let generation = try client.probe()
             // Back: what failed meanwhile is tried again now.
             if state.issuer?.reachable == false { nextIssuance = .distantPast; issuanceBackoff = 1 }
+            // A root the issuer added (rotation) is trusted from now on.
+            refreshTrust()
+            // The issuer signs with a new key: every SVID is re-issued now,
+            // not at half-life, so the old root can be retired.
+            if let seen = issuerGeneration, seen != generation {
+                log.info("issuer switched its signing key; re-issuing every SVID", metadata: ["generation": "\(generation)"])
+                svids.renewAll()
+                nextIssuance = .distantPast
+                issuanceBackoff = 1
+            }
+            issuerGeneration = generation
             recordIssuer(error: nil)
         } catch {
             recordIssuer(error: "\(error)")

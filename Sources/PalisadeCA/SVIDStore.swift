@@ -25,6 +25,9 @@ public final class SVIDStore: @unchecked Sendable {
     private var cache: [SpiffeID: SVIDInfo] = [:]
     /// Requests the signer refused in the last `ensure`, and why.
     public private(set) var refused: [SpiffeID: String] = [:]
+    /// Every SVID is re-issued at the next `ensure` (the signing key changed).
+    private var renewEverything = false
+    public func renewAll() { renewEverything = true }
 
     public init(directory: String, signer: SVIDSigner, lifetime: TimeInterval) throws {
         self.directory = directory
@@ -61,7 +64,7 @@ public final class SVIDStore: @unchecked Sendable {
     public func ensure(_ ids: Set<SpiffeID>, first: SpiffeID? = nil, now: Date = Date()) throws -> [SpiffeID] {
         var due: [SpiffeID] = []
         for id in ids.sorted() {
-            if let known = cache[id] ?? load(id), now < known.rotateAt {
+            if !renewEverything, let known = cache[id] ?? load(id), now < known.rotateAt {
                 cache[id] = known
                 continue
             }
@@ -74,6 +77,7 @@ public final class SVIDStore: @unchecked Sendable {
             issued += try issue([first], now: now)
         }
         if !due.isEmpty { issued += try issue(due, now: now) }
+        renewEverything = false
         // Identities no longer on this node lose their SVIDs.
         for (id, info) in cache where !ids.contains(id) {
             unlink(info.certificateFile); unlink(info.keyFile)

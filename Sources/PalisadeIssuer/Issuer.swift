@@ -11,7 +11,25 @@ import X509
 /// operator's registrations allow for that node and, when the issuer reads
 /// the store, those registered under that node there.
 public final class Issuer: Sendable {
-    public let ca: CertificateAuthority
+    /// The signing CA, the roots nodes must trust, and the signing
+    /// generation (it changes when a rotation switches the signing key:
+    /// nodes then re-issue every SVID).
+    public struct Authorities: Sendable {
+        public var signing: CertificateAuthority
+        public var trusted: [CertificateAuthority]
+        public var generation: Int
+        public init(signing: CertificateAuthority, trusted: [CertificateAuthority], generation: Int) {
+            self.signing = signing; self.trusted = trusted; self.generation = generation
+        }
+    }
+    private let authorities: NIOLockedValueBox<Authorities>
+    public var ca: CertificateAuthority { authorities.withLockedValue { $0.signing } }
+    public var current: Authorities {
+        get { authorities.withLockedValue { $0 } }
+        set { authorities.withLockedValue { $0 = newValue } }
+    }
+    /// Every root nodes must trust now (two during a rotation).
+    public var bundle: [Certificate] { authorities.withLockedValue { $0.trusted.flatMap(\.bundle) } }
     public let tokens: JoinTokens
     public let nodeLifetime: TimeInterval
     public let svidLifetime: TimeInterval
@@ -26,7 +44,8 @@ public final class Issuer: Sendable {
     public init(ca: CertificateAuthority, tokens: JoinTokens, registrations: Registrations, nodeLifetime: TimeInterval = 86400,
                 svidLifetime: TimeInterval = 3600, registered: (@Sendable (String) -> Set<SpiffeID>?)? = nil,
                 log: @escaping @Sendable (String) -> Void = { _ in }) {
-        self.ca = ca; self.tokens = tokens; self.nodeLifetime = nodeLifetime; self.svidLifetime = svidLifetime
+        authorities = NIOLockedValueBox(Authorities(signing: ca, trusted: [ca], generation: 0))
+        self.tokens = tokens; self.nodeLifetime = nodeLifetime; self.svidLifetime = svidLifetime
         rules = NIOLockedValueBox(registrations)
         self.registered = registered; self.log = log
     }
@@ -115,12 +134,55 @@ public final class Issuer: Sendable {
 
     private func issue(_ id: SpiffeID, _ csr: CertificateSigningRequest, lifetime: TimeInterval, now: Date, kind: String) -> Result<[Certificate], CAError> {
         do {
-            let cert = try ca.issue(id, publicKey: csr.publicKey, lifetime: lifetime, now: now)
+            let signing = ca
+            let cert = try signing.issue(id, publicKey: csr.publicKey, lifetime: lifetime, now: now)
             count("issued/\(kind)")
-            return .success([cert] + ca.intermediates)
+            if kind.hasPrefix("node"), let name = nodeName(id) {
+                updateReport(name) { $0.nodeSVIDSignedBy = signing.certificate.serialNumber.description }
+            }
+            return .success([cert] + signing.intermediates)
         } catch {
             return refuse("svid", "signing-failed", "\(id): \(error)")
         }
+    }
+
+    /// What each node last told the issuer (its probe): the roots it
+    /// trusts, when, and which CA signed its node SVID (for `ca status`
+    /// and a rotation's preconditions). Written to `reportFile` on change.
+    public struct NodeReport: Codable, Sendable, Equatable {
+        public var trusts: [String] = []
+        public var lastSeen: Date?
+        public var nodeSVIDSignedBy: String?
+    }
+    private let reports = NIOLockedValueBox<[String: NodeReport]>([:])
+    private let reportPath = NIOLockedValueBox<String?>(nil)
+    public var reportFile: String? {
+        get { reportPath.withLockedValue { $0 } }
+        set { reportPath.withLockedValue { $0 = newValue } }
+    }
+    public var nodeReports: [String: NodeReport] { reports.withLockedValue { $0 } }
+
+    /// A node's probe: the serials of the roots it trusts.
+    public func report(node: SpiffeID, trusts: [String], now: Date = Date()) {
+        guard let name = nodeName(node) else { return }
+        updateReport(name) { $0.trusts = trusts.sorted(); $0.lastSeen = now }
+    }
+
+    private func updateReport(_ name: String, _ change: (inout NodeReport) -> Void) {
+        let (snapshot, changed): ([String: NodeReport], Bool) = reports.withLockedValue { r in
+            var entry = r[name] ?? NodeReport()
+            let before = entry
+            change(&entry)
+            r[name] = entry
+            // (lastSeen alone is written at most once a minute.)
+            let seenStale = entry.lastSeen.map { new in before.lastSeen.map { new.timeIntervalSince($0) > 60 } ?? true } ?? false
+            return (r, before.trusts != entry.trusts || before.nodeSVIDSignedBy != entry.nodeSVIDSignedBy || (entry.lastSeen != nil && seenStale))
+        }
+        guard changed, let reportFile else { return }
+        let enc = JSONEncoder()
+        enc.dateEncodingStrategy = .iso8601
+        enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+        try? enc.encode(snapshot).write(to: URL(fileURLWithPath: reportFile), options: .atomic)
     }
 
     private func refuse<T>(_ what: String, _ reason: String, _ message: String) -> Result<T, CAError> {

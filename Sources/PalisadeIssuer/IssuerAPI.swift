@@ -11,7 +11,11 @@ enum IssuerAPI {
     struct SignRequest: Codable { var csrs: [String]; var lifetimeSeconds: Double }
     struct SignResult: Codable { var spiffeID: String?; var chain: String?; var error: String? }
     struct SignResponse: Codable { var results: [SignResult]; var bundle: String }
-    struct BundleResponse: Codable { var bundle: String }
+    /// `generation` changes when the issuer switches its signing key (a
+    /// root rotation): a node re-issues every SVID when it sees a new one.
+    struct BundleResponse: Codable { var bundle: String; var generation: Int? }
+    /// A node's probe says which roots it trusts (serials, comma-separated).
+    static let trustsHeader = "x-palisade-trusts"
     struct ErrorResponse: Codable { var error: String }
 
     /// The SPIFFE ID the issuer's own TLS certificate carries.

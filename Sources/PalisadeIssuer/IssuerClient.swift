@@ -25,6 +25,10 @@ public final class IssuerClient: SVIDSigner, @unchecked Sendable {
     private let roots: NIOLockedValueBox<[Certificate]>
     let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
     public var timeout: TimeAmount = .seconds(10)
+    /// Called with the bundle (PEM) when the issuer's changes it, to keep
+    /// it across restarts: a node that restarts after a rotation finished
+    /// must still recognise the issuer.
+    public var onBundleChange: (@Sendable (String) -> Void)?
 
     public init(host: String, port: Int, nodeID: SpiffeID, bundle: [Certificate],
                 credentials: @escaping @Sendable () -> (chain: String, key: String)?, joinToken: @escaping @Sendable () -> String?) {
@@ -73,14 +77,19 @@ public final class IssuerClient: SVIDSigner, @unchecked Sendable {
     }
 
     /// Asks the issuer for its bundle (a liveness check that also brings a
-    /// new root the issuer added): throws when it cannot be reached.
-    public func probe() throws {
+    /// new root the issuer added), telling it which roots this node trusts;
+    /// returns the issuer's signing generation. Throws when it cannot be reached.
+    @discardableResult
+    public func probe() throws -> Int {
         // A short deadline: the agent's loop waits for this answer.
-        let (status, data) = try request("/v1/bundle", body: Data(), credentials: nil, method: .GET, timeout: .seconds(2))
+        let trusts = bundle.map { $0.serialNumber.description }.joined(separator: ",")
+        let (status, data) = try request("/v1/bundle", body: Data(), credentials: credentials(), method: .GET, timeout: .seconds(2),
+                                         headers: [(IssuerAPI.trustsHeader, trusts)])
         guard status == 200, let r = try? JSONDecoder().decode(IssuerAPI.BundleResponse.self, from: data) else {
             throw CAError("the issuer answered \(status) to /v1/bundle")
         }
         try updateBundle(r.bundle)
+        return r.generation ?? 0
     }
 
     static func certificates(_ pem: String) throws -> [Certificate] {
@@ -89,16 +98,19 @@ public final class IssuerClient: SVIDSigner, @unchecked Sendable {
 
     /// The issuer's bundle is taken only if it still holds a root this node
     /// already trusts (a new root arrives beside the old one, never alone).
-    private func updateBundle(_ pem: String) throws {
+    func updateBundle(_ pem: String) throws {
         let served = try Self.certificates(pem)
-        roots.withLockedValue { current in
-            if !served.isEmpty, served.contains(where: { current.contains($0) }) { current = served }
+        let changed = roots.withLockedValue { current -> Bool in
+            guard !served.isEmpty, served.contains(where: { current.contains($0) }), served != current else { return false }
+            current = served
+            return true
         }
+        if changed { onBundleChange?(pem) }
     }
 
     /// One HTTPS request to the issuer; blocks the caller (never an event loop).
     func request(_ path: String, body: Data, credentials: (chain: String, key: String)?, method: HTTPMethod = .POST,
-                 timeout: TimeAmount? = nil) throws -> (Int, Data) {
+                 timeout: TimeAmount? = nil, headers extra: [(String, String)] = []) throws -> (Int, Data) {
         let timeout = timeout ?? self.timeout
         var tls = TLSConfiguration.makeClientConfiguration()
         tls.minimumTLSVersion = .tlsv13
@@ -145,6 +157,7 @@ public final class IssuerClient: SVIDSigner, @unchecked Sendable {
         head.headers.add(name: "host", value: host)
         head.headers.add(name: "content-type", value: "application/json")
         head.headers.add(name: "content-length", value: "\(body.count)")
+        for (name, value) in extra { head.headers.add(name: name, value: value) }
         channel.write(HTTPClientRequestPart.head(head), promise: nil)
         channel.write(HTTPClientRequestPart.body(.byteBuffer(ByteBuffer(bytes: body))), promise: nil)
         channel.writeAndFlush(HTTPClientRequestPart.end(nil), promise: nil)

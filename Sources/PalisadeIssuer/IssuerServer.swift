@@ -29,7 +29,6 @@ public final class IssuerServer: @unchecked Sendable {
     public init(issuer: Issuer, host: String, port: Int) throws {
         self.issuer = issuer
         context = NIOLockedValueBox(try Self.makeContext(issuer))
-        let verifier = SPIFFEVerifier(bundles: [issuer.ca.trustDomain: issuer.ca.bundle])
         let me = UnownedBox(self)
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
@@ -39,7 +38,9 @@ public final class IssuerServer: @unchecked Sendable {
                 let limits = server.limits
                 if server.pending.admit(source, limits) != nil { return channel.close() }
                 let peer = PeerBox()
-                // A presented client certificate must be an SVID of this trust domain.
+                // A presented client certificate must be an SVID of this trust
+                // domain (either root during a rotation).
+                let verifier = SPIFFEVerifier(bundles: [server.issuer.ca.trustDomain: server.issuer.bundle])
                 let verify: NIOSSLCustomVerificationCallbackWithMetadata = { certs, promise in
                     Task {
                         let parsed = certs.compactMap { try? Certificate(derEncoded: $0.toDERBytes()) }
@@ -64,9 +65,15 @@ public final class IssuerServer: @unchecked Sendable {
         // The issuer's own certificate is renewed at half its lifetime.
         group.next().scheduleRepeatedTask(initialDelay: .seconds(Int64(Self.certificateLifetime / 2)),
                                           delay: .seconds(Int64(Self.certificateLifetime / 2))) { [weak self] _ in
-            guard let self else { return }
-            if let ctx = try? Self.makeContext(self.issuer) { self.context.withLockedValue { $0 = ctx } }
+            try? self?.reloadContext()
         }
+    }
+
+    /// A new certificate from the current signing CA and the current roots
+    /// (after a rotation step); new connections use it at once.
+    public func reloadContext() throws {
+        let ctx = try Self.makeContext(issuer)
+        context.withLockedValue { $0 = ctx }
     }
 
     static func makeContext(_ issuer: Issuer) throws -> NIOSSLContext {
@@ -81,7 +88,7 @@ public final class IssuerServer: @unchecked Sendable {
         tls.minimumTLSVersion = .tlsv13
         tls.maximumTLSVersion = .tlsv13
         tls.certificateVerification = .optionalVerification
-        tls.trustRoots = .certificates(try issuer.ca.bundle.map { try NIOSSLCertificate(bytes: $0.serializeAsPEM().derBytes, format: .der) })
+        tls.trustRoots = .certificates(try issuer.bundle.map { try NIOSSLCertificate(bytes: $0.serializeAsPEM().derBytes, format: .der) })
         return try NIOSSLContext(configuration: tls)
     }
 
@@ -134,13 +141,16 @@ final class IssuerHandler: ChannelInboundHandler, @unchecked Sendable {
     static func error(_ message: String) -> [UInt8] { Array((try? JSONEncoder().encode(IssuerAPI.ErrorResponse(error: message))) ?? Data()) }
     static func json<T: Encodable>(_ value: T) -> [UInt8] { Array((try? JSONEncoder().encode(value)) ?? Data()) }
 
-    private var bundlePEM: String { issuer.ca.bundle.compactMap { try? $0.serializeAsPEM().pemString }.joined(separator: "\n") }
+    private var bundlePEM: String { issuer.bundle.compactMap { try? $0.serializeAsPEM().pemString }.joined(separator: "\n") }
 
     private func answer(_ h: HTTPRequestHead) -> (HTTPResponseStatus, [UInt8]) {
         let data = Data(body.readableBytesView)
         switch (h.method, h.uri) {
         case (.GET, "/v1/bundle"):
-            return (.ok, Self.json(IssuerAPI.BundleResponse(bundle: bundlePEM)))
+            if let node = peer.id.withLockedValue({ $0 }), let trusts = h.headers.first(name: IssuerAPI.trustsHeader) {
+                issuer.report(node: node, trusts: trusts.split(separator: ",").map(String.init))
+            }
+            return (.ok, Self.json(IssuerAPI.BundleResponse(bundle: bundlePEM, generation: issuer.current.generation)))
         case (.POST, "/v1/join"):
             guard let r = try? JSONDecoder().decode(IssuerAPI.JoinRequest.self, from: data),
                   let csr = try? CertificateSigningRequest(pemEncoded: r.csr) else { return (.badRequest, Self.error("expected {token, csr (PEM)}")) }

@@ -45,7 +45,7 @@ struct CertsCommand: AsyncParsableCommand {
 
 struct CACommand: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "ca", abstract: "The trust domain's certificate authority.",
-                                                    subcommands: [Bundle.self, CAServe.self, CAJoinToken.self, CARevokeNode.self])
+                                                    subcommands: [Bundle.self, CAServe.self, CAJoinToken.self, CARevokeNode.self, CARotate.self, CAStatus.self])
 
     struct Bundle: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Print the trust bundle (PEM): for nodes joining an issuer, and for federated trust domains.")

@@ -6,6 +6,7 @@ import PalisadeCA
 import PalisadeIdentity
 import PalisadeIssuer
 import PalisadeStore
+import X509
 
 /// `palisade ca serve`: the trust domain's issuer, the only process that
 /// holds its signing key. Nodes configured with `issuer:` join it with a
@@ -26,11 +27,14 @@ struct CAServe: ParsableCommand {
         }
         let host = String(listen[..<colon]).trimmingCharacters(in: CharacterSet(charactersIn: "[]"))
         try FileManager.default.createDirectory(atPath: state, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
-        let ca = try CertificateAuthority.loadOrCreate(directory: "\(state)/ca", trustDomain: trustDomain)
+        let authorities = try Rotation.authorities(state: state, trustDomain: trustDomain)
+        let ca = authorities.signing
         let rulesFile = "\(state)/registrations.yaml"
         let issuer = Issuer(ca: ca, tokens: try JoinTokens(directory: "\(state)/tokens"), registrations: try Self.registrations(rulesFile),
                             nodeLifetime: TimeInterval(nodeLifetime), svidLifetime: TimeInterval(svidLifetime),
                             log: { log.warning("\($0)") })
+        issuer.current = authorities
+        issuer.reportFile = "\(state)/nodes.json"
         let revokedFile = "\(state)/revoked.json"
         issuer.revoked = RevokedNodes.load(revokedFile)
         let server = try IssuerServer(issuer: issuer, host: host, port: port)
@@ -42,8 +46,23 @@ struct CAServe: ParsableCommand {
         // The registrations file is read again when it changes; a file with
         // an error leaves the previous rules in force.
         var seen = Self.stamp(rulesFile), seenRevoked = Self.stamp(revokedFile)
+        let rotationStamp = { Self.stamp("\(state)/rotation.json") + Self.stamp("\(state)/ca/ca.pem") }
+        var seenRotation = rotationStamp()
         while stopRequested == 0 {
             usleep(500_000)
+            let rotationNow = rotationStamp()
+            if rotationNow != seenRotation {
+                seenRotation = rotationNow
+                do {
+                    issuer.current = try Rotation.authorities(state: state, trustDomain: trustDomain)
+                    try server.reloadContext()
+                    let r = Rotation.load(state)
+                    log.warning("root rotation", metadata: ["phase": "\(r.phase.rawValue)", "generation": "\(r.generation)",
+                                                            "signing-root": "\(issuer.ca.certificate.serialNumber)"])
+                } catch {
+                    log.error("rotation state refused; signing as before", metadata: ["error": "\(error)"])
+                }
+            }
             let revokedNow = Self.stamp(revokedFile)
             if revokedNow != seenRevoked {
                 seenRevoked = revokedNow
@@ -148,5 +167,94 @@ struct CARevokeNode: ParsableCommand {
             return "store: \(prefix)revoked/\(name) written (tunnel address \(address ?? "unknown")), its etcd user and \(workloads.count + (record == nil ? 0 : 1)) records removed"
         }
         print(summary)
+    }
+}
+
+/// `palisade ca rotate prepare|switch|finish|abort`: a root rotation that
+/// drops nothing. prepare makes the new root and publishes both; switch
+/// (once every node trusts both) signs with the new one, and every node
+/// re-issues its SVIDs within its probe interval; finish (once every node's
+/// SVID comes from the new root) retires the old root. abort steps back.
+struct CARotate: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "rotate", abstract: "Rotate the trust domain's root, one checked step at a time.")
+    enum Step: String, ExpressibleByArgument { case prepare, `switch`, finish, abort }
+    @Option(help: "The issuer's state directory.") var state = "/var/lib/palisade-issuer"
+    @Argument(help: "prepare, switch, finish or abort.") var step: Step
+    @Flag(help: "Skip the check that every node is ready.") var force = false
+
+    func run() throws {
+        var r = Rotation.load(state)
+        guard let current = Rotation.serial("\(state)/ca") else { throw CLIError("no issuer at \(state)") }
+        let reports = Rotation.reports(state).filter { ($0.value.lastSeen?.timeIntervalSinceNow ?? -.infinity) > -600 }
+        switch step {
+        case .prepare:
+            guard r.phase == .idle else { throw CLIError("a rotation is already \(r.phase.rawValue)") }
+            guard let pem = try? String(contentsOfFile: "\(state)/ca/ca.pem", encoding: .utf8), let root = try? Certificate(pemEncoded: pem),
+                  let td = (try? root.extensions.subjectAlternativeNames).flatMap({ $0 })?.compactMap({ n -> String? in
+                      if case .uniformResourceIdentifier(let u) = n { return u } else { return nil } }).first?.dropFirst("spiffe://".count) else {
+                throw CLIError("cannot read the trust domain from \(state)/ca/ca.pem")
+            }
+            try? FileManager.default.removeItem(atPath: "\(state)/ca-next")
+            _ = try CertificateAuthority.loadOrCreate(directory: "\(state)/ca-next", trustDomain: String(td))
+            r.phase = .prepared
+            try r.save(state)
+            print("prepared: new root \(Rotation.serial("\(state)/ca-next") ?? "?") published beside \(current); next: palisade ca rotate switch")
+        case .switch:
+            guard r.phase == .prepared, let next = Rotation.serial("\(state)/ca-next") else { throw CLIError("prepare first (phase is \(r.phase.rawValue))") }
+            let waiting = reports.filter { !$0.value.trusts.contains(next) }.keys.sorted()
+            guard force || (!reports.isEmpty && waiting.isEmpty) else {
+                throw CLIError("not every node trusts the new root yet: \(reports.isEmpty ? "no node reported" : waiting.joined(separator: ", ")) (they learn it within 10 s; --force skips this)")
+            }
+            r.phase = .switched
+            r.generation += 1
+            try r.save(state)
+            print("switched: signing with \(next); every node re-issues its SVIDs; next: palisade ca rotate finish")
+        case .finish:
+            guard r.phase == .switched, let next = Rotation.serial("\(state)/ca-next") else { throw CLIError("switch first (phase is \(r.phase.rawValue))") }
+            let waiting = reports.filter { $0.value.nodeSVIDSignedBy != next }.keys.sorted()
+            guard force || waiting.isEmpty else {
+                throw CLIError("these nodes still hold SVIDs of the old root: \(waiting.joined(separator: ", ")) (--force skips this)")
+            }
+            let retired = "\(state)/ca-retired-\(Int(Date().timeIntervalSince1970))"
+            try FileManager.default.moveItem(atPath: "\(state)/ca", toPath: retired)
+            try FileManager.default.moveItem(atPath: "\(state)/ca-next", toPath: "\(state)/ca")
+            r.phase = .idle
+            try r.save(state)
+            print("finished: \(next) is the root; the old one is kept in \(retired)")
+        case .abort:
+            switch r.phase {
+            case .idle: throw CLIError("no rotation to abort")
+            case .prepared:
+                try? FileManager.default.removeItem(atPath: "\(state)/ca-next")
+                r.phase = .idle
+                try r.save(state)
+                print("aborted: the new root is withdrawn")
+            case .switched:
+                r.phase = .prepared
+                r.generation += 1
+                try r.save(state)
+                print("rolled back: signing with \(current) again, every node re-issues; abort again to withdraw the new root")
+            }
+        }
+    }
+}
+
+/// `palisade ca status`: the rotation's phase and, per node, the roots it
+/// trusts and which one signed its node SVID.
+struct CAStatus: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "status", abstract: "The issuer's roots, rotation phase and nodes.")
+    @Option(help: "The issuer's state directory.") var state = "/var/lib/palisade-issuer"
+
+    func run() throws {
+        let r = Rotation.load(state)
+        guard let current = Rotation.serial("\(state)/ca") else { throw CLIError("no issuer at \(state)") }
+        let next = r.phase == .idle ? nil : Rotation.serial("\(state)/ca-next")
+        print("phase:      \(r.phase.rawValue) (generation \(r.generation))")
+        print("root:       \(current)\(r.phase == .switched ? "" : " (signing)")")
+        if let next { print("new root:   \(next)\(r.phase == .switched ? " (signing)" : "")") }
+        let name = { (serial: String?) -> String in serial == current ? "root" : serial == next ? "new root" : serial == nil ? "-" : "other" }
+        printTable(["NODE", "LAST SEEN", "TRUSTS", "NODE SVID FROM"], Rotation.reports(state).sorted { $0.key < $1.key }.map { node, rep in
+            [node, rep.lastSeen.map { "\(Int(-$0.timeIntervalSinceNow)) s ago" } ?? "-", rep.trusts.map(name).joined(separator: "+"), name(rep.nodeSVIDSignedBy)]
+        })
     }
 }

@@ -142,6 +142,42 @@ final class IssuerTests: XCTestCase {
         server = nil
     }
 
+    /// A rotation seen from a node: the probe brings both roots and the
+    /// new signing generation; after the switch, SVIDs come from the new
+    /// root; a bundle with no root the node trusts is never taken.
+    func testRotationReachesTheNodeThroughItsProbe() throws {
+        let token = try issuer.tokens.create(node: "web-1", ttl: 600)
+        let (store, nodeID, client) = try node("web-1", token: token)
+        XCTAssertEqual(try store.ensure([nodeID], first: nodeID), [nodeID])
+        XCTAssertEqual(try client.probe(), 0)
+        let old = issuer.ca
+        let next = try CertificateAuthority.loadOrCreate(directory: "\(dir!)/issuer/ca-next", trustDomain: "shop.test")
+        issuer.current = .init(signing: old, trusted: [old, next], generation: 0)
+        try server.reloadContext()
+        XCTAssertEqual(try client.probe(), 0)
+        XCTAssertEqual(Set(client.bundle), [old.certificate, next.certificate], "the node trusts both")
+        XCTAssertEqual(try client.probe(), 0)
+        XCTAssertEqual(issuer.nodeReports["web-1"]?.trusts.count, 2, "and says so at its next probe")
+        issuer.current = .init(signing: next, trusted: [old, next], generation: 1)
+        try server.reloadContext()
+        XCTAssertEqual(try client.probe(), 1, "the new generation tells the node to re-issue")
+        store.renewAll()
+        XCTAssertEqual(try store.ensure([nodeID], first: nodeID), [nodeID])
+        let chain = try IssuerClient.certificates(try String(contentsOfFile: XCTUnwrap(store.cached(nodeID)).certificateFile, encoding: .utf8))
+        XCTAssertEqual(chain.first?.issuer, next.certificate.subject)
+        XCTAssertEqual(issuer.nodeReports["web-1"]?.nodeSVIDSignedBy, next.certificate.serialNumber.description)
+        // The old root retired: the node takes the bundle (it trusts the new root).
+        issuer.current = .init(signing: next, trusted: [next], generation: 1)
+        try server.reloadContext()
+        XCTAssertEqual(try client.probe(), 1)
+        XCTAssertEqual(client.bundle, [next.certificate])
+        // A bundle sharing no root with the node's is refused.
+        let stranger = try CertificateAuthority.loadOrCreate(directory: "\(dir!)/stranger", trustDomain: "shop.test")
+        issuer.current = .init(signing: next, trusted: [next], generation: 1)
+        XCTAssertNoThrow(try client.updateBundle(stranger.bundlePEM))
+        XCTAssertEqual(client.bundle, [next.certificate])
+    }
+
     /// A revoked node gets nothing more: no renewal, no workload SVID, no
     /// join with a fresh token.
     func testRevokedNodeGetsNothing() throws {

@@ -54,6 +54,18 @@ extension MeshTests {
         })
     }
 
+    /// The two-node mesh (a, c on n1; b on n2) with an issuer that gives
+    /// n1 the identity a and n2 the identity b (not c).
+    func setUpMeshWithIssuer(_ prefix: String, extraConfig: String = "") throws -> (Mesh, IssuerProcess) {
+        var issuer: IssuerProcess!
+        let m = try setUpMesh(prefix, extraConfig: extraConfig, trust: { lab in
+            let (started, config) = try self.startIssuer(lab, registrations: Self.registrationsAB)
+            issuer = started
+            return config
+        })
+        return (m, issuer)
+    }
+
     static let registrationsAB = """
         apiVersion: palisade.dev/v1
         kind: Registrations
@@ -68,12 +80,7 @@ extension MeshTests {
     /// signed for keys made on the nodes; a node gets no SVID for an
     /// identity the registrations do not give it; the join token is spent.
     func testNodesHoldNoSigningKeyAndGetOnlyTheirIdentities() throws {
-        var issuer: IssuerProcess!
-        let m = try setUpMesh("ptrust1", trust: { lab in
-            let (started, config) = try self.startIssuer(lab, registrations: Self.registrationsAB)
-            issuer = started
-            return config
-        })
+        let (m, issuer) = try setUpMeshWithIssuer("ptrust1")
         let issuerDir = issuer.dir
         var reached = false
         for _ in 0..<50 where !reached { reached = try reach(m, from: "a", "10.102.1.2"); if !reached { usleep(200_000) } }
@@ -228,12 +235,7 @@ extension MeshTests {
     /// status` says the issuer is unreachable; it comes back: the status
     /// says so and the renewals that failed meanwhile succeed.
     func testIssuerDownThenBack() throws {
-        var issuer: IssuerProcess!
-        let m = try setUpMesh("ptrust4", extraConfig: "svidLifetimeSeconds: 40", trust: { lab in
-            let (started, config) = try self.startIssuer(lab, registrations: Self.registrationsAB)
-            issuer = started
-            return config
-        })
+        let (m, issuer) = try setUpMeshWithIssuer("ptrust4", extraConfig: "svidLifetimeSeconds: 40")
         func status() -> String { (try? m.n1.palisade(["status"], check: false).output) ?? "" }
         func serial() -> String {
             let out = (try? m.n1.palisade(["certs", "list", "--output", "json"]).output) ?? "[]"
@@ -264,5 +266,81 @@ extension MeshTests {
         XCTAssertNotEqual(serial(), before, "renewal resumed once the issuer was back")
         XCTAssertTrue(try reach(m, from: "a", "10.102.1.2"))
         print("issuer down: traffic went on; back: reachable in status after \(String(format: "%.1f", reachableAgain ?? -1)) s, SVID renewed after \(String(format: "%.1f", Date().timeIntervalSince(back))) s")
+    }
+
+    /// `palisade ca rotate` under continuous traffic: new connections every
+    /// 200 ms and one held connection from a to b through the tunnel while
+    /// the root is rotated (prepare, switch, finish); none fails. Then a
+    /// second rotation with node 2 down: switch is refused until it is back,
+    /// then it catches up and the rotation completes.
+    func testRootRotationDropsNothing() throws {
+        let (m, issuer) = try setUpMeshWithIssuer("ptrust5")
+        let dir = issuer.dir
+        func rotate(_ step: String) throws -> (status: Int32, output: String) {
+            try sh([Paths.palisade, "ca", "rotate", "--state", dir, step], check: false)
+        }
+        /// Runs `step` until it succeeds (nodes learn within their 10 s probe).
+        func rotateWhenReady(_ step: String, within seconds: Double = 30) throws -> String {
+            let start = Date()
+            var last = (status: Int32(1), output: "")
+            while Date().timeIntervalSince(start) < seconds {
+                last = try rotate(step)
+                if last.status == 0 { return last.output }
+                usleep(1_000_000)
+            }
+            XCTFail("\(step) never became possible: \(last.output)\n\(try sh([Paths.palisade, "ca", "status", "--state", dir]).output)")
+            return last.output
+        }
+        func rootSerial() -> String { (try? sh(["openssl", "x509", "-noout", "-serial", "-in", "\(dir)/ca/ca.pem"]).output) ?? "" }
+        var reached = false
+        for _ in 0..<50 where !reached { reached = try reach(m, from: "a", "10.102.1.2"); if !reached { usleep(200_000) } }
+        XCTAssertTrue(reached, m.n1.logTail())
+        let oldRoot = rootSerial()
+
+        let holdLog = "\(m.n1.dir)/hold.log"
+        let hold = try m.lab.spawn(netns: m.lab.netns("a"), cgroup: m.lab.podCgroup("a"),
+                                   [Paths.python, Paths.probe, "hold", "10.102.1.2", "8080", "70", "0.05"], log: holdLog)
+        final class Traffic: @unchecked Sendable { let lock = NSLock(); var ok = 0, failed = 0, done = false }
+        let traffic = Traffic()
+        let mesh = m
+        let client = Thread {
+            while !traffic.lock.withLock({ traffic.done }) {
+                let good = (try? MeshTests.reach(mesh, from: "a", "10.102.1.2")) ?? false
+                traffic.lock.withLock { if good { traffic.ok += 1 } else { traffic.failed += 1 } }
+                usleep(200_000)
+            }
+        }
+        client.start()
+        XCTAssertEqual(try rotate("switch").status, 1, "switch before prepare is refused")
+        XCTAssertTrue(try rotate("prepare").output.contains("prepared"))
+        XCTAssertTrue(try rotateWhenReady("switch").contains("switched"))
+        XCTAssertTrue(try rotateWhenReady("finish").contains("finished"))
+        // Traffic goes on after the old root is gone from every bundle.
+        usleep(12_000_000)
+        traffic.lock.withLock { traffic.done = true }
+        while client.isExecuting { usleep(50_000) }
+        let (ok, failed) = traffic.lock.withLock { (traffic.ok, traffic.failed) }
+        XCTAssertEqual(failed, 0, "\(failed) of \(ok + failed) new connections failed during the rotation\n\(m.n1.logTail())\n\(m.n2.logTail())")
+        XCTAssertGreaterThan(ok, 50)
+        XCTAssertTrue(hold.isRunning, "the held connection survived the rotation: \((try? String(contentsOfFile: holdLog, encoding: .utf8)) ?? "")")
+        hold.terminate()
+        XCTAssertNotEqual(rootSerial(), oldRoot)
+        let status = try sh([Paths.palisade, "ca", "status", "--state", dir]).output
+        XCTAssertTrue(status.contains("phase:      idle") && status.contains("n1") && status.contains("n2"), status)
+        print("rotation under traffic: \(ok) new connections, 0 failed; a held connection kept")
+
+        // A node down during the next rotation holds it up, then catches up.
+        m.n2.stop()
+        XCTAssertTrue(try rotate("prepare").output.contains("prepared"))
+        usleep(12_000_000)
+        let refused = try rotate("switch")
+        XCTAssertEqual(refused.status, 1)
+        XCTAssertTrue(refused.output.contains("not every node trusts the new root yet: n2"), refused.output)
+        try m.n2.start()
+        XCTAssertTrue(try rotateWhenReady("switch").contains("switched"))
+        XCTAssertTrue(try rotateWhenReady("finish").contains("finished"))
+        var back = false
+        for _ in 0..<50 where !back { back = try reach(m, from: "a", "10.102.1.2"); if !back { usleep(200_000) } }
+        XCTAssertTrue(back, "a reaches b after the second rotation\n\(m.n2.logTail())")
     }
 }
