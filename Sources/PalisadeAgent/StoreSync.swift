@@ -233,8 +233,24 @@ extension Agent {
             let isLocal = localSet.contains(id)
             do {
                 let n = try runBlocking { try await cluster.identity(for: id, node: isLocal ? node : nil) }
+                // The store's numbering is advisory: a number this node already
+                // gave another identity is never taken from it (a node that
+                // rewrites allocations can make numbers differ between nodes,
+                // not give one identity another's rights here).
+                // (A holder with a node-local number gives it up: it gets its
+                // own number from the store in turn.)
+                if let holder = state.allocator.spiffeID(of: n), holder != id, clusterAssigned.contains(holder) {
+                    log.warning("identity number in the store already belongs to another identity here; keeping a node-local number",
+                                metadata: ["spiffe-id": "\(id)", "number": "\(n.rawValue)", "holder": "\(holder)"])
+                    clusterAssigned.insert(id)
+                    continue
+                }
                 state.allocator.assign(id, n)
                 clusterAssigned.insert(id)
+            } catch let e as ClusterIdentities.Inconsistent {
+                // (Asked again at the next reconcile: the operator may repair it.)
+                log.warning("identity allocation in the store is inconsistent; keeping a node-local number", metadata: ["error": "\(e)"])
+                continue
             } catch {
                 log.warning("identity not allocated in the store yet; using a node-local number", metadata: ["spiffe-id": "\(id)", "error": "\(error)"])
                 return

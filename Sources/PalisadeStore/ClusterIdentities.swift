@@ -30,10 +30,19 @@ public actor ClusterIdentities {
         public var description: String { "no free numeric identity left in the store's range" }
     }
 
+    /// The two keys of an allocation disagree (written by hand, or by a node
+    /// rewriting allocations it may write): the number is not believed.
+    public struct Inconsistent: Error, CustomStringConvertible {
+        public var id: SpiffeID
+        public var number: UInt32
+        public var description: String { "the store gives \(id) the number \(number), but by-id/\(number) names another identity" }
+    }
+
     /// The identity for `id`, allocating it cluster-wide if it has none.
     public func identity(for id: SpiffeID, node: String? = nil) async throws -> NumericIdentity {
         for _ in 0..<64 {
             if let kv = try await store.get(bySpiffe(id)), let n = UInt32(kv.string) {
+                guard try await store.get(byID(n))?.string == id.description else { throw Inconsistent(id: id, number: n) }
                 if let node { try await store.put(users(n) + node, "") }
                 return NumericIdentity(n)
             }

@@ -200,6 +200,28 @@ final class StoreTests: XCTestCase {
         try await exercise(try FileStore(path: "\(dir)/store.json"))
     }
 
+    /// An allocation whose two keys disagree (a node rewrote by-spiffe to
+    /// point at another identity's number) is not believed.
+    func testRewrittenAllocationIsNotBelieved() async throws {
+        let dir = NSTemporaryDirectory() + "palisade-filestore-\(UUID().uuidString)"
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let store = try FileStore(path: "\(dir)/store.json")
+        let allocator = ClusterIdentities(store: store)
+        let x = try SpiffeID("spiffe://test.local/ns/default/sa/x"), y = try SpiffeID("spiffe://test.local/ns/default/sa/y")
+        let nx = try await allocator.identity(for: x), ny = try await allocator.identity(for: y)
+        XCTAssertNotEqual(nx, ny)
+        let key = "/palisade/identities/by-spiffe/\(x.description.addingPercentEncoding(withAllowedCharacters: .alphanumerics)!)"
+        try await store.put(key, Array("\(ny.rawValue)".utf8))
+        do {
+            _ = try await allocator.identity(for: x)
+            XCTFail("a rewritten allocation was believed")
+        } catch let e as ClusterIdentities.Inconsistent {
+            XCTAssertEqual(e.number, ny.rawValue)
+        }
+        let again = try await allocator.identity(for: y)
+        XCTAssertEqual(again, ny, "the identity the number belongs to keeps it")
+    }
+
     func testUnreachableEtcdIsAnErrorNotAHang() async throws {
         let store = try EtcdStore(endpoints: ["http://127.0.0.1:1"])
         let start = Date()
