@@ -4,28 +4,13 @@
  * socket's cgroup. */
 #include <linux/bpf.h>
 #include "lib/enforce.h"
-
-#define PAL_MAX_CGROUP_DEPTH 16
+#include "lib/cgroup.h"
 
 static __always_inline struct pal_endpoint *pal_cgroup_endpoint(struct __sk_buff *skb, __u64 *id)
 {
-	__u64 cg = bpf_skb_cgroup_id(skb);
-	struct pal_endpoint *ep = bpf_map_lookup_elem(&pal_ep_cgroup, &cg);
-	if (ep) {
-		*id = cg;
-		return ep;
-	}
-	for (int level = PAL_MAX_CGROUP_DEPTH; level >= 1; level--) {
-		__u64 anc = bpf_skb_ancestor_cgroup_id(skb, level);
-		if (anc == 0 || anc == cg)
-			continue;
-		ep = bpf_map_lookup_elem(&pal_ep_cgroup, &anc);
-		if (ep) {
-			*id = anc;
-			return ep;
-		}
-	}
-	return 0;
+#define PAL_SKB_ANCESTOR(level) bpf_skb_ancestor_cgroup_id(skb, level)
+	return PAL_DEEPEST_ENROLLED(pal_ep_cgroup, bpf_skb_cgroup_id(skb), PAL_SKB_ANCESTOR, id);
+#undef PAL_SKB_ANCESTOR
 }
 
 static __always_inline int pal_cg(struct __sk_buff *skb, __u8 dir)

@@ -9,8 +9,8 @@
 #include <linux/bpf.h>
 #define PAL_SOCK_STREAM 1  /* sys/socket.h drags in glibc headers */
 #include "lib/enforce.h"
+#include "lib/cgroup.h"
 
-#define PAL_MAX_CGROUP_DEPTH 16
 
 /* sock_ops holds remote_port in network order in its upper 16 bits. */
 #define pal_sockops_remote_port(skops) ((__u16)((skops)->remote_port >> 16))
@@ -41,23 +41,7 @@ static __always_inline void pal_sockops_addrs(struct bpf_sock_ops *skops, __u8 l
 /* The deepest enrolled cgroup containing the caller. */
 static __always_inline struct pal_mesh_endpoint *pal_mesh_caller(__u64 *cgroup_id)
 {
-	__u64 cg = bpf_get_current_cgroup_id();
-	struct pal_mesh_endpoint *ep = bpf_map_lookup_elem(&pal_mesh_ep, &cg);
-	if (ep) {
-		*cgroup_id = cg;
-		return ep;
-	}
-	for (int level = PAL_MAX_CGROUP_DEPTH; level >= 1; level--) {
-		__u64 anc = bpf_get_current_ancestor_cgroup_id(level);
-		if (anc == 0 || anc == cg)
-			continue;
-		ep = bpf_map_lookup_elem(&pal_mesh_ep, &anc);
-		if (ep) {
-			*cgroup_id = anc;
-			return ep;
-		}
-	}
-	return 0;
+	return PAL_DEEPEST_ENROLLED(pal_mesh_ep, bpf_get_current_cgroup_id(), bpf_get_current_ancestor_cgroup_id, cgroup_id);
 }
 
 /* Returns 1 to let connect() proceed (rewritten or not), 0 to refuse it. */
