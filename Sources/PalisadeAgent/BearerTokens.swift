@@ -1,6 +1,6 @@
-import Dispatch
 import NIOCore
 import PalisadeJWT
+import PalisadeStore
 import PalisadeTunnel
 
 /// Bearer tokens for the L7 proxy: requests to destinations whose HTTP
@@ -12,14 +12,7 @@ public enum BearerTokens {
     /// a JWKS that cannot be read or parsed stops the agent with its path.
     public static func verifier(issuers: [JWTIssuer]) throws -> BearerVerifier? {
         guard !issuers.isEmpty else { return nil }
-        let box = LoadResult()
-        let done = DispatchSemaphore(value: 0)
-        Task {
-            do { box.result = .success(try await JWTIdentityMapper(issuers: issuers)) } catch { box.result = .failure(error) }
-            done.signal()
-        }
-        done.wait()
-        let mapper = try box.result!.get()
+        let mapper = try runBlocking { try await JWTIdentityMapper(issuers: issuers) }
         return { token, loop in
             let p = loop.makePromise(of: String?.self)
             p.completeWithTask {
@@ -28,9 +21,5 @@ public enum BearerTokens {
             }
             return p.futureResult
         }
-    }
-
-    private final class LoadResult: @unchecked Sendable {
-        var result: Result<JWTIdentityMapper, Error>?
     }
 }

@@ -1,5 +1,7 @@
 import NIOCore
 import NIOHTTP2
+import NIOPosix
+import Glibc
 
 /// Joins two channels on the same event loop byte for byte: what one reads
 /// the other writes, with backpressure (a side stops reading while its
@@ -266,4 +268,18 @@ final class ConnectStreamCodec: ChannelDuplexHandler, @unchecked Sendable {
         let end = HTTP2Frame.FramePayload.data(.init(data: .byteBuffer(ByteBuffer()), endStream: true))
         context.writeAndFlush(wrapOutboundOut(end), promise: promise)
     }
+}
+
+/// A connection to a workload on this node, marked (SO_MARK) with the
+/// caller's identity so the kernel judges it as coming from the caller.
+/// Byte relays (glue) pass half-closes through; the HTTP proxy reads
+/// nothing until it is in place (`proxied`: no auto-read, whole closes).
+func markedConnection(on loop: EventLoop, mark: UInt32, connectTimeout: TimeAmount, proxied: Bool = false) -> ClientBootstrap {
+    ClientBootstrap(group: loop)
+        .connectTimeout(connectTimeout)
+        .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+        .channelOption(ChannelOptions.allowRemoteHalfClosure, value: !proxied)
+        .channelOption(ChannelOptions.autoRead, value: !proxied)
+        .channelOption(ChannelOptions.Types.SocketOption(level: NIOBSDSocket.OptionLevel(rawValue: SOL_SOCKET),
+                                                         name: NIOBSDSocket.Option(rawValue: SO_MARK)), value: Int(mark))
 }

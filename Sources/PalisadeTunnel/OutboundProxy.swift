@@ -174,12 +174,7 @@ public final class OutboundProxy: @unchecked Sendable {
             otherGlue.isStream = true
             connected = pool.openStream(peer: peer, credentials: route.credentials, authority: c.authority, caller: route.caller, glue: otherGlue)
         } else {
-            connected = ClientBootstrap(group: ch.eventLoop)
-                .connectTimeout(.seconds(2))
-                .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
-                .channelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
-                .channelOption(ChannelOptions.Types.SocketOption(level: NIOBSDSocket.OptionLevel(rawValue: SOL_SOCKET),
-                                                                 name: NIOBSDSocket.Option(rawValue: SO_MARK)), value: Int(route.mark))
+            connected = markedConnection(on: ch.eventLoop, mark: route.mark, connectTimeout: .seconds(2))
                 .channelInitializer { out in out.eventLoop.makeCompletedFuture { try out.pipeline.syncOperations.addHandler(otherGlue) } }
                 .connect(host: c.host, port: c.port)
                 .map { _ in }
@@ -208,12 +203,7 @@ public final class OutboundProxy: @unchecked Sendable {
             _ = reset(ch)
             return done("\(error)")
         }
-        ClientBootstrap(group: ch.eventLoop)
-            .connectTimeout(.seconds(2))
-            .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
-            .channelOption(ChannelOptions.autoRead, value: false)
-            .channelOption(ChannelOptions.Types.SocketOption(level: NIOBSDSocket.OptionLevel(rawValue: SOL_SOCKET),
-                                                             name: NIOBSDSocket.Option(rawValue: SO_MARK)), value: Int(mark))
+        markedConnection(on: ch.eventLoop, mark: mark, connectTimeout: .seconds(2), proxied: true)
             .connect(host: c.host, port: c.port)
             .hop(to: ch.eventLoop)
             .whenComplete { result in

@@ -130,11 +130,7 @@ final class TunnelInboundStream: ChannelInboundHandler, RemovableChannelHandler,
         }
         let (streamGlue, tcpGlue) = GlueHandler.pair()
         streamGlue.isStream = true
-        ClientBootstrap(group: context.eventLoop)
-            .connectTimeout(connectTimeout)
-            .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
-            .channelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
-            .channelOption(ChannelOptions.Types.SocketOption(level: NIOBSDSocket.OptionLevel(rawValue: SOL_SOCKET), name: NIOBSDSocket.Option(rawValue: SO_MARK)), value: Int(mark))
+        markedConnection(on: context.eventLoop, mark: mark, connectTimeout: connectTimeout)
             .channelInitializer { ch in
                 ch.eventLoop.makeCompletedFuture { try ch.pipeline.syncOperations.addHandler(tcpGlue) }
             }
@@ -174,13 +170,9 @@ extension TunnelInboundStream {
         let stream = context.channel
         let l7 = L7Context(gate: gate, usesHeaders: usesHeaders, verifyBearer: verifyBearer, appProtocol: appProtocol, source: request.peer.description,
                            destination: destination, destinationAddress: "\(request.host):\(request.port)", log: accessLog, callerIsStream: true)
-        ClientBootstrap(group: context.eventLoop)
-            .connectTimeout(connectTimeout)
-            .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
-            .channelOption(ChannelOptions.Types.SocketOption(level: NIOBSDSocket.OptionLevel(rawValue: SOL_SOCKET), name: NIOBSDSocket.Option(rawValue: SO_MARK)), value: Int(mark))
-            // Nothing is read from the workload until the proxy for the
-            // caller's protocol is in place (an HTTP/2 server speaks first).
-            .channelOption(ChannelOptions.autoRead, value: false)
+        // Nothing is read from the workload until the proxy for the
+        // caller's protocol is in place (an HTTP/2 server speaks first).
+        markedConnection(on: context.eventLoop, mark: mark, connectTimeout: connectTimeout, proxied: true)
             .connect(host: request.host, port: request.port)
             .hop(to: context.eventLoop)
             .whenComplete { result in
