@@ -132,7 +132,7 @@ public final class Agent {
                 metrics.setFiles(open: FileDescriptors.inUse, max: FileDescriptors.limit)
                 return metrics.render(names: { shared.state.name(of: $0) }, peerNames: { shared.state.peerName(of: $0) }, capacities: capacities)
             }
-            log.info("metrics", metadata: ["address": "http://\(host.contains(":") ? "[\(host)]" : host):\(metricsServer!.localPort)/metrics"])
+            log.info("metrics", metadata: ["address": "http://\(HostPort(host: host, port: metricsServer?.localPort ?? port))/metrics"])
         }
         trust.set(try verifier())
         let bearer = try BearerTokens.verifier(issuers: config.jwtIssuers)

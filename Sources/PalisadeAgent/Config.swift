@@ -112,11 +112,10 @@ public struct AgentConfig: Sendable {
     static func address(_ v: YAMLValue) throws -> (host: String, port: Int)? {
         let text = try v.string()
         if text == "off" { return nil }
-        guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]), (0...65535).contains(port),
-              IPAddress(String(text[..<colon]).trimmingCharacters(in: CharacterSet(charactersIn: "[]"))) != nil else {
+        guard let address = HostPort(text, ports: 0...65535), IPAddress(address.host) != nil else {
             throw v.error("expected HOST:PORT with an IP address (for example 127.0.0.1:9654, [::1]:9654) or 'off', got '\(text)'")
         }
-        return (String(text[..<colon]).trimmingCharacters(in: CharacterSet(charactersIn: "[]")), port)
+        return (address.host, address.port)
     }
 
     /// Loads a YAML file; unknown fields and bad values are precise errors.
@@ -227,7 +226,7 @@ public struct AgentConfig: Sendable {
         }
         if let v = m["advertiseAddress"] {
             guard let a = try address(v) else { throw v.error("advertiseAddress cannot be 'off'") }
-            c.advertiseAddress = a.host.contains(":") ? "[\(a.host)]:\(a.port)" : "\(a.host):\(a.port)"
+            c.advertiseAddress = HostPort(host: a.host, port: a.port).description
         }
         // (No tunnel, nothing to advertise: an operator's configuration for
         // store commands says `tunnelAddress: off`.)
@@ -235,7 +234,7 @@ public struct AgentConfig: Sendable {
             guard t.host != "0.0.0.0", t.host != "::" else {
                 throw doc.error("with a 'store', set 'advertiseAddress' (the IP:PORT other nodes reach this node's tunnel at)")
             }
-            c.advertiseAddress = t.host.contains(":") ? "[\(t.host)]:\(t.port)" : "\(t.host):\(t.port)"
+            c.advertiseAddress = HostPort(host: t.host, port: t.port).description
         }
         if let v = m["hostAddresses"] {
             c.hostAddresses = try v.sequence().map { a -> IPAddress in

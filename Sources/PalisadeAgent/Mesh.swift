@@ -295,9 +295,8 @@ extension Agent {
             let (n, w) = sync.peers()
             let known = Set(nodes.map(\.name))
             for r in n where !known.contains(r.name) {
-                guard let colon = r.tunnelAddress.lastIndex(of: ":"), let port = Int(r.tunnelAddress[r.tunnelAddress.index(after: colon)...]) else { continue }
-                let host = String(r.tunnelAddress[..<colon]).trimmingCharacters(in: CharacterSet(charactersIn: "[]"))
-                var m = MeshNode(name: r.name, tunnelHost: host, tunnelPort: port, trustDomain: r.trustDomain, spiffeID: try? SpiffeID(r.spiffeID))
+                guard let address = HostPort(r.tunnelAddress) else { continue }
+                var m = MeshNode(name: r.name, tunnelHost: address.host, tunnelPort: address.port, trustDomain: r.trustDomain, spiffeID: try? SpiffeID(r.spiffeID))
                 m.locality = r.locality ?? Locality()
                 nodes.append(m)
             }
@@ -320,7 +319,7 @@ extension Agent {
         if !revoked.isEmpty {
             let names = Set(revoked.map(\.node))
             nodes.removeAll { names.contains($0.name) }
-            let addresses = Set(revoked.compactMap { r in r.tunnelAddress.flatMap { a in a.lastIndex(of: ":").map { String(a[..<$0]).trimmingCharacters(in: CharacterSet(charactersIn: "[]")) } } })
+            let addresses = Set(revoked.compactMap { $0.tunnelAddress.flatMap { HostPort($0)?.host } })
             if let cut = listener?.closeConnections(from: addresses), cut > 0 {
                 log.warning("tunnel connections from revoked nodes closed", metadata: ["connections": "\(cut)", "nodes": "\(names.sorted())"])
             }

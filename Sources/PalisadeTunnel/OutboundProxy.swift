@@ -16,7 +16,7 @@ public struct OutboundRoute: Sendable {
         public var port: Int
         public init(peer: TunnelPeer?, host: String, port: Int) { self.peer = peer; self.host = host; self.port = port }
         /// "ip:port" or "[ip6]:port" (the CONNECT authority).
-        public var authority: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
+        public var authority: String { HostPort(host: host, port: port).description }
         /// Identifies the endpoint for outlier detection.
         public var key: String { "\(peer?.description ?? "local")/\(authority)" }
     }
@@ -46,10 +46,11 @@ public struct OutboundRoute: Sendable {
     public init(credentials: ClientCredentials, candidates: [Candidate], mark: UInt32, http: HTTP? = nil) {
         self.credentials = credentials; self.candidates = candidates; self.mark = mark; self.http = http
     }
+    /// One tunnelled candidate for `authority` (HOST:PORT; an unreadable
+    /// one gets port 0, which no connection reaches).
     public init(peer: TunnelPeer, credentials: ClientCredentials, authority: String) {
-        let colon = authority.lastIndex(of: ":")!
-        let host = String(authority[..<colon]).trimmingCharacters(in: CharacterSet(charactersIn: "[]"))
-        self.init(credentials: credentials, candidates: [Candidate(peer: peer, host: host, port: Int(authority[authority.index(after: colon)...]) ?? 0)], mark: 0)
+        let target = HostPort(authority) ?? HostPort(host: authority, port: 0)
+        self.init(credentials: credentials, candidates: [Candidate(peer: peer, host: target.host, port: target.port)], mark: 0)
     }
     public var peer: TunnelPeer? { candidates.first?.peer }
     public var authority: String { candidates.first?.authority ?? "?" }

@@ -44,12 +44,7 @@ public typealias InboundAuthorizer = @Sendable (InboundRequest) -> InboundDecisi
 
 /// Parses ":authority" of a CONNECT request: "a.b.c.d:port" or "[v6]:port".
 func parseAuthority(_ a: String) -> (host: String, port: Int)? {
-    guard let colon = a.lastIndex(of: ":"), let port = Int(a[a.index(after: colon)...]), (1...65535).contains(port) else { return nil }
-    var host = String(a[..<colon])
-    if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
-    else if host.contains(":") { return nil }
-    guard !host.isEmpty else { return nil }
-    return (host, port)
+    HostPort(a).map { ($0.host, $0.port) }
 }
 
 /// Serves one HTTP/2 stream of the tunnel: a CONNECT to HOST:PORT is judged,

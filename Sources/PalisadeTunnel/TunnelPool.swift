@@ -20,7 +20,7 @@ public struct TunnelPeer: Hashable, Sendable, CustomStringConvertible {
     public init(host: String, port: Int, trustDomain: String, expectedIdentity: SpiffeID? = nil) {
         self.host = host; self.port = port; self.trustDomain = trustDomain; self.expectedIdentity = expectedIdentity
     }
-    public var description: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
+    public var description: String { HostPort(host: host, port: port).description }
 }
 
 /// The source workload's X.509-SVID, presented as the client certificate.

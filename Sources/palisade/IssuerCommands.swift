@@ -22,10 +22,8 @@ struct CAServe: ParsableCommand {
     func run() throws {
         LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
         let log = Logger(label: "palisade.issuer")
-        guard let colon = listen.lastIndex(of: ":"), let port = Int(listen[listen.index(after: colon)...]) else {
-            throw CLIError("--listen: expected HOST:PORT, got '\(listen)'")
-        }
-        let host = String(listen[..<colon]).trimmingCharacters(in: CharacterSet(charactersIn: "[]"))
+        guard let address = HostPort(listen, ports: 0...65535) else { throw CLIError("--listen: expected HOST:PORT, got '\(listen)'") }
+        let (host, port) = (address.host, address.port)
         try FileManager.default.createDirectory(atPath: state, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
         let authorities = try Rotation.authorities(state: state, trustDomain: trustDomain)
         let ca = authorities.signing
