@@ -136,19 +136,7 @@ final class TunnelInboundStream: ChannelInboundHandler, RemovableChannelHandler,
                 case .success:
                     self.onStream?(request, decision, nil)
                     self.respond(context, status: 200)
-                    do {
-                        let codec = ConnectStreamCodec()
-                        try stream.pipeline.syncOperations.addHandler(codec, position: .after(self))
-                        try stream.pipeline.syncOperations.addHandler(streamGlue, position: .after(codec))
-                        self.forwarding = true
-                        let pending = self.buffered
-                        self.buffered = []
-                        for d in pending { context.fireChannelRead(d) }
-                        context.fireChannelReadComplete()
-                        stream.pipeline.syncOperations.removeHandler(self, promise: nil)
-                    } catch {
-                        stream.close(promise: nil)
-                    }
+                    do { try self.handOver(context, to: streamGlue) } catch { stream.close(promise: nil) }
                 case .failure(let error):
                     self.onStream?(request, .refuse(status: 503, reason: "destination unreachable"), "\(error)")
                     self.respond(context, status: 503, body: "destination unreachable")
@@ -158,6 +146,22 @@ final class TunnelInboundStream: ChannelInboundHandler, RemovableChannelHandler,
 }
 
 extension TunnelInboundStream {
+    /// The CONNECT was answered: the stream's bytes go to `next` from now
+    /// on (through the byte codec), with what arrived meanwhile first, and
+    /// this handler leaves the pipeline.
+    func handOver(_ context: ChannelHandlerContext, to next: ChannelHandler) throws {
+        let ops = context.channel.pipeline.syncOperations
+        let codec = ConnectStreamCodec()
+        try ops.addHandler(codec, position: .after(self))
+        try ops.addHandler(next, position: .after(codec))
+        forwarding = true
+        let pending = buffered
+        buffered = []
+        for d in pending { context.fireChannelRead(d) }
+        context.fireChannelReadComplete()
+        ops.removeHandler(self, promise: nil)
+    }
+
     /// Connects to the workload and puts the HTTP proxy between the stream
     /// and that connection.
     func deliverHTTP(_ context: ChannelHandlerContext, request: InboundRequest, decision: InboundDecision, mark: UInt32,
@@ -177,16 +181,7 @@ extension TunnelInboundStream {
                     self.respond(context, status: 200)
                     do {
                         // HTTP/1.1 or HTTP/2 is known from the first bytes.
-                        let codec = ConnectStreamCodec()
-                        let ops = stream.pipeline.syncOperations
-                        try ops.addHandler(codec, position: .after(self))
-                        try ops.addHandler(L7ProtocolSniffer(upstream: upstream, l7: l7), position: .after(codec))
-                        self.forwarding = true
-                        let pending = self.buffered
-                        self.buffered = []
-                        for d in pending { context.fireChannelRead(d) }
-                        context.fireChannelReadComplete()
-                        ops.removeHandler(self, promise: nil)
+                        try self.handOver(context, to: L7ProtocolSniffer(upstream: upstream, l7: l7))
                     } catch {
                         stream.close(promise: nil)
                         upstream.close(promise: nil)
