@@ -104,7 +104,7 @@ public final class Agent {
             } catch { throw CAError("issuer bundle \(bundleFile): \(error)") }
             guard !bundle.isEmpty else { throw CAError("issuer bundle \(issuer.bundleFile) holds no certificate") }
             let nodeID = config.nodeSpiffeID, svidDir = config.svidDir, tokenFile = issuer.joinTokenFile
-            let client = IssuerClient(host: issuer.host, port: issuer.port, nodeID: nodeID, bundle: bundle,
+            let client = IssuerClient(addresses: issuer.addresses, nodeID: nodeID, bundle: bundle,
                                       credentials: { SVIDStore.credentials(nodeID, directory: svidDir) },
                                       joinToken: { tokenFile.flatMap { try? String(contentsOfFile: $0, encoding: .utf8) }?.trimmingCharacters(in: .whitespacesAndNewlines) })
             client.onBundleChange = { pem in try? pem.write(toFile: learned, atomically: true, encoding: .utf8) }
@@ -269,7 +269,7 @@ public final class Agent {
     /// The issuer's status in the state file (`palisade status`).
     func recordIssuer(error: String?) {
         guard let issuer = config.issuer else { return }
-        var s = state.issuer ?? AgentState.IssuerStatus(address: "\(issuer.host):\(issuer.port)", reachable: false)
+        var s = state.issuer ?? AgentState.IssuerStatus(address: issuer.addresses.map(\.description).joined(separator: ","), reachable: false)
         let before = s
         s.reachable = error == nil
         if error == nil { s.lastContact = Date() } else { s.lastError = error }

@@ -353,16 +353,20 @@ public struct RemoteWorkload: Sendable, Hashable {
 ///       bundle: /etc/palisade/bundle.pem  # the trust domain's root(s): palisade ca bundle, on the issuer
 ///       joinTokenFile: /etc/palisade/join-token   # palisade ca join-token --node NAME (used once)
 public struct IssuerConfig: Sendable {
-    public var host: String
-    public var port: Int
+    /// One issuer, or several (each with its own intermediate of the trust
+    /// domain's root, `root.pem` beside it): tried in turn when one is down.
+    public var addresses: [HostPort]
     public var bundleFile: String
     public var joinTokenFile: String?
 
     static func parse(_ v: YAMLValue) throws -> IssuerConfig {
-        let m = try v.mapping(allowedKeys: ["address", "bundle", "joinTokenFile"])
-        guard let a = m["address"], let (host, port) = try AgentConfig.address(a) else {
-            throw v.error("an issuer needs 'address' (HOST:PORT of palisade ca serve)")
+        let m = try v.mapping(allowedKeys: ["address", "addresses", "bundle", "joinTokenFile"])
+        var addresses: [HostPort] = []
+        for a in (m["address"].map { [$0] } ?? []) + (try m["addresses"]?.sequence() ?? []) {
+            guard let (host, port) = try AgentConfig.address(a) else { throw a.error("an issuer address cannot be 'off'") }
+            addresses.append(HostPort(host: host, port: port))
         }
+        guard !addresses.isEmpty else { throw v.error("an issuer needs 'address' (HOST:PORT of palisade ca serve) or 'addresses' (several)") }
         guard let b = m["bundle"] else { throw v.error("an issuer needs 'bundle' (a PEM file with the trust domain's root, from palisade ca bundle)") }
         let bundle = try b.string()
         guard bundle.hasPrefix("/"), FileManager.default.isReadableFile(atPath: bundle) else { throw b.error("expected a readable absolute path, got '\(bundle)'") }
@@ -372,7 +376,7 @@ public struct IssuerConfig: Sendable {
             guard path.hasPrefix("/") else { throw t.error("expected an absolute path, got '\(path)'") }
             token = path
         }
-        return IssuerConfig(host: host, port: port, bundleFile: bundle, joinTokenFile: token)
+        return IssuerConfig(addresses: addresses, bundleFile: bundle, joinTokenFile: token)
     }
 }
 

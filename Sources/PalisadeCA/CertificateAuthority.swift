@@ -18,16 +18,24 @@ public final class CertificateAuthority: @unchecked Sendable {
     public let trustDomain: String
     public let certificate: Certificate
     let key: P256.Signing.PrivateKey
-    /// Chain from the signing certificate up to (not including) the root, for
-    /// an operator-supplied intermediate; empty for a self-made root.
+    /// Certificates sent after a leaf: for an operator-supplied intermediate,
+    /// the chain up to (not including) the root; empty for a self-made root.
     public let intermediates: [Certificate]
+    /// The trust anchors peers are given: `root.pem` when the operator put
+    /// the (offline) root there, so issuers with different intermediates of
+    /// one root are trusted alike; else the signing certificate itself.
+    public let roots: [Certificate]
 
-    init(trustDomain: String, certificate: Certificate, key: P256.Signing.PrivateKey, intermediates: [Certificate]) {
-        self.trustDomain = trustDomain; self.certificate = certificate; self.key = key; self.intermediates = intermediates
+    init(trustDomain: String, certificate: Certificate, key: P256.Signing.PrivateKey, intermediates: [Certificate], roots: [Certificate]? = nil) {
+        self.trustDomain = trustDomain; self.certificate = certificate; self.key = key
+        self.roots = roots ?? [certificate]
+        // With a separate root, the signing certificate itself travels too.
+        self.intermediates = roots == nil ? intermediates : [certificate] + intermediates
     }
 
-    /// Loads `dir/ca.pem` + `dir/ca.key` (and optional `dir/chain.pem`), or
-    /// creates a new root there. A key file readable by others is refused.
+    /// Loads `dir/ca.pem` + `dir/ca.key` (and optional `dir/chain.pem`, the
+    /// certificates between it and the root, and `dir/root.pem`, the root),
+    /// or creates a new root there. A key file readable by others is refused.
     public static func loadOrCreate(directory dir: String, trustDomain: String, now: Date = Date()) throws -> CertificateAuthority {
         let certPath = "\(dir)/ca.pem", keyPath = "\(dir)/ca.key", chainPath = "\(dir)/chain.pem"
         let fm = FileManager.default
@@ -40,8 +48,12 @@ public final class CertificateAuthority: @unchecked Sendable {
             guard let bc = try cert.extensions.basicConstraints, case .isCertificateAuthority = bc else {
                 throw CAError("\(certPath) is not a CA certificate")
             }
-            let chain = fm.fileExists(atPath: chainPath) ? try PEMDocument.parseMultiple(pemString: String(contentsOfFile: chainPath, encoding: .utf8)).map { try Certificate(pemDocument: $0) } : []
-            return CertificateAuthority(trustDomain: trustDomain, certificate: cert, key: key, intermediates: chain)
+            func certificates(_ path: String) throws -> [Certificate]? {
+                guard fm.fileExists(atPath: path) else { return nil }
+                return try PEMDocument.parseMultiple(pemString: String(contentsOfFile: path, encoding: .utf8)).map { try Certificate(pemDocument: $0) }
+            }
+            return CertificateAuthority(trustDomain: trustDomain, certificate: cert, key: key, intermediates: try certificates(chainPath) ?? [],
+                                        roots: try certificates("\(dir)/root.pem"))
         }
         let key = P256.Signing.PrivateKey()
         let name = try DistinguishedName {
@@ -90,7 +102,7 @@ public final class CertificateAuthority: @unchecked Sendable {
     }
 
     /// The PEM trust bundle of this trust domain (its root).
-    public var bundlePEM: String { (try? certificate.serializeAsPEM().pemString) ?? "" }
+    public var bundlePEM: String { roots.compactMap { try? $0.serializeAsPEM().pemString }.joined(separator: "\n") }
 }
 
 /// Writes a private key: created with mode 0600 before any byte is written.

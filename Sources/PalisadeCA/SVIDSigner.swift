@@ -59,9 +59,9 @@ public struct SVIDRequest: Sendable {
 }
 
 extension CertificateAuthority: SVIDSigner {
-    /// The signing certificate anchors the trust domain (as it always has
-    /// for an operator-supplied intermediate: peers trust it directly).
-    public var bundle: [Certificate] { [certificate] }
+    /// The trust domain's anchors: the operator's root when given
+    /// (`root.pem`), else the signing certificate itself.
+    public var bundle: [Certificate] { roots }
 
     /// The in-process signer: every request of this node is signed (the
     /// node is the whole trust domain's only member that holds this key).

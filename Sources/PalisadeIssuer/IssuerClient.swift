@@ -15,8 +15,10 @@ import X509
 /// present an SVID for spiffe://TD/palisade/issuer chaining to the bundle
 /// the operator gave this node. No signing key is ever on the node.
 public final class IssuerClient: SVIDSigner, @unchecked Sendable {
-    public let host: String
-    public let port: Int
+    /// The issuers, tried in turn when one cannot be reached (each with its
+    /// own intermediate of the trust domain's root).
+    public let addresses: [HostPort]
+    private let preferred = NIOLockedValueBox(0)
     public let nodeID: SpiffeID
     /// The node's current SVID files (chain PEM, key PEM), if valid.
     let credentials: @Sendable () -> (chain: String, key: String)?
@@ -30,9 +32,10 @@ public final class IssuerClient: SVIDSigner, @unchecked Sendable {
     /// must still recognise the issuer.
     public var onBundleChange: (@Sendable (String) -> Void)?
 
-    public init(host: String, port: Int, nodeID: SpiffeID, bundle: [Certificate],
+    public init(addresses: [HostPort], nodeID: SpiffeID, bundle: [Certificate],
                 credentials: @escaping @Sendable () -> (chain: String, key: String)?, joinToken: @escaping @Sendable () -> String?) {
-        self.host = host; self.port = port; self.nodeID = nodeID
+        precondition(!addresses.isEmpty)
+        self.addresses = addresses; self.nodeID = nodeID
         self.credentials = credentials; self.joinToken = joinToken
         roots = NIOLockedValueBox(bundle)
     }
@@ -109,8 +112,32 @@ public final class IssuerClient: SVIDSigner, @unchecked Sendable {
     }
 
     /// One HTTPS request to the issuer; blocks the caller (never an event loop).
+    /// One HTTPS request to the first issuer that can be reached (the one
+    /// that answered last is tried first); blocks the caller (never an
+    /// event loop). An answer, even a refusal, is final; only an issuer that
+    /// cannot be reached passes the request to the next.
     func request(_ path: String, body: Data, credentials: (chain: String, key: String)?, method: HTTPMethod = .POST,
                  timeout: TimeAmount? = nil, headers extra: [(String, String)] = []) throws -> (Int, Data) {
+        let first = preferred.withLockedValue { $0 }
+        var failures: [String] = []
+        for k in 0..<addresses.count {
+            let i = (first + k) % addresses.count
+            do {
+                let answer = try requestOnce(addresses[i], path, body: body, credentials: credentials, method: method, timeout: timeout, headers: extra)
+                preferred.withLockedValue { $0 = i }
+                return answer
+            } catch let e as IssuerUnreachable {
+                failures.append(e.description)
+            }
+        }
+        throw CAError(failures.joined(separator: "; "))
+    }
+
+    struct IssuerUnreachable: Error, CustomStringConvertible { var description: String }
+
+    private func requestOnce(_ address: HostPort, _ path: String, body: Data, credentials: (chain: String, key: String)?, method: HTTPMethod,
+                             timeout: TimeAmount?, headers extra: [(String, String)]) throws -> (Int, Data) {
+        let (host, port) = (address.host, address.port)
         let timeout = timeout ?? self.timeout
         var tls = TLSConfiguration.makeClientConfiguration()
         tls.minimumTLSVersion = .tlsv13
@@ -150,7 +177,7 @@ public final class IssuerClient: SVIDSigner, @unchecked Sendable {
         let channel: Channel
         do { channel = try connecting.wait() } catch {
             response.fail(error)   // (a promise must be completed, even unused)
-            throw CAError("cannot reach the issuer at \(host):\(port): \(error)")
+            throw IssuerUnreachable(description: "cannot reach the issuer at \(address): \(error)")
         }
         defer { channel.close(promise: nil) }
         var head = HTTPRequestHead(version: .http1_1, method: method, uri: path)
@@ -161,9 +188,11 @@ public final class IssuerClient: SVIDSigner, @unchecked Sendable {
         channel.write(HTTPClientRequestPart.head(head), promise: nil)
         channel.write(HTTPClientRequestPart.body(.byteBuffer(ByteBuffer(bytes: body))), promise: nil)
         channel.writeAndFlush(HTTPClientRequestPart.end(nil), promise: nil)
-        let deadline = channel.eventLoop.scheduleTask(in: timeout) { response.fail(CAError("the issuer at \(self.host):\(self.port) did not answer in time")) }
+        let deadline = channel.eventLoop.scheduleTask(in: timeout) { response.fail(IssuerUnreachable(description: "the issuer at \(address) did not answer in time")) }
         defer { deadline.cancel() }
-        return try response.futureResult.wait()
+        do { return try response.futureResult.wait() } catch let e as IssuerUnreachable { throw e } catch {
+            throw IssuerUnreachable(description: "the issuer at \(address): \(error)")
+        }
     }
 }
 

@@ -92,7 +92,11 @@ public final class IssuerServer: @unchecked Sendable {
         return try NIOSSLContext(configuration: tls)
     }
 
+    private let stopped = NIOLockedValueBox(false)
+
+    /// Closes the listener and its connections; a second call does nothing.
     public func stop() {
+        guard !stopped.withLockedValue({ done in defer { done = true }; return done }) else { return }
         try? channel?.close().wait()
         try? group.syncShutdownGracefully()
     }

@@ -42,7 +42,7 @@ final class IssuerTests: XCTestCase {
         let nodeID = try Issuer.nodeID(name, trustDomain: "shop.test")
         let svidDir = "\(dir!)/\(name)/svids"
         let holder = StoreHolder()
-        let client = IssuerClient(host: "127.0.0.1", port: server.localPort, nodeID: nodeID, bundle: bundle ?? issuer.ca.bundle,
+        let client = IssuerClient(addresses: [HostPort(host: "127.0.0.1", port: server.localPort)], nodeID: nodeID, bundle: bundle ?? issuer.ca.bundle,
                                   credentials: { holder.store?.credentials(nodeID) }, joinToken: { token })
         let store = try SVIDStore(directory: svidDir, signer: client, lifetime: 300)
         holder.store = store
@@ -176,6 +176,64 @@ final class IssuerTests: XCTestCase {
         issuer.current = .init(signing: next, trusted: [next], generation: 1)
         XCTAssertNoThrow(try client.updateBundle(stranger.bundlePEM))
         XCTAssertEqual(client.bundle, [next.certificate])
+    }
+
+    /// Two issuers, each with its own intermediate of one offline root
+    /// (`root.pem` beside it): a node that joined through the first keeps
+    /// getting SVIDs from the second when the first is down, and everything
+    /// issued verifies against the root alone.
+    func testASecondIssuerTakesOverWithItsOwnIntermediate() throws {
+        let root = try CertificateAuthority.loadOrCreate(directory: "\(dir!)/offline-root", trustDomain: "shop.test")
+        func intermediate(_ name: String) throws -> CertificateAuthority {
+            let key = P256.Signing.PrivateKey()
+            let cert = try Certificate(
+                version: .v3, serialNumber: .init(), publicKey: .init(key.publicKey),
+                notValidBefore: Date().addingTimeInterval(-300), notValidAfter: Date().addingTimeInterval(86400),
+                issuer: root.certificate.subject, subject: try DistinguishedName { OrganizationName("Palisade"); CommonName(name) },
+                signatureAlgorithm: .ecdsaWithSHA256,
+                extensions: try Certificate.Extensions {
+                    Critical(BasicConstraints.isCertificateAuthority(maxPathLength: 0))
+                    Critical(KeyUsage(keyCertSign: true, cRLSign: true))
+                    SubjectKeyIdentifier(hash: .init(key.publicKey))
+                    SubjectAlternativeNames([.uniformResourceIdentifier("spiffe://shop.test")])
+                },
+                issuerPrivateKey: .init(root.key))
+            let caDir = "\(dir!)/\(name)/ca"
+            try FileManager.default.createDirectory(atPath: caDir, withIntermediateDirectories: true)
+            try writeSecret(key.pemRepresentation, to: "\(caDir)/ca.key")
+            try cert.serializeAsPEM().pemString.write(toFile: "\(caDir)/ca.pem", atomically: true, encoding: .utf8)
+            try root.bundlePEM.write(toFile: "\(caDir)/root.pem", atomically: true, encoding: .utf8)
+            return try CertificateAuthority.loadOrCreate(directory: caDir, trustDomain: "shop.test")
+        }
+        let registrations = issuer.registrations
+        let first = Issuer(ca: try intermediate("issuer-a"), tokens: try JoinTokens(directory: "\(dir!)/issuer-a/tokens"), registrations: registrations)
+        let second = Issuer(ca: try intermediate("issuer-b"), tokens: try JoinTokens(directory: "\(dir!)/issuer-b/tokens"), registrations: registrations)
+        XCTAssertEqual(first.bundle, [root.certificate], "the root is the bundle, not the intermediate")
+        let a = try IssuerServer(issuer: first, host: "127.0.0.1", port: 0)
+        let b = try IssuerServer(issuer: second, host: "127.0.0.1", port: 0)
+        defer { a.stop(); b.stop() }
+
+        let nodeID = try Issuer.nodeID("web-1", trustDomain: "shop.test")
+        let token = try first.tokens.create(node: "web-1", ttl: 600)
+        let holder = StoreHolder()
+        let client = IssuerClient(addresses: [HostPort(host: "127.0.0.1", port: a.localPort), HostPort(host: "127.0.0.1", port: b.localPort)],
+                                  nodeID: nodeID, bundle: [root.certificate],
+                                  credentials: { holder.store?.credentials(nodeID) }, joinToken: { token })
+        let store = try SVIDStore(directory: "\(dir!)/web-1/svids", signer: client, lifetime: 300)
+        holder.store = store
+        let web = try SpiffeID("spiffe://shop.test/ns/web/sa/frontend")
+        XCTAssertEqual(Set(try store.ensure([nodeID, web], first: nodeID)), [nodeID, web])
+        XCTAssertEqual(first.counters["issued/workload"], 1)
+
+        a.stop()
+        store.renewAll()
+        XCTAssertEqual(Set(try store.ensure([nodeID, web], first: nodeID)), [nodeID, web], "the second issuer answered")
+        XCTAssertEqual(second.counters["issued/workload"], 1)
+        XCTAssertEqual(second.counters["issued/node-renewed"], 1, "the node authenticated with the first issuer's SVID")
+        let verifier = SPIFFEVerifier(bundles: ["shop.test": [root.certificate]])
+        let chain = try IssuerClient.certificates(try String(contentsOfFile: XCTUnwrap(store.cached(web)).certificateFile, encoding: .utf8))
+        XCTAssertEqual(chain.count, 2, "leaf and the second issuer's intermediate")
+        XCTAssertEqual(try awaitResult { await verifier.verify(leaf: chain[0], intermediates: Array(chain.dropFirst())) }.get(), web)
     }
 
     /// A revoked node gets nothing more: no renewal, no workload SVID, no
