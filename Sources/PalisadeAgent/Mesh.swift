@@ -185,8 +185,7 @@ extension Agent {
     /// peers see.)
     static func checkSendingNode(_ r: InboundRequest, directory: MeshDirectory) -> InboundDecision? {
         // (A dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d.)
-        let text = r.sourceAddress.map { $0.hasPrefix("::ffff:") && $0.contains(".") ? String($0.dropFirst(7)) : $0 }
-        guard let source = text.flatMap(IPAddress.init) else { return nil }
+        guard let source = r.sourceAddress.flatMap(IPAddressText.normalize).flatMap(IPAddress.init) else { return nil }
         if let nodes = directory.registeredNodeAddresses[r.peer] {
             return nodes.contains(source) ? nil
                 : .refuse(status: 403, reason: "\(r.peer) is not registered on the node this tunnel comes from (\(source))")

@@ -17,21 +17,8 @@ func fuzzHTTP1(_ bytes: UnsafeBufferPointer<UInt8>) {
     let caller = EmbeddedChannel(loop: loop)
     let upstream = EmbeddedChannel(loop: loop)
     let workload = EmbeddedChannel(handler: ByteToMessageHandler(HTTPRequestDecoder()), loop: loop)
-    defer {
-        // Every timer fires (the proxy's deadlines hold the gate), then the
-        // channels close: what one connection allocated must all be freed.
-        loop.advanceTime(by: .hours(2))
-        _ = try? caller.finish()
-        _ = try? upstream.finish()
-        _ = try? workload.finish()
-        loop.run()
-        try? loop.syncShutdownGracefully()
-    }
-    let l7 = L7Context(gate: { method, uri, _, _, _ in
-        let ok = method == "GET" && uri.hasPrefix("/public/")
-        return HTTPVerdict(allowed: ok, reason: ok ? "" : "denied", rule: ok ? "public" : nil)
-    }, source: "spiffe://fuzz/caller", destination: "spiffe://fuzz/workload", destinationAddress: "127.0.0.1:80")
-    do { try L7Gate.install(stream: caller, upstream: upstream, l7: l7) } catch { fatalError("install: \(error)") }
+    defer { finishFuzzConnection(loop, [caller, upstream, workload]) }
+    do { try L7Gate.install(stream: caller, upstream: upstream, l7: fuzzPublicOnly) } catch { fatalError("install: \(error)") }
     _ = try? caller.writeInbound(ByteBuffer(bytes: Array(bytes)))
     var requests = 0
     for _ in 0..<64 {
@@ -57,4 +44,19 @@ func fuzzHTTP1(_ bytes: UnsafeBufferPointer<UInt8>) {
         loop.run()
         if !progressed { break }
     }
+}
+
+/// The rules both proxy targets judge by: GET /public/** only.
+let fuzzPublicOnly = L7Context(gate: { method, uri, _, _, _ in
+    let ok = method == "GET" && uri.hasPrefix("/public/")
+    return HTTPVerdict(allowed: ok, reason: ok ? "" : "denied", rule: ok ? "public" : nil)
+}, source: "spiffe://fuzz/caller", destination: "spiffe://fuzz/workload", destinationAddress: "127.0.0.1:80")
+
+/// Every timer fires (the proxy's deadlines hold the gate), then the
+/// channels close: what one connection allocated must all be freed.
+func finishFuzzConnection(_ loop: EmbeddedEventLoop, _ channels: [EmbeddedChannel]) {
+    loop.advanceTime(by: .hours(2))
+    for c in channels { _ = try? c.finish() }
+    loop.run()
+    try? loop.syncShutdownGracefully()
 }

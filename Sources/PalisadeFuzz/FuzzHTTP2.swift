@@ -18,24 +18,13 @@ func fuzzHTTP2(_ bytes: UnsafeBufferPointer<UInt8>) {
     let upstream = EmbeddedChannel(loop: loop)
     let workload = EmbeddedChannel(loop: loop)
     let address = try! SocketAddress(ipAddress: "127.0.0.1", port: 1)
-    defer {
-        loop.advanceTime(by: .hours(2))
-        _ = try? caller.finish()
-        _ = try? upstream.finish()
-        _ = try? workload.finish()
-        loop.run()
-        try? loop.syncShutdownGracefully()
-    }
-    let l7 = L7Context(gate: { method, uri, _, _, _ in
-        let ok = method == "GET" && uri.hasPrefix("/public/")
-        return HTTPVerdict(allowed: ok, reason: ok ? "" : "denied", rule: ok ? "public" : nil)
-    }, source: "spiffe://fuzz/caller", destination: "spiffe://fuzz/workload", destinationAddress: "127.0.0.1:80")
+    defer { finishFuzzConnection(loop, [caller, upstream, workload]) }
     do {
         try caller.connect(to: address).wait()
         try upstream.connect(to: address).wait()
         try workload.connect(to: address).wait()
         try workload.pipeline.syncOperations.addHandler(NIOHTTP2Handler(mode: .server))
-        try H2Relay.install(downstream: caller, upstream: upstream, l7: l7)
+        try H2Relay.install(downstream: caller, upstream: upstream, l7: fuzzPublicOnly)
     } catch { fatalError("install: \(error)") }
 
     var input = ByteBuffer(bytes: L7ProtocolSniffer.preface)

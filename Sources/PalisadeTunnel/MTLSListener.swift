@@ -226,8 +226,8 @@ final class IdentityEcho: ChannelInboundHandler, RemovableChannelHandler, @unche
 
 /// Addresses as text in one spelling (IPv4-mapped IPv6 as IPv4), so a
 /// configured address and a socket's remote address compare equal.
-enum IPAddressText {
-    static func normalize(_ text: String) -> String? {
+public enum IPAddressText {
+    public static func normalize(_ text: String) -> String? {
         var v6 = in6_addr()
         if inet_pton(AF_INET6, text, &v6) == 1 {
             let b = withUnsafeBytes(of: v6) { Array($0) }

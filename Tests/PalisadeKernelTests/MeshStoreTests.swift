@@ -36,26 +36,7 @@ final class MeshStoreTests: XCTestCase {
         let port = Int.random(in: 30000...39000)
         var etcd = try Self.startEtcd(lab, dir: etcdDir, port: port)
         let store = "store: {etcd: [\"http://10.200.0.1:\(port)\"]}"
-        let n1 = try AgentHarness(self, lab: lab, extraConfig: """
-            nodeName: n1
-            \(store)
-            advertiseAddress: "10.200.0.1:15008"
-            workloads:
-            \(MeshTests.workload("a", node: 1, index: 1, lab: lab))
-            """, node: 1)
-        let n2 = try AgentHarness(self, lab: lab, extraConfig: """
-            nodeName: n2
-            \(store)
-            advertiseAddress: "10.200.0.2:15008"
-            workloads:
-            \(MeshTests.workload("b", node: 2, index: 1, lab: lab, extra: ", mtls: strict"))
-            """, node: 2)
-        try n2.writePolicy("b", policyYAML("b-ingress", """
-          selector: {labels: {app: b}}
-          ingress:
-            - from: [{labels: {app: a}}]
-              ports: [{port: 8080}]
-        """))
+        let (n1, n2) = try storeNodes(lab) { _ in store }
         try n2.start(sharingCAOf: n1, firstEndpoints: 1, endpoints: 1)
         try lab.serve("b", "tcp", port: 8080, address: "::")
         let mesh = MeshTests.Mesh(lab: lab, n1: n1, n2: n2)
@@ -143,5 +124,34 @@ final class MeshStoreTests: XCTestCase {
         }
         XCTAssertTrue(back, "the agent reconnected to the store")
         XCTAssertTrue(try t.reach(mesh, from: "a", "10.102.1.2"))
+    }
+}
+
+extension XCTestCase {
+    /// Agents of nodes n1 (workload a) and n2 (workload b, strict mTLS,
+    /// admitting a on TCP 8080) that learn each other from a store only;
+    /// `config(node)` adds the store (and trust) settings. Not started.
+    func storeNodes(_ lab: Lab, config: (Int) -> String) throws -> (AgentHarness, AgentHarness) {
+        let n1 = try AgentHarness(self, lab: lab, extraConfig: """
+            nodeName: n1
+            \(config(1))
+            advertiseAddress: "10.200.0.1:15008"
+            workloads:
+            \(MeshTests.workload("a", node: 1, index: 1, lab: lab))
+            """, node: 1)
+        let n2 = try AgentHarness(self, lab: lab, extraConfig: """
+            nodeName: n2
+            \(config(2))
+            advertiseAddress: "10.200.0.2:15008"
+            workloads:
+            \(MeshTests.workload("b", node: 2, index: 1, lab: lab, extra: ", mtls: strict"))
+            """, node: 2)
+        try n2.writePolicy("b", policyYAML("b-ingress", """
+          selector: {labels: {app: b}}
+          ingress:
+            - from: [{labels: {app: a}}]
+              ports: [{port: 8080}]
+        """))
+        return (n1, n2)
     }
 }

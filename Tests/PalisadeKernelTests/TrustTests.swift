@@ -154,28 +154,7 @@ extension MeshTests {
             let file = try secret("n\(node)-password", String(output.split(separator: "\n").last ?? ""))
             store[node] = "store: {etcd: [\"\(url)\"], user: palisade-node-n\(node), passwordFile: \(file)}"
         }
-        let n1 = try AgentHarness(self, lab: lab, extraConfig: """
-            nodeName: n1
-            \(store[1]!)
-            \(issuer(1))
-            advertiseAddress: "10.200.0.1:15008"
-            workloads:
-            \(MeshTests.workload("a", node: 1, index: 1, lab: lab))
-            """, node: 1)
-        let n2 = try AgentHarness(self, lab: lab, extraConfig: """
-            nodeName: n2
-            \(store[2]!)
-            \(issuer(2))
-            advertiseAddress: "10.200.0.2:15008"
-            workloads:
-            \(MeshTests.workload("b", node: 2, index: 1, lab: lab, extra: ", mtls: strict"))
-            """, node: 2)
-        try n2.writePolicy("b", policyYAML("b-ingress", """
-          selector: {labels: {app: b}}
-          ingress:
-            - from: [{labels: {app: a}}]
-              ports: [{port: 8080}]
-        """))
+        let (n1, n2) = try storeNodes(lab) { node in "\(store[node]!)\n\(issuer(node))" }
         try n1.start()
         try n2.start()
         try lab.serve("b", "tcp", port: 8080, address: "::")

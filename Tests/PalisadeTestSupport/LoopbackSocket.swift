@@ -8,29 +8,34 @@ public final class LoopbackSocket {
 
     /// Connects to 127.0.0.1:port; nil when the connection is refused.
     public init?(port: Int, receiveTimeout seconds: Int = 5) {
-        fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        var tv = timeval(tv_sec: seconds, tv_usec: 0)
-        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
         var a = sockaddr_in()
         a.sin_family = sa_family_t(AF_INET)
         a.sin_port = in_port_t(UInt16(port).bigEndian)
         a.sin_addr.s_addr = inet_addr("127.0.0.1")
-        let r = withUnsafePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        guard let fd = Self.connected(AF_INET, to: a, receiveTimeout: seconds) else { return nil }
+        self.fd = fd
+    }
+
+    /// A stream socket of `family` connected to `address`, or nil.
+    private static func connected<Address>(_ family: Int32, to address: Address, receiveTimeout seconds: Int) -> Int32? {
+        let fd = socket(family, Int32(SOCK_STREAM.rawValue), 0)
+        var tv = timeval(tv_sec: seconds, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        var a = address
+        let r = withUnsafePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<Address>.size)) } }
         if r != 0 { Glibc.close(fd); return nil }
+        return fd
     }
 
     /// Connects to a unix stream socket; nil when that fails.
     public init?(unixPath: String, receiveTimeout seconds: Int = 5) {
-        fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-        var tv = timeval(tv_sec: seconds, tv_usec: 0)
-        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
         var a = sockaddr_un()
         a.sun_family = sa_family_t(AF_UNIX)
         let path = Array(unixPath.utf8)
-        guard path.count < MemoryLayout.size(ofValue: a.sun_path) else { Glibc.close(fd); return nil }
+        guard path.count < MemoryLayout.size(ofValue: a.sun_path) else { return nil }
         withUnsafeMutableBytes(of: &a.sun_path) { raw in raw.copyBytes(from: path) }
-        let r = withUnsafePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
-        if r != 0 { Glibc.close(fd); return nil }
+        guard let fd = Self.connected(AF_UNIX, to: a, receiveTimeout: seconds) else { return nil }
+        self.fd = fd
     }
 
     deinit { Glibc.close(fd) }

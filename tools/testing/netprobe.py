@@ -445,6 +445,18 @@ def h2badserver(port, case):
 H2_CODES = {0: "NO_ERROR", 1: "PROTOCOL_ERROR", 2: "INTERNAL_ERROR", 3: "FLOW_CONTROL_ERROR", 5: "STREAM_CLOSED",
             6: "FRAME_SIZE_ERROR", 7: "REFUSED_STREAM", 8: "CANCEL", 9: "COMPRESSION_ERROR", 11: "ENHANCE_YOUR_CALM"}
 
+def tunnel_tls(sock, cert, key):
+    """The agents' tunnel seen from a client: mTLS 1.3 with an SVID (CERT,
+    KEY), ALPN h2; the server's certificate is not checked here."""
+    import ssl
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.load_cert_chain(cert, key)
+    ctx.set_alpn_protocols(["h2"])
+    return ctx.wrap_socket(sock)
+
 def h2flood(attack, addr, port, count, cert=None, key=None):
     """One HTTP/2 flood of COUNT frames, sent as fast as the socket takes it
     while the answers are read: prints the first GOAWAY's code and whether
@@ -490,14 +502,7 @@ def h2flood(attack, addr, port, count, cert=None, key=None):
             raise SystemExit("unknown attack " + attack)
     s = socket.create_connection((addr, port), timeout=5)
     if cert:   # the agents' tunnel: mTLS 1.3 with an SVID, ALPN h2
-        import ssl
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        ctx.load_cert_chain(cert, key)
-        ctx.set_alpn_protocols(["h2"])
-        s = ctx.wrap_socket(s)
+        s = tunnel_tls(s, cert, key)
     # One thread: Python's TLS sockets cannot be written and read at once
     # from two. Frames go out in 64 KiB pieces whenever the socket takes
     # them, and answers are read as they come.
@@ -564,16 +569,10 @@ def tunnelconnect(addr, port, cert, key, authority):
     """Opens one tunnel stream as an agent would: mTLS 1.3 with CERT/KEY (an
     SVID), ALPN h2, CONNECT to AUTHORITY. Prints "200", or the refusal's
     plain-text reason (the DATA after a non-200 HEADERS)."""
-    import ssl, struct
+    import struct
     def frame(t, flags, stream, payload=b""):
         return struct.pack(">I", len(payload))[1:] + bytes([t, flags]) + struct.pack(">I", stream) + payload
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    ctx.load_cert_chain(cert, key)
-    ctx.set_alpn_protocols(["h2"])
-    s = ctx.wrap_socket(socket.create_connection((addr, port), timeout=5))
+    s = tunnel_tls(socket.create_connection((addr, port), timeout=5), cert, key)
     auth = authority.encode()
     block = b"\x02\x07CONNECT" + b"\x01" + bytes([len(auth)]) + auth   # literals with static names :method, :authority
     s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0) + frame(1, 0x4, 1, block))
