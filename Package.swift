@@ -67,7 +67,8 @@ let package = Package(
         // The trust domain's issuer (`palisade ca serve`): join tokens,
         // registrations, CSR signing over HTTPS; and the node's client of it.
         .target(name: "PalisadeIssuer", dependencies: [
-            "PalisadeCA", "PalisadeIdentity", "PalisadePolicy", "PalisadeTunnel",
+            "PalisadeCA", "PalisadeIdentity", "PalisadePolicy", "PalisadeTunnel", "PalisadeStore",
+            .product(name: "Prometheus", package: "swift-prometheus"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -82,6 +83,7 @@ let package = Package(
             "PalisadeIdentity",
             .product(name: "AsyncHTTPClient", package: "async-http-client"),
             .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             .product(name: "NIOSSL", package: "swift-nio-ssl"),
         ]),
         // Prometheus exposition of kernel counters, map pressure and agent events (NIO HTTP).
@@ -101,7 +103,7 @@ let package = Package(
             .product(name: "Yams", package: "Yams"),
         ]),
         .executableTarget(name: "palisade", dependencies: [
-            "PalisadeAgent", "PalisadeBPF", "PalisadeDatapath", "CPalisadeShared", "PalisadeCA", "PalisadeStore", "PalisadeIssuer",
+            "PalisadeAgent", "PalisadeBPF", "PalisadeDatapath", "CPalisadeShared", "PalisadeCA", "PalisadeStore", "PalisadeIssuer", "PalisadeMetrics",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
@@ -121,7 +123,7 @@ let package = Package(
             .product(name: "NIOEmbedded", package: "swift-nio"),
             .product(name: "X509", package: "swift-certificates"), .product(name: "Crypto", package: "swift-crypto")]),
         .testTarget(name: "PalisadeJWTTests", dependencies: ["PalisadeJWT", .product(name: "JWTKit", package: "jwt-kit")]),
-        .testTarget(name: "PalisadeCATests", dependencies: ["PalisadeCA", "PalisadeIssuer", "PalisadeIdentity",
+        .testTarget(name: "PalisadeCATests", dependencies: ["PalisadeCA", "PalisadeIssuer", "PalisadeIdentity", "PalisadeStore",
             .product(name: "X509", package: "swift-certificates"), .product(name: "Crypto", package: "swift-crypto")]),
         .testTarget(name: "PalisadeStoreTests", dependencies: ["PalisadeStore", "PalisadeIdentity", "PalisadeTestSupport"]),
         .testTarget(name: "PalisadeKernelTests", dependencies: ["PalisadeAgent", "PalisadeDatapath"]),

@@ -334,7 +334,8 @@ extension Agent {
     func publishToStore(_ workloads: [Workload]) {
         guard let sync = storeSync, let advertise = config.advertiseAddress else { return }
         let node = NodeRecord(name: sync.node, tunnelAddress: advertise, trustDomain: config.trustDomain, spiffeID: config.nodeSpiffeID.description,
-                              locality: config.locality)
+                              locality: config.locality,
+                              trusts: trust.current.bundles.mapValues { $0.map(\.serialNumber.description).sorted() })
         let records = workloads.map {
             var ns = $0.namespaceLabels
             ns["kubernetes.io/metadata.name"] = $0.namespace

@@ -11,6 +11,9 @@ struct NodeRecord: Codable, Equatable, Sendable {
     var trustDomain: String
     var spiffeID: String
     var locality: Locality?
+    /// Root serials this node trusts, per trust domain: a federated
+    /// domain's issuer waits for them before it switches to a new root.
+    var trusts: [String: [String]]?
 }
 
 /// A node the operator revoked (`palisade ca revoke-node`), under

@@ -153,6 +153,10 @@ public final class Issuer: Sendable {
         public var trusts: [String] = []
         public var lastSeen: Date?
         public var nodeSVIDSignedBy: String?
+        /// A node of another trust domain that trusts this one (seen in
+        /// the store); nil for this domain's own nodes.
+        public var trustDomain: String?
+        public init() {}
     }
     private let reports = NIOLockedValueBox<[String: NodeReport]>([:])
     private let reportPath = NIOLockedValueBox<String?>(nil)

@@ -14,6 +14,8 @@ public struct Rotation: Codable, Sendable, Equatable {
     public enum Phase: String, Codable, Sendable { case idle, prepared, switched }
     public var phase: Phase = .idle
     public var generation = 0
+    /// When the phase was entered (metrics, status).
+    public var since: Date?
     public init() {}
 
     public static func load(_ state: String) -> Rotation {
@@ -21,7 +23,9 @@ public struct Rotation: Codable, Sendable, Equatable {
     }
 
     public func save(_ state: String) throws {
-        try JSONEncoder().encode(self).write(to: URL(fileURLWithPath: "\(state)/rotation.json"), options: .atomic)
+        var entered = self
+        entered.since = Date()
+        try JSONEncoder().encode(entered).write(to: URL(fileURLWithPath: "\(state)/rotation.json"), options: .atomic)
     }
 
     /// The signing CA and the trusted ones this state means.
@@ -33,15 +37,44 @@ public struct Rotation: Codable, Sendable, Equatable {
         return .init(signing: r.phase == .switched ? next : current, trusted: [current, next], generation: r.generation)
     }
 
-    /// What the running issuer's nodes last reported (`nodes.json`).
+    /// What the running issuer's nodes last reported (`nodes.json`), and
+    /// the federated nodes it saw in the store (`federated.json`, keyed
+    /// NAME@TRUST-DOMAIN).
     public static func reports(_ state: String) -> [String: Issuer.NodeReport] {
         let dec = JSONDecoder()
         dec.dateDecodingStrategy = .iso8601
-        return FileManager.default.contents(atPath: "\(state)/nodes.json").flatMap { try? dec.decode([String: Issuer.NodeReport].self, from: $0) } ?? [:]
+        let read = { (file: String) in
+            FileManager.default.contents(atPath: "\(state)/\(file)").flatMap { try? dec.decode([String: Issuer.NodeReport].self, from: $0) } ?? [:]
+        }
+        return read("nodes.json").merging(read("federated.json")) { own, _ in own }
     }
 
-    /// The serial of the root in `dir/ca.pem`.
+    /// Writes the federated nodes' reports (by the running issuer).
+    public static func saveFederated(_ reports: [String: Issuer.NodeReport], state: String) throws {
+        let enc = JSONEncoder()
+        enc.dateEncodingStrategy = .iso8601
+        enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+        try enc.encode(reports).write(to: URL(fileURLWithPath: "\(state)/federated.json"), options: .atomic)
+    }
+
+    /// The reports a step waits for: this domain's nodes heard from in the
+    /// last 10 minutes, and every federated node the store lists.
+    public static func current(_ reports: [String: Issuer.NodeReport], now: Date = Date()) -> [String: Issuer.NodeReport] {
+        reports.filter { $0.value.trustDomain != nil || ($0.value.lastSeen.map { now.timeIntervalSince($0) } ?? .infinity) < 600 }
+    }
+
+    /// The serial of the signing certificate in `dir/ca.pem` (what a node's
+    /// "signed by" names).
     public static func serial(_ dir: String) -> String? {
         (try? String(contentsOfFile: "\(dir)/ca.pem", encoding: .utf8)).flatMap { try? Certificate(pemEncoded: $0) }?.serialNumber.description
+    }
+
+    /// The serial of the root nodes trust for `dir`: `root.pem` when the CA
+    /// is an intermediate of an offline root, else `ca.pem` (what a node's
+    /// "trusts" names). Rotating an intermediate under the same root needs
+    /// no node to learn anything.
+    public static func rootSerial(_ dir: String) -> String? {
+        guard FileManager.default.fileExists(atPath: "\(dir)/root.pem") else { return serial(dir) }
+        return (try? String(contentsOfFile: "\(dir)/root.pem", encoding: .utf8)).flatMap { try? Certificate(pemEncoded: $0) }?.serialNumber.description
     }
 }

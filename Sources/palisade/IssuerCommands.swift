@@ -5,6 +5,7 @@ import PalisadeAgent
 import PalisadeCA
 import PalisadeIdentity
 import PalisadeIssuer
+import PalisadeMetrics
 import PalisadeStore
 import X509
 
@@ -18,6 +19,9 @@ struct CAServe: ParsableCommand {
     @Option(help: "HOST:PORT to listen on (TLS 1.3).") var listen = "0.0.0.0:15100"
     @Option(help: "Lifetime of node SVIDs, seconds (renewed at half-life; a node past it must join again).") var nodeLifetime = 86400
     @Option(help: "Longest lifetime of workload SVIDs, seconds.") var svidLifetime = 3600
+    @Option(help: "An operator configuration with the store: workload SVIDs only for what the store lists on the node, the bundle published for federated domains, federated nodes waited for in a rotation.")
+    var config: String?
+    @Option(help: "HOST:PORT of the issuer's Prometheus endpoint (loopback by default; 'off' for none).") var metricsAddress = "127.0.0.1:15101"
 
     func run() throws {
         LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
@@ -28,14 +32,27 @@ struct CAServe: ParsableCommand {
         let authorities = try Rotation.authorities(state: state, trustDomain: trustDomain)
         let ca = authorities.signing
         let rulesFile = "\(state)/registrations.yaml"
+        let view = try config.map { path -> IssuerStoreView in
+            guard let sc = try AgentConfig.load(path: path).store else { throw CLIError("--config \(path) has no 'store'") }
+            return IssuerStoreView(store: try sc.makeStore(), prefix: sc.prefix, trustDomain: trustDomain,
+                                   failed: { log.error("store unreachable; workload SVIDs wait for it", metadata: ["error": "\($0)"]) })
+        }
         let issuer = Issuer(ca: ca, tokens: try JoinTokens(directory: "\(state)/tokens"), registrations: try Self.registrations(rulesFile),
                             nodeLifetime: TimeInterval(nodeLifetime), svidLifetime: TimeInterval(svidLifetime),
+                            registered: view.map { v in { v.registered(node: $0) } },
                             log: { log.warning("\($0)") })
         issuer.current = authorities
         issuer.reportFile = "\(state)/nodes.json"
         let revokedFile = "\(state)/revoked.json"
         issuer.revoked = RevokedNodes.load(revokedFile)
         let server = try IssuerServer(issuer: issuer, host: host, port: port)
+        view?.start()
+        var metricsServer: MetricsServer?
+        if metricsAddress != "off" {
+            guard let m = HostPort(metricsAddress, ports: 0...65535) else { throw CLIError("--metrics-address: expected HOST:PORT or off, got '\(metricsAddress)'") }
+            let metrics = IssuerMetrics(issuer: issuer, state: state, store: view)
+            metricsServer = try MetricsServer(host: m.host, port: m.port) { metrics.render() }
+        }
         log.info("issuer running", metadata: ["trust-domain": "\(trustDomain)", "address": "\(host):\(server.localPort)", "state": "\(state)",
                                               "registrations": "\(issuer.registrations.entries.count)"])
         signal(SIGTERM) { _ in stopRequested = 1 }
@@ -46,8 +63,28 @@ struct CAServe: ParsableCommand {
         var seen = Self.stamp(rulesFile), seenRevoked = Self.stamp(revokedFile)
         let rotationStamp = { Self.stamp("\(state)/rotation.json") + Self.stamp("\(state)/ca/ca.pem") }
         var seenRotation = rotationStamp()
+        var publishedBundle: String?, federated: [String: Issuer.NodeReport]?
         while stopRequested == 0 {
             usleep(500_000)
+            if let view {
+                // The roots federated nodes must trust, kept in the store
+                // (both during a rotation); retried until the store takes it.
+                let pem = issuer.bundle.compactMap { try? $0.serializeAsPEM().pemString }.joined(separator: "\n")
+                if pem != publishedBundle {
+                    do {
+                        try runBlocking { try await view.publishBundle(pem) }
+                        publishedBundle = pem
+                        log.info("bundle published for federated trust domains", metadata: ["key": "\(view.bundleKey)", "roots": "\(issuer.bundle.count)"])
+                    } catch {
+                        log.error("bundle not published yet", metadata: ["error": "\(error)"])
+                    }
+                }
+                let seen = view.federatedReports()
+                if seen != federated, view.mirror.connected {
+                    federated = seen
+                    try? Rotation.saveFederated(seen, state: state)
+                }
+            }
             let rotationNow = rotationStamp()
             if rotationNow != seenRotation {
                 seenRotation = rotationNow
@@ -77,6 +114,8 @@ struct CAServe: ParsableCommand {
                 log.error("registrations refused; the previous ones stay", metadata: ["error": "\(error)"])
             }
         }
+        view?.stop()
+        metricsServer?.stop()
         server.stop()
     }
 
@@ -179,11 +218,13 @@ struct CARotate: ParsableCommand {
     @Option(help: "The issuer's state directory.") var state = "/var/lib/palisade-issuer"
     @Argument(help: "prepare, switch, finish or abort.") var step: Step
     @Flag(help: "Skip the check that every node is ready.") var force = false
+    @Option(help: "prepare: the next CA directory (ca.pem, ca.key 0600, and root.pem with chain.pem for an intermediate of an offline root); without it a new self-signed root is made.")
+    var from: String?
 
     func run() throws {
         var r = Rotation.load(state)
         guard let current = Rotation.serial("\(state)/ca") else { throw CLIError("no issuer at \(state)") }
-        let reports = Rotation.reports(state).filter { ($0.value.lastSeen?.timeIntervalSinceNow ?? -.infinity) > -600 }
+        let reports = Rotation.current(Rotation.reports(state))
         switch step {
         case .prepare:
             guard r.phase == .idle else { throw CLIError("a rotation is already \(r.phase.rawValue)") }
@@ -193,13 +234,22 @@ struct CARotate: ParsableCommand {
                 throw CLIError("cannot read the trust domain from \(state)/ca/ca.pem")
             }
             try? FileManager.default.removeItem(atPath: "\(state)/ca-next")
-            _ = try CertificateAuthority.loadOrCreate(directory: "\(state)/ca-next", trustDomain: String(td))
+            if let from {
+                try FileManager.default.copyItem(atPath: from, toPath: "\(state)/ca-next")
+                // (loadOrCreate checks the key's mode and that it matches.)
+                let next = try CertificateAuthority.loadOrCreate(directory: "\(state)/ca-next", trustDomain: String(td))
+                guard next.trustDomain == String(td) else { throw CLIError("\(from) is a CA of \(next.trustDomain), not \(td)") }
+            } else {
+                _ = try CertificateAuthority.loadOrCreate(directory: "\(state)/ca-next", trustDomain: String(td))
+            }
             r.phase = .prepared
             try r.save(state)
-            print("prepared: new root \(Rotation.serial("\(state)/ca-next") ?? "?") published beside \(current); next: palisade ca rotate switch")
+            print("prepared: new root \(Rotation.rootSerial("\(state)/ca-next") ?? "?") published beside \(Rotation.rootSerial("\(state)/ca") ?? current); next: palisade ca rotate switch")
         case .switch:
-            guard r.phase == .prepared, let next = Rotation.serial("\(state)/ca-next") else { throw CLIError("prepare first (phase is \(r.phase.rawValue))") }
-            let waiting = reports.filter { !$0.value.trusts.contains(next) }.keys.sorted()
+            guard r.phase == .prepared, let next = Rotation.serial("\(state)/ca-next"), let nextRoot = Rotation.rootSerial("\(state)/ca-next") else {
+                throw CLIError("prepare first (phase is \(r.phase.rawValue))")
+            }
+            let waiting = reports.filter { !$0.value.trusts.contains(nextRoot) }.keys.sorted()
             guard force || (!reports.isEmpty && waiting.isEmpty) else {
                 throw CLIError("not every node trusts the new root yet: \(reports.isEmpty ? "no node reported" : waiting.joined(separator: ", ")) (they learn it within 10 s; --force skips this)")
             }
@@ -209,7 +259,7 @@ struct CARotate: ParsableCommand {
             print("switched: signing with \(next); every node re-issues its SVIDs; next: palisade ca rotate finish")
         case .finish:
             guard r.phase == .switched, let next = Rotation.serial("\(state)/ca-next") else { throw CLIError("switch first (phase is \(r.phase.rawValue))") }
-            let waiting = reports.filter { $0.value.nodeSVIDSignedBy != next }.keys.sorted()
+            let waiting = reports.filter { $0.value.trustDomain == nil && $0.value.nodeSVIDSignedBy != next }.keys.sorted()
             guard force || waiting.isEmpty else {
                 throw CLIError("these nodes still hold SVIDs of the old root: \(waiting.joined(separator: ", ")) (--force skips this)")
             }
@@ -250,9 +300,15 @@ struct CAStatus: ParsableCommand {
         print("phase:      \(r.phase.rawValue) (generation \(r.generation))")
         print("root:       \(current)\(r.phase == .switched ? "" : " (signing)")")
         if let next { print("new root:   \(next)\(r.phase == .switched ? " (signing)" : "")") }
+        let (currentRoot, nextRoot) = (Rotation.rootSerial("\(state)/ca"), next == nil ? nil : Rotation.rootSerial("\(state)/ca-next"))
         let name = { (serial: String?) -> String in serial == current ? "root" : serial == next ? "new root" : serial == nil ? "-" : "other" }
+        let rootName = { (serial: String?) -> String in serial == currentRoot ? "root" : serial == nextRoot ? "new root" : "other" }
+        if let since = r.since, r.phase != .idle { print("since:      \(Int(-since.timeIntervalSinceNow)) s") }
+        // Nodes of federated trust domains (seen in the store) say which of
+        // this domain's roots they trust; their SVIDs come from their own.
         printTable(["NODE", "LAST SEEN", "TRUSTS", "NODE SVID FROM"], Rotation.reports(state).sorted { $0.key < $1.key }.map { node, rep in
-            [node, rep.lastSeen.map { "\(Int(-$0.timeIntervalSinceNow)) s ago" } ?? "-", rep.trusts.map(name).joined(separator: "+"), name(rep.nodeSVIDSignedBy)]
+            [node, rep.trustDomain != nil ? "in store" : rep.lastSeen.map { "\(Int(-$0.timeIntervalSinceNow)) s ago" } ?? "-",
+             rep.trusts.map(rootName).joined(separator: "+"), rep.trustDomain != nil ? "(\(rep.trustDomain ?? ""))" : name(rep.nodeSVIDSignedBy)]
         })
     }
 }

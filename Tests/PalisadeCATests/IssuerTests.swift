@@ -5,6 +5,7 @@ import XCTest
 import X509
 @testable import PalisadeCA
 @testable import PalisadeIssuer
+import PalisadeStore
 
 /// The issuer over real HTTPS on loopback: a node joins once with a
 /// one-time token, then gets SVIDs only for the SPIFFE IDs it is entitled
@@ -261,6 +262,63 @@ final class IssuerTests: XCTestCase {
         XCTAssertThrowsError(try store.ensure([nodeID], first: nodeID))
         XCTAssertNil(store.cached(nodeID))
         XCTAssertNotNil(issuer.tokens.consume(token).success, "the token was never sent")
+    }
+
+    /// With a store (here the file store), a node gets a workload SVID only
+    /// for what the store lists on it (by key), on top of the registrations;
+    /// nodes of another trust domain report which of this domain's roots
+    /// they trust; the issuer publishes its roots under bundles/TD; the
+    /// metrics follow a rotation's phase and the nodes' progress.
+    func testTheStoreDecidesWhatANodeHostsAndFederatedNodesReport() throws {
+        let store = try FileStore(path: "\(dir!)/store.json")
+        func put(_ key: String, _ json: String) throws { try runBlocking { try await store.put("/palisade/\(key)", json) } }
+        try put("workloads/web-1/frontend", #"{"spiffeID": "spiffe://shop.test/ns/web/sa/frontend"}"#)
+        // (A record under another node's key does not count for web-1.)
+        try put("workloads/web-2/admin", #"{"spiffeID": "spiffe://shop.test/ns/web/sa/admin"}"#)
+        try put("nodes/eu-1", #"{"name": "eu-1", "trustDomain": "eu.test", "trusts": {"eu.test": ["7"], "shop.test": ["1", "2"]}}"#)
+        try put("nodes/eu-2", #"{"name": "eu-2", "trustDomain": "eu.test", "trusts": {"eu.test": ["7"]}}"#)
+        let view = IssuerStoreView(store: store, prefix: "/palisade/", trustDomain: "shop.test")
+        view.start()
+        defer { view.stop() }
+        for _ in 0..<50 where !view.mirror.connected { usleep(20_000) }
+        XCTAssertEqual(view.registered(node: "web-1"), [try SpiffeID("spiffe://shop.test/ns/web/sa/frontend")])
+        XCTAssertEqual(view.federatedReports().keys.sorted(), ["eu-1@eu.test"], "eu-2 does not trust shop.test")
+        XCTAssertEqual(view.federatedReports()["eu-1@eu.test"]?.trusts, ["1", "2"])
+
+        let withStore = Issuer(ca: issuer.ca, tokens: issuer.tokens, registrations: issuer.registrations, nodeLifetime: 600, svidLifetime: 300,
+                               registered: { view.registered(node: $0) })
+        let node = try Issuer.nodeID("web-1", trustDomain: "shop.test")
+        let asked = try ["frontend", "admin"].map { try SVIDRequest.make(SpiffeID("spiffe://shop.test/ns/web/sa/\($0)"), key: P256.Signing.PrivateKey()).csr }
+        let answers = withStore.sign(node: node, csrs: asked, lifetime: 300)
+        XCTAssertNotNil(answers[0].result.success)
+        XCTAssertNil(answers[1].result.success, "allowed by the registrations, but not listed on web-1 in the store")
+        XCTAssertEqual(withStore.counters["refused/not-registered"], 1)
+        // A record appearing later is seen (the watch) and then allowed.
+        try put("workloads/web-1/admin", #"{"spiffeID": "spiffe://shop.test/ns/web/sa/admin"}"#)
+        for _ in 0..<50 where view.registered(node: "web-1").count < 2 { usleep(50_000) }
+        XCTAssertNotNil(withStore.sign(node: node, csrs: [asked[1]], lifetime: 300)[0].result.success)
+
+        try runBlocking { try await view.publishBundle(withStore.ca.bundlePEM) }
+        XCTAssertEqual(try runBlocking { try await store.get("/palisade/bundles/shop.test")?.string }, withStore.ca.bundlePEM)
+
+        // Metrics of a rotation: prepared, one federated node trusting the new root.
+        let state = "\(dir!)/issuer"
+        _ = try CertificateAuthority.loadOrCreate(directory: "\(state)/ca-next", trustDomain: "shop.test")
+        var rotation = Rotation()
+        rotation.phase = .prepared
+        try rotation.save(state)
+        var report = Issuer.NodeReport()
+        report.trusts = [try XCTUnwrap(Rotation.rootSerial("\(state)/ca")), try XCTUnwrap(Rotation.rootSerial("\(state)/ca-next"))]
+        report.trustDomain = "eu.test"
+        try Rotation.saveFederated(["eu-1@eu.test": report], state: state)
+        let text = String(decoding: IssuerMetrics(issuer: withStore, state: state, store: view).render(), as: UTF8.self)
+        for line in ["palisade_issuer_rotation_phase{phase=\"prepared\"} 1", "palisade_issuer_rotation_phase{phase=\"idle\"} 0",
+                     "palisade_issuer_rotation_nodes{state=\"trusting_new_root\"} 1", "palisade_issuer_rotation_nodes{state=\"reporting\"} 1",
+                     "palisade_issuer_svids_issued_total{kind=\"workload\"} 2", "palisade_issuer_requests_refused_total{reason=\"not-registered\"} 1",
+                     "palisade_issuer_store_connected 1"] {
+            XCTAssertTrue(text.contains(line), "\(line) in\n\(text)")
+        }
+        XCTAssertTrue(text.contains("palisade_issuer_rotation_phase_entered_timestamp_seconds"), text)
     }
 
     func testRegistrationsParseAndMatch() throws {
