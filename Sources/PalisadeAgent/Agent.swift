@@ -225,6 +225,9 @@ public final class Agent {
             if !issued.isEmpty || !svids.refused.isEmpty { recordIssuer(error: nil) }
             backOff(svids.refused.isEmpty ? nil : "refused")
             if issued.contains(config.nodeSpiffeID) || (listener == nil && config.tunnelAddress != nil) { try startOrReloadListener() }
+            // A new node SVID: the issuer hears from this node (which roots
+            // it trusts) at once, not at the next probe.
+            if issued.contains(config.nodeSpiffeID) { nextIssuerProbe = .distantPast }
             for id in issued {
                 let info = svids.cached(id)
                 log.info("svid issued", metadata: ["spiffe-id": "\(id)", "serial": "\(info?.serial ?? "?")",
@@ -246,7 +249,11 @@ public final class Agent {
         guard let client = signer as? IssuerClient, Date() >= nextIssuerProbe else { return }
         nextIssuerProbe = Date().addingTimeInterval(Self.issuerProbeInterval)
         do {
+            let before = client.bundle
             let generation = try client.probe()
+            // A root learned just now is reported back at once (the issuer
+            // waits for every node to trust it before it switches).
+            if client.bundle != before { nextIssuerProbe = .distantPast }
             // Back: what failed meanwhile is tried again now.
             if state.issuer?.reachable == false { nextIssuance = .distantPast; issuanceBackoff = 1 }
             // A root the issuer added (rotation) is trusted from now on.

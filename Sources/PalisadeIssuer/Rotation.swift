@@ -58,9 +58,10 @@ public struct Rotation: Codable, Sendable, Equatable {
     }
 
     /// The reports a step waits for: this domain's nodes heard from in the
-    /// last 10 minutes, and every federated node the store lists.
+    /// last 10 minutes or not yet (a node that joined but has not probed
+    /// counts as not ready), and every federated node the store lists.
     public static func current(_ reports: [String: Issuer.NodeReport], now: Date = Date()) -> [String: Issuer.NodeReport] {
-        reports.filter { $0.value.trustDomain != nil || ($0.value.lastSeen.map { now.timeIntervalSince($0) } ?? .infinity) < 600 }
+        reports.filter { $0.value.trustDomain != nil || ($0.value.lastSeen.map { now.timeIntervalSince($0) } ?? 0) < 600 }
     }
 
     /// The serial of the signing certificate in `dir/ca.pem` (what a node's

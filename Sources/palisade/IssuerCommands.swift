@@ -308,7 +308,7 @@ struct CAStatus: ParsableCommand {
         // this domain's roots they trust; their SVIDs come from their own.
         printTable(["NODE", "LAST SEEN", "TRUSTS", "NODE SVID FROM"], Rotation.reports(state).sorted { $0.key < $1.key }.map { node, rep in
             [node, rep.trustDomain != nil ? "in store" : rep.lastSeen.map { "\(Int(-$0.timeIntervalSinceNow)) s ago" } ?? "-",
-             rep.trusts.map(rootName).joined(separator: "+"), rep.trustDomain != nil ? "(\(rep.trustDomain ?? ""))" : name(rep.nodeSVIDSignedBy)]
+             rep.trusts.map(rootName).sorted(by: >).joined(separator: "+"), rep.trustDomain != nil ? "(\(rep.trustDomain ?? ""))" : name(rep.nodeSVIDSignedBy)]
         })
     }
 }

@@ -8,13 +8,15 @@ extension MeshTests {
     final class IssuerProcess {
         let lab: Lab
         let dir: String
+        /// More `ca serve` arguments (e.g. --config with the operator's store).
+        var arguments: [String] = []
         var process: Process?
         init(lab: Lab, dir: String) { self.lab = lab; self.dir = dir }
 
         func start() throws {
             let log = "\(dir)/issuer-\(Date().timeIntervalSince1970).log"
             process = try lab.spawn(netns: lab.nodeNetns(1), [Paths.palisade, "ca", "serve", "--state", dir, "--trust-domain", "test.local",
-                                                              "--listen", "10.200.0.1:15100"], log: log)
+                                                              "--listen", "10.200.0.1:15100"] + arguments, log: log)
             for _ in 0..<100 where !((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").contains("issuer running") { usleep(50_000) }
         }
 
@@ -34,13 +36,14 @@ extension MeshTests {
 
     /// Starts an issuer with `registrations` and makes a join token per
     /// node; returns it and each node's `issuer:` block.
-    func startIssuer(_ lab: Lab, registrations: String) throws -> (issuer: IssuerProcess, config: (Int) -> String) {
+    func startIssuer(_ lab: Lab, registrations: String, arguments: (String) throws -> [String] = { _ in [] }) throws -> (issuer: IssuerProcess, config: (Int) -> String) {
         let dir = NSTemporaryDirectory() + "palisade-issuer-\(lab.prefix)-\(getpid())"
         try? FileManager.default.removeItem(atPath: dir)
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         addTeardownBlock { try? FileManager.default.removeItem(atPath: dir) }
         try registrations.write(toFile: "\(dir)/registrations.yaml", atomically: true, encoding: .utf8)
         let issuer = IssuerProcess(lab: lab, dir: dir)
+        issuer.arguments = try arguments(dir)
         addTeardownBlock { issuer.stop() }
         try issuer.start()
         let bundle = try sh([Paths.palisade, "ca", "bundle", "--issuer-state", dir]).output
