@@ -1,23 +1,29 @@
 import Foundation
 import XCTest
 
-/// Four nodes, two trust domains federated through one etcd: test.local
-/// (n1: a, n2: b) gets its SVIDs from an issuer that reads the store;
-/// other.local (n3: x, n4: w) runs on its own CA. test.local's root is
-/// rotated while traffic crosses both domains.
+/// Four nodes, two trust domains federated through one etcd with
+/// authentication on (a user per node), each domain with its own issuer
+/// that reads the store: test.local (n1: a, n2: b; issuer on n1) and
+/// other.local (n3: x, n4: w; issuer on n3). No node holds a signing key.
+/// test.local's root is rotated while traffic crosses both domains.
 extension MeshTests {
     func testRootRotationAcrossFederatedTrustDomainsDropsNothing() throws {
         try requireKernel()
         let lab = try Lab(self, prefix: "ptrust6", meshPods: ["1:a", "2:b", "3:x", "4:w"])
-        let port = Int.random(in: 30000...39000)
-        let url = "http://10.200.0.1:\(port)"
-        var etcd: Process?
-        let (issuer, issuerConfig) = try startIssuer(lab, registrations: Self.registrationsAB) { dir in
-            etcd = try MeshStoreTests.startEtcd(lab, dir: "\(dir)/etcd", port: port)
-            try "tunnelAddress: off\nstore: {etcd: [\"\(url)\"]}\n".write(toFile: "\(dir)/operator.yaml", atomically: true, encoding: .utf8)
-            return ["--config", "\(dir)/operator.yaml"]
+        var store: AuthenticatedStore!
+        let (issuer, testLocal) = try startIssuer(lab, registrations: Self.registrationsAB) { dir in
+            store = try self.authenticatedStore(lab, dir: dir, nodes: [1, 2, 3, 4])
+            return ["--config", store.operatorConfig]
         }
-        addTeardownBlock { etcd?.terminate(); etcd?.waitUntilExit() }
+        let (otherIssuer, otherLocal) = try startIssuer(lab, registrations: """
+            apiVersion: palisade.dev/v1
+            kind: Registrations
+            entries:
+              - nodes: [n3]
+                spiffeIDs: ["spiffe://other.local/ns/default/sa/x"]
+              - nodes: [n4]
+                spiffeIDs: ["spiffe://other.local/ns/default/sa/w"]
+            """, trustDomain: "other.local", on: 3, joining: [3, 4]) { _ in ["--config", store.operatorConfig] }
         let dir = issuer.dir
 
         let pods = [1: ("a", "test.local"), 2: ("b", "test.local"), 3: ("x", "other.local"), 4: ("w", "other.local")]
@@ -27,9 +33,9 @@ extension MeshTests {
             agents[n] = try AgentHarness(self, lab: lab, extraConfig: """
                 nodeName: n\(n)
                 trustDomain: \(td)
-                store: {etcd: ["\(url)"]}
+                \(store.config(n))
                 advertiseAddress: "10.200.0.\(n):15008"
-                \(td == "test.local" ? issuerConfig(n) : "")
+                \(td == "test.local" ? testLocal(n) : otherLocal(n))
                 workloads:
                   - {name: \(pod), spiffeID: "spiffe://\(td)/ns/default/sa/\(pod)", labels: {app: \(pod)}, addresses: ["10.10\(n).1.2"], \
                 interface: \(lab.prefix)\(pod), cgroup: "\(lab.podCgroup(pod))"}
@@ -42,9 +48,7 @@ extension MeshTests {
         // b admits a (same domain) and x (federated); w admits a.
         try agents[2]!.writePolicy("b", policyYAML("b-ingress", "  selector: {labels: {app: b}}\n  ingress:\n    - from: [{labels: {app: a}}, {labels: {app: x}}]\n      ports: [{port: 8080}]\n"))
         try agents[4]!.writePolicy("w", policyYAML("w-ingress", "  selector: {labels: {app: w}}\n  ingress:\n    - from: [{labels: {app: a}}]\n      ports: [{port: 8080}]\n"))
-        try agents[1]!.start()
-        try agents[2]!.start()
-        try agents[4]!.start(sharingCAOf: agents[3]!, firstEndpoints: 1, endpoints: 1)
+        for n in 1...4 { try agents[n]!.start() }
         try lab.serve("b", "tcp", port: 8080, address: "0.0.0.0")
         try lab.serve("w", "tcp", port: 8080, address: "0.0.0.0")
 
@@ -53,11 +57,14 @@ extension MeshTests {
         for (pod, address) in paths {
             var ok = false
             for _ in 0..<100 where !ok { ok = try MeshTests.reach(m, from: pod, address); if !ok { usleep(250_000) } }
-            XCTAssertTrue(ok, "\(pod) -> \(address) before the rotation\n\((1...4).map { agents[$0]!.warnings() })\n\(issuer.log)")
+            XCTAssertTrue(ok, "\(pod) -> \(address) before the rotation\n\((1...4).map { agents[$0]!.warnings() })\n\(issuer.log)\n\(otherIssuer.log)")
         }
         XCTAssertFalse(try MeshTests.reach(m, from: "x", "10.104.1.2"), "w does not admit x")
-        // The issuer read the store: a and b were issued because each is listed on its node.
-        XCTAssertFalse(issuer.log.contains("not-registered"), issuer.log)
+        for n in 1...4 {
+            XCTAssertFalse(FileManager.default.fileExists(atPath: "\(agents[n]!.dir)/ca"), "no CA directory on n\(n)")
+            XCTAssertFalse(agents[n]!.warnings().contains("permission denied"), agents[n]!.warnings())
+        }
+        XCTAssertTrue(otherIssuer.log.contains("bundle published"), otherIssuer.log)
 
         final class Traffic: @unchecked Sendable { let lock = NSLock(); var ok = 0; var failed: [String] = []; var done = false }
         let traffic = Traffic()

@@ -4,19 +4,24 @@ import XCTest
 /// Nodes that hold no signing key: an issuer (`palisade ca serve`) in the
 /// lab signs CSRs; each node joins it with a one-time token.
 extension MeshTests {
-    /// An issuer process on node 1's cloud address (10.200.0.1:15100).
+    /// An issuer process on a node's cloud address (10.200.0.N:15100).
     final class IssuerProcess {
         let lab: Lab
         let dir: String
+        let trustDomain: String
+        let node: Int
         /// More `ca serve` arguments (e.g. --config with the operator's store).
         var arguments: [String] = []
         var process: Process?
-        init(lab: Lab, dir: String) { self.lab = lab; self.dir = dir }
+        init(lab: Lab, dir: String, trustDomain: String = "test.local", node: Int = 1) {
+            self.lab = lab; self.dir = dir; self.trustDomain = trustDomain; self.node = node
+        }
+        var address: String { "10.200.0.\(node):15100" }
 
         func start() throws {
             let log = "\(dir)/issuer-\(Date().timeIntervalSince1970).log"
-            process = try lab.spawn(netns: lab.nodeNetns(1), [Paths.palisade, "ca", "serve", "--state", dir, "--trust-domain", "test.local",
-                                                              "--listen", "10.200.0.1:15100"] + arguments, log: log)
+            process = try lab.spawn(netns: lab.nodeNetns(node), [Paths.palisade, "ca", "serve", "--state", dir, "--trust-domain", trustDomain,
+                                                                 "--listen", address] + arguments, log: log)
             for _ in 0..<100 where !((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").contains("issuer running") { usleep(50_000) }
         }
 
@@ -36,24 +41,26 @@ extension MeshTests {
 
     /// Starts an issuer with `registrations` and makes a join token per
     /// node; returns it and each node's `issuer:` block.
-    func startIssuer(_ lab: Lab, registrations: String, arguments: (String) throws -> [String] = { _ in [] }) throws -> (issuer: IssuerProcess, config: (Int) -> String) {
-        let dir = NSTemporaryDirectory() + "palisade-issuer-\(lab.prefix)-\(getpid())"
+    func startIssuer(_ lab: Lab, registrations: String, trustDomain: String = "test.local", on node: Int = 1, joining nodes: [Int] = [1, 2],
+                     arguments: (String) throws -> [String] = { _ in [] }) throws -> (issuer: IssuerProcess, config: (Int) -> String) {
+        let dir = NSTemporaryDirectory() + "palisade-issuer-\(lab.prefix)-\(trustDomain)-\(getpid())"
         try? FileManager.default.removeItem(atPath: dir)
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         addTeardownBlock { try? FileManager.default.removeItem(atPath: dir) }
         try registrations.write(toFile: "\(dir)/registrations.yaml", atomically: true, encoding: .utf8)
-        let issuer = IssuerProcess(lab: lab, dir: dir)
+        let issuer = IssuerProcess(lab: lab, dir: dir, trustDomain: trustDomain, node: node)
         issuer.arguments = try arguments(dir)
         addTeardownBlock { issuer.stop() }
         try issuer.start()
         let bundle = try sh([Paths.palisade, "ca", "bundle", "--issuer-state", dir]).output
         try bundle.write(toFile: "\(dir)/bundle.pem", atomically: true, encoding: .utf8)
-        for node in 1...2 {
+        for node in nodes {
             let token = try sh([Paths.palisade, "ca", "join-token", "--state", dir, "--node", "n\(node)", "--ttl", "5m"]).output
             try token.write(toFile: "\(dir)/token-n\(node)", atomically: true, encoding: .utf8)
         }
+        let address = issuer.address
         return (issuer, { node in
-            "issuer: {address: \"10.200.0.1:15100\", bundle: \(dir)/bundle.pem, joinTokenFile: \(dir)/token-n\(node)}"
+            "issuer: {address: \"\(address)\", bundle: \(dir)/bundle.pem, joinTokenFile: \(dir)/token-n\(node)}"
         })
     }
 
@@ -127,22 +134,28 @@ extension MeshTests {
         let cli: ([String], Bool) throws -> (status: Int32, output: String)
     }
 
-    func setUpNothingShared(_ prefix: String) throws -> NothingShared {
-        try requireKernel()
-        let lab = try Lab(self, prefix: prefix, meshPods: ["1:a", "2:b"])
-        let (issuerProcess, issuer) = try startIssuer(lab, registrations: Self.registrationsAB)
-        let issuerDir = issuerProcess.dir
+    /// etcd on node 1 with authentication on, as an operator sets it up:
+    /// root turns it on (`palisade store enable-auth`), then makes each
+    /// node's user (`grant-node`). Returns the operator's configuration
+    /// (root), each node's `store:` line and a CLI run on node 1.
+    struct AuthenticatedStore {
+        let url: String
+        let operatorConfig: String
+        let config: (Int) -> String
+        let cli: ([String], Bool) throws -> (status: Int32, output: String)
+    }
+
+    func authenticatedStore(_ lab: Lab, dir: String, nodes: [Int]) throws -> AuthenticatedStore {
         let port = Int.random(in: 30000...39000)
-        let etcd = try MeshStoreTests.startEtcd(lab, dir: "\(issuerDir)/etcd", port: port)
+        let etcd = try MeshStoreTests.startEtcd(lab, dir: "\(dir)/etcd", port: port)
         addTeardownBlock { etcd.terminate(); etcd.waitUntilExit() }
         let url = "http://10.200.0.1:\(port)"
         func secret(_ name: String, _ text: String) throws -> String {
-            let path = "\(issuerDir)/\(name)"
+            let path = "\(dir)/\(name)"
             try text.write(toFile: path, atomically: true, encoding: .utf8)
             chmod(path, 0o600)
             return path
         }
-        // The operator: root turns authentication on, then makes each node's user.
         let rootPassword = try secret("root-password", "root-\(UUID().uuidString)")
         let anonymous = try secret("operator-anonymous.yaml", "tunnelAddress: off\nstore: {etcd: [\"\(url)\"]}\n")
         let operatorConfig = try secret("operator.yaml", "tunnelAddress: off\nstore: {etcd: [\"\(url)\"], user: root, passwordFile: \(rootPassword)}\n")
@@ -150,14 +163,24 @@ extension MeshTests {
             try sh(["nsenter", "--net=\(lab.nodeNetns(1))", Paths.palisade] + args, check: check)
         }
         _ = try cli(["store", "enable-auth", "--root-password-file", rootPassword, "--config", anonymous], true)
-        var store: [Int: String] = [:]
-        for node in 1...2 {
+        var lines: [Int: String] = [:]
+        for node in nodes {
             // (The password is the last line: the note about it goes to stderr.)
             let output = try cli(["store", "grant-node", "--node", "n\(node)", "--config", operatorConfig], true).output
             let file = try secret("n\(node)-password", String(output.split(separator: "\n").last ?? ""))
-            store[node] = "store: {etcd: [\"\(url)\"], user: palisade-node-n\(node), passwordFile: \(file)}"
+            lines[node] = "store: {etcd: [\"\(url)\"], user: palisade-node-n\(node), passwordFile: \(file)}"
         }
-        let (n1, n2) = try storeNodes(lab) { node in "\(store[node]!)\n\(issuer(node))" }
+        return AuthenticatedStore(url: url, operatorConfig: operatorConfig, config: { lines[$0] ?? "" }, cli: cli)
+    }
+
+    func setUpNothingShared(_ prefix: String) throws -> NothingShared {
+        try requireKernel()
+        let lab = try Lab(self, prefix: prefix, meshPods: ["1:a", "2:b"])
+        let (issuerProcess, issuer) = try startIssuer(lab, registrations: Self.registrationsAB)
+        let issuerDir = issuerProcess.dir
+        let store = try authenticatedStore(lab, dir: issuerDir, nodes: [1, 2])
+        let (operatorConfig, cli) = (store.operatorConfig, store.cli)
+        let (n1, n2) = try storeNodes(lab) { node in "\(store.config(node))\n\(issuer(node))" }
         try n1.start()
         try n2.start()
         try lab.serve("b", "tcp", port: 8080, address: "::")
