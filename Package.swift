@@ -50,10 +50,26 @@ let package = Package(
         ]),
         // Tokens at the edge: a JWT from a configured issuer (JWKS file) mapped to an identity.
         .target(name: "PalisadeJWT", dependencies: [.product(name: "JWTKit", package: "jwt-kit")]),
+        // Byte relays between two channels and marked connections to workloads
+        // (shared by the tunnel and the L7 proxy).
+        .target(name: "PalisadeRelay", dependencies: [
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+        ]),
+        // The L7 proxy: HTTP/1.1 and HTTP/2 requests judged one by one (gate,
+        // frame relay, upgrades), the HTTP/2 caller guard, the access log entry.
+        .target(name: "PalisadeL7", dependencies: [
+            "PalisadeRelay",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "NIOHTTP2", package: "swift-nio-http2"),
+            .product(name: "NIOHPACK", package: "swift-nio-http2"),
+        ]),
         // Agent-to-agent mTLS (TLS 1.3 only, SPIFFE verification in the handshake),
         // HBONE-style HTTP/2 CONNECT streams over it, the pool, the outbound listener.
         .target(name: "PalisadeTunnel", dependencies: [
-            "PalisadeCA", "PalisadeIdentity",
+            "PalisadeCA", "PalisadeIdentity", "PalisadeRelay", "PalisadeL7",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             .product(name: "NIOHTTP2", package: "swift-nio-http2"),
@@ -96,14 +112,14 @@ let package = Package(
         ]),
         // Configuration, workload enrollment, state directory, reconcile loop.
         .target(name: "PalisadeAgent", dependencies: [
-            "PalisadeDatapath", "PalisadePolicy", "PalisadeMetrics", "PalisadeCA", "PalisadeTunnel", "PalisadeJWT", "PalisadeStore", "PalisadeIssuer",
+            "PalisadeDatapath", "PalisadePolicy", "PalisadeMetrics", "PalisadeCA", "PalisadeTunnel", "PalisadeL7", "PalisadeJWT", "PalisadeStore", "PalisadeIssuer",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "Yams", package: "Yams"),
         ]),
         .executableTarget(name: "palisade", dependencies: [
-            "PalisadeAgent", "PalisadeBPF", "PalisadeDatapath", "CPalisadeShared", "PalisadeCA", "PalisadeStore", "PalisadeIssuer", "PalisadeMetrics",
+            "PalisadeAgent", "PalisadeBPF", "PalisadeDatapath", "CPalisadeShared", "PalisadeCA", "PalisadeStore", "PalisadeIssuer", "PalisadeMetrics", "PalisadeL7",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
@@ -113,10 +129,10 @@ let package = Package(
         .testTarget(name: "PalisadePolicyTests", dependencies: ["PalisadePolicy"]),
         .testTarget(name: "PalisadeMetricsTests", dependencies: ["PalisadeMetrics", "PalisadeTestSupport",
             .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOConcurrencyHelpers", package: "swift-nio")]),
-        .testTarget(name: "PalisadeAgentTests", dependencies: ["PalisadeAgent", "PalisadeTunnel", "PalisadeTestSupport", "CPalisadeShared",
+        .testTarget(name: "PalisadeAgentTests", dependencies: ["PalisadeAgent", "PalisadeTunnel", "PalisadeL7", "PalisadeTestSupport", "CPalisadeShared",
             "PalisadePolicy", "PalisadeIdentity",
             .product(name: "NIOConcurrencyHelpers", package: "swift-nio")]),
-        .testTarget(name: "PalisadeTunnelTests", dependencies: ["PalisadeTunnel", "PalisadeCA", "PalisadeTestSupport", "PalisadeIdentity", "PalisadeAgent", "PalisadeJWT",
+        .testTarget(name: "PalisadeTunnelTests", dependencies: ["PalisadeTunnel", "PalisadeL7", "PalisadeRelay", "PalisadeCA", "PalisadeTestSupport", "PalisadeIdentity", "PalisadeAgent", "PalisadeJWT",
             "PalisadePolicy", .product(name: "JWTKit", package: "jwt-kit"),
             .product(name: "NIOSSL", package: "swift-nio-ssl"), .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"), .product(name: "NIOHPACK", package: "swift-nio-http2"),
@@ -134,7 +150,7 @@ let package = Package(
 // The libFuzzer target exists only for tools/fuzz/run (it has no main).
 if ProcessInfo.processInfo.environment["PALISADE_FUZZ"] == "1" {
     package.targets.append(.executableTarget(name: "PalisadeFuzz", dependencies: [
-        "PalisadePolicy", "PalisadeIdentity", "PalisadeCA", "PalisadeStore", "PalisadeAgent", "PalisadeTunnel",
+        "PalisadePolicy", "PalisadeIdentity", "PalisadeCA", "PalisadeStore", "PalisadeAgent", "PalisadeTunnel", "PalisadeL7",
         .product(name: "X509", package: "swift-certificates"),
         .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOEmbedded", package: "swift-nio"),
         .product(name: "NIOHTTP1", package: "swift-nio"),

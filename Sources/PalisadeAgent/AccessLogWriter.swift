@@ -1,5 +1,6 @@
 import Dispatch
 import Foundation
+import PalisadeL7
 import PalisadeTunnel
 
 /// Writes access-log lines off the event loops. The proxy only appends a

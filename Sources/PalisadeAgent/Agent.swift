@@ -9,6 +9,7 @@ import PalisadeIdentity
 import PalisadeIssuer
 import PalisadeMetrics
 import PalisadePolicy
+import PalisadeL7
 import PalisadeTunnel
 import PalisadeStore
 import NIOPosix

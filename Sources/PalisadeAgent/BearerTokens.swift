@@ -1,6 +1,7 @@
 import NIOCore
 import PalisadeJWT
 import PalisadeStore
+import PalisadeL7
 import PalisadeTunnel
 
 /// Bearer tokens for the L7 proxy: requests to destinations whose HTTP

@@ -7,6 +7,7 @@ import PalisadeCA
 import PalisadeDatapath
 import PalisadeIdentity
 import PalisadePolicy
+import PalisadeL7
 import PalisadeTunnel
 
 /// What the tunnel's event loops need from the reconcile loop, published as

@@ -1,7 +1,7 @@
 import Foundation
 import PalisadeIdentity
 import SwiftASN1
-import X509
+@_spi(FixedExpiryValidationTime) import X509
 
 /// Why a certificate was refused, in words an operator can act on.
 public struct SVIDRejection: Error, CustomStringConvertible, Equatable {
@@ -77,7 +77,7 @@ public struct SPIFFEVerifier: Sendable {
             return .failure(.init("no trust bundle for trust domain \(id.trustDomain)"))
         }
         var verifier = Verifier(rootCertificates: CertificateStore(roots)) {
-            RFC5280Policy(fixedValidationTime: now)
+            RFC5280Policy(fixedExpiryValidationTime: now)
             SPIFFELeafPolicy(trustDomain: id.trustDomain)
         }
         switch await verifier.validate(leaf: leaf, intermediates: CertificateStore(intermediates)) {

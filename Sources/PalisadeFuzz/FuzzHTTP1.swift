@@ -2,7 +2,7 @@ import Foundation
 import NIOCore
 import NIOEmbedded
 import NIOHTTP1
-@testable import PalisadeTunnel
+@testable import PalisadeL7
 
 /// Target "http1": any bytes from a caller into the HTTP/1.1 proxy (NIO's
 /// decoder, the gate), with a workload that answers every request. The

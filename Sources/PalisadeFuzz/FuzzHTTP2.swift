@@ -3,7 +3,7 @@ import NIOCore
 import NIOEmbedded
 import NIOHPACK
 import NIOHTTP2
-@testable import PalisadeTunnel
+@testable import PalisadeL7
 
 /// Target "http2": any frames from a caller (the input follows the
 /// connection preface) into the HTTP/2 relay, with a workload (NIO's

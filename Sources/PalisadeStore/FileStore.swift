@@ -42,8 +42,7 @@ public final class FileStore: Store, @unchecked Sendable {
         if c.revision != before {
             let data = try JSONEncoder().encode(c)
             let tmp = path + ".tmp"
-            FileManager.default.createFile(atPath: tmp, contents: data, attributes: [.posixPermissions: 0o600])
-            guard rename(tmp, path) == 0 else { throw StoreError.unavailable("cannot replace \(path)") }
+            guard FileManager.default.createFile(atPath: tmp, contents: data, attributes: [.posixPermissions: 0o600]), rename(tmp, path) == 0 else { throw StoreError.unavailable("cannot replace \(path)") }
         }
         return result
     }

@@ -1,6 +1,8 @@
 import Foundation
 import NIOConcurrencyHelpers
 import NIOCore
+import PalisadeL7
+import PalisadeRelay
 import NIOPosix
 import NIOSSL
 import NIOTLS

@@ -1,5 +1,7 @@
 import Foundation
 import NIOCore
+import PalisadeL7
+import PalisadeRelay
 import NIOPosix
 import PalisadeIdentity
 

@@ -1,5 +1,7 @@
 import Foundation
 import NIOCore
+import PalisadeL7
+import PalisadeRelay
 import NIOHPACK
 import NIOHTTP1
 import NIOHTTP2

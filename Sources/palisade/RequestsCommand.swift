@@ -1,7 +1,7 @@
 import ArgumentParser
 import Foundation
 import PalisadeAgent
-import PalisadeTunnel
+import PalisadeL7
 
 /// `palisade requests`: the L7 proxy's access log, filtered and readable —
 /// which request was denied, by which rule, for whom. Reads

@@ -1,7 +1,7 @@
 import Foundation
 import XCTest
 @testable import PalisadeAgent
-@testable import PalisadeTunnel
+@testable import PalisadeL7
 
 /// The access-log writer: lines from many threads all arrive whole, the
 /// file is private, rotation keeps one previous file, a backlog past its

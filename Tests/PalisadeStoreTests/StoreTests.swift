@@ -241,10 +241,11 @@ final class StoreTests: XCTestCase {
         let etcd = try EtcdProcess(self)
         let ids = try (0..<30).map { try SpiffeID("spiffe://test.local/ns/default/sa/w\($0)") }
         let agents = 8
+        let url = etcd.url
         let results = try await withThrowingTaskGroup(of: [SpiffeID: UInt32].self) { group in
             for a in 0..<agents {
                 group.addTask {
-                    let store = try EtcdStore(endpoints: [etcd.url])
+                    let store = try EtcdStore(endpoints: [url])
                     let allocator = ClusterIdentities(store: store)
                     var mine: [SpiffeID: UInt32] = [:]
                     for id in ids.shuffled() { mine[id] = try await allocator.identity(for: id, node: "node\(a)").rawValue }

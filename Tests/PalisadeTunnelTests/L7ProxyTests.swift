@@ -9,6 +9,7 @@ import NIOHTTP1
 import PalisadeAgent
 import PalisadeJWT
 import PalisadePolicy
+@testable import PalisadeL7
 @testable import PalisadeTunnel
 
 /// The in-agent HTTP proxy on loopback (no kernel): curl -> outbound proxy

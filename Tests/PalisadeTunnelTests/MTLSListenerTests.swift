@@ -8,6 +8,7 @@ import PalisadeTestSupport
 import XCTest
 @testable import PalisadeCA
 import PalisadeIdentity
+@testable import PalisadeL7
 import PalisadeTunnel
 
 /// Certificates presented to the agent's mTLS listener over loopback: the

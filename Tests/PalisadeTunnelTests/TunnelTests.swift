@@ -5,6 +5,7 @@ import PalisadeTestSupport
 import XCTest
 @testable import PalisadeCA
 import PalisadeIdentity
+@testable import PalisadeL7
 @testable import PalisadeTunnel
 
 /// The tunnel without the kernel: a plain TCP client -> outbound proxy ->

@@ -1,5 +1,6 @@
 import NIOCore
 import NIOHTTP1
+import PalisadeRelay
 
 /// HTTP/1.1 protocol upgrades through the L7 proxy. Only WebSocket is let
 /// through: its handshake is an HTTP request the rules judge, and what

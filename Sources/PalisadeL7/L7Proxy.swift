@@ -91,21 +91,29 @@ public enum L7AppProtocol: Sendable {
 
 /// Who is talking to whom through one proxied connection, and where its
 /// requests are judged and logged.
-struct L7Context: Sendable {
-    var gate: HTTPGate
+package struct L7Context: Sendable {
+    package var gate: HTTPGate
     /// Only then are a request's headers collected for the gate.
-    var usesHeaders: Bool = true
+    package var usesHeaders: Bool = true
     /// Set when the rules name JWT identities: a request's bearer token is
     /// verified before it is judged.
-    var verifyBearer: BearerVerifier? = nil
-    var appProtocol = L7AppProtocol.detect
-    var source: String
-    var destination: String
-    var destinationAddress: String
-    var log: (@Sendable (AccessLogEntry) -> Void)?
+    package var verifyBearer: BearerVerifier? = nil
+    package var appProtocol = L7AppProtocol.detect
+    package var source: String
+    package var destination: String
+    package var destinationAddress: String
+    package var log: (@Sendable (AccessLogEntry) -> Void)?
     /// The caller's side is a tunnel stream (an HTTP/2 stream ends itself
     /// once END_STREAM went both ways), not a socket.
-    var callerIsStream = false
+    package var callerIsStream = false
+
+    package init(gate: @escaping HTTPGate, usesHeaders: Bool = true, verifyBearer: BearerVerifier? = nil, appProtocol: L7AppProtocol = .detect,
+                 source: String, destination: String, destinationAddress: String, log: (@Sendable (AccessLogEntry) -> Void)? = nil,
+                 callerIsStream: Bool = false) {
+        self.gate = gate; self.usesHeaders = usesHeaders; self.verifyBearer = verifyBearer; self.appProtocol = appProtocol
+        self.source = source; self.destination = destination; self.destinationAddress = destinationAddress; self.log = log
+        self.callerIsStream = callerIsStream
+    }
 
     /// One finished (or refused) request, to the access log and metrics.
     func record(method: String, path: String, status: Int, requestBytes: Int, responseBytes: Int, start: Date, verdict: HTTPVerdict) {
@@ -123,9 +131,9 @@ struct L7Context: Sendable {
 /// with 403 — the connection stays usable. Bodies stream through, never
 /// buffered whole; at most `maxQueuedParts` pipelined parts wait.
 final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Sendable {
-    typealias InboundIn = HTTPServerRequestPart
-    typealias OutboundIn = HTTPServerResponsePart
-    typealias OutboundOut = HTTPServerResponsePart
+    package typealias InboundIn = HTTPServerRequestPart
+    package typealias OutboundIn = HTTPServerResponsePart
+    package typealias OutboundOut = HTTPServerResponsePart
 
     let l7: L7Context
     var gate: HTTPGate { l7.gate }
@@ -245,7 +253,7 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
     /// Backpressure: the caller is read only while the workload's
     /// connection can take more (and no response is awaited with parts
     /// queued), so a body of any size streams through bounded buffers.
-    func read(context: ChannelHandlerContext) {
+    package func read(context: ChannelHandlerContext) {
         if let upstream, !upstream.isWritable || queue.count > 64 {
             pendingRead = true
         } else {
@@ -263,29 +271,29 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
     var writable: Bool { context?.channel.isWritable ?? false }
     weak var upstreamHandler: L7Upstream?
 
-    func channelWritabilityChanged(context: ChannelHandlerContext) {
+    package func channelWritabilityChanged(context: ChannelHandlerContext) {
         if context.channel.isWritable { upstreamHandler?.resumeRead() }
         context.fireChannelWritabilityChanged()
     }
 
-    func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+    package func handlerAdded(context: ChannelHandlerContext) { self.context = context }
 
     /// A context holds its handler: keeping it past removal would keep the
     /// gate, both pipelines and the workload's channel alive after the
     /// connection ended.
-    func handlerRemoved(context: ChannelHandlerContext) {
+    package func handlerRemoved(context: ChannelHandlerContext) {
         self.context = nil
         headDeadline?.cancel()
         bodyCheck?.cancel()
         idleDeadline?.cancel()
     }
 
-    func channelReadComplete(context: ChannelHandlerContext) {
+    package func channelReadComplete(context: ChannelHandlerContext) {
         upstream?.flush()
         context.fireChannelReadComplete()
     }
 
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+    package func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let part = unwrapInboundIn(data)
         track(part)
         queue.append(part)
@@ -453,7 +461,7 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
         }
     }
 
-    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+    package func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if let e = event as? ChannelEvent, e == .inputClosed {
             inputClosed = true
             pump()
@@ -467,7 +475,7 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
         context?.close(mode: .output, promise: nil)
     }
 
-    func errorCaught(context: ChannelHandlerContext, error: Error) {
+    package func errorCaught(context: ChannelHandlerContext, error: Error) {
         // A request the decoder refused (smuggling attempt, bad header name):
         // answer 400 and close, never forward it; a head over the limits: 431.
         if let e = error as? HTTPParserError {
@@ -501,7 +509,7 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
         }
     }
 
-    func channelInactive(context: ChannelHandlerContext) {
+    package func channelInactive(context: ChannelHandlerContext) {
         headDeadline?.cancel()
         bodyCheck?.cancel()
         idleDeadline?.cancel()
@@ -513,21 +521,21 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
 /// The workload's side: responses go back through the gate, read only
 /// while the caller's side can take them.
 final class L7Upstream: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Sendable {
-    typealias InboundIn = HTTPClientResponsePart
-    typealias OutboundIn = HTTPClientRequestPart
+    package typealias InboundIn = HTTPClientResponsePart
+    package typealias OutboundIn = HTTPClientRequestPart
     weak var gate: L7Gate?
     let stream: Channel
     private var context: ChannelHandlerContext?
     private var pendingRead = false
     init(gate: L7Gate, stream: Channel) { self.gate = gate; self.stream = stream }
-    func handlerAdded(context: ChannelHandlerContext) { self.context = context }
-    func handlerRemoved(context: ChannelHandlerContext) { self.context = nil }
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) { gate?.fromUpstream(unwrapInboundIn(data)) }
-    func channelReadComplete(context: ChannelHandlerContext) {
+    package func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+    package func handlerRemoved(context: ChannelHandlerContext) { self.context = nil }
+    package func channelRead(context: ChannelHandlerContext, data: NIOAny) { gate?.fromUpstream(unwrapInboundIn(data)) }
+    package func channelReadComplete(context: ChannelHandlerContext) {
         stream.flush()
         context.fireChannelReadComplete()
     }
-    func read(context: ChannelHandlerContext) {
+    package func read(context: ChannelHandlerContext) {
         if let gate, !gate.writable {
             pendingRead = true
         } else {
@@ -540,25 +548,25 @@ final class L7Upstream: ChannelDuplexHandler, RemovableChannelHandler, @unchecke
             context?.read()
         }
     }
-    func channelWritabilityChanged(context: ChannelHandlerContext) {
+    package func channelWritabilityChanged(context: ChannelHandlerContext) {
         if context.channel.isWritable { gate?.resumeRead() }
         context.fireChannelWritabilityChanged()
     }
-    func channelInactive(context: ChannelHandlerContext) {
+    package func channelInactive(context: ChannelHandlerContext) {
         // The workload closed: end the stream after what was already sent.
         stream.close(mode: .output, promise: nil)
         context.fireChannelInactive()
     }
-    func errorCaught(context: ChannelHandlerContext, error: Error) { context.close(promise: nil) }
+    package func errorCaught(context: ChannelHandlerContext, error: Error) { context.close(promise: nil) }
 }
 
 /// Tells HTTP/2 with prior knowledge (the connection preface) from
 /// HTTP/1.x on a proxied byte stream, then puts the matching proxy on both
 /// sides and hands it the bytes seen so far. The connection to the
 /// workload may still be on its way: bytes are held until both are known.
-final class L7ProtocolSniffer: ChannelInboundHandler, RemovableChannelHandler, @unchecked Sendable {
-    typealias InboundIn = ByteBuffer
-    typealias InboundOut = ByteBuffer
+package final class L7ProtocolSniffer: ChannelInboundHandler, RemovableChannelHandler, @unchecked Sendable {
+    package typealias InboundIn = ByteBuffer
+    package typealias InboundOut = ByteBuffer
     static let preface = Array("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".utf8)
 
     let l7: L7Context
@@ -574,11 +582,11 @@ final class L7ProtocolSniffer: ChannelInboundHandler, RemovableChannelHandler, @
     let firstBytesTimeout: TimeAmount
     private var timeout: Scheduled<Void>?
 
-    init(upstream: Channel?, l7: L7Context, firstBytesTimeout: TimeAmount = .seconds(15)) {
+    package init(upstream: Channel?, l7: L7Context, firstBytesTimeout: TimeAmount = .seconds(15)) {
         self.upstream = upstream; self.l7 = l7; self.firstBytesTimeout = firstBytesTimeout
     }
 
-    func handlerAdded(context: ChannelHandlerContext) {
+    package func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
         timeout = context.eventLoop.scheduleTask(in: firstBytesTimeout) { [weak self] in
             guard let self, !self.done else { return }
@@ -588,14 +596,14 @@ final class L7ProtocolSniffer: ChannelInboundHandler, RemovableChannelHandler, @
         }
     }
 
-    func handlerRemoved(context: ChannelHandlerContext) {
+    package func handlerRemoved(context: ChannelHandlerContext) {
         timeout?.cancel()
         self.context = nil
     }
 
     private var callerGone = false
 
-    func channelInactive(context: ChannelHandlerContext) {
+    package func channelInactive(context: ChannelHandlerContext) {
         // The caller left before the proxy was in place.
         callerGone = true
         if !done { upstream?.close(promise: nil) }
@@ -603,7 +611,7 @@ final class L7ProtocolSniffer: ChannelInboundHandler, RemovableChannelHandler, @
     }
 
     /// The workload's connection (connected without reading) is ready.
-    func upstreamReady(_ channel: Channel) {
+    package func upstreamReady(_ channel: Channel) {
         upstream = channel
         // (The caller's channel may not be active yet: a loopback connect
         // can finish before the accepted socket's registration.)
@@ -611,7 +619,7 @@ final class L7ProtocolSniffer: ChannelInboundHandler, RemovableChannelHandler, @
         configureIfReady()
     }
 
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+    package func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var b = unwrapInboundIn(data)
         seen.writeBuffer(&b)
         guard protocolHTTP2 == nil else { return }
@@ -634,7 +642,7 @@ final class L7ProtocolSniffer: ChannelInboundHandler, RemovableChannelHandler, @
         configureIfReady()
     }
 
-    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+    package func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if let e = event as? ChannelEvent, e == .inputClosed, !done {
             inputClosed = true
             if protocolHTTP2 == nil { protocolHTTP2 = l7.appProtocol == .http2 }
@@ -701,11 +709,11 @@ extension L7Gate {
 /// which delivers a head only once it is complete): the slow-headers and
 /// stalled-body timers start from the bytes, not from the decoded parts.
 final class L7RequestClock: ChannelInboundHandler, RemovableChannelHandler {
-    typealias InboundIn = ByteBuffer
-    typealias InboundOut = ByteBuffer
+    package typealias InboundIn = ByteBuffer
+    package typealias InboundOut = ByteBuffer
     private weak var gate: L7Gate?
     init(_ gate: L7Gate) { self.gate = gate }
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+    package func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         gate?.bytesArrived()
         context.fireChannelRead(data)
     }

@@ -22,11 +22,12 @@ import NIOCore
 /// slack) end the connection with GOAWAY ENHANCE_YOUR_CALM.
 ///
 /// Everything else passes untouched.
-final class H2CallerGuard: ChannelDuplexHandler, @unchecked Sendable {
-    typealias InboundIn = ByteBuffer
-    typealias InboundOut = ByteBuffer
-    typealias OutboundIn = IOData
-    typealias OutboundOut = IOData
+package final class H2CallerGuard: ChannelDuplexHandler, @unchecked Sendable {
+    package init() {}
+    package typealias InboundIn = ByteBuffer
+    package typealias InboundOut = ByteBuffer
+    package typealias OutboundIn = IOData
+    package typealias OutboundOut = IOData
 
     static let headers: UInt8 = 1, data: UInt8 = 0, rstStream: UInt8 = 3, goaway: UInt8 = 7, windowUpdate: UInt8 = 8
     static let endStream: UInt8 = 0x1
@@ -59,7 +60,7 @@ final class H2CallerGuard: ChannelDuplexHandler, @unchecked Sendable {
         }
     }
 
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+    package func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let buffer = unwrapInboundIn(data)
         inbound.scan(buffer) { type, flags, stream, _ in
             switch type {
@@ -100,7 +101,7 @@ final class H2CallerGuard: ChannelDuplexHandler, @unchecked Sendable {
         context.writeAndFlush(wrapOutboundOut(.byteBuffer(b))).whenComplete { _ in context.close(promise: nil) }
     }
 
-    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+    package func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
         guard case .byteBuffer(var buffer) = unwrapOutboundIn(data) else {
             context.write(data, promise: promise)   // (NIO's HTTP/2 handler writes no file regions here)
             return
