@@ -1,6 +1,7 @@
 import CPalisadeShared
 import Foundation
 import Logging
+import NIOConcurrencyHelpers
 import NIOCore
 import PalisadeBPF
 import PalisadeCA
@@ -17,12 +18,11 @@ import X509
 import SwiftASN1
 
 /// The agent's state as other threads (ring buffer, metrics) may read it.
-final class StateBox: @unchecked Sendable {
-    private let lock = NSLock()
-    private var value: AgentState
-    init(_ v: AgentState) { value = v }
-    var state: AgentState { lock.lock(); defer { lock.unlock() }; return value }
-    func publish(_ v: AgentState) { lock.lock(); value = v; lock.unlock() }
+final class StateBox: Sendable {
+    private let value: NIOLockedValueBox<AgentState>
+    init(_ v: AgentState) { value = NIOLockedValueBox(v) }
+    var state: AgentState { value.withLockedValue { $0 } }
+    func publish(_ v: AgentState) { value.withLockedValue { $0 = v } }
 }
 
 /// The node agent: keeps the kernel in step with the declared workloads and
@@ -296,23 +296,6 @@ public final class Agent {
         guard why != nil else { issuanceBackoff = 1; nextIssuance = .distantPast; return }
         nextIssuance = Date().addingTimeInterval(issuanceBackoff)
         issuanceBackoff = min(issuanceBackoff * 2, 60)
-    }
-
-    /// The trust bundles: this trust domain's CA and the federated ones.
-    func verifier() throws -> SPIFFEVerifier {
-        var bundles: [String: [Certificate]] = [config.trustDomain: signer.bundle]
-        for (td, path) in config.federatedBundles {
-            let text = try String(contentsOfFile: path, encoding: .utf8)
-            bundles[td, default: []] += try PEMDocument.parseMultiple(pemString: text).map { try Certificate(pemDocument: $0) }
-        }
-        // Federation through the store: other trust domains' bundles as
-        // their nodes published them (configured files take precedence).
-        for (td, pem) in storeSync?.bundles() ?? [:] where td != config.trustDomain && config.federatedBundles[td] == nil {
-            if let certs = try? PEMDocument.parseMultiple(pemString: pem).map({ try Certificate(pemDocument: $0) }), !certs.isEmpty {
-                bundles[td] = certs
-            }
-        }
-        return SPIFFEVerifier(bundles: bundles)
     }
 
     func startOrReloadListener() throws {

@@ -39,7 +39,7 @@ struct CAServe: ParsableCommand {
         }
         let issuer = Issuer(ca: ca, tokens: try JoinTokens(directory: "\(state)/tokens"), registrations: try Self.registrations(rulesFile),
                             nodeLifetime: TimeInterval(nodeLifetime), svidLifetime: TimeInterval(svidLifetime),
-                            registered: view.map { v in { v.registered(node: $0) } },
+                            registered: view.map { v in { @Sendable node in v.registered(node: node) } },
                             log: { log.warning("\($0)") })
         issuer.current = authorities
         issuer.reportFile = "\(state)/nodes.json"

@@ -108,7 +108,6 @@ final class LifecycleTests: XCTestCase {
         time.sleep(5)
         """
         try lab.spawn(netns: lab.netns("b"), [Paths.python, "-c", server])
-        let clientLog = NSTemporaryDirectory() + "pl5-client-\(getpid()).log"
         let result = NSTemporaryDirectory() + "pl5-result-\(getpid())"
         try? FileManager.default.removeItem(atPath: result)
         addTeardownBlock { try? FileManager.default.removeItem(atPath: result) }
@@ -140,7 +139,7 @@ final class LifecycleTests: XCTestCase {
               ports: [{port: 9999}]
         """))
         try agent.waitApplied(after: gen, endpoints: 2)
-        FileManager.default.createFile(atPath: trigger, contents: nil)
+        XCTAssertTrue(FileManager.default.createFile(atPath: trigger, contents: nil))
         proc.waitUntilExit()
         let out = (try? String(contentsOfFile: result, encoding: .utf8)) ?? ""
         XCTAssertTrue(out.contains("cut") && !out.contains("reopened"), "b's packets crossed the revoked flow: \(out)")

@@ -81,7 +81,7 @@ final class Lab {
         let enter = cgroup.map { "echo $$ > '\($0)/cgroup.procs' && " } ?? ""
         p.arguments = ["-c", "\(enter)exec \(command)"]
         if let log {
-            FileManager.default.createFile(atPath: log, contents: nil)
+            guard FileManager.default.createFile(atPath: log, contents: nil) else { throw CocoaError(.fileWriteUnknown, userInfo: [NSFilePathErrorKey: log]) }
             p.standardOutput = FileHandle(forWritingAtPath: log)
             p.standardError = FileHandle(forWritingAtPath: log)
         } else {
