@@ -59,7 +59,7 @@ public final class Agent {
     /// The issuer's signing generation last seen.
     var issuerGeneration: Int?
     var lastSVIDs = Set<SpiffeID>()
-    var listener: MTLSListener?
+    var inbound: InboundProxy?
     var outbound: OutboundProxy?
     let meshGroup = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
     let directory = MeshDirectoryBox()
@@ -178,7 +178,7 @@ public final class Agent {
         events?.stop()
         storeSync?.stop()
         metricsServer?.stop()
-        listener?.stop()
+        inbound?.stop()
         outbound?.stop()
         try? meshGroup.syncShutdownGracefully()
         accessLog?.flush()
@@ -225,7 +225,7 @@ public final class Agent {
             }
             if !issued.isEmpty || !svids.refused.isEmpty { recordIssuer(error: nil) }
             backOff(svids.refused.isEmpty ? nil : "refused")
-            if issued.contains(config.nodeSpiffeID) || (listener == nil && config.tunnelAddress != nil) { try startOrReloadListener() }
+            if issued.contains(config.nodeSpiffeID) || (inbound == nil && config.tunnelAddress != nil) { try startOrReloadListener() }
             // A new node SVID: the issuer hears from this node (which roots
             // it trusts) at once, not at the next probe.
             if issued.contains(config.nodeSpiffeID) { nextIssuerProbe = .distantPast }
@@ -300,11 +300,11 @@ public final class Agent {
 
     func startOrReloadListener() throws {
         guard let (host, port) = config.tunnelAddress, let node = svids.cached(config.nodeSpiffeID) else { return }
-        if let listener {
-            try listener.reload(certificateFile: node.certificateFile, keyFile: node.keyFile)
+        if let inbound {
+            try inbound.reload(certificateFile: node.certificateFile, keyFile: node.keyFile)
             return
         }
-        let l = try MTLSListener(host: host, port: port, certificateFile: node.certificateFile, keyFile: node.keyFile, verifier: trust.current)
+        let l = try InboundProxy(host: host, port: port, certificateFile: node.certificateFile, keyFile: node.keyFile, verifier: trust.current)
         let log = self.log, metrics = self.metrics, directory = self.directory
         l.onReject = { reason in log.warning("mTLS peer certificate refused", metadata: ["reason": "\(reason)"]) }
         l.authorize = { Agent.authorizeInbound($0, directory: directory.current) }
@@ -342,7 +342,7 @@ public final class Agent {
         l.tunnelTimeouts = TunnelTimeouts(connectionIdle: .seconds(Int64(config.tunnelConnectionIdleSeconds)),
                                           streamIdle: .seconds(Int64(config.tunnelStreamIdleSeconds)))
         l.onAccept = { _ in metrics.recordHandshake(accepted: true) }
-        listener = l
+        inbound = l
         log.info("mTLS listener", metadata: ["address": "\(host):\(l.localPort)", "identity": "\(config.nodeSpiffeID)", "tls": "1.3 only"])
     }
 

@@ -54,7 +54,7 @@ extension Agent {
             let names = Set(revoked.map(\.node))
             nodes.removeAll { names.contains($0.name) }
             let addresses = Set(revoked.compactMap { $0.tunnelAddress.flatMap { HostPort($0)?.host } })
-            if let cut = listener?.closeConnections(from: addresses), cut > 0 {
+            if let cut = inbound?.closeConnections(from: addresses), cut > 0 {
                 log.warning("tunnel connections from revoked nodes closed", metadata: ["connections": "\(cut)", "nodes": "\(names.sorted())"])
             }
         }

@@ -47,11 +47,11 @@ extension Agent {
         return SPIFFEVerifier(bundles: bundles)
     }
 
-    /// Re-reads the trust bundles; a change reaches the listener and pools.
+    /// Re-reads the trust bundles; a change reaches the inbound proxy and the pools.
     func refreshTrust() {
         do {
             if trust.set(try verifier()) {
-                try listener?.updateVerifier(trust.current)
+                try inbound?.updateVerifier(trust.current)
                 log.info("trust bundles", metadata: ["trust-domains": "\(trust.current.bundles.keys.sorted().joined(separator: ","))"])
             }
         } catch {

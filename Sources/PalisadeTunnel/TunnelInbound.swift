@@ -196,7 +196,7 @@ extension TunnelInboundStream {
     }
 }
 
-extension MTLSListener {
+extension InboundProxy {
     /// HTTP/2 server for the tunnel on a verified connection.
     static func configureTunnel(_ channel: Channel, peer: SpiffeID, authorize: @escaping InboundAuthorizer,
                                 onStream: (@Sendable (InboundRequest, InboundDecision, String?) -> Void)?,

@@ -15,7 +15,7 @@ final class TunnelTests: XCTestCase {
     var dir: String!
     var ca: CertificateAuthority!
     var store: SVIDStore!
-    var listener: MTLSListener!
+    var listener: InboundProxy!
     var proxy: OutboundProxy!
     var echo: Process!
     var echoPort = 0
@@ -37,7 +37,7 @@ final class TunnelTests: XCTestCase {
         try store.ensure([source, node])
         let verifier = SPIFFEVerifier(bundles: ["example.org": [ca.certificate]])
         let n = store.cached(node)!
-        listener = try MTLSListener(host: "127.0.0.1", port: 0, certificateFile: n.certificateFile, keyFile: n.keyFile, verifier: verifier)
+        listener = try InboundProxy(host: "127.0.0.1", port: 0, certificateFile: n.certificateFile, keyFile: n.keyFile, verifier: verifier)
         listener.authorize = { [unowned self] r in
             seen.lock(); decisions.append("\(r.peer) \(r.host):\(r.port)"); seen.unlock()
             return r.port == 1 ? .refuse(status: 403, reason: "denied by policy") : .deliver(mark: 0)

@@ -10,13 +10,14 @@ import PalisadeCA
 import PalisadeIdentity
 import X509
 
-/// The agent's mTLS listener: TLS 1.3 only, a client certificate required,
+/// The inbound proxy, the agent's mTLS listener (the receiving side, as
+/// OutboundProxy is the sending one): TLS 1.3 only, a client certificate required,
 /// and that certificate judged during the handshake by the SPIFFE verifier
 /// (trust bundle of the peer's own trust domain). A peer that negotiates
 /// ALPN "h2" gets the HBONE-style tunnel (HTTP/2 CONNECT streams, judged by
 /// `authorize`); any other verified peer is answered with the SPIFFE ID it
 /// was authenticated as, then closed (a probe for operators and tests).
-public final class MTLSListener: @unchecked Sendable {
+public final class InboundProxy: @unchecked Sendable {
     let group = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
     let channel: Channel
     let lock = NSLock()
@@ -85,8 +86,8 @@ public final class MTLSListener: @unchecked Sendable {
         _verifier = verifier
         self.certificateFile = certificateFile
         self.keyFile = keyFile
-        context = try MTLSListener.context(certificateFile: certificateFile, keyFile: keyFile, roots: verifier.bundles.values.flatMap { $0 })
-        weak var weakSelf: MTLSListener?
+        context = try InboundProxy.context(certificateFile: certificateFile, keyFile: keyFile, roots: verifier.bundles.values.flatMap { $0 })
+        weak var weakSelf: InboundProxy?
         let verify: NIOSSLCustomVerificationCallbackWithMetadata = { certs, promise in
             guard let verifier = weakSelf?.verifier else { return promise.succeed(.failed) }
             Task {
@@ -129,7 +130,7 @@ public final class MTLSListener: @unchecked Sendable {
                         onFailure: { weakSelf?.onHandshakeFailure?() },
                         tunnel: { ch, peer in
                             guard let me = weakSelf, let authorize = me.authorize else { return false }
-                            try MTLSListener.configureTunnel(ch, peer: peer, authorize: authorize, onStream: me.onStream, accessLog: me.accessLog,
+                            try InboundProxy.configureTunnel(ch, peer: peer, authorize: authorize, onStream: me.onStream, accessLog: me.accessLog,
                                                              timeouts: me.tunnelTimeouts)
                             return true
                         }))
@@ -144,7 +145,7 @@ public final class MTLSListener: @unchecked Sendable {
 
     /// New certificate and key (rotation): new connections use them at once.
     public func reload(certificateFile: String, keyFile: String) throws {
-        let ctx = try MTLSListener.context(certificateFile: certificateFile, keyFile: keyFile, roots: verifier.bundles.values.flatMap { $0 })
+        let ctx = try InboundProxy.context(certificateFile: certificateFile, keyFile: keyFile, roots: verifier.bundles.values.flatMap { $0 })
         lock.withLock {
             context = ctx
             self.certificateFile = certificateFile
@@ -156,7 +157,7 @@ public final class MTLSListener: @unchecked Sendable {
     /// new handshakes are judged against them.
     public func updateVerifier(_ v: SPIFFEVerifier) throws {
         let (c, k) = lock.withLock { (certificateFile, keyFile) }
-        let ctx = try MTLSListener.context(certificateFile: c, keyFile: k, roots: v.bundles.values.flatMap { $0 })
+        let ctx = try InboundProxy.context(certificateFile: c, keyFile: k, roots: v.bundles.values.flatMap { $0 })
         lock.withLock {
             _verifier = v
             context = ctx

@@ -14,9 +14,9 @@ import PalisadeTunnel
 /// Certificates presented to the agent's mTLS listener over loopback: the
 /// SPIFFE negative cases are refused in the handshake, a valid SVID is
 /// accepted and told its identity, and TLS below 1.3 is refused.
-final class MTLSListenerTests: XCTestCase {
+final class InboundProxyTests: XCTestCase {
     var dir: String!
-    var listener: MTLSListener!
+    var listener: InboundProxy!
     var root: CertificateAuthority!
     let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
 
@@ -27,7 +27,7 @@ final class MTLSListenerTests: XCTestCase {
         let node = try SpiffeID("spiffe://example.org/palisade/node/test")
         try store.ensure([node])
         let info = store.cached(node)!
-        listener = try MTLSListener(host: "127.0.0.1", port: 0, certificateFile: info.certificateFile, keyFile: info.keyFile,
+        listener = try InboundProxy(host: "127.0.0.1", port: 0, certificateFile: info.certificateFile, keyFile: info.keyFile,
                                     verifier: SPIFFEVerifier(bundles: ["example.org": [root.certificate]]))
     }
 
