@@ -43,7 +43,7 @@ public final class Agent {
     var appliedInput: String?
     var events: FlowEventWriter?
     let shared: StateBox
-    public let metrics: DatapathMetrics
+    public let metrics: AgentMetrics
     var metricsServer: MetricsServer?
     /// Who signs this node's SVIDs: its own CA, or the trust domain's issuer.
     let signer: SVIDSigner
@@ -121,7 +121,7 @@ public final class Agent {
         try datapath.setEvents(perSecond: config.eventsPerSecond, allowedFlows: config.allowedFlowEvents)
         let shared = StateBox(state)
         self.shared = shared
-        let metrics = DatapathMetrics(maps: datapath.maps, maxPairs: config.metricsIdentityPairs)
+        let metrics = AgentMetrics(maps: datapath.maps, maxPairs: config.metricsIdentityPairs)
         self.metrics = metrics
         events = try FlowEventWriter(maps: datapath.maps, path: config.eventLog, socket: config.flowSocket, names: { shared.state }, metrics: metrics)
         if let (host, port) = config.metricsAddress {

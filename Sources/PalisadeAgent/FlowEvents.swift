@@ -31,7 +31,7 @@ final class FlowEventWriter: @unchecked Sendable {
     let ring: RingBuffer
     let stream: FlowStream
 
-    init(maps: PalisadeMaps, path: String, socket: String, names: @escaping @Sendable () -> AgentState, metrics: DatapathMetrics) throws {
+    init(maps: PalisadeMaps, path: String, socket: String, names: @escaping @Sendable () -> AgentState, metrics: AgentMetrics) throws {
         let file = EventFile(path: path)
         let stream = try FlowStream(path: socket) { metrics.recordAdminRefusal(endpoint: "flows", reason: AdminRefusal.tooManyConnections.rawValue) }
         self.stream = stream
@@ -85,7 +85,8 @@ final class EventFile: @unchecked Sendable {
         if let attrs = try? FileManager.default.attributesOfItem(atPath: path), (attrs[.size] as? Int ?? 0) > EventFile.maxBytes {
             _ = rename(path, path + ".1")
         }
-        if !FileManager.default.fileExists(atPath: path) { FileManager.default.createFile(atPath: path, contents: nil, attributes: [.posixPermissions: 0o600]) }
+        // (A file that cannot be made leaves the handle nil: the line is dropped.)
+        if !FileManager.default.fileExists(atPath: path) { _ = FileManager.default.createFile(atPath: path, contents: nil, attributes: [.posixPermissions: 0o600]) }
         if let h = FileHandle(forWritingAtPath: path) {
             h.seekToEndOfFile()
             h.write(data)

@@ -13,7 +13,7 @@ public typealias IdentityNamer = @Sendable (UInt32) -> String
 /// monotonic); per identity pair series are bounded: past `maxPairs`
 /// distinct pairs, further traffic is counted under local="other",
 /// peer="other", so a scan cannot explode the series count.
-public final class DatapathMetrics: @unchecked Sendable {
+public final class AgentMetrics: @unchecked Sendable {
     public let registry = PrometheusCollectorRegistry()
     let lock = NSLock()
     let maps: PalisadeMaps
@@ -38,23 +38,23 @@ public final class DatapathMetrics: @unchecked Sendable {
     public init(maps: PalisadeMaps, maxPairs: Int = 200) {
         self.maps = maps
         self.maxPairs = maxPairs
-        suppressed = (registry.makeCounter(name: "palisade_flow_events_suppressed_total",
+        suppressed = (registry.counter("palisade_flow_events_suppressed_total",
                                            help: "Deny events the kernel did not send because its per-CPU rate limit was reached."), 0)
-        lost = (registry.makeCounter(name: "palisade_flow_events_lost_total",
+        lost = (registry.counter("palisade_flow_events_lost_total",
                                      help: "Deny events lost because the ring buffer was full."), 0)
-        applies = registry.makeCounter(name: "palisade_policy_applies_total", help: "Policy generations written to the kernel.")
-        applyFailures = registry.makeCounter(name: "palisade_policy_apply_failures_total",
+        applies = registry.counter("palisade_policy_applies_total", help: "Policy generations written to the kernel.")
+        applyFailures = registry.counter("palisade_policy_apply_failures_total",
                                              help: "Policy loads or applies refused (the previous policy stayed in force).")
-        applyDuration = registry.makeDurationHistogram(
-            name: "palisade_policy_apply_duration_seconds",
+        applyDuration = registry.durationHistogram(
+            "palisade_policy_apply_duration_seconds",
             buckets: [.milliseconds(5), .milliseconds(25), .milliseconds(100), .milliseconds(250), .seconds(1), .seconds(5)],
             help: "Time to write a policy generation, flip and sweep conntrack.")
-        generation = registry.makeGauge(name: "palisade_policy_generation", help: "Policy generation in force in the kernel.")
-        policyValid = registry.makeGauge(name: "palisade_policy_valid", help: "1 if the last policy load succeeded, 0 if a file was rejected.")
-        workloads = registry.makeGauge(name: "palisade_workloads", help: "Workloads attached to the datapath.")
+        generation = registry.gauge("palisade_policy_generation", help: "Policy generation in force in the kernel.")
+        policyValid = registry.gauge("palisade_policy_valid", help: "1 if the last policy load succeeded, 0 if a file was rejected.")
+        workloads = registry.gauge("palisade_workloads", help: "Workloads attached to the datapath.")
         let registry = self.registry
         eventsTotal = Dictionary(uniqueKeysWithValues: ["denied", "audit", "allowed"].map { v in
-            (v, registry.makeCounter(name: "palisade_flow_events_total", labels: [("verdict", v)],
+            (v, registry.counter("palisade_flow_events_total", labels: [("verdict", v)],
                                      help: "Flow events received from the kernel."))
         })
     }
@@ -72,9 +72,9 @@ public final class DatapathMetrics: @unchecked Sendable {
     }
 
     var certificateExpiry: [String: Gauge] = [:]
-    lazy var handshakesAccepted = registry.makeCounter(name: "palisade_tls_handshakes_total", labels: [("result", "accepted")],
+    lazy var handshakesAccepted = registry.counter("palisade_tls_handshakes_total", labels: [("result", "accepted")],
                                                        help: "mTLS handshakes on the agent's listener, by result.")
-    lazy var handshakesRefused = registry.makeCounter(name: "palisade_tls_handshakes_total", labels: [("result", "refused")],
+    lazy var handshakesRefused = registry.counter("palisade_tls_handshakes_total", labels: [("result", "refused")],
                                                       help: "mTLS handshakes on the agent's listener, by result.")
 
     /// Counters by result, made on first use.
@@ -82,7 +82,7 @@ public final class DatapathMetrics: @unchecked Sendable {
     private func result(_ name: String, _ result: String, _ help: String) -> Counter {
         lock.withLock {
             if let c = resultCounters["\(name)|\(result)"] { return c }
-            let c = registry.makeCounter(name: name, labels: [("result", result)], help: help)
+            let c = registry.counter(name, labels: [("result", result)], help: help)
             resultCounters["\(name)|\(result)"] = c
             return c
         }
@@ -100,15 +100,15 @@ public final class DatapathMetrics: @unchecked Sendable {
         lock.withLock {
             let key = "admin|\(endpoint)|\(reason)"
             if let c = resultCounters[key] { return c }
-            let c = registry.makeCounter(name: "palisade_admin_refused_connections_total", labels: [("endpoint", endpoint), ("reason", reason)],
+            let c = registry.counter("palisade_admin_refused_connections_total", labels: [("endpoint", endpoint), ("reason", reason)],
                                          help: "Connections to an admin endpoint (metrics, flows socket) refused or cut, by endpoint and reason.")
             resultCounters[key] = c
             return c
         }.increment()
     }
 
-    lazy var openFiles = registry.makeGauge(name: "palisade_open_files", help: "File descriptors the agent holds.")
-    lazy var maxFiles = registry.makeGauge(name: "palisade_max_files", help: "The agent's file-descriptor limit (RLIMIT_NOFILE, raised to the hard limit at start).")
+    lazy var openFiles = registry.gauge("palisade_open_files", help: "File descriptors the agent holds.")
+    lazy var maxFiles = registry.gauge("palisade_max_files", help: "The agent's file-descriptor limit (RLIMIT_NOFILE, raised to the hard limit at start).")
     public func setFiles(open: Int, max: Int) {
         lock.lock(); let o = openFiles, m = maxFiles; lock.unlock()
         o.set(to: Double(open))
@@ -123,7 +123,7 @@ public final class DatapathMetrics: @unchecked Sendable {
     /// Access-log lines dropped because the disk fell behind.
     public func recordAccessLogDropped(_ n: Int) {
         lock.withLock {
-            accessLogDropped = accessLogDropped ?? registry.makeCounter(name: "palisade_access_log_dropped_total",
+            accessLogDropped = accessLogDropped ?? registry.counter("palisade_access_log_dropped_total",
                 help: "Access-log lines dropped because writing them fell too far behind.")
             return accessLogDropped!
         }.increment(by: Int64(n))
@@ -145,7 +145,7 @@ public final class DatapathMetrics: @unchecked Sendable {
         lock.lock(); defer { lock.unlock() }
         if let notAfter {
             if certificateExpiry[spiffeID] == nil {
-                certificateExpiry[spiffeID] = registry.makeGauge(name: "palisade_certificate_expiry_timestamp_seconds", labels: [("spiffe_id", spiffeID)],
+                certificateExpiry[spiffeID] = registry.gauge("palisade_certificate_expiry_timestamp_seconds", labels: [("spiffe_id", spiffeID)],
                                                                  help: "When the X.509-SVID issued for an identity expires (it is re-issued at half-life).")
             }
             certificateExpiry[spiffeID]!.set(to: notAfter.timeIntervalSince1970)
@@ -155,16 +155,16 @@ public final class DatapathMetrics: @unchecked Sendable {
     }
 
     public func setPolicyValid(_ valid: Bool) { policyValid.set(to: valid ? 1 : 0) }
-    lazy var policyInstalled = registry.makeGauge(name: "palisade_policy_installed",
+    lazy var policyInstalled = registry.gauge("palisade_policy_installed",
                                                   help: "1 if the declared policy is what the kernel enforces; 0 while an apply is refused (e.g. it does not fit) and the previous policy stays.")
-    lazy var lockedDown = registry.makeGauge(name: "palisade_policy_locked_down_workloads",
+    lazy var lockedDown = registry.gauge("palisade_policy_locked_down_workloads",
                                              help: "Workloads of this node held at default deny because the policy that selects them could not be installed.")
     public func setPolicyInstalled(_ installed: Bool, lockedDown n: Int) {
         lock.lock(); let g = policyInstalled, l = lockedDown; lock.unlock()
         g.set(to: installed ? 1 : 0)
         l.set(to: Double(n))
     }
-    lazy var storeConnected = registry.makeGauge(name: "palisade_store_connected",
+    lazy var storeConnected = registry.gauge("palisade_store_connected",
                                                  help: "1 if the shared store (etcd) is reachable; 0 while enforcing the last known state.")
     public func setStoreConnected(_ up: Bool) {
         lock.lock(); let g = storeConnected; lock.unlock()
@@ -196,11 +196,11 @@ public final class DatapathMetrics: @unchecked Sendable {
             if let c = httpCounters[key], let h = httpLatency[HTTPPairKey(source: source, destination: destination)] { return (c, h) }
             if httpCounters.count + httpLatency.count >= maxPairs { (key.source, key.destination) = ("other", "other") }
             let pair = HTTPPairKey(source: key.source, destination: key.destination)
-            let c = httpCounters[key] ?? registry.makeCounter(name: "palisade_http_requests_total",
+            let c = httpCounters[key] ?? registry.counter("palisade_http_requests_total",
                 labels: [("source", key.source), ("destination", key.destination), ("code", "\(key.statusClass)xx"), ("decision", decision)],
                 help: "Requests through the L7 proxy by identity pair, status class and decision.")
             httpCounters[key] = c
-            let h = httpLatency[pair] ?? registry.makeValueHistogram(name: "palisade_http_request_duration_seconds",
+            let h = httpLatency[pair] ?? registry.valueHistogram("palisade_http_request_duration_seconds",
                 labels: [("source", key.source), ("destination", key.destination)], buckets: [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5],
                 help: "Request duration through the L7 proxy by identity pair.")
             httpLatency[pair] = h
@@ -219,7 +219,7 @@ public final class DatapathMetrics: @unchecked Sendable {
             labels = [("direction", direction), ("local", "other"), ("peer", "other")]
         }
         if let c = pairCounters[key] { return c }
-        let c = registry.makeCounter(name: name, labels: labels, help: help)
+        let c = registry.counter(name, labels: labels, help: help)
         pairCounters[key] = c
         return c
     }
@@ -250,18 +250,18 @@ public final class DatapathMetrics: @unchecked Sendable {
                 let verdict = r.passes ? (r == .auditWouldDeny ? "audit" : "allowed") : "denied"
                 let labels = [("direction", d.rawValue), ("reason", r.description), ("verdict", verdict)]
                 if packetCounters[key] == nil {
-                    packetCounters[key] = (registry.makeCounter(name: "palisade_datapath_packets_total", labels: labels,
+                    packetCounters[key] = (registry.counter("palisade_datapath_packets_total", labels: labels,
                                                                 help: "Packets judged by the datapath, by direction, verdict and reason."), 0)
-                    byteCounters[key] = (registry.makeCounter(name: "palisade_datapath_bytes_total", labels: labels,
+                    byteCounters[key] = (registry.counter("palisade_datapath_bytes_total", labels: labels,
                                                               help: "Bytes judged by the datapath, by direction, verdict and reason."), 0)
                 }
-                DatapathMetrics.advance(&packetCounters[key]!, to: c.packets)
-                DatapathMetrics.advance(&byteCounters[key]!, to: c.bytes)
+                AgentMetrics.advance(&packetCounters[key]!, to: c.packets)
+                AgentMetrics.advance(&byteCounters[key]!, to: c.bytes)
             }
         }
         if let ev = try? maps.eventTotals() {
-            DatapathMetrics.advance(&suppressed, to: ev.suppressed)
-            DatapathMetrics.advance(&lost, to: ev.lost)
+            AgentMetrics.advance(&suppressed, to: ev.suppressed)
+            AgentMetrics.advance(&lost, to: ev.lost)
         }
     }
 
@@ -300,7 +300,7 @@ public final class DatapathMetrics: @unchecked Sendable {
             labels = [("direction", direction), ("local", "other"), ("peer", "other"), ("verdict", verdict)]
         }
         if let c = pairCounters[key] { return c }
-        let c = registry.makeCounter(name: name, labels: labels,
+        let c = registry.counter(name, labels: labels,
                                      help: "New flows that matched a policy rule, by local identity, peer (the rule selectors the peer matched, a reserved or CIDR identity; \"any\" for wildcard rules) and verdict.")
         pairCounters[key] = c
         return c
@@ -320,11 +320,31 @@ public final class DatapathMetrics: @unchecked Sendable {
         for (name, count) in counts {
             guard let count else { continue }
             if mapEntries[name] == nil {
-                mapEntries[name] = registry.makeGauge(name: "palisade_map_entries", labels: [("map", name)], help: "Entries in a datapath map (both generations during an apply).")
-                mapCapacity[name] = registry.makeGauge(name: "palisade_map_capacity_entries", labels: [("map", name)], help: "Capacity of a datapath map.")
+                mapEntries[name] = registry.gauge("palisade_map_entries", labels: [("map", name)], help: "Entries in a datapath map (both generations during an apply).")
+                mapCapacity[name] = registry.gauge("palisade_map_capacity_entries", labels: [("map", name)], help: "Capacity of a datapath map.")
             }
             mapEntries[name]!.set(to: Double(count))
             mapCapacity[name]!.set(to: Double(capacities[name] ?? 0))
         }
+    }
+}
+
+/// Metrics named in full through swift-prometheus' descriptor API (the
+/// names are the exposition's, so the descriptor has no separate parts).
+extension PrometheusCollectorRegistry {
+    static func descriptor(_ name: String, _ help: String) -> MetricNameDescriptor {
+        MetricNameDescriptor(metricName: name, unitName: "", helpText: help)
+    }
+    func counter(_ name: String, labels: [(String, String)] = [], help: String) -> Counter {
+        makeCounter(descriptor: Self.descriptor(name, help), labels: labels)
+    }
+    func gauge(_ name: String, labels: [(String, String)] = [], help: String) -> Gauge {
+        makeGauge(descriptor: Self.descriptor(name, help), labels: labels)
+    }
+    func valueHistogram(_ name: String, labels: [(String, String)] = [], buckets: [Double], help: String) -> ValueHistogram {
+        makeValueHistogram(descriptor: Self.descriptor(name, help), labels: labels, buckets: buckets)
+    }
+    func durationHistogram(_ name: String, labels: [(String, String)] = [], buckets: [Duration], help: String) -> DurationHistogram {
+        makeDurationHistogram(descriptor: Self.descriptor(name, help), labels: labels, buckets: buckets)
     }
 }
