@@ -54,6 +54,7 @@ let package = Package(
         // (shared by the tunnel and the L7 proxy).
         .target(name: "PalisadeRelay", dependencies: [
             .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
         ]),
         // The L7 proxy: HTTP/1.1 and HTTP/2 requests judged one by one (gate,
@@ -146,7 +147,7 @@ let package = Package(
         .testTarget(name: "PalisadeStoreTests", dependencies: ["PalisadeStore", "PalisadeIdentity", "PalisadeTestSupport"]),
         .testTarget(name: "PalisadeKernelTests", dependencies: ["PalisadeAgent", "PalisadeDatapath"]),
     ],
-    swiftLanguageModes: [.v5]
+    swiftLanguageModes: [.v6]
 )
 
 // The libFuzzer target exists only for tools/fuzz/run (it has no main).

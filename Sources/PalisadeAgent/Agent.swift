@@ -298,6 +298,24 @@ public final class Agent {
         issuanceBackoff = min(issuanceBackoff * 2, 60)
     }
 
+    /// Where the L7 proxy's requests go, on both sides: metrics, and one
+    /// JSON line per request (sampled) in the access log, opened on first use.
+    func accessLogSink() -> @Sendable (AccessLogEntry) -> Void {
+        let path = config.accessLogPath, metrics = self.metrics
+        if accessLog == nil {
+            accessLog = AccessLogWriter(path: path)
+            accessLog?.onDrop = { n in metrics.recordAccessLogDropped(n) }
+            if accessLog == nil { log.error("cannot open the access log", metadata: ["path": "\(path)", "error": "\(String(cString: strerror(errno)))"]) }
+        }
+        let sampling = config.accessLogSampling, writer = accessLog
+        return { entry in
+            metrics.recordHTTP(source: entry.source, destination: entry.destination, status: entry.status,
+                               decision: entry.decision, seconds: entry.durationMs / 1000)
+            if sampling < 1, Double.random(in: 0..<1) >= sampling { return }
+            writer?.write(entry)
+        }
+    }
+
     func startOrReloadListener() throws {
         guard let (host, port) = config.tunnelAddress, let node = svids.cached(config.nodeSpiffeID) else { return }
         if let inbound {
@@ -308,20 +326,7 @@ public final class Agent {
         let log = self.log, metrics = self.metrics, directory = self.directory
         l.onReject = { reason in log.warning("mTLS peer certificate refused", metadata: ["reason": "\(reason)"]) }
         l.authorize = { Agent.authorizeInbound($0, directory: directory.current) }
-        // Access log: one JSON line per request through the L7 proxy.
-        let path = config.accessLogPath
-        if accessLog == nil {
-            accessLog = AccessLogWriter(path: path)
-            accessLog?.onDrop = { n in metrics.recordAccessLogDropped(n) }
-            if accessLog == nil { log.error("cannot open the access log", metadata: ["path": "\(path)", "error": "\(String(cString: strerror(errno)))"]) }
-        }
-        let sampling = config.accessLogSampling, writer = accessLog
-        l.accessLog = { entry in
-            metrics.recordHTTP(source: entry.source, destination: entry.destination, status: entry.status,
-                               decision: entry.decision, seconds: entry.durationMs / 1000)
-            if sampling < 1, Double.random(in: 0..<1) >= sampling { return }
-            writer?.write(entry)
-        }
+        l.accessLog = accessLogSink()
         l.onStream = { request, decision, error in
             var delivered = false
             switch decision {

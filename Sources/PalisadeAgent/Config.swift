@@ -93,9 +93,9 @@ public struct AgentConfig: Sendable {
 
     /// This node's own SPIFFE ID: spiffe://TD/palisade/node/NAME.
     public var nodeSpiffeID: SpiffeID {
-        var buf = [CChar](repeating: 0, count: 256)
+        var buf = [UInt8](repeating: 0, count: 256)
         gethostname(&buf, buf.count)
-        let host = (nodeName ?? String(cString: buf)).map { $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-" || $0 == ".") ? $0 : "-" }
+        let host = (nodeName ?? String(decoding: buf.prefix { $0 != 0 }, as: UTF8.self)).map { $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-" || $0 == ".") ? $0 : "-" }
         return (try? SpiffeID("spiffe://\(trustDomain)/palisade/node/\(String(host).isEmpty ? "node" : String(host))"))
             ?? (try! SpiffeID("spiffe://\(trustDomain)/palisade/node/node"))
     }

@@ -40,7 +40,7 @@ extension Agent {
                     "tried": "\(outcome.route?.candidates.map(\.key).joined(separator: ",") ?? "?")", "error": "\(e)"])
             }
         }
-        proxy.accessLog = { [weak self] entry in self?.inbound?.accessLog?(entry) }
+        proxy.accessLog = accessLogSink()
         outbound = proxy
         log.info("outbound listener", metadata: ["port": "\(proxy.localPort)", "redirects": "connect4/connect6 of enrolled workloads"])
     }

@@ -151,7 +151,7 @@ public final class IssuerClient: SVIDSigner, @unchecked Sendable {
         let context = try NIOSSLContext(configuration: tls)
         let verifier = SPIFFEVerifier(bundles: [nodeID.trustDomain: bundle])
         let issuerID = try SpiffeID("spiffe://\(nodeID.trustDomain)\(IssuerAPI.issuerPath())")
-        let verify: NIOSSLCustomVerificationCallbackWithMetadata = { certs, promise in
+        let verify: @Sendable ([NIOSSLCertificate], EventLoopPromise<NIOSSLVerificationResultWithMetadata>) -> Void = { certs, promise in
             Task {
                 let parsed = certs.compactMap { try? Certificate(derEncoded: $0.toDERBytes()) }
                 guard parsed.count == certs.count, let leaf = parsed.first,

@@ -98,7 +98,7 @@ package final class H2CallerGuard: ChannelDuplexHandler, @unchecked Sendable {
         b.writeBytes([0, 0, 8, Self.goaway, 0, 0, 0, 0, 0])
         b.writeInteger(UInt32(0))                     // last stream id: none processed after this
         b.writeInteger(Self.enhanceYourCalm)
-        context.writeAndFlush(wrapOutboundOut(.byteBuffer(b))).whenComplete { _ in context.close(promise: nil) }
+        context.writeAndFlush(wrapOutboundOut(.byteBuffer(b))).assumeIsolated().whenComplete { _ in context.close(promise: nil) }
     }
 
     package func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
@@ -138,7 +138,7 @@ package final class H2CallerGuard: ChannelDuplexHandler, @unchecked Sendable {
             return
         }
         let written = promise ?? context.eventLoop.makePromise()
-        written.futureResult.whenComplete { _ in context.close(promise: nil) }
+        written.futureResult.assumeIsolated().whenComplete { _ in context.close(promise: nil) }
         context.write(out, promise: written)
     }
 }

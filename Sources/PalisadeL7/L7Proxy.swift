@@ -211,7 +211,7 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
         head.headers.add(name: "content-length", value: "0")
         head.headers.add(name: "connection", value: "close")
         context.write(wrapOutboundOut(.head(head)), promise: nil)
-        context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in
+        context.writeAndFlush(wrapOutboundOut(.end(nil))).assumeIsolated().whenComplete { _ in
             context.close(promise: nil)
             upstream?.close(promise: nil)
         }
@@ -503,7 +503,7 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
         // could overtake the 400 on its way to the caller.
         let upstream = self.upstream
         self.upstream = nil
-        context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in
+        context.writeAndFlush(wrapOutboundOut(.end(nil))).assumeIsolated().whenComplete { _ in
             context.close(mode: .output, promise: nil)
             upstream?.close(promise: nil)
         }
@@ -588,7 +588,7 @@ package final class L7ProtocolSniffer: ChannelInboundHandler, RemovableChannelHa
 
     package func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
-        timeout = context.eventLoop.scheduleTask(in: firstBytesTimeout) { [weak self] in
+        timeout = context.eventLoop.assumeIsolated().scheduleTask(in: firstBytesTimeout) { [weak self] in
             guard let self, !self.done else { return }
             self.done = true
             context.close(promise: nil)

@@ -45,10 +45,13 @@ public final class MetricsServer: @unchecked Sendable {
                 render: @escaping Render) throws {
         group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let connections = self.connections
-        var decoderLimits = NIOHTTPDecoderLimitConfiguration()
-        decoderLimits.maxHeaderListSize = limits.maxHeaderListSize
-        decoderLimits.maxHeaderFieldSize = limits.maxHeaderListSize
-        decoderLimits.maxHeaderFieldCount = limits.maxHeaderFields
+        let decoderLimits = {
+            var l = NIOHTTPDecoderLimitConfiguration()
+            l.maxHeaderListSize = limits.maxHeaderListSize
+            l.maxHeaderFieldSize = limits.maxHeaderListSize
+            l.maxHeaderFieldCount = limits.maxHeaderFields
+            return l
+        }()
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(ChannelOptions.backlog, value: 64)
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
@@ -145,7 +148,7 @@ final class AdminRequestClock: ChannelInboundHandler, @unchecked Sendable {
     private func startIdle() {
         idleDeadline?.cancel()
         guard let context else { return }
-        idleDeadline = context.eventLoop.scheduleTask(in: limits.idleTimeout) { context.close(promise: nil) }
+        idleDeadline = context.eventLoop.assumeIsolated().scheduleTask(in: limits.idleTimeout) { context.close(promise: nil) }
     }
 
     /// 408 written straight to the socket (this handler sits before the
@@ -157,7 +160,7 @@ final class AdminRequestClock: ChannelInboundHandler, @unchecked Sendable {
         refused(.requestTimeout)
         var buffer = context.channel.allocator.buffer(capacity: 80)
         buffer.writeString("HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-        context.writeAndFlush(wrapOutboundOut(buffer)).whenComplete { _ in context.close(promise: nil) }
+        context.writeAndFlush(wrapOutboundOut(buffer)).assumeIsolated().whenComplete { _ in context.close(promise: nil) }
     }
 
     func channelInactive(context: ChannelHandlerContext) {
@@ -208,7 +211,7 @@ final class MetricsHandler: ChannelInboundHandler, @unchecked Sendable {
         var buffer = context.channel.allocator.buffer(capacity: body.count)
         buffer.writeBytes(body)
         context.write(wrapOutboundOut(.body(.byteBuffer(buffer))), promise: nil)
-        context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in
+        context.writeAndFlush(wrapOutboundOut(.end(nil))).assumeIsolated().whenComplete { _ in
             if close { context.close(promise: nil) }
         }
     }

@@ -99,7 +99,7 @@ package final class GlueHandler: ChannelDuplexHandler, @unchecked Sendable {
         ctx.flush()
         let done = ctx.eventLoop.makePromise(of: Void.self)
         ctx.close(mode: .output, promise: done)
-        done.futureResult.whenComplete { _ in
+        done.futureResult.assumeIsolated().whenComplete { _ in
             if p.inputClosed && !p.isStream { ctx.close(promise: nil) }
         }
     }

@@ -69,7 +69,7 @@ public final class HandshakeGuard: ChannelInboundHandler, RemovableChannelHandle
 
     public func handlerAdded(context: ChannelHandlerContext) {
         let channel = context.channel
-        deadline = context.eventLoop.scheduleTask(in: timeout) { [self] in
+        deadline = context.eventLoop.assumeIsolated().scheduleTask(in: timeout) { [self] in
             onTimeout()
             release()
             channel.close(promise: nil)

@@ -87,22 +87,22 @@ public final class InboundProxy: @unchecked Sendable {
         self.certificateFile = certificateFile
         self.keyFile = keyFile
         context = try InboundProxy.context(certificateFile: certificateFile, keyFile: keyFile, roots: verifier.bundles.values.flatMap { $0 })
-        weak var weakSelf: InboundProxy?
-        let verify: NIOSSLCustomVerificationCallbackWithMetadata = { certs, promise in
-            guard let verifier = weakSelf?.verifier else { return promise.succeed(.failed) }
+        let weakSelf = WeakReference<InboundProxy>()
+        let verify: @Sendable ([NIOSSLCertificate], EventLoopPromise<NIOSSLVerificationResultWithMetadata>) -> Void = { certs, promise in
+            guard let verifier = weakSelf.object?.verifier else { return promise.succeed(.failed) }
             Task {
                 let parsed = certs.compactMap { try? Certificate(derEncoded: $0.toDERBytes()) }
                 guard parsed.count == certs.count, let leaf = parsed.first else {
-                    weakSelf?.onReject?("unparsable client certificate")
+                    weakSelf.object?.onReject?("unparsable client certificate")
                     promise.succeed(.failed)
                     return
                 }
                 switch await verifier.verify(leaf: leaf, intermediates: Array(parsed.dropFirst())) {
                 case .success(let id):
-                    weakSelf?.onAccept?(id)
+                    weakSelf.object?.onAccept?(id)
                     promise.succeed(.certificateVerified(VerificationMetadata(nil)))
                 case .failure(let r):
-                    weakSelf?.onReject?(r.reason)
+                    weakSelf.object?.onReject?(r.reason)
                     promise.succeed(.failed)
                 }
             }
@@ -110,7 +110,7 @@ public final class InboundProxy: @unchecked Sendable {
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { channel in
-                guard let me = weakSelf else { return channel.close() }
+                guard let me = weakSelf.object else { return channel.close() }
                 let (ctx, limits) = me.lock.withLock { (me.context, me._limits) }
                 // Anyone who reaches the port can open connections and never
                 // start TLS: each is counted until its handshake completes.
@@ -125,11 +125,11 @@ public final class InboundProxy: @unchecked Sendable {
                 return channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: ctx, customVerificationCallbackWithMetadata: verify))
                     try channel.pipeline.syncOperations.addHandler(HandshakeGuard(pending: me.pending, source: source, timeout: limits.timeout,
-                                                                                  onTimeout: { weakSelf?.onRefuse?(.timeout) }))
+                                                                                  onTimeout: { weakSelf.object?.onRefuse?(.timeout) }))
                     try channel.pipeline.syncOperations.addHandler(IdentityEcho(
-                        onFailure: { weakSelf?.onHandshakeFailure?() },
+                        onFailure: { weakSelf.object?.onHandshakeFailure?() },
                         tunnel: { ch, peer in
-                            guard let me = weakSelf, let authorize = me.authorize else { return false }
+                            guard let me = weakSelf.object, let authorize = me.authorize else { return false }
                             try InboundProxy.configureTunnel(ch, peer: peer, authorize: authorize, onStream: me.onStream, accessLog: me.accessLog,
                                                              timeouts: me.tunnelTimeouts)
                             return true
@@ -140,7 +140,7 @@ public final class InboundProxy: @unchecked Sendable {
             try? group.syncShutdownGracefully()
             throw error
         }
-        weakSelf = self
+        weakSelf.set(self)
     }
 
     /// New certificate and key (rotation): new connections use them at once.
@@ -219,7 +219,7 @@ final class IdentityEcho: ChannelInboundHandler, RemovableChannelHandler, @unche
             }
             var buffer = context.channel.allocator.buffer(capacity: 128)
             buffer.writeString("\(id)\n")
-            context.writeAndFlush(wrapOutboundOut(buffer)).whenComplete { _ in context.close(promise: nil) }
+            context.writeAndFlush(wrapOutboundOut(buffer)).assumeIsolated().whenComplete { _ in context.close(promise: nil) }
         }
         context.fireUserInboundEventTriggered(event)
     }
@@ -236,7 +236,7 @@ public enum IPAddressText {
             let b = withUnsafeBytes(of: v6) { Array($0) }
             if b[0..<10].allSatisfy({ $0 == 0 }) && b[10] == 0xff && b[11] == 0xff { return "\(b[12]).\(b[13]).\(b[14]).\(b[15])" }
             var buf = [CChar](repeating: 0, count: Int(INET6_ADDRSTRLEN))
-            return inet_ntop(AF_INET6, &v6, &buf, socklen_t(buf.count)).map { _ in String(cString: buf) }
+            return inet_ntop(AF_INET6, &v6, &buf, socklen_t(buf.count)).map { _ in String(decoding: buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self) }
         }
         var v4 = in_addr()
         return inet_pton(AF_INET, text, &v4) == 1 ? text : nil

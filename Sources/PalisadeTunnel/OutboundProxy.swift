@@ -121,7 +121,7 @@ public final class OutboundProxy: @unchecked Sendable {
         self.outliers = outliers
         let pools = group.makeIterator().map(makePool)
         self.pools = pools
-        weak var weakSelf: OutboundProxy?
+        let weakSelf = WeakReference<OutboundProxy>()
         let byLoop = Dictionary(uniqueKeysWithValues: pools.map { (ObjectIdentifier($0.eventLoop), $0) })
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
@@ -131,14 +131,14 @@ public final class OutboundProxy: @unchecked Sendable {
             .childChannelInitializer { ch in
                 let start = Date()
                 guard let accepted = OutboundProxy.addresses(of: ch), let route = resolve(accepted) else {
-                    weakSelf?.onOutcome?(OutboundOutcome(route: nil, error: "not a redirected connection", seconds: 0))
+                    weakSelf.object?.onOutcome?(OutboundOutcome(route: nil, error: "not a redirected connection", seconds: 0))
                     return OutboundProxy.reset(ch)
                 }
                 if let http = route.http, let c = route.candidates.first, c.peer == nil {
                     let l7 = L7Context(gate: http.gate, usesHeaders: http.usesHeaders, verifyBearer: http.verifyBearer, appProtocol: http.appProtocol, source: route.credentials.spiffeID.description, destination: http.destination,
-                                       destinationAddress: c.authority, log: weakSelf?.accessLog)
-                    OutboundProxy.deliverHTTP(ch, to: c, mark: route.mark, l7: l7, firstBytesTimeout: weakSelf?.firstBytesTimeout ?? .seconds(15)) { error in
-                        weakSelf?.onOutcome?(OutboundOutcome(route: route, error: error, seconds: Date().timeIntervalSince(start)))
+                                       destinationAddress: c.authority, log: weakSelf.object?.accessLog)
+                    OutboundProxy.deliverHTTP(ch, to: c, mark: route.mark, l7: l7, firstBytesTimeout: weakSelf.object?.firstBytesTimeout ?? .seconds(15)) { error in
+                        weakSelf.object?.onOutcome?(OutboundOutcome(route: route, error: error, seconds: Date().timeIntervalSince(start)))
                     }
                     return ch.eventLoop.makeSucceededVoidFuture()
                 }
@@ -148,7 +148,7 @@ public final class OutboundProxy: @unchecked Sendable {
                 let tcpGlue = GlueHandler()
                 do { try ch.pipeline.syncOperations.addHandler(tcpGlue) } catch { return ch.eventLoop.makeFailedFuture(error) }
                 OutboundProxy.attempt(route, 0, ch, tcpGlue, pool, outliers, lastError: "no endpoint") { error in
-                    weakSelf?.onOutcome?(OutboundOutcome(route: route, error: error, seconds: Date().timeIntervalSince(start)))
+                    weakSelf.object?.onOutcome?(OutboundOutcome(route: route, error: error, seconds: Date().timeIntervalSince(start)))
                 }
                 return ch.eventLoop.makeSucceededVoidFuture()
             }
@@ -158,12 +158,12 @@ public final class OutboundProxy: @unchecked Sendable {
         } catch {
             channel = try bootstrap.bind(host: "0.0.0.0", port: port).wait()
         }
-        weakSelf = self
+        weakSelf.set(self)
     }
 
     /// Tries candidate `i`, then the next ones; `done` gets nil or the last error.
     static func attempt(_ route: OutboundRoute, _ i: Int, _ ch: Channel, _ tcpGlue: GlueHandler, _ pool: TunnelPool, _ outliers: OutlierDetector,
-                        lastError: String, done: @escaping (String?) -> Void) {
+                        lastError: String, done: @escaping @Sendable (String?) -> Void) {
         guard i < route.candidates.count else {
             done(lastError)
             _ = reset(ch)
@@ -200,7 +200,7 @@ public final class OutboundProxy: @unchecked Sendable {
     /// identity, so the kernel judges the delivery by identity) and puts the
     /// HTTP proxy between the two. Nothing is read from either side before.
     static func deliverHTTP(_ ch: Channel, to c: OutboundRoute.Candidate, mark: UInt32, l7: L7Context, firstBytesTimeout: TimeAmount,
-                            done: @escaping (String?) -> Void) {
+                            done: @escaping @Sendable (String?) -> Void) {
         let sniffer = L7ProtocolSniffer(upstream: nil, l7: l7, firstBytesTimeout: firstBytesTimeout)
         do { try ch.pipeline.syncOperations.addHandler(sniffer) } catch {
             _ = reset(ch)

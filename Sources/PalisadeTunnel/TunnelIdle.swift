@@ -24,12 +24,12 @@ final class TunnelConnectionIdle {
     init(channel: Channel, timeout: TimeAmount) {
         self.channel = channel; self.timeout = timeout
         arm()
-        channel.closeFuture.whenComplete { [self] _ in deadline?.cancel() }
+        channel.closeFuture.assumeIsolated().whenComplete { [self] _ in deadline?.cancel() }
     }
 
     private func arm() {
         let channel = self.channel
-        deadline = channel.eventLoop.scheduleTask(in: timeout) { channel.close(promise: nil) }
+        deadline = channel.eventLoop.assumeIsolated().scheduleTask(in: timeout) { channel.close(promise: nil) }
     }
 
     func streamOpened(_ stream: Channel) {
@@ -37,7 +37,7 @@ final class TunnelConnectionIdle {
         open += 1
         deadline?.cancel()
         deadline = nil
-        stream.closeFuture.whenComplete { [self] _ in
+        stream.closeFuture.assumeIsolated().whenComplete { [self] _ in
             open -= 1
             if open == 0 { arm() }
         }

@@ -133,6 +133,7 @@ final class TunnelInboundStream: ChannelInboundHandler, RemovableChannelHandler,
             }
             .connect(host: host, port: port)
             .hop(to: context.eventLoop)
+            .assumeIsolated()
             .whenComplete { result in
                 switch result {
                 case .success:
@@ -176,6 +177,7 @@ extension TunnelInboundStream {
         markedConnection(on: context.eventLoop, mark: mark, connectTimeout: connectTimeout, proxied: true)
             .connect(host: request.host, port: request.port)
             .hop(to: context.eventLoop)
+            .assumeIsolated()
             .whenComplete { result in
                 switch result {
                 case .success(let upstream):
@@ -204,12 +206,13 @@ extension InboundProxy {
         // The same guard as the proxy's caller side: a GOAWAY of a connection
         // error ends the connection, WINDOW_UPDATE floods are cut off.
         try channel.pipeline.syncOperations.addHandler(H2CallerGuard())
-        let idle = TunnelConnectionIdle(channel: channel, timeout: timeouts.connectionIdle)
+        // (Streams run on their connection's event loop.)
+        let idle = NIOLoopBound(TunnelConnectionIdle(channel: channel, timeout: timeouts.connectionIdle), eventLoop: channel.eventLoop)
         _ = try channel.pipeline.syncOperations.configureHTTP2Pipeline(
             mode: .server, connectionConfiguration: TunnelSettings.connection, streamConfiguration: TunnelSettings.stream
         ) { stream in
             stream.eventLoop.makeCompletedFuture {
-                idle.streamOpened(stream)
+                idle.value.streamOpened(stream)
                 let handler = TunnelInboundStream(peer: peer, authorize: authorize, connectTimeout: .seconds(3), onStream: onStream)
                 handler.accessLog = accessLog
                 try stream.pipeline.syncOperations.addHandler(IdleStateHandler(allTimeout: timeouts.streamIdle))

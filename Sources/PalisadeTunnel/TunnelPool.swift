@@ -137,7 +137,7 @@ public final class TunnelPool: @unchecked Sendable {
             return eventLoop.makeFailedFuture(error)
         }
         entry.streams += 1   // counted from now, so a burst spreads over connections
-        let opened = entry.multiplexer.flatMap { mux in
+        let opened = entry.multiplexer.assumeIsolated().flatMap { mux in
             let ready = self.eventLoop.makePromise(of: Void.self)
             let streamPromise = self.eventLoop.makePromise(of: Channel.self)
             mux.createStreamChannel(promise: streamPromise) { stream in
@@ -145,10 +145,10 @@ public final class TunnelPool: @unchecked Sendable {
                     try stream.pipeline.syncOperations.addHandler(ConnectRequestHandler(authority: authority, caller: caller, glue: glue, ready: ready))
                 }
             }
-            streamPromise.futureResult.whenComplete { result in
+            streamPromise.futureResult.assumeIsolated().whenComplete { result in
                 switch result {
                 case .success(let stream):
-                    stream.closeFuture.whenComplete { _ in
+                    stream.closeFuture.assumeIsolated().whenComplete { _ in
                         entry.streams -= 1
                         entry.closeIfDone()
                     }
@@ -161,8 +161,8 @@ public final class TunnelPool: @unchecked Sendable {
             return ready.futureResult
         }
         // No multiplexer (the connection failed): the reservation goes too.
-        entry.multiplexer.whenFailure { _ in entry.streams -= 1 }
-        return opened
+        entry.multiplexer.assumeIsolated().whenFailure { _ in entry.streams -= 1 }
+        return opened.nonisolated()
     }
 
     private func connection(peer: TunnelPeer, credentials: ClientCredentials) throws -> Entry {
@@ -179,7 +179,7 @@ public final class TunnelPool: @unchecked Sendable {
         }
         let ctx = try tlsContext(credentials)
         let verifier = self.verifier
-        let verify: NIOSSLCustomVerificationCallbackWithMetadata = { certs, promise in
+        let verify: @Sendable ([NIOSSLCertificate], EventLoopPromise<NIOSSLVerificationResultWithMetadata>) -> Void = { certs, promise in
             let v = verifier()
             Task {
                 let parsed = certs.compactMap { try? Certificate(derEncoded: $0.toDERBytes()) }
@@ -221,11 +221,11 @@ public final class TunnelPool: @unchecked Sendable {
             self.entries[key]?.removeAll { $0 === entry }
             if self.entries[key]?.isEmpty == true { self.entries[key] = nil }
         }
-        mux.whenComplete { result in
+        mux.assumeIsolated().whenComplete { result in
             switch result {
             case .success:
                 entry.channel = entryBox.channel
-                entryBox.channel?.closeFuture.whenComplete { _ in forget() }
+                entryBox.channel?.closeFuture.assumeIsolated().whenComplete { _ in forget() }
             case .failure:
                 forget()
             }

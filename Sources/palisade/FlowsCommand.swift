@@ -33,7 +33,7 @@ struct FlowsCommand: ParsableCommand {
             let arrow = "\(e.source):\(e.sourcePort) -> \(e.destination):\(e.destinationPort)"
             print("\(t)  \(e.verdict.uppercased().padding(toLength: 7, withPad: " ", startingAt: 0))  \(e.direction.padding(toLength: 7, withPad: " ", startingAt: 0))  \(e.proto)  \(arrow)  local=\(e.local) peer=\(e.peer)  \(e.reason)\(e.rule.map { "  [\($0)]" } ?? "")")
         }
-        fflush(stdout)
+        fflush(nil)   // (every output stream: stdout is a global Swift 6 will not share)
     }
 
     static func decoder() -> JSONDecoder {

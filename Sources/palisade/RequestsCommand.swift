@@ -43,7 +43,7 @@ struct RequestsCommand: ParsableCommand {
             print("\(e.time)  \(e.decision.uppercased().padding(toLength: 7, withPad: " ", startingAt: 0))  \(e.status)  \(e.method) \(e.path)  "
                   + "\(e.source) -> \(e.destination)  \(String(format: "%.1f", e.durationMs)) ms\(rule)")
         }
-        fflush(stdout)
+        fflush(nil)   // (every output stream: stdout is a global Swift 6 will not share)
     }
 
     func run() throws {

@@ -7,7 +7,7 @@ import XCTest
 /// file is private, rotation keeps one previous file, a backlog past its
 /// bound is dropped and counted rather than held.
 final class AccessLogWriterTests: XCTestCase {
-    func entry(_ i: Int) -> AccessLogEntry {
+    static func entry(_ i: Int) -> AccessLogEntry {
         AccessLogEntry(time: "2026-11-23T08:00:00.000Z", source: "spiffe://t/ns/a/sa/a", destination: "spiffe://t/ns/b/sa/b",
                        destinationAddress: "10.0.0.2:8080", method: "GET", path: "/item/\(i)", status: 200, requestBytes: 0,
                        responseBytes: 10, durationMs: 1.5, decision: "allowed", rule: "p/0")
@@ -20,7 +20,7 @@ final class AccessLogWriterTests: XCTestCase {
         let path = "\(dir)/access.jsonl"
         let writer = try XCTUnwrap(AccessLogWriter(path: path, rotateAt: 64 << 10))
         DispatchQueue.concurrentPerform(iterations: 4) { t in
-            for i in 0..<500 { writer.write(entry(t * 1000 + i)) }
+            for i in 0..<500 { writer.write(Self.entry(t * 1000 + i)) }
         }
         writer.flush()
         let current = try String(contentsOfFile: path, encoding: .utf8)
@@ -43,7 +43,7 @@ final class AccessLogWriterTests: XCTestCase {
         let writer = try XCTUnwrap(AccessLogWriter(path: "\(dir)/access.jsonl", maxPending: 10))
         let dropped = ManagedCount()
         writer.onDrop = { n in dropped.add(n) }
-        for i in 0..<5 { writer.write(entry(i)) }
+        for i in 0..<5 { writer.write(Self.entry(i)) }
         writer.flush()
         XCTAssertEqual(dropped.value, 5)
         XCTAssertEqual(try String(contentsOfFile: "\(dir)/access.jsonl", encoding: .utf8), "")

@@ -6,7 +6,8 @@ import XCTest
 /// only a on TCP 8080). Workloads speak plain TCP; the kernel redirects
 /// their connections to the agent, which carries them over mTLS.
 final class MeshTests: XCTestCase {
-    struct Mesh {
+    // (@unchecked: traffic threads only read the lab's names and paths.)
+    struct Mesh: @unchecked Sendable {
         let lab: Lab
         let n1: AgentHarness
         let n2: AgentHarness

@@ -11,7 +11,9 @@ import PalisadeIdentity
 /// The tunnel without the kernel: a plain TCP client -> outbound proxy ->
 /// pooled mTLS HTTP/2 CONNECT stream -> inbound listener -> echo server,
 /// all on loopback. Bytes, half-close, refusals, pooling and rotation.
-final class TunnelTests: XCTestCase {
+// (@unchecked: the route and authorize closures read the test's fields from the
+// tunnel's event loops while the test body sets them between requests.)
+final class TunnelTests: XCTestCase, @unchecked Sendable {
     var dir: String!
     var ca: CertificateAuthority!
     var store: SVIDStore!
