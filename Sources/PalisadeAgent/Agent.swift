@@ -442,8 +442,8 @@ public final class Agent {
         for svc in meshServices {
             guard let (id, _) = universe.workloads.sorted(by: { $0.key < $1.key })
                 .first(where: { e in svc.selector.allSatisfy { e.value.labels[$0.key] == $0.value } }) else { continue }
-            universe.workloads[id]!.addresses.append(svc.vip)
-            universe.workloads[id]!.remoteAddresses.insert(svc.vip)
+            universe.workloads[id]?.addresses.append(svc.vip)
+            universe.workloads[id]?.remoteAddresses.insert(svc.vip)
         }
         state.allocator.retain(only: localSpiffeIDs.union(meshRemoteWorkloads.map(\.spiffeID)))
         publishToStore(workloads)

@@ -96,8 +96,11 @@ public struct AgentConfig: Sendable {
         var buf = [UInt8](repeating: 0, count: 256)
         gethostname(&buf, buf.count)
         let host = (nodeName ?? String(decoding: buf.prefix { $0 != 0 }, as: UTF8.self)).map { $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-" || $0 == ".") ? $0 : "-" }
-        return (try? SpiffeID("spiffe://\(trustDomain)/palisade/node/\(String(host).isEmpty ? "node" : String(host))"))
-            ?? (try! SpiffeID("spiffe://\(trustDomain)/palisade/node/node"))
+        // (The trust domain was checked when the configuration was read.)
+        guard let id = try? SpiffeID("spiffe://\(trustDomain)/palisade/node/\(String(host).isEmpty ? "node" : String(host))") else {
+            preconditionFailure("trust domain '\(trustDomain)' passed the configuration check but makes no SPIFFE ID")
+        }
+        return id
     }
 
     static let keys: Set<String> = ["trustDomain", "stateDir", "bpffs", "policyDir", "workloadDir", "cgroupRoot",

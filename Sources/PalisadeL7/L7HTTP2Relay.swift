@@ -82,8 +82,8 @@ final class H2Relay: @unchecked Sendable {
 
     /// Window given back to each side but not yet announced: updates go
     /// out in quarter-window steps, not one per DATA frame.
-    private var credit: [Bool: Int] = [true: 0, false: 0]
-    private var streamCredit: [Bool: [HTTP2StreamID: Int]] = [true: [:], false: [:]]
+    private var credit = BothSides(0)
+    private var streamCredit = BothSides([HTTP2StreamID: Int]())
 
     /// Gives back `n` bytes of window to one side (connection, and the
     /// stream while it is open there and still sending).
@@ -91,7 +91,7 @@ final class H2Relay: @unchecked Sendable {
         guard n > 0, let ctx else { return }
         let isDown = ctx === down
         var flush = false
-        let c = credit[isDown]! + n
+        let c = credit[isDown] + n
         if c >= Self.connectionWindow / 4 {
             write(ctx, .rootStream, .windowUpdate(windowSizeIncrement: c))
             credit[isDown] = 0
@@ -100,13 +100,13 @@ final class H2Relay: @unchecked Sendable {
             credit[isDown] = c
         }
         if let stream {
-            let s = (streamCredit[isDown]![stream] ?? 0) + n
+            let s = (streamCredit[isDown][stream] ?? 0) + n
             if s >= Self.streamWindow / 4 {
                 write(ctx, stream, .windowUpdate(windowSizeIncrement: s))
-                streamCredit[isDown]![stream] = nil
+                streamCredit[isDown][stream] = nil
                 flush = true
             } else {
-                streamCredit[isDown]![stream] = s
+                streamCredit[isDown][stream] = s
             }
         }
         if flush { ctx.flush() }
@@ -354,7 +354,7 @@ final class H2Relay: @unchecked Sendable {
     // MARK: bookkeeping
 
     func streamClosed(_ id: HTTP2StreamID, onDown: Bool, reason: HTTP2ErrorCode?) {
-        streamCredit[onDown]![id] = nil
+        streamCredit[onDown][id] = nil
         if onDown && !denials.isEmpty { denials.removeAll { $0.stream == id } }   // reset before its 403 went out
         if onDown { dropVerifying(id) }
         if onDown {
@@ -452,3 +452,13 @@ final class H2RelaySide: ChannelDuplexHandler, @unchecked Sendable {
     func errorCaught(context: ChannelHandlerContext, error: Error) {}
 }
 
+
+/// One value per side of the relay (the workload's, `down`, and the caller's).
+struct BothSides<Value> {
+    private var up: Value, down: Value
+    init(_ value: Value) { up = value; down = value }
+    subscript(isDown: Bool) -> Value {
+        get { isDown ? down : up }
+        set { if isDown { down = newValue } else { up = newValue } }
+    }
+}

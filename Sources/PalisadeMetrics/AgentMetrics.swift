@@ -144,11 +144,10 @@ public final class AgentMetrics: @unchecked Sendable {
     public func setCertificateExpiry(spiffeID: String, notAfter: Date?) {
         lock.lock(); defer { lock.unlock() }
         if let notAfter {
-            if certificateExpiry[spiffeID] == nil {
-                certificateExpiry[spiffeID] = registry.gauge("palisade_certificate_expiry_timestamp_seconds", labels: [("spiffe_id", spiffeID)],
-                                                                 help: "When the X.509-SVID issued for an identity expires (it is re-issued at half-life).")
-            }
-            certificateExpiry[spiffeID]!.set(to: notAfter.timeIntervalSince1970)
+            let gauge = certificateExpiry[spiffeID] ?? registry.gauge("palisade_certificate_expiry_timestamp_seconds", labels: [("spiffe_id", spiffeID)],
+                                                                       help: "When the X.509-SVID issued for an identity expires (it is re-issued at half-life).")
+            certificateExpiry[spiffeID] = gauge
+            gauge.set(to: notAfter.timeIntervalSince1970)
         } else if let g = certificateExpiry.removeValue(forKey: spiffeID) {
             registry.unregisterGauge(g)
         }
@@ -249,14 +248,14 @@ public final class AgentMetrics: @unchecked Sendable {
                 let key = "\(d.rawValue)|\(r)"
                 let verdict = r.passes ? (r == .auditWouldDeny ? "audit" : "allowed") : "denied"
                 let labels = [("direction", d.rawValue), ("reason", r.description), ("verdict", verdict)]
-                if packetCounters[key] == nil {
-                    packetCounters[key] = (registry.counter("palisade_datapath_packets_total", labels: labels,
-                                                                help: "Packets judged by the datapath, by direction, verdict and reason."), 0)
-                    byteCounters[key] = (registry.counter("palisade_datapath_bytes_total", labels: labels,
-                                                              help: "Bytes judged by the datapath, by direction, verdict and reason."), 0)
-                }
-                AgentMetrics.advance(&packetCounters[key]!, to: c.packets)
-                AgentMetrics.advance(&byteCounters[key]!, to: c.bytes)
+                var packets = packetCounters[key] ?? (registry.counter("palisade_datapath_packets_total", labels: labels,
+                                                                       help: "Packets judged by the datapath, by direction, verdict and reason."), 0)
+                var bytes = byteCounters[key] ?? (registry.counter("palisade_datapath_bytes_total", labels: labels,
+                                                                   help: "Bytes judged by the datapath, by direction, verdict and reason."), 0)
+                AgentMetrics.advance(&packets, to: c.packets)
+                AgentMetrics.advance(&bytes, to: c.bytes)
+                packetCounters[key] = packets
+                byteCounters[key] = bytes
             }
         }
         if let ev = try? maps.eventTotals() {
@@ -319,12 +318,12 @@ public final class AgentMetrics: @unchecked Sendable {
         lock.lock(); defer { lock.unlock() }
         for (name, count) in counts {
             guard let count else { continue }
-            if mapEntries[name] == nil {
-                mapEntries[name] = registry.gauge("palisade_map_entries", labels: [("map", name)], help: "Entries in a datapath map (both generations during an apply).")
-                mapCapacity[name] = registry.gauge("palisade_map_capacity_entries", labels: [("map", name)], help: "Capacity of a datapath map.")
-            }
-            mapEntries[name]!.set(to: Double(count))
-            mapCapacity[name]!.set(to: Double(capacities[name] ?? 0))
+            let entries = mapEntries[name] ?? registry.gauge("palisade_map_entries", labels: [("map", name)], help: "Entries in a datapath map (both generations during an apply).")
+            let capacity = mapCapacity[name] ?? registry.gauge("palisade_map_capacity_entries", labels: [("map", name)], help: "Capacity of a datapath map.")
+            mapEntries[name] = entries
+            mapCapacity[name] = capacity
+            entries.set(to: Double(count))
+            capacity.set(to: Double(capacities[name] ?? 0))
         }
     }
 }

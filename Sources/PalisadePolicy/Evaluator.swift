@@ -43,6 +43,13 @@ public struct ReferenceEvaluator {
         ruleIDs = ids
     }
 
+    /// The compiler's number of a rule ("default": the policy's default
+    /// verdict). Numbered above from the same policies, so it is always
+    /// there; 0 (no rule) keeps a gap from crashing the evaluator.
+    private func ruleID(_ policy: String, _ direction: Direction, _ slot: String) -> UInt32 {
+        ruleIDs["\(policy)/\(direction)/\(slot)"] ?? 0
+    }
+
     enum PeerKind { case workload(NumericIdentity, WorkloadIdentity), host, external }
 
     func peerKind(_ a: IPAddress) -> PeerKind {
@@ -96,13 +103,13 @@ public struct ReferenceEvaluator {
             guard let rs = p.rules(f.direction) else { continue }
             enforced = true
             let def: Verdict = p.mode == .enforce ? .deny : .audit
-            if def.rank > fallback.0.rank { fallback = (def, ruleIDs["\(p.name)/\(f.direction)/default"]!) }
+            if def.rank > fallback.0.rank { fallback = (def, ruleID(p.name, f.direction, "default")) }
             for (i, r) in rs.enumerated() {
                 let peerOK = r.peers.isEmpty || r.peers.contains { matches($0, address: f.peerAddress, kind: kind) }
                 let portOK = portMatches(r, f, local: local, kind: kind)
                 guard peerOK && portOK else { continue }
                 let v: Verdict = r.action == .allow ? .allow : (p.mode == .enforce ? .deny : .audit)
-                if v.rank > best.0.rank { best = (v, ruleIDs["\(p.name)/\(f.direction)/\(i)"]!) }
+                if v.rank > best.0.rank { best = (v, ruleID(p.name, f.direction, "\(i)")) }
             }
         }
         if !enforced { return Decision(verdict: .allow, ruleID: 0, enforced: false) }
