@@ -411,10 +411,9 @@ public final class Agent {
                 existing.ports = NamedPort.union(existing.ports, w.ports)
                 universe.workloads[id] = existing
             } else {
-                var nsLabels = w.namespaceLabels
-                nsLabels["kubernetes.io/metadata.name"] = w.namespace
                 universe.workloads[id] = WorkloadIdentity(spiffeID: w.spiffeID, labels: w.labels, namespace: w.namespace,
-                                                          namespaceLabels: nsLabels, addresses: w.addresses, ports: w.ports)
+                                                          namespaceLabels: Self.namespaceLabels(w.namespaceLabels, of: w.namespace),
+                                                          addresses: w.addresses, ports: w.ports)
             }
             records[id.rawValue] = .init(spiffeID: w.spiffeID, namespace: w.namespace, labels: w.labels)
         }
@@ -427,8 +426,7 @@ public final class Agent {
                 existing.ports = NamedPort.union(existing.ports, r.ports)
                 universe.workloads[id] = existing
             } else {
-                var nsLabels = r.namespaceLabels
-                nsLabels["kubernetes.io/metadata.name"] = r.namespace
+                let nsLabels = Self.namespaceLabels(r.namespaceLabels, of: r.namespace)
                 // Only on other nodes: a peer here, its own node enforces its policy.
                 universe.workloads[id] = WorkloadIdentity(spiffeID: r.spiffeID, labels: r.labels, namespace: r.namespace,
                                                           namespaceLabels: nsLabels, addresses: r.addresses, remoteAddresses: Set(r.addresses),

@@ -72,12 +72,19 @@ extension Agent {
                               locality: config.locality,
                               trusts: trust.current.bundles.mapValues { $0.map(\.serialNumber.description).sorted() })
         let records = workloads.map {
-            var ns = $0.namespaceLabels
-            ns["kubernetes.io/metadata.name"] = $0.namespace
+            let ns = Self.namespaceLabels($0.namespaceLabels, of: $0.namespace)
             return WorkloadRecord(name: $0.name, node: sync.node, spiffeID: $0.spiffeID.description, namespace: $0.namespace,
                                   labels: $0.labels, namespaceLabels: ns, addresses: $0.addresses.map(\.description),
                                   ports: $0.ports.isEmpty ? nil : $0.ports.map(\.description))
         }
         sync.publish(node: node, workloads: records, bundlePEM: publishesBundle ? signer.bundle.compactMap { try? $0.serializeAsPEM().pemString }.joined(separator: "\n") : nil)
+    }
+
+    /// A namespace's labels with the one Kubernetes always sets (policies
+    /// select namespaces by it).
+    static func namespaceLabels(_ labels: [String: String], of namespace: String) -> [String: String] {
+        var all = labels
+        all["kubernetes.io/metadata.name"] = namespace
+        return all
     }
 }
