@@ -4,42 +4,72 @@ import XCTest
 /// L7 rules on the tunnel's receiving side: b has L7 rules, so requests to
 /// it are judged one by one by the in-agent HTTP proxy.
 extension MeshTests {
-    func testHTTPRulesJudgeEachRequest() throws {
-        let m = try setUpMesh("pmesh6")
-        let www = "\(m.n2.dir)/www"
-        for (p, body) in [("public/a.txt", "public a"), ("public/secret.txt", "nope"), ("private/b.txt", "private b"), ("cidr/c.txt", "cidr c")] {
+    /// The scene the HTTP-rule tests share: files served by a workload,
+    /// an ingress policy admitting a on one port, HTTP rules on that port.
+    static let publicPrivateCidr = [("public/a.txt", "public a"), ("private/b.txt", "private b"), ("cidr/c.txt", "cidr c")]
+    static let getPublic = """
+            - from: [{spiffeID: "spiffe://test.local/ns/default/sa/a"}]
+              methods: [GET]
+              paths: ["/public/**"]
+
+        """
+    static let denySecret = """
+            - action: deny
+              paths: ["/public/secret.txt"]
+
+        """
+    static let cidrFromA = """
+            - from: [{cidr: "10.101.1.2/32"}]
+              paths: ["/cidr/**"]
+
+        """
+
+    /// A web root under the agent's directory holding `files` (path, body).
+    func webRoot(_ agent: AgentHarness, _ files: [(String, String)]) throws -> String {
+        let www = "\(agent.dir)/www"
+        for (p, body) in files {
             try FileManager.default.createDirectory(atPath: (("\(www)/\(p)") as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
             try body.write(toFile: "\(www)/\(p)", atomically: true, encoding: .utf8)
         }
-        try m.lab.spawn(netns: m.lab.netns("b"), [Paths.python, Paths.probe, "http", www, "8081"])
-        try m.n2.writePolicy("b8081", policyYAML("b-ingress-8081", """
-          selector: {labels: {app: b}}
+        return www
+    }
+
+    /// `pod` admits a on `port` (L3/L4), and `rules` (HTTPPolicy rules) judge
+    /// each request there; returns once the agent had time to apply them.
+    func admitAWithHTTPRules(_ agent: AgentHarness, pod: String, port: Int, rules: String) throws {
+        try agent.writePolicy("\(pod)\(port)", policyYAML("\(pod)-ingress-\(port)", """
+          selector: {labels: {app: \(pod)}}
           ingress:
             - from: [{labels: {app: a}}]
-              ports: [{port: 8081}]
+              ports: [{port: \(port)}]
         """) + """
 
         ---
         apiVersion: palisade.dev/v1
         kind: HTTPPolicy
-        metadata: {name: b-http}
+        metadata: {name: \(pod)-http-\(port)}
         spec:
-          selector: {labels: {app: b}}
-          port: 8081
+          selector: {labels: {app: \(pod)}}
+          port: \(port)
           rules:
-            - from: [{spiffeID: "spiffe://test.local/ns/default/sa/a"}]
-              methods: [GET]
-              paths: ["/public/**"]
-            - action: deny
-              paths: ["/public/secret.txt"]
-            - from: [{cidr: "10.101.1.2/32"}]
-              paths: ["/cidr/**"]
-        """)
+
+        """ + rules)
         usleep(1_500_000)
-        func curl(_ args: [String]) throws -> String {
-            let command = (["nsenter", "--net=\(m.lab.netns("a"))", "curl", "-s", "--max-time", "3"] + args).map { "'\($0)'" }.joined(separator: " ")
-            return try sh(["sh", "-c", "echo $$ > '\(m.lab.podCgroup("a"))/cgroup.procs' && exec \(command)"], check: false).output
-        }
+    }
+
+    /// curl run as workload a (its network namespace and, unless told, its cgroup).
+    func curlAsA(_ m: Mesh, _ args: [String], maxTime: Int = 3, inCgroup: Bool = true) throws -> String {
+        let command = (["nsenter", "--net=\(m.lab.netns("a"))", "curl", "-s", "--max-time", "\(maxTime)"] + args).map { "'\($0)'" }.joined(separator: " ")
+        let enter = inCgroup ? "echo $$ > '\(m.lab.podCgroup("a"))/cgroup.procs' && " : ""
+        return try sh(["sh", "-c", "\(enter)exec \(command)"], check: false).output
+    }
+
+    func testHTTPRulesJudgeEachRequest() throws {
+        let m = try setUpMesh("pmesh6")
+        let www = try webRoot(m.n2, Self.publicPrivateCidr + [("public/secret.txt", "nope")])
+        try m.lab.spawn(netns: m.lab.netns("b"), [Paths.python, Paths.probe, "http", www, "8081"])
+        try admitAWithHTTPRules(m.n2, pod: "b", port: 8081, rules: Self.getPublic + Self.denySecret + Self.cidrFromA)
+        func curl(_ args: [String]) throws -> String { try curlAsA(m, args) }
         let url = "http://10.102.1.2:8081"
         XCTAssertEqual(try curl([url + "/public/a.txt"]), "public a", m.n2.warnings())
         // A rule on the caller's address: node 1's agent tells it (forwarded:
@@ -87,42 +117,13 @@ extension MeshTests {
 extension MeshTests {
     func testHTTP2StreamsAreJudgedOneByOne() throws {
         let m = try setUpMesh("pmesh7")
-        let www = "\(m.n2.dir)/www"
-        for (p, body) in [("public/a.txt", "public a"), ("public/secret.txt", "nope"), ("private/b.txt", "private b")] {
-            try FileManager.default.createDirectory(atPath: (("\(www)/\(p)") as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
-            try body.write(toFile: "\(www)/\(p)", atomically: true, encoding: .utf8)
-        }
+        let www = try webRoot(m.n2, [("public/a.txt", "public a"), ("public/secret.txt", "nope"), ("private/b.txt", "private b")])
         // 8 MiB: a response spanning many flow-control windows.
         try Data(repeating: 0x61, count: 8 << 20).write(to: URL(fileURLWithPath: "\(www)/public/big.bin"))
         // nghttpd: an HTTP/2 (h2c) workload.
         try m.lab.spawn(netns: m.lab.netns("b"), ["nghttpd", "--no-tls", "-d", www, "8082"])
-        try m.n2.writePolicy("b8082", policyYAML("b-ingress-8082", """
-          selector: {labels: {app: b}}
-          ingress:
-            - from: [{labels: {app: a}}]
-              ports: [{port: 8082}]
-        """) + """
-
-        ---
-        apiVersion: palisade.dev/v1
-        kind: HTTPPolicy
-        metadata: {name: b-h2}
-        spec:
-          selector: {labels: {app: b}}
-          port: 8082
-          rules:
-            - from: [{spiffeID: "spiffe://test.local/ns/default/sa/a"}]
-              methods: [GET]
-              paths: ["/public/**"]
-            - action: deny
-              paths: ["/public/secret.txt"]
-        """)
-        usleep(1_500_000)
-        func curl(_ args: [String]) throws -> String {
-            let command = (["nsenter", "--net=\(m.lab.netns("a"))", "curl", "-s", "--max-time", "10", "--http2-prior-knowledge"] + args)
-                .map { "'\($0)'" }.joined(separator: " ")
-            return try sh(["sh", "-c", "echo $$ > '\(m.lab.podCgroup("a"))/cgroup.procs' && exec \(command)"], check: false).output
-        }
+        try admitAWithHTTPRules(m.n2, pod: "b", port: 8082, rules: Self.getPublic + Self.denySecret)
+        func curl(_ args: [String]) throws -> String { try curlAsA(m, ["--http2-prior-knowledge"] + args, maxTime: 10) }
         let url = "http://10.102.1.2:8082"
         XCTAssertEqual(try curl([url + "/public/a.txt"]), "public a", m.n2.warnings())
         // Six streams multiplexed on one connection, in flight together
@@ -189,10 +190,7 @@ extension MeshTests {
         try m.n2.writePolicy("big", docs)
         usleep(1_500_000)
         let pids = try agentPIDs(m)
-        func curl(_ args: [String]) throws -> String {
-            let command = (["nsenter", "--net=\(m.lab.netns("a"))", "curl", "-s", "--max-time", "300"] + args).map { "'\($0)'" }.joined(separator: " ")
-            return try sh(["sh", "-c", "echo $$ > '\(m.lab.podCgroup("a"))/cgroup.procs' && exec \(command)"], check: false).output
-        }
+        func curl(_ args: [String]) throws -> String { try curlAsA(m, args, maxTime: 300) }
         // Warm both paths (pools, codecs) before the baseline.
         XCTAssertEqual(try curl(["-T", "/etc/hostname", "http://10.102.1.2:8083/upload"]).hasPrefix("received"), true, m.n2.warnings())
         XCTAssertEqual(try curl(["--http2-prior-knowledge", "-o", "/dev/null", "-w", "%{http_code}", "http://10.102.1.2:8084/small.bin"]), "200")
@@ -223,39 +221,10 @@ extension MeshTests {
 extension MeshTests {
     func testSameNodeHTTPRulesAndNoBypass() throws {
         let m = try setUpMesh("pmesh9")
-        let www = "\(m.n1.dir)/www"
-        for (p, body) in [("public/a.txt", "public a"), ("private/b.txt", "private b"), ("cidr/c.txt", "cidr c")] {
-            try FileManager.default.createDirectory(atPath: (("\(www)/\(p)") as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
-            try body.write(toFile: "\(www)/\(p)", atomically: true, encoding: .utf8)
-        }
+        let www = try webRoot(m.n1, Self.publicPrivateCidr)
         try m.lab.spawn(netns: m.lab.netns("c"), [Paths.python, Paths.probe, "http", www, "8085"])
-        try m.n1.writePolicy("c8085", policyYAML("c-ingress-8085", """
-          selector: {labels: {app: c}}
-          ingress:
-            - from: [{labels: {app: a}}]
-              ports: [{port: 8085}]
-        """) + """
-
-        ---
-        apiVersion: palisade.dev/v1
-        kind: HTTPPolicy
-        metadata: {name: c-http}
-        spec:
-          selector: {labels: {app: c}}
-          port: 8085
-          rules:
-            - from: [{spiffeID: "spiffe://test.local/ns/default/sa/a"}]
-              methods: [GET]
-              paths: ["/public/**"]
-            - from: [{cidr: "10.101.1.2/32"}]
-              paths: ["/cidr/**"]
-        """)
-        usleep(1_500_000)
-        func curl(_ args: [String], inCgroup: Bool = true) throws -> String {
-            let command = (["nsenter", "--net=\(m.lab.netns("a"))", "curl", "-s", "--max-time", "3"] + args).map { "'\($0)'" }.joined(separator: " ")
-            let enter = inCgroup ? "echo $$ > '\(m.lab.podCgroup("a"))/cgroup.procs' && " : ""
-            return try sh(["sh", "-c", "\(enter)exec \(command)"], check: false).output
-        }
+        try admitAWithHTTPRules(m.n1, pod: "c", port: 8085, rules: Self.getPublic + Self.cidrFromA)
+        func curl(_ args: [String], inCgroup: Bool = true) throws -> String { try curlAsA(m, args, inCgroup: inCgroup) }
         let url = "http://10.101.2.2:8085"
         XCTAssertEqual(try curl([url + "/public/a.txt"]), "public a", m.n1.warnings())
         let ports = try m.n1.palisade(["maps", "dump", "l7-ports", "--output", "json"]).output
