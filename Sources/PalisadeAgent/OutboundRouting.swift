@@ -50,6 +50,12 @@ extension Agent {
     /// says which node serves that address and which SVID to present.
     static func route(_ c: AcceptedConnection, table: RedirectTable, directory: MeshDirectory, outliers: OutlierDetector) -> OutboundRoute? {
         guard let origin = table.take(c) else { return nil }
+        return route(origin: origin, client: IPAddress(bytes16: c.client), directory: directory, outliers: outliers)
+    }
+
+    /// The same decision from the kernel's record and the caller's address
+    /// (what the unit tests feed it).
+    static func route(origin: pal_redirect_origin, client: IPAddress, directory: MeshDirectory, outliers: OutlierDetector) -> OutboundRoute? {
         let dst = IPAddress(tuple: origin.addr)
         let mark = PAL_MARK_MAGIC | (origin.identity & PAL_MARK_IDENTITY)
         if let service = directory.services[dst] {
@@ -66,7 +72,7 @@ extension Agent {
                 return (a.0.distance, a.0.address) < (b.0.distance, b.0.address)
             }.map(\.1)
             var route = OutboundRoute(credentials: creds, candidates: ranked, mark: mark)
-            route.caller = IPAddress(bytes16: c.client).description
+            route.caller = client.description
             return route
         }
         // A workload of this node whose port has HTTP rules (the kernel
@@ -75,7 +81,7 @@ extension Agent {
         let port = Int(UInt16(bigEndian: origin.port))
         if directory.remoteEndpoints[dst] == nil, let local = directory.localEndpoints[dst],
            let source = directory.spiffeIDByIdentity[origin.identity], let creds = directory.credentials[source],
-           let http = directory.httpGate(address: dst, port: port, source: source, caller: IPAddress(bytes16: c.client)) {
+           let http = directory.httpGate(address: dst, port: port, source: source, caller: client) {
             if let lookup = directory.lookup,
                lookup.evaluate(local: local, direction: .ingress, peer: NumericIdentity(origin.identity), cidrPeer: nil, proto: 6, port: UInt16(port)).verdict == .deny {
                 return nil
@@ -87,7 +93,7 @@ extension Agent {
               let creds = directory.credentials[source] else { return nil }
         let host = dst.isV4 ? dst.description : "[\(dst)]"
         var route = OutboundRoute(peer: peer, credentials: creds, authority: "\(host):\(port)")
-        route.caller = IPAddress(bytes16: c.client).description
+        route.caller = client.description
         return route
     }
 

@@ -1,4 +1,5 @@
 import Foundation
+import NIOConcurrencyHelpers
 import NIOCore
 import PalisadeL7
 import PalisadeRelay
@@ -61,20 +62,22 @@ public struct OutboundRoute: Sendable {
 /// Passive health: an endpoint that fails to connect is ejected for a
 /// while (doubling on repeated failures, up to 30 s); after that it is tried
 /// again, and one success restores it.
-public final class OutlierDetector: @unchecked Sendable {
-    private let lock = NSLock()
-    private var state: [String: (failures: Int, until: Date)] = [:]
+public final class OutlierDetector: Sendable {
+    private struct Ejection: Sendable { var failures: Int; var until: Date }
+    private let state = NIOLockedValueBox<[String: Ejection]>([:])
     public let baseEjection: TimeInterval
+    public static let longestEjection: TimeInterval = 30
     public init(baseEjection: TimeInterval = 2) { self.baseEjection = baseEjection }
 
-    public func failed(_ key: String) {
-        lock.withLock {
+    public func failed(_ key: String, now: Date = Date()) {
+        let base = baseEjection
+        state.withLockedValue { state in
             let n = (state[key]?.failures ?? 0) + 1
-            state[key] = (n, Date().addingTimeInterval(min(baseEjection * pow(2, Double(n - 1)), 30)))
+            state[key] = Ejection(failures: n, until: now.addingTimeInterval(min(base * pow(2, Double(n - 1)), Self.longestEjection)))
         }
     }
-    public func succeeded(_ key: String) { _ = lock.withLock { state.removeValue(forKey: key) } }
-    public func isEjected(_ key: String, now: Date = Date()) -> Bool { lock.withLock { (state[key]?.until ?? .distantPast) > now } }
+    public func succeeded(_ key: String) { _ = state.withLockedValue { $0.removeValue(forKey: key) } }
+    public func isEjected(_ key: String, now: Date = Date()) -> Bool { state.withLockedValue { ($0[key]?.until ?? .distantPast) > now } }
 }
 
 /// An accepted connection on the outbound listener: the caller's address
