@@ -39,7 +39,7 @@ let package = Package(
         // Owns the kernel maps and programs; ships the compiled eBPF objects.
         .target(
             name: "PalisadeDatapath",
-            dependencies: ["PalisadeBPF", "PalisadePolicy", "CPalisadeShared"],
+            dependencies: ["PalisadeBPF", "PalisadeIdentity", "PalisadePolicy", "CPalisadeShared"],
             plugins: ["BPFCompiler"]
         ),
         // The trust domain's CA: X.509-SVID issuance and SPIFFE-aware verification.
@@ -60,7 +60,7 @@ let package = Package(
         // The L7 proxy: HTTP/1.1 and HTTP/2 requests judged one by one (gate,
         // frame relay, upgrades), the HTTP/2 caller guard, the access log entry.
         .target(name: "PalisadeL7", dependencies: [
-            "PalisadeRelay",
+            "PalisadeRelay", "PalisadeIdentity",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),

@@ -1,5 +1,6 @@
 import CPalisadeShared
 import Foundation
+import PalisadeIdentity
 import PalisadeBPF
 import PalisadeDatapath
 import PalisadeMetrics
@@ -46,7 +47,7 @@ final class FlowEventWriter: @unchecked Sendable {
             let local = state.name(of: e.local_identity), peer = state.name(of: e.peer_identity)
             let event = FlowEvent(
                 time: Date(timeIntervalSince1970: bootOffset + Double(e.timestamp_ns) / 1e9),
-                verdict: reason == .auditWouldDeny ? "audit" : (reason.passes ? "allowed" : "denied"), reason: reason.description, direction: dir.rawValue,
+                verdict: reason.outcome.rawValue, reason: reason.description, direction: dir.rawValue,
                 source: src.description, destination: dst.description, sourcePort: e.sport, destinationPort: e.dport,
                 proto: IPProtocol(rawValue: e.protocol)?.description ?? "\(e.protocol)",
                 localIdentity: e.local_identity, peerIdentity: e.peer_identity, local: local, peer: peer,

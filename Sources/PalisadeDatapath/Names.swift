@@ -1,4 +1,5 @@
 import CPalisadeShared
+import PalisadeIdentity
 import PalisadePolicy
 
 /// Pinned map names (the map names in bpf/lib/maps.h) and program names.
@@ -55,6 +56,9 @@ public enum Reason: UInt8, CaseIterable, Sendable, CustomStringConvertible {
         default: false
         }
     }
+
+    /// How a packet with this reason is reported (flow events, metrics).
+    public var outcome: Outcome { self == .auditWouldDeny ? .audit : passes ? .allowed : .denied }
 }
 
 extension Reason {

@@ -2,6 +2,7 @@ import Foundation
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
+import PalisadeIdentity
 
 /// The verdict on one HTTP request, from the destination's L7 rules.
 public struct HTTPVerdict: Sendable {
@@ -22,13 +23,10 @@ public typealias HTTPGate = @Sendable (_ method: String, _ uri: String, _ host: 
 /// ("jwt:ISSUER/SUBJECT"), or nil when it is refused.
 public typealias BearerVerifier = @Sendable (_ token: String, _ eventLoop: EventLoop) -> EventLoopFuture<String?>
 
-/// What the gate is told for a token that did not verify (the policy
-/// side's HTTPRequestFacts.unverifiedJWT: JWT deny rules meet it).
-let unverifiedBearerIdentity = "jwt:unverified"
-
-/// The identity a verification produced, or the unverified marker.
+/// The identity a verification produced, or JWTIdentity.unverified for a
+/// token that did not verify (JWT deny rules meet it).
 func bearerIdentity(_ result: Result<String?, Error>) -> String {
-    (try? result.get()).flatMap { $0 } ?? unverifiedBearerIdentity
+    (try? result.get()).flatMap { $0 } ?? JWTIdentity.unverified
 }
 
 /// The token of an `Authorization: Bearer` value.
@@ -119,7 +117,7 @@ package struct L7Context: Sendable {
     func record(method: String, path: String, status: Int, requestBytes: Int, responseBytes: Int, start: Date, verdict: HTTPVerdict) {
         log?(AccessLogEntry(time: Timestamp.rfc3339(start), source: source, destination: destination, destinationAddress: destinationAddress,
                             method: method, path: path, status: status, requestBytes: requestBytes, responseBytes: responseBytes,
-                            durationMs: Date().timeIntervalSince(start) * 1000, decision: verdict.allowed ? "allowed" : "denied",
+                            durationMs: Date().timeIntervalSince(start) * 1000, decision: (verdict.allowed ? Outcome.allowed : .denied).rawValue,
                             rule: verdict.rule))
     }
 }

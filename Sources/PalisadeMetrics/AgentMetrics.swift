@@ -1,5 +1,6 @@
 import CPalisadeShared
 import Foundation
+import PalisadeIdentity
 import PalisadeBPF
 import PalisadeDatapath
 import PalisadePolicy
@@ -53,7 +54,7 @@ public final class AgentMetrics: @unchecked Sendable {
         policyValid = registry.gauge("palisade_policy_valid", help: "1 if the last policy load succeeded, 0 if a file was rejected.")
         workloads = registry.gauge("palisade_workloads", help: "Workloads attached to the datapath.")
         let registry = self.registry
-        eventsTotal = Dictionary(uniqueKeysWithValues: ["denied", "audit", "allowed"].map { v in
+        eventsTotal = Dictionary(uniqueKeysWithValues: Outcome.allCases.map(\.rawValue).map { v in
             (v, registry.counter("palisade_flow_events_total", labels: [("verdict", v)],
                                      help: "Flow events received from the kernel."))
         })
@@ -173,7 +174,7 @@ public final class AgentMetrics: @unchecked Sendable {
 
     public func recordEvent(verdict: String, direction: String, local: String, peer: String) {
         eventsTotal[verdict]?.increment()
-        if verdict == "denied" { pair("palisade_identity_pair_denied_flows_total", "Denied new flows by identity pair (from kernel events).",
+        if verdict == Outcome.denied.rawValue { pair("palisade_identity_pair_denied_flows_total", "Denied new flows by identity pair (from kernel events).",
                                       direction, local, peer).increment() }
     }
 
@@ -246,7 +247,7 @@ public final class AgentMetrics: @unchecked Sendable {
             for r in Reason.allCases {
                 let c = totals[Int(d.kernel)][Int(r.rawValue)]
                 let key = "\(d.rawValue)|\(r)"
-                let verdict = r.passes ? (r == .auditWouldDeny ? "audit" : "allowed") : "denied"
+                let verdict = r.outcome.rawValue
                 let labels = [("direction", d.rawValue), ("reason", r.description), ("verdict", verdict)]
                 var packets = packetCounters[key] ?? (registry.counter("palisade_datapath_packets_total", labels: labels,
                                                                        help: "Packets judged by the datapath, by direction, verdict and reason."), 0)

@@ -111,7 +111,7 @@ public struct PathPattern: Hashable, Sendable, CustomStringConvertible {
 public struct HTTPRequestFacts: Sendable {
     /// The JWT identity of a request whose bearer token did not verify:
     /// deny rules on JWT identities match it (fail closed), allows do not.
-    public static let unverifiedJWT = "jwt:unverified"
+    public static let unverifiedJWT = JWTIdentity.unverified
     public var source: SpiffeID?
     public var jwtIdentity: String?
     /// The calling workload's address (as its node's agent reports it).

@@ -81,7 +81,7 @@ struct Explain: ParsableCommand {
                                 verdict: a.verdict == .audit ? "audit" : a.verdict.description, peerIdentity: peer, reason: reason))
         }
         if checks.isEmpty { throw CLIError("neither \(from) nor \(to) is an enrolled workload on this node: nothing enforces this flow here") }
-        let result = Result(verdict: allowed ? "allowed" : "denied", source: "\(srcIP)", destination: "\(dstIP)", port: port,
+        let result = Result(verdict: (allowed ? Outcome.allowed : .denied).rawValue, source: "\(srcIP)", destination: "\(dstIP)", port: port,
                             proto: p.description, generation: generation, checks: checks)
         if output == .json { try printJSON(result); return }
         print("\(result.verdict.uppercased()): \(p) \(srcIP) -> \(dstIP):\(port) (policy generation \(generation))")

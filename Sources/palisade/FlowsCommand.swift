@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import PalisadeIdentity
 import PalisadeAgent
 import PalisadeDatapath
 
@@ -44,7 +45,7 @@ struct FlowsCommand: ParsableCommand {
 
     func run() throws {
         let config = try options.load()
-        if let v = verdict, !["denied", "allowed", "audit"].contains(v) { throw CLIError("--verdict: expected denied, allowed or audit, got '\(v)'") }
+        if let v = verdict, !Outcome.allCases.map(\.rawValue).contains(v) { throw CLIError("--verdict: expected denied, allowed or audit, got '\(v)'") }
         if follow { try stream(config.flowSocket) } else { try history(config) }
     }
 

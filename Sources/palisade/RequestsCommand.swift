@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import PalisadeIdentity
 import PalisadeAgent
 import PalisadeL7
 
@@ -19,7 +20,7 @@ struct RequestsCommand: ParsableCommand {
     @Option var output: OutputFormat = .table
 
     func validate() throws {
-        if let d = decision, !["allowed", "denied"].contains(d) { throw ValidationError("--decision: expected allowed or denied, got '\(d)'") }
+        if let d = decision, ![Outcome.allowed, .denied].map(\.rawValue).contains(d) { throw ValidationError("--decision: expected allowed or denied, got '\(d)'") }
         if let s = status, !(s.count == 3 && (Int(s) != nil || (s.hasSuffix("xx") && Int(s.prefix(1)) != nil))) {
             throw ValidationError("--status: expected a status like 403 or a class like 4xx, got '\(s)'")
         }
