@@ -43,10 +43,10 @@ EOF
 
 # Starts node 1's agent, gives node 2 the same CA, starts node 2's.
 bench_start_agents() {
-  nsenter --net="$n1" "$bin" agent --config "$work/n1.yaml" > "$work/n1.log" 2>&1 & pids+=($!)
+  nsenter --net="$n1" "$bin" agent --config "$work/n1.yaml" > "$work/n1.log" 2>&1 & pids+=($!); agent_pids=($!)
   for _ in $(seq 100); do [ -f "$work/state-n1/ca/ca.pem" ] && break; sleep 0.1; done
   cp -r "$work/state-n1/ca" "$work/state-n2/ca"
-  nsenter --net="$n2" "$bin" agent --config "$work/n2.yaml" > "$work/n2.log" 2>&1 & pids+=($!)
+  nsenter --net="$n2" "$bin" agent --config "$work/n2.yaml" > "$work/n2.log" 2>&1 & pids+=($!); agent_pids+=($!)
   # Ready: the first reconcile (workloads attached, redirects in place)
   # comes before the mTLS listener starts.
   for _ in $(seq 200); do
@@ -92,5 +92,25 @@ http_run() {
 }
 to_us() {  # wrk prints 123.45us / 1.23ms / 1.2s
   awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) print n; else if (v ~ /ms$/) print n * 1000; else if (v ~ /s$/) print n * 1000000; else print "?" }'
+}
+# CPU seconds (user + system) the processes $@ have used so far.
+cpu_seconds() {
+  local ticks=0 p
+  for p in "$@"; do ticks=$((ticks + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done
+  awk -v t="$ticks" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.3f", t / hz }'
+}
+# Mean resident memory of the processes $@, kB.
+rss_kb() {
+  local sum=0 p
+  for p in "$@"; do sum=$((sum + $(awk '/^VmRSS/ {print $2}' "/proc/$p/status"))); done
+  echo $((sum / $#))
+}
+# Open-loop load at a fixed rate from workload a (tools/bench/fixedrate.c):
+# "p50us p90us p99us". $1 host, $2 port, $3 requests/s.
+fixed_run() {
+  local out
+  out=$("$root/tools/lab" exec "$prefix" a "$work/fixedrate" "$1" "$2" "$3" "$secs" 10)
+  [[ $out == *"errors=0 "* ]] || echo "fixed rate $3/s to $1:$2: $out" >&2
+  sed -E 's/.* p50=([0-9]+) p90=([0-9]+) p99=([0-9]+).*/\1 \2 \3/' <<<"$out"
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "?" }'; }
