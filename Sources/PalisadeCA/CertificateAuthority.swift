@@ -12,7 +12,7 @@ public struct CAError: Error, CustomStringConvertible {
 /// The trust domain's certificate authority: a self-signed ECDSA P-256 root
 /// made on first start, or a root/intermediate the operator supplies as PEM.
 /// The key lives only in the state directory, mode 0600.
-public final class CertificateAuthority: @unchecked Sendable {
+public final class CertificateAuthority: Sendable {
     /// SVIDs are valid from this long before issuance, for peers whose clocks lag.
     public static let clockSkewAllowance: TimeInterval = 60
     public let trustDomain: String
