@@ -1,4 +1,5 @@
 import Foundation
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 
@@ -14,17 +15,18 @@ final class FlowStream: @unchecked Sendable {
     let channel: Channel
     let registry = ClientRegistry()
 
-    final class ClientRegistry: @unchecked Sendable {
-        let lock = NSLock()
-        var clients: [ObjectIdentifier: (channel: Channel, lost: Int)] = [:]
+    final class ClientRegistry: Sendable {
+        struct Client: Sendable { var channel: Channel; var lost: Int }
+        let clients = NIOLockedValueBox<[ObjectIdentifier: Client]>([:])
         /// False (and nothing added) when the registry is full.
         func add(_ c: Channel) -> Bool {
-            lock.lock(); defer { lock.unlock() }
-            guard clients.count < FlowStream.maxClients else { return false }
-            clients[ObjectIdentifier(c)] = (c, 0)
-            return true
+            clients.withLockedValue { clients in
+                guard clients.count < FlowStream.maxClients else { return false }
+                clients[ObjectIdentifier(c)] = Client(channel: c, lost: 0)
+                return true
+            }
         }
-        func remove(_ c: Channel) { lock.lock(); clients[ObjectIdentifier(c)] = nil; lock.unlock() }
+        func remove(_ c: Channel) { clients.withLockedValue { $0[ObjectIdentifier(c)] = nil } }
     }
 
     final class Tracker: ChannelInboundHandler, @unchecked Sendable {
@@ -53,17 +55,18 @@ final class FlowStream: @unchecked Sendable {
     }
 
     func publish(_ line: [UInt8]) {
-        registry.lock.lock()
-        var targets: [(Channel, Int)] = []
-        for (id, c) in registry.clients {
-            if c.channel.isWritable {
-                targets.append((c.channel, c.lost))
-                registry.clients[id]?.lost = 0
-            } else {
-                registry.clients[id]?.lost += 1
+        let targets = registry.clients.withLockedValue { clients -> [(Channel, Int)] in
+            var targets: [(Channel, Int)] = []
+            for (id, c) in clients {
+                if c.channel.isWritable {
+                    targets.append((c.channel, c.lost))
+                    clients[id]?.lost = 0
+                } else {
+                    clients[id]?.lost += 1
+                }
             }
+            return targets
         }
-        registry.lock.unlock()
         for (ch, lost) in targets {
             var buffer = ch.allocator.buffer(capacity: line.count + 24)
             if lost > 0 { buffer.writeString("{\"lost\":\(lost)}\n") }
