@@ -78,21 +78,8 @@ extension MeshTests {
             }
         }
         client.start()
-        func rotate(_ step: String) throws -> (status: Int32, output: String) {
-            try sh([Paths.palisade, "ca", "rotate", "--state", dir, step], check: false)
-        }
-        func status() -> String { (try? sh([Paths.palisade, "ca", "status", "--state", dir]).output) ?? "" }
-        func until(_ step: String, within seconds: Double = 40) throws -> String {
-            let start = Date()
-            var last = (status: Int32(1), output: "")
-            while Date().timeIntervalSince(start) < seconds {
-                last = try rotate(step)
-                if last.status == 0 { return last.output }
-                usleep(1_000_000)
-            }
-            XCTFail("\(step) never became possible: \(last.output)\n\(status())")
-            return last.output
-        }
+        let rotate = issuer.rotate, until = { (step: String) in try issuer.rotateWhenReady(step) }
+        func status() -> String { issuer.caStatus }
         let started = Date()
         XCTAssertTrue(try rotate("prepare").output.contains("prepared"))
         let switched = try until("switch")

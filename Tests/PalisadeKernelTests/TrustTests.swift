@@ -32,6 +32,28 @@ extension MeshTests {
             process = nil
         }
 
+        /// `palisade ca rotate STEP` on this issuer's state.
+        func rotate(_ step: String) throws -> (status: Int32, output: String) {
+            try sh([Paths.palisade, "ca", "rotate", "--state", dir, step], check: false)
+        }
+
+        /// `palisade ca status`.
+        var caStatus: String { (try? sh([Paths.palisade, "ca", "status", "--state", dir]).output) ?? "" }
+
+        /// Runs `step` until it succeeds (nodes learn within their 10 s
+        /// probe, federated ones through the store); fails the test if it never does.
+        func rotateWhenReady(_ step: String, within seconds: Double = 40) throws -> String {
+            let start = Date()
+            var last = (status: Int32(1), output: "")
+            while Date().timeIntervalSince(start) < seconds {
+                last = try rotate(step)
+                if last.status == 0 { return last.output }
+                usleep(1_000_000)
+            }
+            XCTFail("\(step) never became possible: \(last.output)\n\(caStatus)")
+            return last.output
+        }
+
         /// Everything the issuer logged, across restarts.
         var log: String {
             ((try? FileManager.default.contentsOfDirectory(atPath: dir))?.filter { $0.hasPrefix("issuer-") }.sorted() ?? [])
@@ -281,21 +303,7 @@ extension MeshTests {
     func testRootRotationDropsNothing() throws {
         let (m, issuer) = try setUpMeshWithIssuer("ptrust5")
         let dir = issuer.dir
-        func rotate(_ step: String) throws -> (status: Int32, output: String) {
-            try sh([Paths.palisade, "ca", "rotate", "--state", dir, step], check: false)
-        }
-        /// Runs `step` until it succeeds (nodes learn within their 10 s probe).
-        func rotateWhenReady(_ step: String, within seconds: Double = 30) throws -> String {
-            let start = Date()
-            var last = (status: Int32(1), output: "")
-            while Date().timeIntervalSince(start) < seconds {
-                last = try rotate(step)
-                if last.status == 0 { return last.output }
-                usleep(1_000_000)
-            }
-            XCTFail("\(step) never became possible: \(last.output)\n\(try sh([Paths.palisade, "ca", "status", "--state", dir]).output)")
-            return last.output
-        }
+        let rotate = issuer.rotate, rotateWhenReady = { try issuer.rotateWhenReady($0, within: 30) }
         func rootSerial() -> String { (try? sh(["openssl", "x509", "-noout", "-serial", "-in", "\(dir)/ca/ca.pem"]).output) ?? "" }
         var reached = false
         for _ in 0..<50 where !reached { reached = try reach(m, from: "a", "10.102.1.2"); if !reached { usleep(200_000) } }
@@ -330,7 +338,7 @@ extension MeshTests {
         XCTAssertTrue(hold.isRunning, "the held connection survived the rotation: \((try? String(contentsOfFile: holdLog, encoding: .utf8)) ?? "")")
         hold.terminate()
         XCTAssertNotEqual(rootSerial(), oldRoot)
-        let status = try sh([Paths.palisade, "ca", "status", "--state", dir]).output
+        let status = issuer.caStatus
         XCTAssertTrue(status.contains("phase:      idle") && status.contains("n1") && status.contains("n2"), status)
         print("rotation under traffic: \(ok) new connections, 0 failed; a held connection kept")
 
