@@ -24,7 +24,6 @@ extension MeshTests {
               - nodes: [n4]
                 spiffeIDs: ["spiffe://other.local/ns/default/sa/w"]
             """, trustDomain: "other.local", on: 3, joining: [3, 4]) { _ in ["--config", store.operatorConfig] }
-        let dir = issuer.dir
 
         let pods = [1: ("a", "test.local"), 2: ("b", "test.local"), 3: ("x", "other.local"), 4: ("w", "other.local")]
         var agents: [Int: AgentHarness] = [:]
