@@ -227,11 +227,18 @@ extension InboundProxy {
 /// connection (one per proxied TCP connection) and windows large enough
 /// for bulk transfers between nodes.
 enum TunnelSettings {
+    static let streamWindow: Int32 = 256 << 10
     static var connection: NIOHTTP2Handler.ConnectionConfiguration {
         var c = NIOHTTP2Handler.ConnectionConfiguration()
         c.initialSettings = [
             HTTP2Setting(parameter: .maxConcurrentStreams, value: 4096),
-            HTTP2Setting(parameter: .initialWindowSize, value: 4 << 20),
+            // 256 KiB per stream: enough for bulk throughput (3.0-3.3 Gb/s
+            // through the lab tunnel, as with 4 MiB), and what a stream may
+            // have buffered here when its workload reads slowly. With 4 MiB,
+            // frames held for a slow workload kept the HTTP/2 decoder's
+            // (megabyte) buffers alive: the receiving agent grew by ~200 MB
+            // per 5 s bulk transfer and kept it (tools/bench/mesh's bulk run).
+            HTTP2Setting(parameter: .initialWindowSize, value: Int(TunnelSettings.streamWindow)),
             HTTP2Setting(parameter: .maxFrameSize, value: 1 << 16),
             // A CONNECT request is a few hundred bytes.
             HTTP2Setting(parameter: .maxHeaderListSize, value: 16 << 10),
@@ -244,7 +251,7 @@ enum TunnelSettings {
     }
     static var stream: NIOHTTP2Handler.StreamConfiguration {
         var s = NIOHTTP2Handler.StreamConfiguration()
-        s.targetWindowSize = 4 << 20
+        s.targetWindowSize = Int(TunnelSettings.streamWindow)
         s.outboundBufferSizeHighWatermark = 1 << 20
         s.outboundBufferSizeLowWatermark = 256 << 10
         return s
