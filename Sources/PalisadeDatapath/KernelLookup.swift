@@ -32,6 +32,7 @@ public struct KernelLookup {
         let peerID = ip?.identity ?? NumericIdentity.world.rawValue
         let cidrID = ip?.cidr_identity ?? 0
         let peerClass = ip?.peer_class ?? NumericIdentity.world.rawValue
+        let fqdnClass = ip?.fqdn_class ?? 0
 
         var dk = pal_defaults_key()
         dk.generation = slot
@@ -50,6 +51,7 @@ public struct KernelLookup {
         func may(_ bit: UInt32) -> Bool { def.lookups & UInt8(bit) != 0 }
         var win = peerClass != PAL_CLASS_NONE && may(PAL_LOOKUP_PEER) ? try look(peerClass) : nil
         if cidrID != 0, may(PAL_LOOKUP_CIDR), let c = try look(cidrID), win == nil || rank(c) > rank(win!) { win = c }
+        if fqdnClass != 0, may(PAL_LOOKUP_FQDN), let c = try look(fqdnClass), win == nil || rank(c) > rank(win!) { win = c }
         if may(PAL_LOOKUP_ANY), let a = try look(0), win == nil || rank(a) > rank(win!) { win = a }
         let verdict = Verdict(rawValue: win?.verdict ?? def.verdict) ?? .deny
         return Answer(enforced: true, verdict: verdict, ruleID: win?.rule_id ?? def.rule_id,

@@ -11,9 +11,12 @@ public struct NumericIdentity: Hashable, Comparable, Codable, CustomStringConver
     public static let unknown = NumericIdentity(UInt32(PAL_ID_UNKNOWN.rawValue))
     public static let firstWorkload = UInt32(PAL_ID_FIRST_WORKLOAD.rawValue)
     public static let firstCIDR = UInt32(PAL_ID_FIRST_CIDR.rawValue)
+    public static let firstFQDN = UInt32(PAL_ID_FIRST_FQDN.rawValue)
 
     public var isReserved: Bool { rawValue < NumericIdentity.firstWorkload }
-    public var isCIDR: Bool { rawValue >= NumericIdentity.firstCIDR }
+    public var isCIDR: Bool { rawValue >= NumericIdentity.firstCIDR && rawValue < NumericIdentity.firstFQDN }
+    /// An FQDN class: the set of toFQDNs selectors an address was learned for.
+    public var isFQDN: Bool { rawValue >= NumericIdentity.firstFQDN }
     /// A workload identity (also the range of peer classes in policy keys).
     public var isWorkload: Bool { rawValue >= NumericIdentity.firstWorkload && rawValue < NumericIdentity.firstCIDR }
 

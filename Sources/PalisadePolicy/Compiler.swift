@@ -6,8 +6,10 @@ import PalisadeIdentity
 public struct Universe: Sendable {
     public var workloads: [NumericIdentity: WorkloadIdentity]
     public var hostAddresses: [IPAddress]
-    public init(workloads: [NumericIdentity: WorkloadIdentity], hostAddresses: [IPAddress]) {
-        self.workloads = workloads; self.hostAddresses = hostAddresses
+    /// Addresses DNS answered with, and for which names (toFQDNs rules).
+    public var learned: LearnedNames
+    public init(workloads: [NumericIdentity: WorkloadIdentity], hostAddresses: [IPAddress], learned: LearnedNames = [:]) {
+        self.workloads = workloads; self.hostAddresses = hostAddresses; self.learned = learned
     }
 }
 
@@ -138,6 +140,8 @@ public struct IPCacheEntry: Hashable, Sendable {
     public var remote = false
     /// The identity's peer class (nil: it matches no rule selector).
     public var peerClass: NumericIdentity?
+    /// The FQDN class of a learned address (nil: DNS taught nothing about it).
+    public var fqdnClass: NumericIdentity?
 
     public var value: pal_ipcache_value {
         var v = pal_ipcache_value()
@@ -145,6 +149,7 @@ public struct IPCacheEntry: Hashable, Sendable {
         v.cidr_identity = cidrIdentity?.rawValue ?? 0
         v.flags = remote ? UInt32(PAL_IPCACHE_REMOTE_WORKLOAD) : 0
         v.peer_class = peerClass?.rawValue ?? (identity.isWorkload ? PAL_CLASS_NONE : identity.rawValue)
+        v.fqdn_class = fqdnClass?.rawValue ?? 0
         return v
     }
 
@@ -171,6 +176,14 @@ public struct CompiledPolicy: Sendable {
     public var peerClasses: [NumericIdentity: NumericIdentity]
     /// What each peer class stands for: the rule selectors its identities match.
     public var classSelectors: [NumericIdentity: [String]]
+    /// FQDN classes: each set of toFQDNs selectors that some learned address
+    /// matches (and every single selector in force, so that a new address
+    /// usually needs one ipcache write, not a new generation).
+    public var fqdnClasses: [Set<FQDNSelector>: NumericIdentity] = [:]
+    /// The toFQDNs selectors in force on this node.
+    public var fqdnSelectors: [FQDNSelector] = []
+    /// DNS rules: for a local workload that has any, the names it may resolve.
+    public var dnsRules: [NumericIdentity: [FQDNSelector]] = [:]
 
     public init(entries: [PolicyEntry], defaults: [DefaultEntry], ipcache: [IPCacheEntry], rules: [RuleInfo], cidrIdentities: [CIDR: NumericIdentity],
                 peerClasses: [NumericIdentity: NumericIdentity] = [:], classSelectors: [NumericIdentity: [String]] = [:]) {
@@ -262,7 +275,12 @@ public enum PolicyCompiler {
             (p, localIDs.filter { p.selector.matches(universe.workloads[$0]!) })
         }
         let classes = PeerClasses(universe: universe, policies: inForce.filter { !$0.locals.isEmpty }.map(\.policy))
-        let matcher = PeerMatcher(cidrIdentities: cidrIdentities, classes: classes)
+        let fqdn = FQDNClasses(policies: inForce.filter { !$0.locals.isEmpty }.map(\.policy), learned: universe.learned)
+        // A learned address outside the mesh gets an entry of its own.
+        for a in fqdn.classOfAddress.keys where ipcache[CIDR(address: a, mappedPrefixLength: 128)] == nil {
+            ipcache[CIDR(address: a, mappedPrefixLength: 128)] = .world
+        }
+        let matcher = PeerMatcher(cidrIdentities: cidrIdentities, classes: classes, fqdn: fqdn)
         var entries: [PolicyEntry.Slot: PolicyEntry] = [:]
         var defaults: [String: DefaultEntry] = [:]
         func add(_ e: PolicyEntry) {
@@ -340,19 +358,33 @@ public enum PolicyCompiler {
 
         // Tell the datapath which lookups can match for each (local, direction).
         for e in resolved.values {
-            let bit = e.peer == .any ? PAL_LOOKUP_ANY : (e.peer.isCIDR ? PAL_LOOKUP_CIDR : PAL_LOOKUP_PEER)
+            let bit = e.peer == .any ? PAL_LOOKUP_ANY : (e.peer.isFQDN ? PAL_LOOKUP_FQDN : (e.peer.isCIDR ? PAL_LOOKUP_CIDR : PAL_LOOKUP_PEER))
             defaults["\(e.local.rawValue)/\(e.direction)"]?.lookups |= UInt8(bit)
         }
 
-        return CompiledPolicy(
+        // DNS rules: the names each local workload may resolve (the union of
+        // its policies' `dns` lists), for workloads that have any.
+        var dnsRules: [NumericIdentity: [FQDNSelector]] = [:]
+        for (p, locals) in inForce {
+            let names = (p.egress ?? []).compactMap(\.dns).flatMap { $0 }
+            guard (p.egress ?? []).contains(where: { $0.dns != nil }) else { continue }
+            for l in locals { dnsRules[l, default: []].append(contentsOf: names) }
+        }
+
+        var compiled = CompiledPolicy(
             entries: resolved.values.sorted { ($0.local, $0.direction.rawValue, $0.peer, $0.proto ?? 0, $0.port, $0.portBits) < ($1.local, $1.direction.rawValue, $1.peer, $1.proto ?? 0, $1.port, $1.portBits) },
             defaults: defaults.values.sorted { ($0.local, $0.direction.rawValue) < ($1.local, $1.direction.rawValue) },
             ipcache: ipcache.map { IPCacheEntry(cidr: $0.key, identity: $0.value, cidrIdentity: cidrIdentity(of: $0.key),
-                                                 remote: remote.contains($0.key), peerClass: classes.classOf[$0.value]) }.sorted { $0.cidr < $1.cidr },
+                                                 remote: remote.contains($0.key), peerClass: classes.classOf[$0.value],
+                                                 fqdnClass: $0.key.prefixLength == 128 ? fqdn.classOfAddress[$0.key.address] : nil) }.sorted { $0.cidr < $1.cidr },
             rules: rules,
             cidrIdentities: cidrIdentities,
             peerClasses: classes.classOf,
             classSelectors: classes.descriptions())
+        compiled.fqdnClasses = fqdn.classOfSet
+        compiled.fqdnSelectors = fqdn.selectors
+        compiled.dnsRules = dnsRules.mapValues { Array(Set($0)).sorted() }
+        return compiled
     }
 
     /// Holds at default deny every local workload that `refused` selects in
@@ -456,13 +488,15 @@ public enum PolicyCompiler {
 struct PeerMatcher {
     let cidrIdentities: [CIDR: NumericIdentity]
     let classes: PeerClasses
+    let fqdn: FQDNClasses
     /// Policy CIDRs sorted by address, so the prefixes inside one CIDR are a
     /// contiguous run found by binary search (10,000 CIDR rules stay linear).
     let sortedCIDRs: [(CIDR, NumericIdentity)]
 
-    init(cidrIdentities: [CIDR: NumericIdentity], classes: PeerClasses) {
+    init(cidrIdentities: [CIDR: NumericIdentity], classes: PeerClasses, fqdn: FQDNClasses) {
         self.cidrIdentities = cidrIdentities
         self.classes = classes
+        self.fqdn = fqdn
         sortedCIDRs = cidrIdentities.sorted { $0.key < $1.key }.map { ($0.key, $0.value) }
     }
 
@@ -487,6 +521,8 @@ struct PeerMatcher {
             case .entity(.world): out.insert(.world)
             case .workloads(let sel):
                 out.formUnion(classes.classes(containing: sel))
+            case .fqdn(let sel):
+                out.formUnion(fqdn.classes(containing: sel))
             case .cidr(let c, let except):
                 // Every address resolves to the longest policy CIDR holding it;
                 // this rule matches those prefixes inside c and outside the excepts.
@@ -622,5 +658,46 @@ struct PeerClasses {
             let k = keys[i]
             return k.selector.summary + (k.namedPort.map { " port \($0)" } ?? "")
         } }
+    }
+}
+
+/// FQDN classes: a learned address gets the class of the exact set of
+/// toFQDNs selectors its names match (an address shared by several names
+/// keeps them all); every selector in force also has a class of its own.
+struct FQDNClasses {
+    let selectors: [FQDNSelector]
+    private(set) var classOfSet: [Set<FQDNSelector>: NumericIdentity] = [:]
+    private(set) var classOfAddress: [IPAddress: NumericIdentity] = [:]
+
+    init(policies: [Policy], learned: LearnedNames) {
+        var seen = Set<FQDNSelector>()
+        // (The parser accepts toFQDNs on egress only; a policy built in code
+        // may name them as sources too, and is compiled the same way.)
+        for p in policies {
+            for r in (p.egress ?? []) + (p.ingress ?? []) {
+                for case .fqdn(let f) in r.peers { seen.insert(f) }
+            }
+        }
+        selectors = seen.sorted()
+        for s in selectors { classOfSet[[s]] = NumericIdentity(NumericIdentity.firstFQDN + UInt32(classOfSet.count)) }
+        guard !selectors.isEmpty else { return }
+        var setOf: [IPAddress: Set<FQDNSelector>] = [:]
+        for (a, names) in learned {
+            let matched = FQDNClasses.matching(selectors, names)
+            if !matched.isEmpty { setOf[a] = matched }
+        }
+        // New sets numbered in a stable order (their members, sorted).
+        let newSets = Set(setOf.values).filter { classOfSet[$0] == nil }
+            .sorted { $0.sorted().map(\.description).joined(separator: "|") < $1.sorted().map(\.description).joined(separator: "|") }
+        for s in newSets { classOfSet[s] = NumericIdentity(NumericIdentity.firstFQDN + UInt32(classOfSet.count)) }
+        for (a, s) in setOf { classOfAddress[a] = classOfSet[s] }
+    }
+
+    static func matching(_ selectors: [FQDNSelector], _ names: Set<String>) -> Set<FQDNSelector> {
+        Set(selectors.filter { s in names.contains { s.matches($0) } })
+    }
+
+    func classes(containing s: FQDNSelector) -> [NumericIdentity] {
+        classOfSet.filter { $0.key.contains(s) }.map(\.value).sorted()
     }
 }

@@ -66,6 +66,7 @@ public struct ReferenceEvaluator {
         case .cidr(let c, let except):
             return c.contains(address) && !except.contains { $0.contains(address) }
         case .workloads(let sel): if case .workload(_, let w) = kind { return sel.matches(w) } else { return false }
+        case .fqdn(let sel): return universe.learned[address]?.contains { sel.matches($0) } ?? false
         }
     }
 
@@ -137,10 +138,35 @@ public struct CompiledLookup {
 
     /// (identity, CIDR identity) of an address, as the ipcache trie answers.
     public func identities(of a: IPAddress) -> (NumericIdentity, NumericIdentity?) {
+        let e = entry(of: a)
+        return (e?.identity ?? .world, e?.cidrIdentity)
+    }
+
+    /// The ipcache entry the trie answers an address with (nil: none).
+    public func entry(of a: IPAddress) -> IPCacheEntry? {
         for len in stride(from: 128, through: 0, by: -1) {
-            if let e = ipcache[CIDR(address: a, mappedPrefixLength: len)] { return (e.identity, e.cidrIdentity) }
+            if let e = ipcache[CIDR(address: a, mappedPrefixLength: len)] { return e }
         }
-        return (.world, nil)
+        return nil
+    }
+
+    /// What to write for an address DNS answered for `names`: nothing (no
+    /// toFQDNs selector matches them), its /128 ipcache entry with the FQDN
+    /// class, or nil when the set of selectors has no class yet (a new
+    /// generation must be compiled).
+    public func learnedEntry(_ a: IPAddress, names: Set<String>) -> IPCacheEntry?? {
+        let matched = FQDNClasses.matching(compiled.fqdnSelectors, names)
+        if matched.isEmpty { return .some(nil) }
+        guard let cls = compiled.fqdnClasses[matched] else { return nil }
+        let host = CIDR(address: a, mappedPrefixLength: 128)
+        var e = entry(of: a) ?? IPCacheEntry(cidr: host, identity: .world)
+        if e.cidr != host {
+            // Inside a broader entry (a policy CIDR): a /128 of its own that
+            // keeps what the broader one said.
+            e = IPCacheEntry(cidr: host, identity: e.identity, cidrIdentity: e.cidrIdentity, remote: e.remote, peerClass: e.peerClass)
+        }
+        e.fqdnClass = cls
+        return .some(e)
     }
 
     /// The class an identity is looked up with (nil: matches no selector).
@@ -155,14 +181,15 @@ public struct CompiledLookup {
     }
 
     public func evaluate(_ f: Flow) -> Decision {
-        let (peer, cidrPeer) = identities(of: f.peerAddress)
-        return evaluate(local: f.local, direction: f.direction, peer: peer, cidrPeer: cidrPeer, proto: f.proto, port: f.port)
+        let e = entry(of: f.peerAddress)
+        return evaluate(local: f.local, direction: f.direction, peer: e?.identity ?? .world, cidrPeer: e?.cidrIdentity,
+                        fqdnClass: e?.fqdnClass, proto: f.proto, port: f.port)
     }
 
     /// The same lookups for a peer known by identity rather than address
     /// (a tunnelled connection's authenticated source).
     public func evaluate(local: NumericIdentity, direction: Direction, peer: NumericIdentity, cidrPeer: NumericIdentity?,
-                         proto: UInt8, port: UInt16) -> Decision {
+                         fqdnClass: NumericIdentity? = nil, proto: UInt8, port: UInt16) -> Decision {
         guard let def = defaults["\(local.rawValue)/\(direction)"] else {
             return Decision(verdict: .allow, ruleID: 0, enforced: false)
         }
@@ -171,6 +198,7 @@ public struct CompiledLookup {
         func may(_ bit: UInt32) -> Bool { def.lookups & UInt8(bit) != 0 }
         var win = may(PAL_LOOKUP_PEER) ? peerClass(of: peer).flatMap { longest(local, direction, $0, proto, port) } : nil
         for candidate in [may(PAL_LOOKUP_CIDR) ? cidrPeer.flatMap { longest(local, direction, $0, proto, port) } : nil,
+                          may(PAL_LOOKUP_FQDN) ? fqdnClass.flatMap { longest(local, direction, $0, proto, port) } : nil,
                           may(PAL_LOOKUP_ANY) ? longest(local, direction, .any, proto, port) : nil] {
             if let c = candidate, win == nil || c.verdict.rank > win!.verdict.rank { win = c }
         }

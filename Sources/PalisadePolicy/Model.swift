@@ -131,6 +131,8 @@ public enum Peer: Hashable, Codable, Sendable {
     case workloads(WorkloadSelector)
     case cidr(CIDR, except: [CIDR])
     case entity(Entity)
+    /// Addresses DNS answered for names the selector matches (egress only).
+    case fqdn(FQDNSelector)
 }
 
 /// Ports of a rule: a protocol and, for TCP/UDP, an inclusive range or a
@@ -211,8 +213,11 @@ public struct Rule: Hashable, Codable, Sendable {
     /// Empty: any protocol and port.
     public var ports: [PortRule]
     public var location: SourceLocation
-    public init(action: Action, peers: [Peer], ports: [PortRule], location: SourceLocation) {
-        self.action = action; self.peers = peers; self.ports = ports; self.location = location
+    /// DNS rule (egress): the names the selected workloads may resolve
+    /// through the agent's DNS proxy; nil: this rule says nothing about DNS.
+    public var dns: [FQDNSelector]?
+    public init(action: Action, peers: [Peer], ports: [PortRule], location: SourceLocation, dns: [FQDNSelector]? = nil) {
+        self.action = action; self.peers = peers; self.ports = ports; self.location = location; self.dns = dns
     }
 }
 

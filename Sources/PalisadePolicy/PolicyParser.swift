@@ -117,15 +117,19 @@ public enum PolicyParser {
     static func parseRules(_ v: YAMLValue, peerKey: String) throws -> [Rule] {
         if v.isNull { return [] }
         return try v.sequence().map { r in
-            let m = try r.mapping(allowedKeys: ["action", peerKey, "ports"])
+            let egress = peerKey == "to"
+            let m = try r.mapping(allowedKeys: egress ? ["action", peerKey, "toFQDNs", "ports", "dns"] : ["action", peerKey, "ports"])
             var action = Action.allow
             if let a = m["action"] {
                 guard let x = Action(rawValue: try a.string()) else { throw a.error("expected 'allow' or 'deny', got \(a.kindName)") }
                 action = x
             }
             let peers = try m[peerKey].map { p in p.isNull ? [] : try p.sequence().map(parsePeer) } ?? []
+            let fqdns = try m["toFQDNs"].map { try fqdnSelectors($0, field: "toFQDNs") } ?? []
+            if m["toFQDNs"] != nil && fqdns.isEmpty { throw m["toFQDNs"]!.error("'toFQDNs' needs at least one matchName or matchPattern") }
             let ports = try m["ports"].map { p in p.isNull ? [] : try p.sequence().map(parsePort) } ?? []
-            return Rule(action: action, peers: peers, ports: ports, location: r.location)
+            let dns = try m["dns"].map { try fqdnSelectors($0, field: "dns") }
+            return Rule(action: action, peers: peers + fqdns.map { .fqdn($0) }, ports: ports, location: r.location, dns: dns)
         }
     }
 
@@ -149,6 +153,24 @@ public enum PolicyParser {
             return .entity(x)
         }
         return .workloads(try selector(from: m, in: v))
+    }
+
+    /// `[{matchName: api.example.com}, {matchPattern: "*.example.com"}]`.
+    static func fqdnSelectors(_ v: YAMLValue, field: String) throws -> [FQDNSelector] {
+        if v.isNull { return [] }
+        return try v.sequence().map { e in
+            let m = try e.mapping(allowedKeys: ["matchName", "matchPattern"])
+            guard m.count == 1, let (key, node) = m.first else {
+                throw e.error("each \(field) entry is exactly one of 'matchName' or 'matchPattern'")
+            }
+            let text = try node.string()
+            let pattern = key == "matchPattern"
+            if let problem = FQDNSelector.problem(name: text, pattern: pattern) {
+                throw node.error("expected a DNS \(pattern ? "name pattern such as '*.example.com'" : "name such as 'api.example.com'") in \(key), got '\(text)': \(problem)")
+            }
+            let n = FQDNSelector.normalize(text)
+            return pattern && n.contains("*") ? .pattern(n) : .name(n)
+        }
     }
 
     public static func parseCIDR(_ v: YAMLValue) throws -> CIDR {

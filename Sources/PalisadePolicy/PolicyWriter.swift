@@ -43,6 +43,14 @@ public enum PolicyWriter {
         case .cidr(let c, let except):
             return except.isEmpty ? "{cidr: \(q(c.description))}" : "{cidr: \(q(c.description)), except: [\(except.map { q($0.description) }.joined(separator: ", "))]}"
         case .entity(let e): return "{entity: \(e.rawValue)}"
+        case .fqdn: return ""   // written under toFQDNs
+        }
+    }
+
+    static func fqdn(_ f: FQDNSelector) -> String {
+        switch f {
+        case .name(let n): return "{matchName: \(q(n))}"
+        case .pattern(let p): return "{matchPattern: \(q(p))}"
         }
     }
 
@@ -56,7 +64,11 @@ public enum PolicyWriter {
     static func rules(_ rs: [Rule], _ key: String) -> [String] {
         rs.map { r in
             var lines = ["    - action: \(r.action.rawValue)"]
-            if !r.peers.isEmpty { lines.append("      \(key): [\(r.peers.map(peer).joined(separator: ", "))]") }
+            let plain = r.peers.filter { if case .fqdn = $0 { return false } else { return true } }
+            let names = r.peers.compactMap { if case .fqdn(let f) = $0 { return f } else { return nil } }
+            if !plain.isEmpty { lines.append("      \(key): [\(plain.map(peer).joined(separator: ", "))]") }
+            if !names.isEmpty { lines.append("      toFQDNs: [\(names.map(fqdn).joined(separator: ", "))]") }
+            if let dns = r.dns { lines.append("      dns: [\(dns.map(fqdn).joined(separator: ", "))]") }
             if !r.ports.isEmpty { lines.append("      ports: [\(r.ports.map(port).joined(separator: ", "))]") }
             return lines.joined(separator: "\n")
         }

@@ -77,6 +77,7 @@ final class CompilerPropertyTests: XCTestCase {
             func may(_ bit: UInt32) -> Bool { def.lookups & UInt8(bit) != 0 }   // as enforce.h skips lookups
             var win = peer.peer_class != 0 && may(PAL_LOOKUP_PEER) ? look(peer.peer_class) : nil
             if peer.cidr_identity != 0, may(PAL_LOOKUP_CIDR), let c = look(peer.cidr_identity), win == nil || rank(c.verdict) > rank(win!.verdict) { win = c }
+            if peer.fqdn_class != 0, may(PAL_LOOKUP_FQDN), let c = look(peer.fqdn_class), win == nil || rank(c.verdict) > rank(win!.verdict) { win = c }
             if may(PAL_LOOKUP_ANY), let a = look(0), win == nil || rank(a.verdict) > rank(win!.verdict) { win = a }
             return Verdict(rawValue: win?.verdict ?? def.verdict)!
         }
@@ -116,7 +117,12 @@ final class CompilerPropertyTests: XCTestCase {
         let host = [IPAddress.v4(10, 0, 255, 1), IPAddress.v4(127, 0, 0, 1)]
         addresses += host
         addresses += ["10.0.1.7", "10.0.2.5", "10.5.5.5", "8.8.8.8", "192.168.1.1", "fd00::5", "fd00:0:1::99", "2001:db8::1"].map { IPAddress($0)! }
-        return World(universe: Universe(workloads: workloads, hostAddresses: host), ids: workloads.keys.sorted(), addresses: addresses)
+        // What DNS taught: external and in-CIDR addresses, one
+        // address shared by names of different selectors.
+        let learned: LearnedNames = [IPAddress("8.8.8.8")!: ["api.example.com"], IPAddress("10.5.5.5")!: ["a.b.example.com", "other.org"],
+                                     IPAddress("10.0.1.7")!: ["other.org"], IPAddress("192.168.1.1")!: ["API.example.com."],
+                                     IPAddress("fd00::5")!: ["x.example.com"]]
+        return World(universe: Universe(workloads: workloads, hostAddresses: host, learned: learned), ids: workloads.keys.sorted(), addresses: addresses)
     }
 
     func randomSelector(_ r: inout SplitMix64) -> WorkloadSelector {
@@ -130,7 +136,8 @@ final class CompilerPropertyTests: XCTestCase {
     }
 
     func randomPeer(_ r: inout SplitMix64) -> Peer {
-        switch Int.random(in: 0..<6, using: &r) {
+        switch Int.random(in: 0..<7, using: &r) {
+        case 6: return .fqdn([.name("api.example.com"), .pattern("*.example.com"), .name("other.org"), .pattern("*"), .pattern("a.*.example.com")].randomElement(using: &r)!)
         case 0, 1: return .workloads(randomSelector(&r))
         case 2, 3:
             let c = Self.cidrPool.randomElement(using: &r)!

@@ -24,6 +24,7 @@ enum pal_reserved_identity {
 	PAL_ID_UNKNOWN = 3,      /* inside a mesh range, but not a known workload */
 	PAL_ID_FIRST_WORKLOAD = 256,
 	PAL_ID_FIRST_CIDR = 0x01000000,
+	PAL_ID_FIRST_FQDN = 0x02000000,
 };
 
 /* Peer classes. A rule's peer that names workloads (a selector) is not
@@ -129,6 +130,8 @@ struct pal_ipcache_value {
 	__u32 cidr_identity;
 	__u32 flags;          /* PAL_IPCACHE_* */
 	__u32 peer_class;     /* the identity's peer class (pal_peer_class says the same) */
+	__u32 fqdn_class;     /* the set of toFQDNs selectors whose names DNS answered with
+	                       * this address (PAL_ID_FIRST_FQDN + n), 0 if none */
 };
 
 /* Peer class of an identity, for peers known by identity rather than by
@@ -200,6 +203,7 @@ struct pal_defaults_value {
 #define PAL_LOOKUP_PEER (1u << 0)   /* a workload or reserved identity */
 #define PAL_LOOKUP_CIDR (1u << 1)   /* a CIDR identity */
 #define PAL_LOOKUP_ANY  (1u << 2)   /* the wildcard peer */
+#define PAL_LOOKUP_FQDN (1u << 3)   /* an FQDN class (addresses learned from DNS) */
 
 /* Global configuration (array map, one entry). Policy is double-buffered:
  * the agent writes a complete rule set into the inactive slot, then flips
@@ -210,7 +214,8 @@ struct pal_config {
 	__u64 generation;         /* monotonic apply counter, for status */
 	__u32 event_flags;        /* PAL_EVENTS_* */
 	__u32 _pad;
-	__u64 _reserved;
+	__u16 dns_port;           /* the agent's DNS proxy port (network order), 0 = none */
+	__u8 _pad2[6];
 };
 
 /* Denied and audit flows always produce events; allowed new flows only
@@ -360,5 +365,24 @@ struct pal_sock_key {
 	__u16 remote_port;    /* network byte order */
 	__u32 _pad;
 };
+
+/* ---- DNS: the agent's proxy, and the kernel's way around it -------- */
+
+/* Enrolled workloads' DNS (UDP and TCP to port 53, whatever the resolver)
+ * goes to the agent's DNS proxy (the mesh endpoint's agent address, port
+ * pal_config.dns_port) while it is there: the proxy's UDP socket
+ * sits in pal_dns_proxy, and a socket leaves a sockmap when it closes, so
+ * when the agent is stopped or killed the hooks find nothing and DNS goes
+ * straight to the resolver (the packet programs judge it as any flow). */
+#define PAL_DNS_PORT 53
+#define PAL_DNS_PROXY_UDP 0   /* index in pal_dns_proxy */
+#define PAL_MAX_DNS_FLOWS 65536
+
+/* A workload's DNS datagram the hooks sent to the proxy: pal_dns_sock is
+ * keyed by socket cookie (filed by sendmsg/connect, read by recvmsg to put
+ * the resolver's address back as the answer's source), pal_dns_flow by the
+ * datagram's addresses as the proxy receives it (filed on the way out, read
+ * by the proxy). Values are pal_redirect_origin: the resolver the workload
+ * addressed and who asked. */
 
 #endif /* PALISADE_SHARED_H */

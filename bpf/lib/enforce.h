@@ -91,6 +91,22 @@ static __always_inline int pal_enforce(struct __sk_buff *skb, const struct pal_e
 		__builtin_memcpy(rk.client_addr, f->saddr, 16);
 		__builtin_memcpy(rk.agent_addr, f->daddr, 16);
 		redirect = bpf_map_lookup_elem(&pal_redir_flow, &rk);
+	} else if (dir == PAL_DIR_EGRESS && f->protocol == IPPROTO_UDP && !f->fragment) {
+		/* A DNS datagram the sendmsg/connect hooks sent to the agent's
+		 * proxy (judged there against the resolver it was meant for). */
+		struct pal_redirect_key rk = { .client_port = f->sport, .agent_port = f->dport };
+		__builtin_memcpy(rk.client_addr, f->saddr, 16);
+		__builtin_memcpy(rk.agent_addr, f->daddr, 16);
+		redirect = bpf_map_lookup_elem(&pal_dns_flow, &rk);
+		if (!redirect) {
+			/* The filing program may run after this one on the same
+			 * cgroup: the socket says it too. */
+			__u32 zero = 0;
+			struct pal_config *c = bpf_map_lookup_elem(&pal_config, &zero);
+			__u64 cookie = bpf_get_socket_cookie(skb);
+			if (c && c->dns_port && c->dns_port == f->dport && cookie)
+				redirect = bpf_map_lookup_elem(&pal_dns_sock, &cookie);
+		}
 	}
 	if (redirect) {
 		d.reason = PAL_REASON_ALLOW_REDIRECT;
@@ -113,6 +129,7 @@ static __always_inline int pal_enforce(struct __sk_buff *skb, const struct pal_e
 		if (tunnelled) {
 			peer.identity = skb->mark & PAL_MARK_IDENTITY;
 			peer.cidr_identity = 0;
+			peer.fqdn_class = 0;
 			peer.flags = 0;
 			peer.peer_class = pal_peer_class_of(slot, peer.identity);
 		} else {

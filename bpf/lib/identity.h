@@ -10,7 +10,7 @@ static __always_inline struct pal_ipcache_value pal_ipcache_lookup(__u8 slot, co
 	struct pal_ipcache_key key = { .prefixlen = PAL_IPCACHE_BITS_GENERATION + 128, .generation = slot };
 	__builtin_memcpy(key.addr, addr, 16);
 	struct pal_ipcache_value *v = bpf_map_lookup_elem(&pal_ipcache, &key);
-	struct pal_ipcache_value out = { .identity = PAL_ID_WORLD, .cidr_identity = 0, .flags = 0, .peer_class = PAL_ID_WORLD };
+	struct pal_ipcache_value out = { .identity = PAL_ID_WORLD, .cidr_identity = 0, .flags = 0, .peer_class = PAL_ID_WORLD, .fqdn_class = 0 };
 	if (v)
 		out = *v;
 	return out;

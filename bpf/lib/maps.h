@@ -155,4 +155,31 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } pal_sock_fast SEC(".maps");
 
+/* DNS redirected to the agent's proxy (see palisade_shared.h). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, PAL_MAX_DNS_FLOWS);
+	__type(key, __u64);                 /* socket cookie */
+	__type(value, struct pal_redirect_origin);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pal_dns_sock SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, PAL_MAX_DNS_FLOWS);
+	__type(key, struct pal_redirect_key);
+	__type(value, struct pal_redirect_origin);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pal_dns_flow SEC(".maps");
+
+/* The proxy's UDP socket while it is open (a closed socket leaves the map
+ * by itself, whoever closed it). */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKMAP);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pal_dns_proxy SEC(".maps");
+
 #endif

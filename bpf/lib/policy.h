@@ -35,10 +35,11 @@ static __always_inline __u8 pal_rank(__u8 verdict)
 
 /* The policy of the active generation for a new flow: fills d (verdict
  * reason, rule) and returns the defaults entry (0: endpoint not selected in
- * that direction). At most three policy lookups, whatever the size of the
+ * that direction). At most four policy lookups, whatever the size of the
  * cluster: the peer's class (the selectors it matches), its CIDR identity,
- * and any peer. Bumps the winning entry's hit counters. Shared by the packet
- * programs and the connect hooks. */
+ * its FQDN class (the toFQDNs selectors whose names DNS answered with it)
+ * and any peer. Bumps the winning entry's hit counters. Shared by the
+ * packet programs and the connect hooks. */
 static __always_inline struct pal_defaults_value *
 pal_policy_decide(__u8 slot, __u8 dir, __u32 local_id, struct pal_ipcache_value peer, __u8 proto,
 		  __u16 dport, __u32 len, struct pal_decision *d)
@@ -58,10 +59,14 @@ pal_policy_decide(__u8 slot, __u8 dir, __u32 local_id, struct pal_ipcache_value 
 		pal_policy_lookup(slot, dir, local_id, peer.cidr_identity, proto, dport) : 0;
 	struct pal_policy_value *any = (def->lookups & PAL_LOOKUP_ANY) ?
 		pal_policy_lookup(slot, dir, local_id, PAL_ID_ANY, proto, dport) : 0;
+	struct pal_policy_value *fqdn = (peer.fqdn_class && (def->lookups & PAL_LOOKUP_FQDN)) ?
+		pal_policy_lookup(slot, dir, local_id, peer.fqdn_class, proto, dport) : 0;
 	/* The strongest verdict wins; on a tie, the more specific peer. */
 	struct pal_policy_value *win = exact;
 	if (cidr && (!win || pal_rank(cidr->verdict) > pal_rank(win->verdict)))
 		win = cidr;
+	if (fqdn && (!win || pal_rank(fqdn->verdict) > pal_rank(win->verdict)))
+		win = fqdn;
 	if (any && (!win || pal_rank(any->verdict) > pal_rank(win->verdict)))
 		win = any;
 	__u8 verdict = win ? win->verdict : def->verdict;
