@@ -28,6 +28,17 @@ let package = Package(
         .target(name: "CPalisadeShared"),
         // LIBBPF_OPTS, setns and friends that Swift cannot spell.
         .target(name: "CShim", dependencies: ["CLibbpf"]),
+        // glibc's DNS message parser (libresolv), with the accessors that are C macros.
+        .target(name: "CResolv", linkerSettings: [.linkedLibrary("resolv")]),
+        // The DNS proxy for toFQDNs rules: enrolled workloads' DNS, forwarded
+        // to the resolver they asked, answers released once their addresses
+        // are in the kernel; the learned-name cache with its TTLs.
+        .target(name: "PalisadeDNS", dependencies: [
+            "CResolv", "PalisadePolicy", "PalisadeIdentity",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+        ]),
         // Swift API over libbpf: objects, programs, typed maps, tc, cgroups, ring buffers, pins.
         .target(name: "PalisadeBPF", dependencies: ["CLibbpf", "CShim"]),
         // SPIFFE IDs and numeric security identities.
@@ -113,7 +124,7 @@ let package = Package(
         ]),
         // Configuration, workload enrollment, state directory, reconcile loop.
         .target(name: "PalisadeAgent", dependencies: [
-            "PalisadeDatapath", "PalisadePolicy", "PalisadeMetrics", "PalisadeCA", "PalisadeTunnel", "PalisadeL7", "PalisadeJWT", "PalisadeStore", "PalisadeIssuer",
+            "PalisadeDatapath", "PalisadePolicy", "PalisadeMetrics", "PalisadeCA", "PalisadeTunnel", "PalisadeL7", "PalisadeJWT", "PalisadeStore", "PalisadeIssuer", "PalisadeDNS",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),

@@ -6,6 +6,7 @@ import NIOCore
 import PalisadeBPF
 import PalisadeCA
 import PalisadeDatapath
+import PalisadeDNS
 import PalisadeIdentity
 import PalisadeIssuer
 import PalisadeMetrics
@@ -79,6 +80,13 @@ public final class Agent {
     var meshServices: [GlobalService] = []
     /// The trust bundles in force (own CA, configured and store federation).
     let trust = TrustBox()
+    /// toFQDNs: what DNS taught, and the proxy that learns it.
+    let fqdn: FQDNEgress
+    var dnsProxy: DNSProxy?
+    /// The universe of the last apply (a DNS answer may need a new generation of it).
+    var lastUniverse: Universe?
+    var fqdnSavedVersion = -1
+    var lastFQDNTick = Date.distantPast
 
     public init(config: AgentConfig, logger: Logger) throws {
         self.config = config
@@ -119,6 +127,11 @@ public final class Agent {
         log.info("datapath loaded", metadata: ["bpffs": "\(config.bpffs)", "adopted-generation": "\(gen)",
                                                "tc-programs": "\(datapath.fromPod.id),\(datapath.toPod.id)"])
         try datapath.setEvents(perSecond: config.eventsPerSecond, allowedFlows: config.allowedFlowEvents)
+        let cache = FQDNCache(limits: config.fqdn)
+        // What DNS taught before a restart stays allowed (the kernel kept it
+        // enforced meanwhile); the names are learned again as lookups come.
+        cache.restore(FQDNEgress.load(config.fqdnFile))
+        fqdn = FQDNEgress(cache: cache, datapath: datapath, log: logger, file: config.fqdnFile)
         let shared = StateBox(state)
         self.shared = shared
         let metrics = AgentMetrics(maps: datapath.maps, maxPairs: config.metricsIdentityPairs)
@@ -139,6 +152,7 @@ public final class Agent {
         let bearer = try BearerTokens.verifier(issuers: config.jwtIssuers)
         directory.update { $0.verifyBearer = bearer }
         try startMesh()
+        try startDNSProxy()
         if let sc = config.store {
             let sync = StoreSync(store: try sc.makeStore(), prefix: sc.prefix, node: config.nodeSpiffeID.path.split(separator: "/").last.map(String.init) ?? "node", log: log,
                                  cachePath: "\(config.stateDir)/store-cache.json")
@@ -173,8 +187,11 @@ public final class Agent {
             while waited < config.pollIntervalMilliseconds && !stop() {
                 usleep(50_000)
                 waited += 50
+                tickFQDN()
             }
         }
+        dnsProxy?.stop()
+        fqdn.save(config.fqdnFile)
         events?.stop()
         storeSync?.stop()
         metricsServer?.stop()
@@ -462,11 +479,20 @@ public final class Agent {
     }
 
     func applyPolicy(universe: Universe) {
+        lastUniverse = universe
         do {
-            let start = Date()
-            let compiled = try PolicyCompiler.compile(lastGoodPolicies, universe: universe)
-            state.policy.compileSeconds = Date().timeIntervalSince(start)
-            let r = try datapath.apply(compiled)
+            // Compiled and applied with what DNS taught up to now, with no
+            // learned-address write in between (see FQDNEgress.install).
+            let (compiled, r) = try datapath.exclusively {
+                let start = Date()
+                var universe = universe
+                universe.learned = fqdn.cache.snapshot()
+                let compiled = try PolicyCompiler.compile(lastGoodPolicies, universe: universe)
+                state.policy.compileSeconds = Date().timeIntervalSince(start)
+                let r = try datapath.apply(compiled, keepFlowsTo: fqdn.cache.retiredAddresses())
+                fqdn.installed.withLockedValue { $0 = CompiledLookup(compiled) }
+                return (compiled, r)
+            }
             installed(compiled, result: r, policies: lastGoodPolicies)
             appliedPolicies = lastGoodPolicies
             state.policy.notInstalled = nil
@@ -494,9 +520,15 @@ public final class Agent {
     /// (all of them at a first start) is held at default deny.
     func installFallback(universe: Universe) {
         do {
-            var fallback = try PolicyCompiler.compile(appliedPolicies, universe: universe)
-            let locked = PolicyCompiler.lockDown(&fallback, selectedBy: lastGoodPolicies, universe: universe)
-            let r = try datapath.apply(fallback)
+            let (fallback, locked, r) = try datapath.exclusively {
+                var universe = universe
+                universe.learned = fqdn.cache.snapshot()
+                var fallback = try PolicyCompiler.compile(appliedPolicies, universe: universe)
+                let locked = PolicyCompiler.lockDown(&fallback, selectedBy: lastGoodPolicies, universe: universe)
+                let r = try datapath.apply(fallback, keepFlowsTo: fqdn.cache.retiredAddresses())
+                fqdn.installed.withLockedValue { $0 = CompiledLookup(fallback) }
+                return (fallback, locked, r)
+            }
             installed(fallback, result: r, policies: appliedPolicies)
             let names = locked.compactMap { universe.workloads[$0]?.spiffeID.description }.sorted()
             state.policy.lockedDown = names
@@ -515,6 +547,7 @@ public final class Agent {
         state.rules = compiled.rules
         state.cidrIdentities = Dictionary(uniqueKeysWithValues: compiled.cidrIdentities.map { ($0.key.description, $0.value.rawValue) })
         state.peerClasses = Dictionary(uniqueKeysWithValues: compiled.classSelectors.map { ($0.key.rawValue, $0.value) })
+        state.fqdnClasses = Dictionary(uniqueKeysWithValues: compiled.fqdnClasses.map { ($0.value.rawValue, $0.key.map(\.description).sorted()) })
         state.policy.generation = r.generation
         state.policy.appliedAt = Date()
         state.policy.files = lastGoodPolicyFiles

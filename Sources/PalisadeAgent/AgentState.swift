@@ -48,6 +48,8 @@ public struct AgentState: Codable, Sendable {
     public var cidrIdentities: [String: UInt32] = [:]
     /// Peer class -> the rule selectors its identities match (for dumps).
     public var peerClasses: [UInt32: [String]] = [:]
+    /// FQDN class -> the toFQDNs selectors it stands for.
+    public var fqdnClasses: [UInt32: [String]] = [:]
     public var rules: [RuleInfo] = []
     public var endpoints: [EndpointRecord] = []
     public var policy = PolicyStatus()
@@ -102,6 +104,7 @@ public struct AgentState: Codable, Sendable {
         if let r = NumericIdentity(id).reservedName { return r }
         if let rec = identities[id] { return rec.spiffeID.description }
         if let c = cidrIdentities.first(where: { $0.value == id }) { return "cidr:\(c.key)" }
+        if let f = fqdnClasses[id] { return "fqdn:{\(f.joined(separator: " | "))}" }
         return "identity \(id)"
     }
 

@@ -1,5 +1,6 @@
 import Foundation
 import PalisadeBPF
+import PalisadeDNS
 import PalisadeJWT
 import PalisadePolicy
 import PalisadeStore
@@ -74,6 +75,13 @@ public struct AgentConfig: Sendable {
     /// stream open this long, and a stream with no bytes either way.
     public var tunnelConnectionIdleSeconds = 600
     public var tunnelStreamIdleSeconds = 3600
+    /// The DNS proxy for toFQDNs rules (UDP and TCP), reached where the
+    /// outbound listener is; nil: enrolled workloads' DNS goes direct and
+    /// toFQDNs rules learn nothing.
+    public var dnsProxyPort: Int? = 15053
+    /// Learned addresses: TTLs raised to the floor and cut to the cap, kept
+    /// `graceSeconds` past expiry, at most this many per toFQDNs selector.
+    public var fqdn = FQDNCache.Limits()
 
     public init() {}
 
@@ -85,6 +93,8 @@ public struct AgentConfig: Sendable {
     /// The L7 proxy's access log (rotated to .1 at 64 MiB).
     public var accessLogPath: String { "\(stateDir)/access.jsonl" }
     public var flowSocket: String { "\(stateDir)/flows.sock" }
+    /// Names DNS answered and their addresses, kept across restarts.
+    public var fqdnFile: String { "\(stateDir)/fqdn.json" }
     public var caDir: String { "\(stateDir)/ca" }
     public var svidDir: String { "\(stateDir)/svids" }
 
@@ -109,7 +119,7 @@ public struct AgentConfig: Sendable {
                                     "locality", "services", "accessLogSampling",
                                     "handshakeTimeoutMilliseconds", "maxPendingHandshakes", "maxPendingHandshakesPerSource",
                                     "httpRequestHeadTimeoutMilliseconds", "httpBodyIdleTimeoutMilliseconds",
-                                    "tunnelConnectionIdleSeconds", "tunnelStreamIdleSeconds"]
+                                    "tunnelConnectionIdleSeconds", "tunnelStreamIdleSeconds", "dnsProxyPort", "fqdn"]
 
     /// "HOST:PORT" with an IP address (IPv6 in brackets), or "off" (nil).
     static func address(_ v: YAMLValue) throws -> (host: String, port: Int)? {
@@ -159,6 +169,17 @@ public struct AgentConfig: Sendable {
         if let v = m["httpBodyIdleTimeoutMilliseconds"] { c.httpBodyIdleTimeoutMilliseconds = try v.int(in: 100...3_600_000) }
         if let v = m["tunnelConnectionIdleSeconds"] { c.tunnelConnectionIdleSeconds = try v.int(in: 1...86_400) }
         if let v = m["tunnelStreamIdleSeconds"] { c.tunnelStreamIdleSeconds = try v.int(in: 1...604_800) }
+        if let v = m["dnsProxyPort"] {
+            if (try? v.string()) == "off" { c.dnsProxyPort = nil } else { c.dnsProxyPort = try v.int(in: 1...65535) }
+        }
+        if let v = m["fqdn"] {
+            let f = try v.mapping(allowedKeys: ["minTTL", "maxTTL", "graceSeconds", "maxAddressesPerSelector"])
+            if let x = f["minTTL"] { c.fqdn.minTTL = UInt32(try x.int(in: 0...86_400)) }
+            if let x = f["maxTTL"] { c.fqdn.maxTTL = UInt32(try x.int(in: 1...604_800)) }
+            if let x = f["graceSeconds"] { c.fqdn.graceSeconds = UInt32(try x.int(in: 0...86_400)) }
+            if let x = f["maxAddressesPerSelector"] { c.fqdn.maxAddressesPerSelector = try x.int(in: 1...65_536) }
+            if c.fqdn.minTTL > c.fqdn.maxTTL { throw (f["minTTL"] ?? v).error("minTTL \(c.fqdn.minTTL) is above maxTTL \(c.fqdn.maxTTL)") }
+        }
         if let v = m["metricsAddress"] { c.metricsAddress = try address(v) }
         if let v = m["tunnelAddress"] { c.tunnelAddress = try address(v) }
         if let v = m["federatedBundles"] {

@@ -24,6 +24,11 @@ public struct FlowEvent: Codable, Sendable {
     public var rule: String?
     public var ifindex: UInt32
     public var cgroupID: UInt64
+    /// DNS lookups through the agent's proxy: the name, what the answer
+    /// gave (addresses), and the proxy's result.
+    public var dnsName: String?
+    public var dnsAnswer: [String]?
+    public var dnsResult: String?
 }
 
 /// Polls the ring buffer and appends each event as a JSON line to a file
@@ -31,9 +36,11 @@ public struct FlowEvent: Codable, Sendable {
 final class FlowEventWriter: @unchecked Sendable {
     let ring: RingBuffer
     let stream: FlowStream
+    let file: EventFile
 
     init(maps: PalisadeMaps, path: String, socket: String, names: @escaping @Sendable () -> AgentState, metrics: AgentMetrics) throws {
         let file = EventFile(path: path)
+        self.file = file
         let stream = try FlowStream(path: socket) { metrics.recordAdminRefusal(endpoint: "flows", reason: AdminRefusal.tooManyConnections.rawValue) }
         self.stream = stream
         let bootOffset = Date().timeIntervalSince1970 - Double(clockMonotonicNanoseconds()) / 1e9
@@ -56,6 +63,11 @@ final class FlowEventWriter: @unchecked Sendable {
             metrics.recordEvent(verdict: event.verdict, direction: event.direction, local: local, peer: peer)
         }
     }
+    /// An event the agent itself saw (a DNS lookup), written like the kernel's.
+    func publish(_ event: FlowEvent) {
+        if let line = file.append(event) { stream.publish(line) }
+    }
+
     func start() { ring.start() }
     func stop() { ring.stop(); stream.stop() }
 }

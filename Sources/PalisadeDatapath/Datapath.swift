@@ -41,6 +41,14 @@ public final class Datapath {
     public let connect6: BPFProgram
     public let sockops: BPFProgram
     public let skMsg: BPFProgram
+    public let sendmsg4: BPFProgram
+    public let sendmsg6: BPFProgram
+    public let recvmsg4: BPFProgram
+    public let recvmsg6: BPFProgram
+    public let dnsFile: BPFProgram
+    /// Held by an apply and by writes of learned addresses into the active
+    /// generation, so that neither undoes the other.
+    let generationLock = NSRecursiveLock()
 
     /// Loads the programs, reusing maps already pinned under pinRoot (so a
     /// restarted agent adopts the state that kept enforcing while it was down).
@@ -64,6 +72,11 @@ public final class Datapath {
         connect6 = try sockObject.program(named: "pal_connect6")
         sockops = try sockObject.program(named: "pal_sockops")
         skMsg = try sockObject.program(named: "pal_sk_msg")
+        sendmsg4 = try sockObject.program(named: "pal_sendmsg4")
+        sendmsg6 = try sockObject.program(named: "pal_sendmsg6")
+        recvmsg4 = try sockObject.program(named: "pal_recvmsg4")
+        recvmsg6 = try sockObject.program(named: "pal_recvmsg6")
+        dnsFile = try sockObject.program(named: "pal_dns_file")
         // The sk_msg verdict program belongs to the pinned sockhash (it is
         // replaced, not stacked, when a restarted agent attaches again).
         if bpf_prog_attach(skMsg.fd, maps.fastPath.map.fd, BPF_SK_MSG_VERDICT, 0) != 0 {
@@ -157,11 +170,19 @@ public final class Datapath {
         try CgroupAttach.attach(sockops, cgroupPath: cgroupPath, linkPin: linkPin(id, "sockops"))
         try CgroupAttach.attach(connect4, cgroupPath: cgroupPath, linkPin: linkPin(id, "connect4"))
         try CgroupAttach.attach(connect6, cgroupPath: cgroupPath, linkPin: linkPin(id, "connect6"))
+        // DNS to the agent's proxy (idle until the agent sets a DNS port).
+        try CgroupAttach.attach(sendmsg4, cgroupPath: cgroupPath, linkPin: linkPin(id, "sendmsg4"))
+        try CgroupAttach.attach(sendmsg6, cgroupPath: cgroupPath, linkPin: linkPin(id, "sendmsg6"))
+        try CgroupAttach.attach(recvmsg4, cgroupPath: cgroupPath, linkPin: linkPin(id, "recvmsg4"))
+        try CgroupAttach.attach(recvmsg6, cgroupPath: cgroupPath, linkPin: linkPin(id, "recvmsg6"))
+        try CgroupAttach.attach(dnsFile, cgroupPath: cgroupPath, linkPin: linkPin(id, "dnsfile"))
         return id
     }
 
+    static let redirectHooks = ["connect4", "connect6", "sockops", "sendmsg4", "sendmsg6", "recvmsg4", "recvmsg6", "dnsfile"]
+
     public func detachRedirect(cgroupID id: UInt64) throws {
-        for hook in ["connect4", "connect6", "sockops"] { try CgroupAttach.detach(linkPin: linkPin(id, hook)) }
+        for hook in Datapath.redirectHooks { try CgroupAttach.detach(linkPin: linkPin(id, hook)) }
         _ = try maps.meshEndpoints.delete(id)
     }
 
@@ -177,6 +198,53 @@ public final class Datapath {
         guard let o = (try? maps.redirectByFlow.lookup(k)) ?? nil else { return nil }
         _ = try? maps.redirectByFlow.delete(k)
         return o
+    }
+
+    // MARK: DNS
+
+    /// Sends enrolled workloads' DNS to the proxy on `port` (the address is
+    /// each workload's outbound listener address), for as long as the socket
+    /// `udpDescriptor` is open; port 0 turns the redirection off.
+    public func setDNSProxy(port: UInt16, udpDescriptor: Int32?) throws {
+        if let fd = udpDescriptor { try maps.dnsProxy.update(UInt32(PAL_DNS_PROXY_UDP), UInt64(fd)) }
+        var cfg = maps.activeConfig
+        cfg.dns_port = port.bigEndian
+        try maps.config.update(0, cfg)
+    }
+
+    /// Is the DNS proxy's socket in the kernel's map (the agent is there)?
+    public var dnsProxyRegistered: Bool {
+        (try? maps.dnsProxy.lookup(UInt32(PAL_DNS_PROXY_UDP))) != nil
+    }
+
+    /// The origin of a DNS datagram the proxy received (kept: a socket sends
+    /// several queries), or of a DNS connection it accepted (consumed).
+    public func dnsOrigin(client: IPAddress, clientPort: UInt16, agent: IPAddress, agentPort: UInt16, tcp: Bool) -> pal_redirect_origin? {
+        if tcp { return takeRedirect(client: client, clientPort: clientPort, agent: agent, agentPort: agentPort) }
+        var k = pal_redirect_key()
+        withUnsafeMutableBytes(of: &k.client_addr) { $0.copyBytes(from: client.bytes) }
+        withUnsafeMutableBytes(of: &k.agent_addr) { $0.copyBytes(from: agent.bytes) }
+        k.client_port = clientPort.bigEndian
+        k.agent_port = agentPort.bigEndian
+        return (try? maps.dnsByFlow.lookup(k)) ?? nil
+    }
+
+    /// Runs `body` with no apply and no learned-address write in between.
+    public func exclusively<T>(_ body: () throws -> T) rethrows -> T {
+        generationLock.lock()
+        defer { generationLock.unlock() }
+        return try body()
+    }
+
+    /// Writes ipcache entries of learned addresses into the active
+    /// generation (an apply rebuilds them from the cache in the next).
+    /// `remove`: /128 entries to delete. A full map is an error.
+    public func writeLearned(_ entries: [IPCacheEntry], remove: [CIDR]) throws {
+        try exclusively {
+            let slot = UInt8(maps.activeConfig.active_slot & 1)
+            for e in entries { try maps.ipcache.update(e.key(generation: slot), e.value) }
+            for c in remove { _ = try maps.ipcache.delete(IPCacheEntry(cidr: c, identity: .world).key(generation: slot)) }
+        }
     }
 
     public func setEvents(perSecond: UInt32, allowedFlows: Bool) throws {
@@ -209,7 +277,9 @@ public final class Datapath {
     /// slot, then the old slot is cleared. A flow allowed by both rule sets is
     /// never dropped and one denied by both is never admitted. An apply that
     /// would not fit is refused before anything is written.
-    public func apply(_ compiled: CompiledPolicy, graceMilliseconds: Int = 20) throws -> ApplyResult {
+    public func apply(_ compiled: CompiledPolicy, graceMilliseconds: Int = 20, keepFlowsTo: Set<IPAddress> = []) throws -> ApplyResult {
+        generationLock.lock()
+        defer { generationLock.unlock() }
         let start = Date()
         for (what, n, cap) in [("policy", compiled.entries.count, Datapath.policyCapacity),
                                ("ipcache", compiled.ipcache.count, Datapath.ipcacheCapacity),
@@ -243,7 +313,7 @@ public final class Datapath {
         // policy they go back to the enforced path (new connections that the
         // new policy admits join the fast path again).
         try clearFastPath()
-        let flushed = try flushDeniedConnections(CompiledLookup(compiled))
+        let flushed = try flushDeniedConnections(CompiledLookup(compiled), keep: keepFlowsTo)
         return ApplyResult(generation: cfg.generation, policyEntries: compiled.entries.count, ipcacheEntries: compiled.ipcache.count,
                            defaultEntries: compiled.defaults.count, peerClassEntries: compiled.peerClasses.count, conntrackFlushed: flushed, seconds: Date().timeIntervalSince(start))
     }
@@ -294,7 +364,9 @@ public final class Datapath {
     /// packets are dropped until the entry expires, 10 s after revocation);
     /// tombstones of flows it admits again are removed. Returns how many
     /// flows were revoked.
-    func flushDeniedConnections(_ lookup: CompiledLookup) throws -> Int {
+    /// Flows to addresses in `keep` are left alone: addresses DNS taught
+    /// whose TTL ran out (expiry stops new connections, not open ones).
+    func flushDeniedConnections(_ lookup: CompiledLookup, keep: Set<IPAddress> = []) throws -> Int {
         var ts = timespec()
         clock_gettime(CLOCK_MONOTONIC_COARSE, &ts)   // the clock of bpf_ktime_get_coarse_ns()
         let now = UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
@@ -307,7 +379,7 @@ public final class Datapath {
             let peer = dir == .ingress ? flow.initiator : flow.responder
             let f = Flow(local: NumericIdentity(v.local_identity), direction: dir, peerAddress: peer,
                          proto: k.protocol, port: flow.responderPort)
-            let denied = lookup.evaluate(f).verdict == .deny
+            let denied = lookup.evaluate(f).verdict == .deny && !keep.contains(peer)
             if denied && v.flags & revoked == 0 {
                 var t = v
                 t.flags |= revoked

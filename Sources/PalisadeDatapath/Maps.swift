@@ -23,6 +23,11 @@ public struct PalisadeMaps {
     public let fastPath: TypedMap<pal_sock_key, UInt64>
     /// Ports of local workloads with HTTP rules (see palisade_shared.h).
     public let l7Ports: TypedMap<pal_l7_port_key, UInt32>
+    /// DNS sent to the agent's proxy, by socket cookie and by addresses.
+    public let dnsBySocket: TypedMap<UInt64, pal_redirect_origin>
+    public let dnsByFlow: TypedMap<pal_redirect_key, pal_redirect_origin>
+    /// The proxy's UDP socket while it is open (sockmap: written as an fd).
+    public let dnsProxy: TypedMap<UInt32, UInt64>
 
     init(lookup: (MapName) throws -> BPFMap) throws {
         endpointsByIfindex = try TypedMap(lookup(.endpointsByIfindex))
@@ -41,6 +46,9 @@ public struct PalisadeMaps {
         redirectByFlow = try TypedMap(lookup(.redirectByFlow))
         fastPath = try TypedMap(lookup(.fastPath))
         l7Ports = try TypedMap(lookup(.l7Ports))
+        dnsBySocket = try TypedMap(lookup(.dnsBySocket))
+        dnsByFlow = try TypedMap(lookup(.dnsByFlow))
+        dnsProxy = try TypedMap(lookup(.dnsProxy))
     }
 
     /// Opens the maps pinned under pinRoot, without loading any program

@@ -20,6 +20,9 @@ public enum MapName: String, CaseIterable, Sendable {
     case redirectByFlow = "pal_redir_flow"
     case fastPath = "pal_sock_fast"
     case l7Ports = "pal_l7_port"
+    case dnsBySocket = "pal_dns_sock"
+    case dnsByFlow = "pal_dns_flow"
+    case dnsProxy = "pal_dns_proxy"
 }
 
 /// Names for enum pal_reason, used in dumps, metrics and flow events.

@@ -131,6 +131,31 @@ public final class AgentMetrics: @unchecked Sendable {
     }
     private var accessLogDropped: Counter?
 
+    // MARK: DNS proxy (toFQDNs)
+
+    lazy var dnsLatency = registry.valueHistogram("palisade_dns_proxy_duration_seconds",
+        buckets: [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5],
+        help: "Time from a workload's DNS query reaching the proxy to its answer leaving it (resolver and kernel writes included).")
+    lazy var learnedAddresses = registry.gauge("palisade_fqdn_learned_addresses", help: "Addresses DNS answers taught for toFQDNs selectors, in force now.")
+
+    /// One query through the DNS proxy, by result (answered, refused, failed, unknown-source, malformed).
+    public func recordDNS(result r: String, seconds: Double) {
+        result("palisade_dns_requests_total", r, "DNS queries of enrolled workloads through the agent's proxy, by result.").increment()
+        lock.lock(); let h = dnsLatency; lock.unlock()
+        if r == "answered" || r == "refused" { h.record(seconds) }
+    }
+
+    /// Learned addresses in force, and those refused (a toFQDNs selector full).
+    public func setLearnedAddresses(_ n: Int) {
+        lock.lock(); let g = learnedAddresses; lock.unlock()
+        g.set(to: Double(n))
+    }
+
+    public func recordLearnedRefused(_ n: Int) {
+        result("palisade_fqdn_refused_addresses_total", "selector-full",
+               "Addresses from DNS answers not learned (never allowed), by reason.").increment(by: Int64(n))
+    }
+
     public func recordTunnelStream(delivered: Bool) {
         result("palisade_tunnel_inbound_streams_total", delivered ? "delivered" : "refused",
                "Tunnel streams received from peer agents, by result.").increment()

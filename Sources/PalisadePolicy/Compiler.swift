@@ -143,6 +143,12 @@ public struct IPCacheEntry: Hashable, Sendable {
     /// The FQDN class of a learned address (nil: DNS taught nothing about it).
     public var fqdnClass: NumericIdentity?
 
+    public init(cidr: CIDR, identity: NumericIdentity, cidrIdentity: NumericIdentity? = nil, remote: Bool = false,
+                peerClass: NumericIdentity? = nil, fqdnClass: NumericIdentity? = nil) {
+        self.cidr = cidr; self.identity = identity; self.cidrIdentity = cidrIdentity; self.remote = remote
+        self.peerClass = peerClass; self.fqdnClass = fqdnClass
+    }
+
     public var value: pal_ipcache_value {
         var v = pal_ipcache_value()
         v.identity = identity.rawValue

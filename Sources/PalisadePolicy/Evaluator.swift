@@ -123,8 +123,8 @@ public struct ReferenceEvaluator {
 /// longest prefix for the peer (its class and CIDR identity), then the policy
 /// trie for (class), (CIDR) and (any), the stronger verdict winning, then the
 /// default. Used by explain, the tunnel's inbound check and tests.
-public struct CompiledLookup {
-    let compiled: CompiledPolicy
+public struct CompiledLookup: Sendable {
+    public let compiled: CompiledPolicy
     let entries: [PolicyEntry.Slot: PolicyEntry]
     let defaults: [String: DefaultEntry]
     let ipcache: [CIDR: IPCacheEntry]
@@ -167,6 +167,16 @@ public struct CompiledLookup {
         }
         e.fqdnClass = cls
         return .some(e)
+    }
+
+    /// What the /128 entry of an address DNS no longer vouches for becomes:
+    /// the entry it would have without learning (a workload's, the host's,
+    /// a policy /32), or nil when it existed only for the learned names.
+    public func unlearnedEntry(_ a: IPAddress) -> IPCacheEntry? {
+        let host = CIDR(address: a, mappedPrefixLength: 128)
+        guard var e = ipcache[host], e.identity != .world || compiled.cidrIdentities[host] != nil else { return nil }
+        e.fqdnClass = nil
+        return e
     }
 
     /// The class an identity is looked up with (nil: matches no selector).

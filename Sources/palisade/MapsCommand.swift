@@ -13,6 +13,7 @@ struct MapsCommand: ParsableCommand {
     enum Kind: String, ExpressibleByArgument, CaseIterable {
         case policy, classes, identities, ipcache, conntrack, endpoints, counters
         case l7ports = "l7-ports"
+        case fqdn
     }
 
     struct Dump: ParsableCommand {
@@ -40,6 +41,7 @@ struct MapsCommand: ParsableCommand {
             case .endpoints: (columns, rows) = try dumper.endpoints()
             case .counters: (columns, rows) = try dumper.counters()
             case .l7ports: (columns, rows) = try dumper.l7Ports()
+            case .fqdn: (columns, rows) = try dumper.fqdn(bindingsFile: config.fqdnFile)
             }
             if output == .json { try printJSON(rows) } else { printTable(columns.map { $0.uppercased() }, rows.map { r in columns.map { r[$0] ?? "" } }) }
         }
@@ -130,10 +132,28 @@ struct MapDumper {
             let cidr = CIDR(address: IPAddress(tuple: k.addr), mappedPrefixLength: Int(k.prefixlen) - Int(PAL_IPCACHE_BITS_GENERATION))
             rows.append(["prefix": cidr.description, "identity": "\(v.identity)", "name": name(v.identity),
                          "cidr-identity": v.cidr_identity == 0 ? "-" : name(v.cidr_identity),
+                         "fqdn": v.fqdn_class == 0 ? "-" : name(v.fqdn_class),
                          "class": NumericIdentity(v.identity).isWorkload ? (v.peer_class == 0 ? "-" : "\(v.peer_class)") : "-",
                          "remote": v.flags & UInt32(PAL_IPCACHE_REMOTE_WORKLOAD) != 0 ? "tunnel" : "-"])
         }
-        return (["prefix", "identity", "name", "cidr-identity", "class", "remote"], rows.sorted { $0["prefix"]! < $1["prefix"]! })
+        return (["prefix", "identity", "name", "cidr-identity", "fqdn", "class", "remote"], rows.sorted { $0["prefix"]! < $1["prefix"]! })
+    }
+
+    /// Names DNS answered (the agent's STATE/fqdn.json), each address with
+    /// the TTL left (negative: in its grace period) and the FQDN class the
+    /// kernel holds for it now, by the selectors it stands for.
+    func fqdn(bindingsFile: String) throws -> ([String], [[String: String]]) {
+        var inKernel: [IPAddress: UInt32] = [:]
+        for (k, v) in try maps.ipcache.entries() where k.generation == slot && v.fqdn_class != 0 {
+            inKernel[IPAddress(tuple: k.addr)] = v.fqdn_class
+        }
+        let now = Date()
+        let rows = FQDNEgress.load(bindingsFile).map { b -> [String: String] in
+            let cls = inKernel[b.address]
+            return ["name": b.name, "address": b.address.description, "ttl-left": "\(Int(b.expires.timeIntervalSince(now).rounded()))s",
+                    "selectors": cls.map { state.fqdnClasses[$0]?.joined(separator: " | ") ?? "class \($0)" } ?? "- (not in the kernel)"]
+        }
+        return (["name", "address", "ttl-left", "selectors"], rows)
     }
 
     func conntrack() throws -> ([String], [[String: String]]) {

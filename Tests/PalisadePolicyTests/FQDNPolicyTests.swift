@@ -101,7 +101,7 @@ final class FQDNPolicyTests: XCTestCase {
         XCTAssertEqual(entry.fqdnClass, compiled.fqdnClasses[[.name("api.example.com")]])
         XCTAssertNil(try XCTUnwrap(lookup.learnedEntry(fresh, names: ["unrelated.org"])))
         let noClassYet: IPCacheEntry?? = lookup.learnedEntry(fresh, names: ["api.example.com", "a.cdn.net"])
-        XCTAssertNotNil(noClassYet)   // {api, *.cdn.net} has a class already (the shared address)
+        XCTAssertTrue(noClassYet != nil)   // {api, *.cdn.net} has a class already (the shared address)
         let defaults = compiled.defaults.first { $0.local == web && $0.direction == .egress }
         XCTAssertEqual((defaults?.lookups ?? 0) & UInt8(PAL_LOOKUP_FQDN), UInt8(PAL_LOOKUP_FQDN))
     }

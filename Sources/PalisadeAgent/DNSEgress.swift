@@ -1,0 +1,183 @@
+import CPalisadeShared
+import Foundation
+import Logging
+import NIOConcurrencyHelpers
+import PalisadeDatapath
+import PalisadeDNS
+import PalisadeIdentity
+import PalisadeMetrics
+import PalisadePolicy
+
+/// toFQDNs on this node: the DNS proxy's view of the policy in the kernel,
+/// and how what it learns gets there. The proxy's threads call in; the
+/// agent's loop calls `expire` and answers requests for a new generation.
+public final class FQDNEgress: @unchecked Sendable {
+    let cache: FQDNCache
+    let datapath: Datapath
+    let log: Logger
+    /// The compiled policy the kernel holds (set by every apply).
+    let installed = NIOLockedValueBox<CompiledLookup?>(nil)
+    /// An answer needs a class the generation in force lacks (a new set of
+    /// selectors for one address): the agent's loop applies a new one.
+    let generationWanted = NIOLockedValueBox(false)
+    static let generationWait: TimeInterval = 3
+    let saveLock = NSLock()
+
+    /// STATE/fqdn.json: written before the kernel is, so an agent killed
+    /// at any point restarts with everything the kernel holds.
+    let file: String
+
+    init(cache: FQDNCache, datapath: Datapath, log: Logger, file: String) {
+        self.cache = cache; self.datapath = datapath; self.log = log; self.file = file
+    }
+
+    /// DNS rules: nil (no rule for the workload) allows every name.
+    func mayResolve(identity: UInt32, name: String) -> Bool {
+        guard let rules = installed.withLockedValue({ $0?.compiled.dnsRules[NumericIdentity(identity)] }) else { return true }
+        return rules.contains { $0.matches(name) }
+    }
+
+    /// Records an answer and returns once its addresses are in the kernel
+    /// (or could not be: then they stay refused, and the error is logged).
+    func learn(_ answer: DNSMessage) -> (learned: Int, refused: Int) {
+        let (names, addresses) = answer.resolvedAddresses()
+        let selectors = installed.withLockedValue { $0?.compiled.fqdnSelectors } ?? []
+        guard !selectors.isEmpty else { return (0, 0) }
+        let (changed, refused) = cache.record(names: names, addresses: addresses, selectors: selectors)
+        if !refused.isEmpty {
+            log.warning("learned addresses refused: a toFQDNs selector holds its maximum", metadata: [
+                "name": "\(answer.questionName)", "refused": "\(refused.map(\.description).joined(separator: ","))",
+                "max-per-selector": "\(cache.limits.maxAddressesPerSelector)"])
+        }
+        if !changed.isEmpty { save(file) }
+        install(changed)
+        return (changed.count, refused.count)
+    }
+
+    /// Writes the kernel entries of addresses whose names changed; waits for
+    /// a new generation when one needs a class the kernel does not have.
+    func install(_ changed: LearnedNames) {
+        guard !changed.isEmpty else { return }
+        let deadline = Date().addingTimeInterval(FQDNEgress.generationWait)
+        var pending = changed
+        while !pending.isEmpty {
+            do {
+                pending = try datapath.exclusively { () throws -> LearnedNames in
+                    guard let lookup = installed.withLockedValue({ $0 }) else { return [:] }
+                    var writes: [IPCacheEntry] = [], removals: [CIDR] = [], later: LearnedNames = [:]
+                    for (a, names) in pending {
+                        switch lookup.learnedEntry(a, names: names) {
+                        case .some(.some(let e)): writes.append(e)
+                        case .some(.none):
+                            if let base = lookup.unlearnedEntry(a) { writes.append(base) }
+                            else { removals.append(CIDR(address: a, mappedPrefixLength: 128)) }
+                        case .none: later[a] = names
+                        }
+                    }
+                    try datapath.writeLearned(writes, remove: removals)
+                    return later
+                }
+            } catch {
+                log.error("learned addresses not written to the kernel (they stay refused)", metadata: ["error": "\(error)"])
+                return
+            }
+            if pending.isEmpty || Date() > deadline { break }
+            generationWanted.withLockedValue { $0 = true }
+            usleep(5_000)
+        }
+        if !pending.isEmpty {
+            log.error("learned addresses waited too long for a new generation (they stay refused until the next apply)",
+                      metadata: ["addresses": "\(pending.keys.map(\.description).sorted().joined(separator: ","))"])
+        }
+    }
+
+    /// Bindings past TTL + grace leave the kernel.
+    func expire() {
+        install(cache.expire())
+    }
+
+    // MARK: Saved across restarts
+
+    public static func load(_ path: String) -> [FQDNCache.Binding] {
+        guard let data = FileManager.default.contents(atPath: path) else { return [] }
+        let d = JSONDecoder()
+        d.dateDecodingStrategy = .iso8601
+        return (try? d.decode([FQDNCache.Binding].self, from: data)) ?? []
+    }
+
+    func save(_ path: String) {
+        saveLock.lock()
+        defer { saveLock.unlock() }
+        let e = JSONEncoder()
+        e.dateEncodingStrategy = .iso8601
+        e.outputFormatting = [.sortedKeys]
+        guard let data = try? e.encode(cache.bindings()) else { return }
+        let tmp = path + ".tmp"
+        guard FileManager.default.createFile(atPath: tmp, contents: data, attributes: [.posixPermissions: 0o600]) else { return }
+        _ = rename(tmp, path)
+    }
+}
+
+extension Agent {
+    /// Starts the DNS proxy where workloads reach the outbound listener,
+    /// and tells the kernel to send enrolled workloads' DNS to it.
+    func startDNSProxy() throws {
+        guard let port = config.dnsProxyPort, config.outboundPort != nil else {
+            try datapath.setDNSProxy(port: 0, udpDescriptor: nil)
+            return
+        }
+        let fqdn = self.fqdn, metrics = self.metrics, log = self.log
+        let events = self.events, shared = self.shared
+        let hooks = DNSProxyHooks(
+            origin: { client, clientPort, local, localPort, tcp in
+                guard let o = fqdn.datapath.dnsOrigin(client: client, clientPort: clientPort, agent: local, agentPort: localPort, tcp: tcp) else { return nil }
+                return DNSOrigin(resolver: IPAddress(tuple: o.addr), resolverPort: UInt16(bigEndian: o.port), identity: o.identity, cgroupID: o.cgroup_id)
+            },
+            mayResolve: { identity, name in fqdn.mayResolve(identity: identity, name: name) },
+            learn: { _, answer in
+                let (_, refused) = fqdn.learn(answer)
+                if refused > 0 { metrics.recordLearnedRefused(refused) }
+                metrics.setLearnedAddresses(fqdn.cache.addressCount)
+            },
+            exchanged: { x in
+                metrics.recordDNS(result: x.result.rawValue, seconds: x.seconds)
+                guard let o = x.origin else {
+                    log.warning("DNS datagram the kernel did not redirect, dropped", metadata: ["client": "\(x.client)", "tcp": "\(x.tcp)"])
+                    return
+                }
+                let state = shared.state
+                let refused = x.result == .refused
+                events?.publish(FlowEvent(
+                    time: Date(), verdict: refused ? Outcome.denied.rawValue : Outcome.allowed.rawValue,
+                    reason: "dns-\(x.result.rawValue)", direction: Direction.egress.rawValue,
+                    source: x.client.description, destination: o.resolver.description, sourcePort: 0, destinationPort: o.resolverPort,
+                    proto: x.tcp ? "TCP" : "UDP", localIdentity: o.identity, peerIdentity: 0, local: state.name(of: o.identity), peer: "resolver",
+                    rule: nil, ifindex: 0, cgroupID: o.cgroupID, dnsName: x.name, dnsAnswer: x.addresses.map(\.description), dnsResult: x.result.rawValue))
+                if refused {
+                    log.info("DNS name refused by the workload's DNS rules", metadata: ["name": "\(x.name)", "workload": "\(state.name(of: o.identity))"])
+                }
+            })
+        let proxy = try DNSProxy(port: port, group: meshGroup, hooks: hooks)
+        try datapath.setDNSProxy(port: UInt16(proxy.port), udpDescriptor: proxy.udpDescriptor)
+        dnsProxy = proxy
+        log.info("DNS proxy", metadata: ["port": "\(proxy.port)", "redirects": "UDP and TCP port 53 of enrolled workloads, while the proxy runs"])
+    }
+
+    /// From the loop: a new generation when an answer needs one, expiry
+    /// once a second, the cache saved when it changed.
+    func tickFQDN() {
+        if fqdn.generationWanted.withLockedValue({ let w = $0; $0 = false; return w }), let u = lastUniverse {
+            applyPolicy(universe: u)
+            saveState()
+        }
+        guard Date().timeIntervalSince(lastFQDNTick) >= 1 else { return }
+        lastFQDNTick = Date()
+        fqdn.expire()
+        let version = fqdn.cache.version
+        if version != fqdnSavedVersion {
+            fqdnSavedVersion = version
+            fqdn.save(config.fqdnFile)
+            metrics.setLearnedAddresses(fqdn.cache.addressCount)
+        }
+    }
+}
