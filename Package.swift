@@ -157,6 +157,7 @@ let package = Package(
             .product(name: "X509", package: "swift-certificates"), .product(name: "Crypto", package: "swift-crypto")]),
         .testTarget(name: "PalisadeStoreTests", dependencies: ["PalisadeStore", "PalisadeIdentity", "PalisadeTestSupport"]),
         .testTarget(name: "PalisadeKernelTests", dependencies: ["PalisadeAgent", "PalisadeDatapath"]),
+        .testTarget(name: "PalisadeDNSTests", dependencies: ["PalisadeDNS", "PalisadePolicy"]),
     ],
     swiftLanguageModes: [.v6]
 )
@@ -164,7 +165,7 @@ let package = Package(
 // The libFuzzer target exists only for tools/fuzz/run (it has no main).
 if ProcessInfo.processInfo.environment["PALISADE_FUZZ"] == "1" {
     package.targets.append(.executableTarget(name: "PalisadeFuzz", dependencies: [
-        "PalisadePolicy", "PalisadeIdentity", "PalisadeCA", "PalisadeStore", "PalisadeAgent", "PalisadeTunnel", "PalisadeL7",
+        "PalisadePolicy", "PalisadeIdentity", "PalisadeCA", "PalisadeStore", "PalisadeAgent", "PalisadeTunnel", "PalisadeL7", "PalisadeDNS",
         .product(name: "X509", package: "swift-certificates"),
         .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOEmbedded", package: "swift-nio"),
         .product(name: "NIOHTTP1", package: "swift-nio"),

@@ -18,6 +18,8 @@ public struct KernelLookup {
         public var peerCIDRIdentity: UInt32
         /// The class the peer was looked up with (0: it matches no selector).
         public var peerClass: UInt32
+        /// The FQDN class of a learned address (0: none).
+        public var peerFQDNClass: UInt32 = 0
         public var generation: UInt64
     }
 
@@ -39,7 +41,8 @@ public struct KernelLookup {
         dk.direction = direction.kernel
         dk.local_identity = local.rawValue
         guard let def = try maps.defaults.lookup(dk) else {
-            return Answer(enforced: false, verdict: .allow, ruleID: 0, peerIdentity: peerID, peerCIDRIdentity: cidrID, peerClass: peerClass, generation: cfg.generation)
+            return Answer(enforced: false, verdict: .allow, ruleID: 0, peerIdentity: peerID, peerCIDRIdentity: cidrID, peerClass: peerClass,
+                          peerFQDNClass: fqdnClass, generation: cfg.generation)
         }
         let dport: UInt16 = (proto == 6 || proto == 17) ? port : 0
         func look(_ id: UInt32) throws -> pal_policy_value? {
@@ -55,6 +58,6 @@ public struct KernelLookup {
         if may(PAL_LOOKUP_ANY), let a = try look(0), win == nil || rank(a) > rank(win!) { win = a }
         let verdict = Verdict(rawValue: win?.verdict ?? def.verdict) ?? .deny
         return Answer(enforced: true, verdict: verdict, ruleID: win?.rule_id ?? def.rule_id,
-                      peerIdentity: peerID, peerCIDRIdentity: cidrID, peerClass: peerClass, generation: cfg.generation)
+                      peerIdentity: peerID, peerCIDRIdentity: cidrID, peerClass: peerClass, peerFQDNClass: fqdnClass, generation: cfg.generation)
     }
 }

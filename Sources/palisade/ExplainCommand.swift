@@ -11,7 +11,7 @@ struct Explain: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Which verdict a new flow gets, and which rule (file:line) decides it.")
     @OptionGroup var options: ConfigOption
     @Option(help: "Source: an enrolled workload's name or an IP address.") var from: String
-    @Option(help: "Destination: an enrolled workload's name or an IP address.") var to: String
+    @Option(help: "Destination: an enrolled workload's name, an IP address, or a DNS name (its addresses as DNS last answered through the agent's proxy).") var to: String
     @Option(help: "Destination port.") var port: UInt16 = 0
     @Option(name: .customLong("protocol"), help: "tcp, udp, icmp or icmpv6.") var proto: String = "tcp"
     @Option var output: OutputFormat = .table
@@ -28,7 +28,10 @@ struct Explain: ParsableCommand {
     }
     struct Result: Encodable { var verdict: String; var source: String; var destination: String; var port: UInt16; var proto: String; var generation: UInt64; var checks: [Check] }
 
-    func resolve(_ text: String, state: AgentState, workloads: [String: [IPAddress]]) throws -> Endpoint {
+    func resolve(_ text: String, state: AgentState, workloads: [String: [IPAddress]], fqdnFile: String? = nil) throws -> Endpoint {
+        if let fqdnFile, IPAddress(text) == nil, !state.endpoints.contains(where: { $0.workload == text }), text.contains(".") {
+            return try resolveName(text, state: state, fqdnFile: fqdnFile)
+        }
         if let ip = IPAddress(text) {
             let id = state.endpoints.first { workloads[$0.workload]?.contains(ip) == true }
             return Endpoint(name: text, identity: id?.identity, addresses: [ip])
@@ -37,6 +40,23 @@ struct Explain: ParsableCommand {
             throw CLIError("'\(text)' is neither an IP address nor an enrolled workload")
         }
         return Endpoint(name: text, identity: e.identity, addresses: workloads[text] ?? [])
+    }
+
+    /// A DNS name: the addresses the agent learned for it (STATE/fqdn.json).
+    /// None learned: which toFQDNs selectors would take its answers.
+    func resolveName(_ name: String, state: AgentState, fqdnFile: String) throws -> Endpoint {
+        let n = FQDNSelector.normalize(name)
+        let learned = FQDNEgress.load(fqdnFile).filter { $0.name == n }.map(\.address)
+        if !learned.isEmpty { return Endpoint(name: n, identity: nil, addresses: Array(Set(learned)).sorted()) }
+        let selectors = Set(state.fqdnClasses.values.flatMap { $0 })
+        let matching = selectors.filter { d in
+            if d.hasPrefix("matchName: ") { return FQDNSelector.name(String(d.dropFirst(11))).matches(n) }
+            if d.hasPrefix("matchPattern: ") { return FQDNSelector.pattern(String(d.dropFirst(14))).matches(n) }
+            return false
+        }.sorted()
+        throw CLIError("no address learned for \(n): no enrolled workload has resolved it through the agent's DNS proxy yet (or its TTL and grace ran out). "
+                       + (matching.isEmpty ? "No toFQDNs rule in force matches it: its addresses would be judged like any other address."
+                                           : "toFQDNs selectors in force that match it: \(matching.joined(separator: ", ")); its addresses are allowed (on those rules' ports) once a lookup returns them."))
     }
 
     func run() throws {
@@ -49,11 +69,14 @@ struct Explain: ParsableCommand {
             for w in (try? Workload.parse(f.text, file: f.name, trustDomain: config.trustDomain)) ?? [] { addresses[w.name] = w.addresses }
         }
         let src = try resolve(from, state: state, workloads: addresses)
-        let dst = try resolve(to, state: state, workloads: addresses)
+        let dst = try resolve(to, state: state, workloads: addresses, fqdnFile: config.fqdnFile)
         // Pick one address family for both ends: the destination's first address
         // of the family the source has too (IPv4 first).
-        let families = [true, false].filter { v4 in src.addresses.contains { $0.isV4 == v4 } && dst.addresses.contains { $0.isV4 == v4 } }
-        guard let v4 = families.first, let srcIP = src.addresses.first(where: { $0.isV4 == v4 }),
+        // A cgroup workload shares the node's addresses and has none of its
+        // own: its egress is judged by identity, whatever the source address.
+        let srcAddresses = src.addresses.isEmpty && src.identity != nil ? [IPAddress.v4(0, 0, 0, 0), IPAddress("::")!] : src.addresses
+        let families = [true, false].filter { v4 in srcAddresses.contains { $0.isV4 == v4 } && dst.addresses.contains { $0.isV4 == v4 } }
+        guard let v4 = families.first, let srcIP = srcAddresses.first(where: { $0.isV4 == v4 }),
               let dstIP = dst.addresses.first(where: { $0.isV4 == v4 }) else {
             throw CLIError("\(from) and \(to) have no address family in common")
         }
@@ -77,6 +100,7 @@ struct Explain: ParsableCommand {
             if a.verdict == .deny { allowed = false }
             var peer = state.name(of: a.peerIdentity)
             if a.peerCIDRIdentity != 0 { peer += " (in \(state.name(of: a.peerCIDRIdentity)))" }
+            if a.peerFQDNClass != 0 { peer += " (DNS: \(state.name(of: a.peerFQDNClass)))" }
             checks.append(Check(side: "\(side) of \(ep.name)", workload: state.name(of: id.rawValue), enforced: a.enforced,
                                 verdict: a.verdict == .audit ? "audit" : a.verdict.description, peerIdentity: peer, reason: reason))
         }

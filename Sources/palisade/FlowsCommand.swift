@@ -32,7 +32,9 @@ struct FlowsCommand: ParsableCommand {
         } else {
             let t = ISO8601DateFormatter().string(from: e.time)
             let arrow = "\(e.source):\(e.sourcePort) -> \(e.destination):\(e.destinationPort)"
-            print("\(t)  \(e.verdict.uppercased().padding(toLength: 7, withPad: " ", startingAt: 0))  \(e.direction.padding(toLength: 7, withPad: " ", startingAt: 0))  \(e.proto)  \(arrow)  local=\(e.local) peer=\(e.peer)  \(e.reason)\(e.rule.map { "  [\($0)]" } ?? "")")
+            let answer = (e.dnsAnswer ?? []).joined(separator: ",")
+            let dns = e.dnsName.map { "  dns \($0) -> \(answer.isEmpty ? "-" : answer)" } ?? ""
+            print("\(t)  \(e.verdict.uppercased().padding(toLength: 7, withPad: " ", startingAt: 0))  \(e.direction.padding(toLength: 7, withPad: " ", startingAt: 0))  \(e.proto)  \(arrow)  local=\(e.local) peer=\(e.peer)  \(e.reason)\(e.rule.map { "  [\($0)]" } ?? "")\(dns)")
         }
         fflush(nil)   // (every output stream: stdout is a global Swift 6 will not share)
     }

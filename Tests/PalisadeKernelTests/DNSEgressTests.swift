@@ -125,6 +125,12 @@ final class DNSEgressTests: XCTestCase {
         let held = (try? String(contentsOfFile: holdOut, encoding: .utf8)) ?? ""
         XCTAssertTrue(held.contains("failed=0"), "the held connection kept working past expiry: \(held)")
 
+        // Explain by name: the addresses DNS gave, judged as the kernel judges them.
+        let explained = try agent.palisade(["policy", "explain", "--from", "web", "--to", "api.example.com", "--port", "8080"]).output
+        XCTAssertTrue(explained.hasPrefix("ALLOWED") && explained.contains("203.0.113.10") && explained.contains("matchName: api.example.com"), explained)
+        let notYet = try agent.palisade(["policy", "explain", "--from", "web", "--to", "z.cdn.test", "--port", "8080"], check: false).output
+        XCTAssertTrue(notYet.contains("no address learned for z.cdn.test") && notYet.contains("matchPattern: *.cdn.test"), notYet)
+
         // What the agent learned, and what it saw.
         let dump = try agent.palisade(["maps", "dump", "fqdn"]).output
         XCTAssertTrue(dump.contains("api.example.com") && dump.contains("203.0.113.10"), dump)

@@ -123,7 +123,11 @@ final class MeshStoreTests: XCTestCase {
             if !back { usleep(200_000) }
         }
         XCTAssertTrue(back, "the agent reconnected to the store")
-        XCTAssertTrue(try t.reach(mesh, from: "a", "10.102.1.2"))
+        // (The resync that follows the reconnection may still be applying
+        // when status first says connected; a few tries, not one.)
+        var flows = false
+        for _ in 0..<3 where !flows { flows = try t.reach(mesh, from: "a", "10.102.1.2") }
+        XCTAssertTrue(flows, "traffic flows after the resync")
     }
 }
 
