@@ -23,9 +23,12 @@ public final class FQDNEgress: @unchecked Sendable {
     static let generationWait: TimeInterval = 3
     let saveLock = NSLock()
 
-    /// STATE/fqdn.json: written before the kernel is, so an agent killed
-    /// at any point restarts with everything the kernel holds.
+    /// STATE/fqdn.json, and beside it a journal (fqdn.json.journal) that
+    /// each answer's new bindings are appended to before the kernel is
+    /// written, so an agent killed at any point restarts with everything
+    /// the kernel holds; the loop folds the journal into the file.
     let file: String
+    var journal: String { file + ".journal" }
 
     init(cache: FQDNCache, datapath: Datapath, log: Logger, file: String) {
         self.cache = cache; self.datapath = datapath; self.log = log; self.file = file
@@ -37,21 +40,27 @@ public final class FQDNEgress: @unchecked Sendable {
         return rules.contains { $0.matches(name) }
     }
 
-    /// Records an answer and returns once its addresses are in the kernel
-    /// (or could not be: then they stay refused, and the error is logged).
-    func learn(_ answer: DNSMessage) -> (learned: Int, refused: Int) {
+    /// Records an answer in the cache: the addresses whose names changed
+    /// (to `commit`), and how many were refused (a selector full).
+    func record(_ answer: DNSMessage) -> (changed: LearnedNames, refused: Int) {
         let (names, addresses) = answer.resolvedAddresses()
         let selectors = installed.withLockedValue { $0?.compiled.fqdnSelectors } ?? []
-        guard !selectors.isEmpty else { return (0, 0) }
+        guard !selectors.isEmpty else { return ([:], 0) }
         let (changed, refused) = cache.record(names: names, addresses: addresses, selectors: selectors)
         if !refused.isEmpty {
             log.warning("learned addresses refused: a toFQDNs selector holds its maximum", metadata: [
                 "name": "\(answer.questionName)", "refused": "\(refused.map(\.description).joined(separator: ","))",
                 "max-per-selector": "\(cache.limits.maxAddressesPerSelector)"])
         }
-        if !changed.isEmpty { save(file) }
+        return (changed, refused.count)
+    }
+
+    /// Saves what changed (journal), then writes the kernel; returns once
+    /// the addresses are there (or could not be: then they stay refused,
+    /// and the error is logged).
+    func commit(_ changed: LearnedNames) {
+        appendToJournal(cache.bindings(of: changed.keys))
         install(changed)
-        return (changed.count, refused.count)
     }
 
     /// Writes the kernel entries of addresses whose names changed; waits for
@@ -98,23 +107,49 @@ public final class FQDNEgress: @unchecked Sendable {
 
     // MARK: Saved across restarts
 
+    /// The saved bindings: the file, then the journal's lines (later wins).
     public static func load(_ path: String) -> [FQDNCache.Binding] {
-        guard let data = FileManager.default.contents(atPath: path) else { return [] }
         let d = JSONDecoder()
         d.dateDecodingStrategy = .iso8601
-        return (try? d.decode([FQDNCache.Binding].self, from: data)) ?? []
+        var out = FileManager.default.contents(atPath: path).flatMap { try? d.decode([FQDNCache.Binding].self, from: $0) } ?? []
+        for journal in [path + ".journal.old", path + ".journal"] {
+            for line in (FileManager.default.contents(atPath: journal) ?? Data()).split(separator: 0x0a) {
+                out += (try? d.decode([FQDNCache.Binding].self, from: Data(line))) ?? []
+            }
+        }
+        return out
     }
 
-    func save(_ path: String) {
-        saveLock.lock()
-        defer { saveLock.unlock() }
+    static let encoder: JSONEncoder = {
         let e = JSONEncoder()
         e.dateEncodingStrategy = .iso8601
         e.outputFormatting = [.sortedKeys]
-        guard let data = try? e.encode(cache.bindings()) else { return }
+        return e
+    }()
+
+    func appendToJournal(_ bindings: [FQDNCache.Binding]) {
+        guard var data = try? FQDNEgress.encoder.encode(bindings) else { return }
+        data.append(0x0a)
+        saveLock.lock()
+        defer { saveLock.unlock() }
+        let fd = open(journal, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { log.error("cannot write the learned-name journal", metadata: ["path": "\(journal)"]); return }
+        _ = data.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        close(fd)
+    }
+
+    /// The whole cache to the file, the journal emptied. The journal is set
+    /// aside first (answers go on appending to a new one meanwhile): all it
+    /// held was recorded in the cache before, so it is in the snapshot.
+    func save(_ path: String) {
+        saveLock.lock()
+        _ = rename(journal, journal + ".old")
+        saveLock.unlock()
+        guard let data = try? FQDNEgress.encoder.encode(cache.bindings()) else { return }
         let tmp = path + ".tmp"
         guard FileManager.default.createFile(atPath: tmp, contents: data, attributes: [.posixPermissions: 0o600]) else { return }
         _ = rename(tmp, path)
+        unlink(journal + ".old")
     }
 }
 
@@ -134,9 +169,13 @@ extension Agent {
                 return DNSOrigin(resolver: IPAddress(tuple: o.addr), resolverPort: UInt16(bigEndian: o.port), identity: o.identity, cgroupID: o.cgroup_id)
             },
             mayResolve: { identity, name in fqdn.mayResolve(identity: identity, name: name) },
-            learn: { _, answer in
-                let (_, refused) = fqdn.learn(answer)
+            record: { _, answer in
+                let (changed, refused) = fqdn.record(answer)
                 if refused > 0 { metrics.recordLearnedRefused(refused) }
+                return changed
+            },
+            commit: { changed in
+                fqdn.commit(changed)
                 metrics.setLearnedAddresses(fqdn.cache.addressCount)
             },
             exchanged: { x in

@@ -47,16 +47,20 @@ public struct DNSProxyHooks: Sendable {
     public var origin: @Sendable (_ client: IPAddress, _ clientPort: UInt16, _ local: IPAddress, _ localPort: UInt16, _ tcp: Bool) -> DNSOrigin?
     /// DNS rules: may this identity resolve this name?
     public var mayResolve: @Sendable (_ identity: UInt32, _ name: String) -> Bool
-    /// Puts the answer's addresses in the kernel; returns when they are
-    /// there. Runs on a thread of its own (it may wait for a new generation).
-    public var learn: @Sendable (_ origin: DNSOrigin, _ answer: DNSMessage) -> Void
+    /// Records the answer (cheap, on the event loop); returns the addresses
+    /// whose names changed, which `commit` must put in the kernel.
+    public var record: @Sendable (_ origin: DNSOrigin, _ answer: DNSMessage) -> LearnedNames
+    /// Puts changed addresses in the kernel; returns when they are there.
+    /// Runs on a thread of its own (it may wait for a new generation).
+    public var commit: @Sendable (_ changed: LearnedNames) -> Void
     public var exchanged: @Sendable (DNSExchange) -> Void
 
     public init(origin: @escaping @Sendable (IPAddress, UInt16, IPAddress, UInt16, Bool) -> DNSOrigin?,
                 mayResolve: @escaping @Sendable (UInt32, String) -> Bool,
-                learn: @escaping @Sendable (DNSOrigin, DNSMessage) -> Void,
+                record: @escaping @Sendable (DNSOrigin, DNSMessage) -> LearnedNames,
+                commit: @escaping @Sendable (LearnedNames) -> Void,
                 exchanged: @escaping @Sendable (DNSExchange) -> Void) {
-        self.origin = origin; self.mayResolve = mayResolve; self.learn = learn; self.exchanged = exchanged
+        self.origin = origin; self.mayResolve = mayResolve; self.record = record; self.commit = commit; self.exchanged = exchanged
     }
 }
 
@@ -126,7 +130,8 @@ public final class DNSProxy: @unchecked Sendable {
     }
 
     /// What one query becomes: REFUSED for a name the workload may not
-    /// resolve; otherwise the resolver's answer, released after `learn`.
+    /// resolve; otherwise the resolver's answer, released once what it
+    /// taught is in the kernel.
     static func answer(_ query: [UInt8], origin: DNSOrigin, client: IPAddress, tcp: Bool, hooks: DNSProxyHooks, pool: NIOThreadPool,
                        on loop: EventLoop, forward: @escaping @Sendable ([UInt8]) -> EventLoopFuture<[UInt8]>) -> EventLoopFuture<[UInt8]?> {
         let start = NIODeadline.now()
@@ -155,7 +160,14 @@ public final class DNSProxy: @unchecked Sendable {
                 done(q, .answered, a.rcode, [])
                 return loop.makeSucceededFuture(answer)
             }
-            return pool.runIfActive(eventLoop: loop) { hooks.learn(origin, a) }.map { _ in
+            // Most answers teach nothing new (the same addresses again):
+            // released at once. New ones wait for the kernel.
+            let changed = hooks.record(origin, a)
+            if changed.isEmpty {
+                done(q, .answered, a.rcode, addresses)
+                return loop.makeSucceededFuture(answer)
+            }
+            return pool.runIfActive(eventLoop: loop) { hooks.commit(changed) }.map { _ in
                 done(q, .answered, a.rcode, addresses)
                 return answer
             }

@@ -33,6 +33,27 @@ public final class FQDNCache: Sendable {
         /// Addresses whose names all expired, and when: connections opened
         /// while they were valid are not revoked by a later apply.
         var retired: [IPAddress: Date] = [:]
+        /// Addresses per toFQDNs selector, kept as names come and go (for
+        /// the bound); recounted when the selectors in force change.
+        var counted: [FQDNSelector] = []
+        var perSelector: [FQDNSelector: Int] = [:]
+
+        mutating func recount(_ selectors: [FQDNSelector]) {
+            counted = selectors
+            perSelector = [:]
+            for names in namesOf.values {
+                for sel in selectors where names.contains(where: { sel.matches($0) }) { perSelector[sel, default: 0] += 1 }
+            }
+        }
+
+        /// Moves an address's counts from the selectors its old names
+        /// matched to those its new names match.
+        mutating func adjust(from old: Set<String>, to new: Set<String>) {
+            for sel in counted {
+                let was = old.contains { sel.matches($0) }, now = new.contains { sel.matches($0) }
+                if was != now { perSelector[sel, default: 0] += now ? 1 : -1 }
+            }
+        }
     }
 
     /// How long an expired address's open connections are left alone (the
@@ -60,26 +81,30 @@ public final class FQDNCache: Sendable {
         return state.withLockedValue { s in
             var changed: LearnedNames = [:]
             var refused: [IPAddress] = []
+            if s.counted != selectors { s.recount(selectors) }
             let matching = selectors.filter { sel in names.contains { sel.matches($0) } }
             for (a, ttl) in addresses {
                 let ttl = TimeInterval(min(max(ttl, limits.minTTL), limits.maxTTL))
                 let expires = now.addingTimeInterval(ttl)
                 let before = s.namesOf[a] ?? []
-                if before.isEmpty {
-                    // A new address: every selector it would join must have room.
-                    let full = matching.contains { sel in
-                        s.namesOf.values.lazy.filter { ns in ns.contains { sel.matches($0) } }.count >= limits.maxAddressesPerSelector
-                    }
-                    if full { refused.append(a); s.refused += 1; continue }
+                let after = before.union(names)
+                // Every selector the address would newly join must have room.
+                let joins = matching.filter { sel in !before.contains { sel.matches($0) } }
+                if joins.contains(where: { s.perSelector[$0, default: 0] >= limits.maxAddressesPerSelector }) {
+                    refused.append(a)
+                    s.refused += 1
+                    continue
                 }
                 for n in names {
                     let old = s.byName[n]?[a]
                     if old == nil || old! < expires { s.byName[n, default: [:]][a] = expires }
                 }
-                let after = before.union(names)
                 s.namesOf[a] = after
                 s.retired[a] = nil
-                if after != before { changed[a] = after }
+                if after != before {
+                    s.adjust(from: before, to: after)
+                    changed[a] = after
+                }
             }
             if !changed.isEmpty { s.version += 1 }
             return (changed, refused)
@@ -95,8 +120,12 @@ public final class FQDNCache: Sendable {
             for (name, addrs) in s.byName {
                 for (a, expires) in addrs where expires.addingTimeInterval(grace) <= now {
                     s.byName[name]?[a] = nil
-                    s.namesOf[a]?.remove(name)
-                    changed[a] = s.namesOf[a] ?? []
+                    let before = s.namesOf[a] ?? []
+                    var after = before
+                    after.remove(name)
+                    s.namesOf[a] = after
+                    s.adjust(from: before, to: after)
+                    changed[a] = after
                 }
                 if s.byName[name]?.isEmpty == true { s.byName[name] = nil }
             }
@@ -119,6 +148,13 @@ public final class FQDNCache: Sendable {
     /// Every learned address and its names (what the compiler takes).
     public func snapshot() -> LearnedNames { state.withLockedValue { $0.namesOf } }
 
+    /// The bindings of these addresses (what an answer just changed).
+    public func bindings(of addresses: some Sequence<IPAddress>) -> [Binding] {
+        state.withLockedValue { s in
+            addresses.flatMap { a in (s.namesOf[a] ?? []).compactMap { n in s.byName[n]?[a].map { Binding(name: n, address: a, expires: $0) } } }
+        }
+    }
+
     public func bindings() -> [Binding] {
         state.withLockedValue { s in
             s.byName.flatMap { name, addrs in addrs.map { Binding(name: name, address: $0.key, expires: $0.value) } }
@@ -134,6 +170,7 @@ public final class FQDNCache: Sendable {
                 s.byName[b.name, default: [:]][b.address] = b.expires
                 s.namesOf[b.address, default: []].insert(b.name)
             }
+            s.counted = []   // recounted on the next answer
             s.version += 1
         }
     }

@@ -62,7 +62,7 @@ final class DNSEgressTests: XCTestCase {
         try agent.writePolicy("web", policyYAML("web-egress", """
           selector: {labels: {app: web}}
           egress:
-            - to: [{cidr: 10.99.1.2/32}]
+            - to: [{cidr: 10.99.1.2/32}, {cidr: "fd00:99:1::2/128"}]
               ports: [{port: 53, protocol: UDP}, {port: 53, protocol: TCP}]
               dns: [{matchPattern: "*.example.com"}, {matchPattern: "*.test"}]
             - toFQDNs: [{matchName: api.example.com}, {matchPattern: "*.cdn.test"}, {matchName: www.shop.test}, {matchName: short.example.com}]
@@ -105,6 +105,10 @@ final class DNSEgressTests: XCTestCase {
         XCTAssertTrue(try lookup("www.shop.test").contains("203.0.113.30"))
         XCTAssertTrue(try reach("203.0.113.30"), "address at the end of a CNAME chain\n\(agent.logTail())")
 
+        // The resolver over IPv6.
+        let v6 = try dig(lab, cgroup: web, ["@fd00:99:1::2", "b.x.cdn.test", "+short"])
+        XCTAssertEqual(v6.output.trimmingCharacters(in: .whitespacesAndNewlines), "203.0.113.21", "DNS to an IPv6 resolver: \(v6.output)")
+
         // DNS over TCP.
         XCTAssertEqual(try lookup("later.example.com", ["+tcp"]), "203.0.113.60")
         XCTAssertFalse(try reach("203.0.113.60"), "later.example.com is not in the toFQDNs rules")
@@ -138,6 +142,8 @@ final class DNSEgressTests: XCTestCase {
         let flows = (try? String(contentsOfFile: "\(agent.dir)/events.jsonl", encoding: .utf8)) ?? ""
         XCTAssertTrue(flows.contains("\"dnsName\":\"evil.org\"") && flows.contains("dns-refused"), flows)
         XCTAssertTrue(flows.contains("\"dnsName\":\"api.example.com\""), flows)
+        XCTAssertTrue(flows.split(separator: "\n").contains { $0.contains("\"dnsName\":\"b.x.cdn.test\"") && $0.contains("\"destination\":\"fd00:99:1::2\"") },
+                      "the IPv6 lookup went through the proxy: \(flows)")
         let metrics = try sh(["nsenter", "--net=\(lab.node)", "curl", "-s", "http://127.0.0.1:9654/metrics"]).output
         XCTAssertTrue(metrics.contains("palisade_dns_requests_total{result=\"answered\"}"), metrics)
         XCTAssertTrue(metrics.contains("palisade_dns_requests_total{result=\"refused\"}"), metrics)
