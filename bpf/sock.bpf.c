@@ -205,7 +205,6 @@ int pal_connect6(struct bpf_sock_addr *ctx)
 	return pal_connect(ctx, daddr, mapped ? 4 : 6, 1);
 }
 
-
 /* An unconnected UDP socket's datagram (the connected ones went through
  * connect4/6 above). */
 SEC("cgroup/sendmsg4")
