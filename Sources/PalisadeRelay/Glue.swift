@@ -125,8 +125,14 @@ package final class GlueHandler: ChannelDuplexHandler, @unchecked Sendable {
             return
         }
         // After a clean end the partner finishes on its own (its queued
-        // bytes still go out); a side cut by an error cuts both.
-        if failed {
+        // bytes still go out); a side cut by an error cuts both. So do a
+        // stream reset before its END_STREAM (an abort, not an end: the
+        // partner must not see a clean EOF of a truncated transfer), and a
+        // side gone while the partner's input is still open: nothing would
+        // read it, and the partner's peer (its FIN queued behind unsent
+        // bytes) would wait forever, holding both ends and the stream's
+        // buffered frames.
+        if failed || (isStream && !inputClosed) || partner?.inputClosed == false {
             partnerClose()
         } else if !inputClosed {
             // NIO closes a socket without an input-closed event when EOF

@@ -227,17 +227,19 @@ extension InboundProxy {
 /// connection (one per proxied TCP connection) and windows large enough
 /// for bulk transfers between nodes.
 enum TunnelSettings {
-    static let streamWindow: Int32 = 256 << 10
+    static let streamWindow: Int32 = 1 << 20
     static var connection: NIOHTTP2Handler.ConnectionConfiguration {
         var c = NIOHTTP2Handler.ConnectionConfiguration()
         c.initialSettings = [
             HTTP2Setting(parameter: .maxConcurrentStreams, value: 4096),
-            // 256 KiB per stream: enough for bulk throughput (3.0-3.3 Gb/s
-            // through the lab tunnel, as with 4 MiB), and what a stream may
-            // have buffered here when its workload reads slowly. With 4 MiB,
-            // frames held for a slow workload kept the HTTP/2 decoder's
-            // (megabyte) buffers alive: the receiving agent grew by ~200 MB
-            // per 5 s bulk transfer and kept it (tools/bench/mesh's bulk run).
+            // 1 MiB per stream: what one stream may have buffered here when
+            // its workload reads slowly. Bulk through the lab tunnel is the
+            // same at 4 MiB (4.6-5.2 Gb/s, CPU-bound) and ~25% lower at 256
+            // KiB. (The receiving agent once grew by ~80-200 MB per bulk
+            // transfer: streams stuck half-open when a relay's other side
+            // went away, holding their frames and so the HTTP/2 decoder's
+            // buffers; the glue now closes such a partner. It levels off at
+            // ~100 MB now, the decoder's and TLS buffers at full speed.)
             HTTP2Setting(parameter: .initialWindowSize, value: Int(TunnelSettings.streamWindow)),
             HTTP2Setting(parameter: .maxFrameSize, value: 1 << 16),
             // A CONNECT request is a few hundred bytes.

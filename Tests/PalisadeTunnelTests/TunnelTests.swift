@@ -164,6 +164,36 @@ final class TunnelTests: XCTestCase, @unchecked Sendable {
         XCTAssertEqual(handshakes.lock.withLock { handshakes.n }, before + 1, "the idle connection was closed, a new one opened")
     }
 
+    /// A workload that leaves while the caller is still sending: the caller's
+    /// connection is ended, not left half-open with nobody reading it (its
+    /// FIN queued behind unsent bytes, the stream and its frames held on
+    /// both agents until the stream idle timeout, an hour).
+    func testCallerIsNotLeftHalfOpenWhenTheWorkloadLeaves() throws {
+        let port = freeLoopbackPort()
+        let server = Process()
+        server.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
+        server.arguments = [Self.netprobe, "whoami", "127.0.0.1", "\(port)", "gone"]   // answers, closes, reads nothing
+        let out = Pipe()
+        server.standardOutput = out
+        try server.run()
+        defer { server.terminate() }
+        _ = out.fileHandleForReading.availableData   // "ready"
+        authority = "127.0.0.1:\(port)"
+        let s = try XCTUnwrap(LoopbackSocket(port: proxy.localPort))
+        var tv = timeval(tv_sec: 5, tv_usec: 0)
+        setsockopt(s.fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        let chunk = [UInt8](repeating: 7, count: 64 << 10)
+        let start = Date()
+        var sentMB = 0.0, error: Int32 = 0
+        while Date().timeIntervalSince(start) < 30 {
+            let n = chunk.withUnsafeBytes { Glibc.send(s.fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            if n <= 0 { error = errno; break }
+            sentMB += Double(n) / 1e6
+        }
+        XCTAssertTrue(error == EPIPE || error == ECONNRESET,
+                      "the caller's connection was ended (errno \(error), \(String(cString: strerror(error))), after \(Int(sentMB)) MB; EAGAIN = stalled, nobody reading)")
+    }
+
     /// When a peer connection carries as many streams as it may, the pool
     /// opens another (the peer refuses streams past its limit).
     func testPoolOpensAnotherConnectionWhenStreamsAreFull() throws {
