@@ -64,8 +64,9 @@ public final class FQDNEgress: @unchecked Sendable {
     }
 
     /// Writes the kernel entries of addresses whose names changed; waits for
-    /// a new generation when one needs a class the kernel does not have.
-    func install(_ changed: LearnedNames) {
+    /// a new generation when one needs a class the kernel does not have
+    /// (`wait`: false from the agent's own loop, which applies it next).
+    func install(_ changed: LearnedNames, wait: Bool = true) {
         guard !changed.isEmpty else { return }
         let deadline = Date().addingTimeInterval(FQDNEgress.generationWait)
         var pending = changed
@@ -90,8 +91,10 @@ public final class FQDNEgress: @unchecked Sendable {
                 log.error("learned addresses not written to the kernel (they stay refused)", metadata: ["error": "\(error)"])
                 return
             }
-            if pending.isEmpty || Date() > deadline { break }
+            if pending.isEmpty { break }
             generationWanted.withLockedValue { $0 = true }
+            if !wait { return }
+            if Date() > deadline { break }
             usleep(5_000)
         }
         if !pending.isEmpty {
@@ -102,7 +105,7 @@ public final class FQDNEgress: @unchecked Sendable {
 
     /// Bindings past TTL + grace leave the kernel.
     func expire() {
-        install(cache.expire())
+        install(cache.expire(), wait: false)
     }
 
     // MARK: Saved across restarts
