@@ -34,7 +34,7 @@ let package = Package(
         // to the resolver they asked, answers released once their addresses
         // are in the kernel; the learned-name cache with its TTLs.
         .target(name: "PalisadeDNS", dependencies: [
-            "CResolv", "PalisadePolicy", "PalisadeIdentity",
+            "CResolv", "PalisadePolicy", "PalisadeIdentity", "PalisadeRelay",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),

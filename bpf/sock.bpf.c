@@ -276,34 +276,10 @@ int pal_dns_file(struct __sk_buff *skb)
 	struct pal_redirect_origin *o = bpf_map_lookup_elem(&pal_dns_sock, &cookie);
 	if (!o)
 		return 1;
-	struct pal_redirect_key k = {};
-	__u32 l4;
-	__u8 first;
-	if (bpf_skb_load_bytes(skb, 0, &first, 1) < 0)
+	struct pal_flow f = {};
+	if (pal_parse(skb, 0, &f) != PAL_PARSE_OK || f.protocol != IPPROTO_UDP || f.dport != cfg->dns_port)
 		return 1;
-	if ((first >> 4) == 4) {
-		__u8 proto;
-		__u32 a[2];
-		if (bpf_skb_load_bytes(skb, 9, &proto, 1) < 0 || proto != IPPROTO_UDP ||
-		    bpf_skb_load_bytes(skb, 12, a, 8) < 0)
-			return 1;
-		pal_v4_mapped(k.client_addr, a[0]);
-		pal_v4_mapped(k.agent_addr, a[1]);
-		l4 = (first & 0xf) * 4;
-	} else if ((first >> 4) == 6) {
-		__u8 next;
-		if (bpf_skb_load_bytes(skb, 6, &next, 1) < 0 || next != IPPROTO_UDP ||
-		    bpf_skb_load_bytes(skb, 8, k.client_addr, 16) < 0 || bpf_skb_load_bytes(skb, 24, k.agent_addr, 16) < 0)
-			return 1;
-		l4 = 40;
-	} else {
-		return 1;
-	}
-	__u16 ports[2];
-	if (bpf_skb_load_bytes(skb, l4, ports, 4) < 0 || ports[1] != cfg->dns_port)
-		return 1;
-	k.client_port = ports[0];
-	k.agent_port = ports[1];
+	struct pal_redirect_key k = pal_redirect_key_of(&f);
 	bpf_map_update_elem(&pal_dns_flow, &k, o, BPF_ANY);
 	return 1;
 }

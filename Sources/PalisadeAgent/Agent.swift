@@ -489,8 +489,9 @@ public final class Agent {
                 universe.learned = fqdn.cache.snapshot()
                 let compiled = try PolicyCompiler.compile(lastGoodPolicies, universe: universe)
                 state.policy.compileSeconds = Date().timeIntervalSince(start)
-                let r = try datapath.apply(compiled, keepFlowsTo: fqdn.cache.retiredAddresses())
-                fqdn.installed.withLockedValue { $0 = CompiledLookup(compiled) }
+                let lookup = CompiledLookup(compiled)
+                let r = try datapath.apply(compiled, lookup: lookup, keepFlowsTo: fqdn.cache.retiredAddresses())
+                fqdn.installed.withLockedValue { $0 = lookup }
                 return (compiled, r)
             }
             installed(compiled, result: r, policies: lastGoodPolicies)
@@ -525,8 +526,9 @@ public final class Agent {
                 universe.learned = fqdn.cache.snapshot()
                 var fallback = try PolicyCompiler.compile(appliedPolicies, universe: universe)
                 let locked = PolicyCompiler.lockDown(&fallback, selectedBy: lastGoodPolicies, universe: universe)
-                let r = try datapath.apply(fallback, keepFlowsTo: fqdn.cache.retiredAddresses())
-                fqdn.installed.withLockedValue { $0 = CompiledLookup(fallback) }
+                let lookup = CompiledLookup(fallback)
+                let r = try datapath.apply(fallback, lookup: lookup, keepFlowsTo: fqdn.cache.retiredAddresses())
+                fqdn.installed.withLockedValue { $0 = lookup }
                 return (fallback, locked, r)
             }
             installed(fallback, result: r, policies: appliedPolicies)
@@ -548,6 +550,7 @@ public final class Agent {
         state.cidrIdentities = Dictionary(uniqueKeysWithValues: compiled.cidrIdentities.map { ($0.key.description, $0.value.rawValue) })
         state.peerClasses = Dictionary(uniqueKeysWithValues: compiled.classSelectors.map { ($0.key.rawValue, $0.value) })
         state.fqdnClasses = Dictionary(uniqueKeysWithValues: compiled.fqdnClasses.map { ($0.value.rawValue, $0.key.map(\.description).sorted()) })
+        state.fqdnSelectors = compiled.fqdnSelectors
         state.policy.generation = r.generation
         state.policy.appliedAt = Date()
         state.policy.files = lastGoodPolicyFiles

@@ -48,8 +48,11 @@ public struct AgentState: Codable, Sendable {
     public var cidrIdentities: [String: UInt32] = [:]
     /// Peer class -> the rule selectors its identities match (for dumps).
     public var peerClasses: [UInt32: [String]] = [:]
-    /// FQDN class -> the toFQDNs selectors it stands for.
-    public var fqdnClasses: [UInt32: [String]] = [:]
+    /// FQDN class -> the toFQDNs selectors it stands for. (Optional, like
+    /// the next: a state file written before them still loads.)
+    public var fqdnClasses: [UInt32: [String]]?
+    /// The toFQDNs selectors in force (what explain matches a name with).
+    public var fqdnSelectors: [FQDNSelector]?
     public var rules: [RuleInfo] = []
     public var endpoints: [EndpointRecord] = []
     public var policy = PolicyStatus()
@@ -104,7 +107,7 @@ public struct AgentState: Codable, Sendable {
         if let r = NumericIdentity(id).reservedName { return r }
         if let rec = identities[id] { return rec.spiffeID.description }
         if let c = cidrIdentities.first(where: { $0.value == id }) { return "cidr:\(c.key)" }
-        if let f = fqdnClasses[id] { return "fqdn:{\(f.joined(separator: " | "))}" }
+        if let f = fqdnClasses?[id] { return "fqdn:{\(f.joined(separator: " | "))}" }
         return "identity \(id)"
     }
 

@@ -3,6 +3,7 @@ import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import PalisadePolicy
+import PalisadeRelay
 
 /// Who asked, and which resolver they meant: the kernel's record of a
 /// redirected DNS datagram or connection.
@@ -180,17 +181,8 @@ public final class DNSProxy: @unchecked Sendable {
 
 extension IPAddress {
     init?(_ s: SocketAddress) {
-        switch s {
-        case .v4(let a):
-            let v = UInt32(bigEndian: a.address.sin_addr.s_addr)
-            self = .v4(UInt8(v >> 24), UInt8(v >> 16 & 0xff), UInt8(v >> 8 & 0xff), UInt8(v & 0xff))
-        case .v6(let a):
-            var b = [UInt8](repeating: 0, count: 16)
-            withUnsafeBytes(of: a.address.sin6_addr) { for i in 0..<16 { b[i] = $0[i] } }
-            self.init(bytes16: b)
-        default:
-            return nil
-        }
+        guard let b = s.addressBytes16 else { return nil }
+        self.init(bytes16: b)
     }
 
     var socketAddress: SocketAddress? { try? SocketAddress(ipAddress: description, port: 0) }

@@ -277,7 +277,9 @@ public final class Datapath {
     /// slot, then the old slot is cleared. A flow allowed by both rule sets is
     /// never dropped and one denied by both is never admitted. An apply that
     /// would not fit is refused before anything is written.
-    public func apply(_ compiled: CompiledPolicy, graceMilliseconds: Int = 20, keepFlowsTo: Set<IPAddress> = []) throws -> ApplyResult {
+    /// `lookup`: the same policy as `compiled`, when the caller built it already.
+    public func apply(_ compiled: CompiledPolicy, lookup: CompiledLookup? = nil, graceMilliseconds: Int = 20,
+                      keepFlowsTo: Set<IPAddress> = []) throws -> ApplyResult {
         generationLock.lock()
         defer { generationLock.unlock() }
         let start = Date()
@@ -313,7 +315,7 @@ public final class Datapath {
         // policy they go back to the enforced path (new connections that the
         // new policy admits join the fast path again).
         try clearFastPath()
-        let flushed = try flushDeniedConnections(CompiledLookup(compiled), keep: keepFlowsTo)
+        let flushed = try flushDeniedConnections(lookup ?? CompiledLookup(compiled), keep: keepFlowsTo)
         return ApplyResult(generation: cfg.generation, policyEntries: compiled.entries.count, ipcacheEntries: compiled.ipcache.count,
                            defaultEntries: compiled.defaults.count, peerClassEntries: compiled.peerClasses.count, conntrackFlushed: flushed, seconds: Date().timeIntervalSince(start))
     }
@@ -445,7 +447,12 @@ public final class Datapath {
             for l in links { unlink("\(pinRoot)/links/\(l)") }
         }
         rmdir("\(pinRoot)/links")
-        for m in MapName.allCases { unlink("\(pinRoot)/\(m.rawValue)") }
+        // Every pin in the directory, not only the maps this build names:
+        // libbpf pins each map an object declares (pinning by name), so a
+        // map a newer or older object added is removed too.
+        for m in Set(MapName.allCases.map(\.rawValue)).union((try? fm.contentsOfDirectory(atPath: pinRoot)) ?? []) {
+            unlink("\(pinRoot)/\(m)")
+        }
         rmdir(pinRoot)
     }
 }

@@ -236,21 +236,8 @@ public final class OutboundProxy: @unchecked Sendable {
 
     static func addresses(of ch: Channel) -> AcceptedConnection? {
         guard let r = ch.remoteAddress, let l = ch.localAddress, let rp = r.port, let lp = l.port,
-              let rb = bytes16(r), let lb = bytes16(l) else { return nil }
+              let rb = r.addressBytes16, let lb = l.addressBytes16 else { return nil }
         return AcceptedConnection(client: rb, clientPort: UInt16(rp), local: lb, localPort: UInt16(lp))
-    }
-
-    static func bytes16(_ a: SocketAddress) -> [UInt8]? {
-        switch a {
-        case .v4(let v4):
-            var addr = v4.address.sin_addr
-            return [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff] + withUnsafeBytes(of: &addr) { Array($0) }
-        case .v6(let v6):
-            var addr = v6.address.sin6_addr
-            return withUnsafeBytes(of: &addr) { Array($0) }
-        default:
-            return nil
-        }
     }
 
     public func stop() {

@@ -48,12 +48,7 @@ struct Explain: ParsableCommand {
         let n = FQDNSelector.normalize(name)
         let learned = FQDNEgress.load(fqdnFile).filter { $0.name == n }.map(\.address)
         if !learned.isEmpty { return Endpoint(name: n, identity: nil, addresses: Array(Set(learned)).sorted()) }
-        let selectors = Set(state.fqdnClasses.values.flatMap { $0 })
-        let matching = selectors.filter { d in
-            if d.hasPrefix("matchName: ") { return FQDNSelector.name(String(d.dropFirst(11))).matches(n) }
-            if d.hasPrefix("matchPattern: ") { return FQDNSelector.pattern(String(d.dropFirst(14))).matches(n) }
-            return false
-        }.sorted()
+        let matching = (state.fqdnSelectors ?? []).filter { $0.matches(n) }.map(\.description)
         throw CLIError("no address learned for \(n): no enrolled workload has resolved it through the agent's DNS proxy yet (or its TTL and grace ran out). "
                        + (matching.isEmpty ? "No toFQDNs rule in force matches it: its addresses would be judged like any other address."
                                            : "toFQDNs selectors in force that match it: \(matching.joined(separator: ", ")); its addresses are allowed (on those rules' ports) once a lookup returns them."))

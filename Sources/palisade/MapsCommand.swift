@@ -151,7 +151,7 @@ struct MapDumper {
         let rows = FQDNEgress.load(bindingsFile).map { b -> [String: String] in
             let cls = inKernel[b.address]
             return ["name": b.name, "address": b.address.description, "ttl-left": "\(Int(b.expires.timeIntervalSince(now).rounded()))s",
-                    "selectors": cls.map { state.fqdnClasses[$0]?.joined(separator: " | ") ?? "class \($0)" } ?? "- (not in the kernel)"]
+                    "selectors": cls.map { state.fqdnClasses?[$0]?.joined(separator: " | ") ?? "class \($0)" } ?? "- (not in the kernel)"]
         }
         return (["name", "address", "ttl-left", "selectors"], rows)
     }

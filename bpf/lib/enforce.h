@@ -13,6 +13,36 @@
 #include "policy.h"
 #include "conntrack.h"
 
+/* A packet's addresses as the redirect maps key them (client = sender). */
+static __always_inline struct pal_redirect_key pal_redirect_key_of(const struct pal_flow *f)
+{
+	struct pal_redirect_key k = { .client_port = f->sport, .agent_port = f->dport };
+	__builtin_memcpy(k.client_addr, f->saddr, 16);
+	__builtin_memcpy(k.agent_addr, f->daddr, 16);
+	return k;
+}
+
+/* The origin of an outgoing packet the socket hooks sent to the agent
+ * (judged there against its original destination), or 0. TCP: a
+ * connection the connect hook redirected (sockops filed it). UDP: a DNS
+ * datagram for the agent's proxy; the filing program may run after this
+ * one on the same cgroup, so the socket's cookie says it too. Only the
+ * hooks write these maps: a workload cannot fake an entry. */
+static __always_inline struct pal_redirect_origin *
+pal_redirected(struct __sk_buff *skb, const struct pal_flow *f, const struct pal_config *cfg)
+{
+	if (f->fragment || (f->protocol != IPPROTO_TCP && f->protocol != IPPROTO_UDP))
+		return 0;
+	struct pal_redirect_key rk = pal_redirect_key_of(f);
+	if (f->protocol == IPPROTO_TCP)
+		return bpf_map_lookup_elem(&pal_redir_flow, &rk);
+	struct pal_redirect_origin *o = bpf_map_lookup_elem(&pal_dns_flow, &rk);
+	if (o || !cfg || !cfg->dns_port || cfg->dns_port != f->dport)
+		return o;
+	__u64 cookie = bpf_get_socket_cookie(skb);
+	return cookie ? bpf_map_lookup_elem(&pal_dns_sock, &cookie) : 0;
+}
+
 /* Returns 1 to pass, 0 to drop. */
 static __always_inline int pal_enforce(struct __sk_buff *skb, const struct pal_endpoint *ep,
 				       __u8 dir, struct pal_flow *f, __u32 ifindex, __u64 cgroup_id)
@@ -82,32 +112,7 @@ static __always_inline int pal_enforce(struct __sk_buff *skb, const struct pal_e
 	}
 
 	struct pal_defaults_value *def = 0;
-	struct pal_redirect_origin *redirect = 0;
-	if (dir == PAL_DIR_EGRESS && f->protocol == IPPROTO_TCP && !f->fragment) {
-		/* A connection the connect hook redirected to the agent: it was
-		 * judged there against its original destination. Only the hook
-		 * (through sockops) writes this map, so a workload cannot fake it. */
-		struct pal_redirect_key rk = { .client_port = f->sport, .agent_port = f->dport };
-		__builtin_memcpy(rk.client_addr, f->saddr, 16);
-		__builtin_memcpy(rk.agent_addr, f->daddr, 16);
-		redirect = bpf_map_lookup_elem(&pal_redir_flow, &rk);
-	} else if (dir == PAL_DIR_EGRESS && f->protocol == IPPROTO_UDP && !f->fragment) {
-		/* A DNS datagram the sendmsg/connect hooks sent to the agent's
-		 * proxy (judged there against the resolver it was meant for). */
-		struct pal_redirect_key rk = { .client_port = f->sport, .agent_port = f->dport };
-		__builtin_memcpy(rk.client_addr, f->saddr, 16);
-		__builtin_memcpy(rk.agent_addr, f->daddr, 16);
-		redirect = bpf_map_lookup_elem(&pal_dns_flow, &rk);
-		if (!redirect) {
-			/* The filing program may run after this one on the same
-			 * cgroup: the socket says it too. */
-			__u32 zero = 0;
-			struct pal_config *c = bpf_map_lookup_elem(&pal_config, &zero);
-			__u64 cookie = bpf_get_socket_cookie(skb);
-			if (c && c->dns_port && c->dns_port == f->dport && cookie)
-				redirect = bpf_map_lookup_elem(&pal_dns_sock, &cookie);
-		}
-	}
+	struct pal_redirect_origin *redirect = dir == PAL_DIR_EGRESS ? pal_redirected(skb, f, cfg) : 0;
 	if (redirect) {
 		d.reason = PAL_REASON_ALLOW_REDIRECT;
 		d.peer_identity = redirect->peer_identity;
