@@ -62,7 +62,10 @@ public final class Agent {
     var lastSVIDs = Set<SpiffeID>()
     var inbound: InboundProxy?
     var outbound: OutboundProxy?
-    let meshGroup = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
+    /// The data path's event loops (outbound, mTLS listener, DNS proxy): one
+    /// group, so a node carrying both directions runs `eventLoops` relay
+    /// threads, not a group per listener competing for the same cores.
+    let meshGroup: MultiThreadedEventLoopGroup
     let directory = MeshDirectoryBox()
     /// SPIFFE IDs of this node's workloads (remote ones get no SVID here).
     var localSpiffeIDs = Set<SpiffeID>()
@@ -91,6 +94,7 @@ public final class Agent {
     public init(config: AgentConfig, logger: Logger) throws {
         self.config = config
         log = logger
+        meshGroup = MultiThreadedEventLoopGroup(numberOfThreads: config.eventLoops)
         var http = HTTPLimits()
         http.requestHeadTimeout = .milliseconds(Int64(config.httpRequestHeadTimeoutMilliseconds))
         http.bodyIdleTimeout = .milliseconds(Int64(config.httpBodyIdleTimeoutMilliseconds))
@@ -339,7 +343,8 @@ public final class Agent {
             try inbound.reload(certificateFile: node.certificateFile, keyFile: node.keyFile)
             return
         }
-        let l = try InboundProxy(host: host, port: port, certificateFile: node.certificateFile, keyFile: node.keyFile, verifier: trust.current)
+        let l = try InboundProxy(host: host, port: port, certificateFile: node.certificateFile, keyFile: node.keyFile, verifier: trust.current,
+                                 group: meshGroup)
         let log = self.log, metrics = self.metrics, directory = self.directory
         l.onReject = { reason in log.warning("mTLS peer certificate refused", metadata: ["reason": "\(reason)"]) }
         l.authorize = { Agent.authorizeInbound($0, directory: directory.current) }

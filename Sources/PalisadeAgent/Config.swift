@@ -1,4 +1,5 @@
 import Foundation
+import NIOCore
 import PalisadeBPF
 import PalisadeDNS
 import PalisadeJWT
@@ -82,6 +83,10 @@ public struct AgentConfig: Sendable {
     /// Learned addresses: TTLs raised to the floor and cut to the cap, kept
     /// `graceSeconds` past expiry, at most this many per toFQDNs selector.
     public var fqdn = FQDNCache.Limits()
+    /// Event-loop threads of the data path: the outbound listener, the mTLS
+    /// listener and the DNS proxy share them, and a relayed connection stays
+    /// on the loop that accepted it. Default: one per core.
+    public var eventLoops = System.coreCount
 
     public init() {}
 
@@ -119,7 +124,7 @@ public struct AgentConfig: Sendable {
                                     "locality", "services", "accessLogSampling",
                                     "handshakeTimeoutMilliseconds", "maxPendingHandshakes", "maxPendingHandshakesPerSource",
                                     "httpRequestHeadTimeoutMilliseconds", "httpBodyIdleTimeoutMilliseconds",
-                                    "tunnelConnectionIdleSeconds", "tunnelStreamIdleSeconds", "dnsProxyPort", "fqdn"]
+                                    "tunnelConnectionIdleSeconds", "tunnelStreamIdleSeconds", "dnsProxyPort", "fqdn", "eventLoops"]
 
     /// "HOST:PORT" with an IP address (IPv6 in brackets), or "off" (nil).
     static func address(_ v: YAMLValue) throws -> (host: String, port: Int)? {
@@ -169,6 +174,7 @@ public struct AgentConfig: Sendable {
         if let v = m["httpBodyIdleTimeoutMilliseconds"] { c.httpBodyIdleTimeoutMilliseconds = try v.int(in: 100...3_600_000) }
         if let v = m["tunnelConnectionIdleSeconds"] { c.tunnelConnectionIdleSeconds = try v.int(in: 1...86_400) }
         if let v = m["tunnelStreamIdleSeconds"] { c.tunnelStreamIdleSeconds = try v.int(in: 1...604_800) }
+        if let v = m["eventLoops"] { c.eventLoops = try v.int(in: 1...256) }
         if let v = m["dnsProxyPort"] {
             if (try? v.string()) == "off" { c.dnsProxyPort = nil } else { c.dnsProxyPort = try v.int(in: 1...65535) }
         }

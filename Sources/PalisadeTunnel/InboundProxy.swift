@@ -18,7 +18,9 @@ import X509
 /// `authorize`); any other verified peer is answered with the SPIFFE ID it
 /// was authenticated as, then closed (a probe for operators and tests).
 public final class InboundProxy: @unchecked Sendable {
-    let group = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
+    let group: EventLoopGroup
+    /// A group made here (none given) is shut down with the listener.
+    private let ownsGroup: Bool
     let channel: Channel
     let lock = NSLock()
     var context: NIOSSLContext
@@ -82,7 +84,11 @@ public final class InboundProxy: @unchecked Sendable {
         return try NIOSSLContext(configuration: tls)
     }
 
-    public init(host: String, port: Int, certificateFile: String, keyFile: String, verifier: SPIFFEVerifier) throws {
+    /// `group`: the event loops to serve on (the agent shares its data
+    /// path's); nil makes one of a thread per core, owned by the listener.
+    public init(host: String, port: Int, certificateFile: String, keyFile: String, verifier: SPIFFEVerifier, group: EventLoopGroup? = nil) throws {
+        self.group = group ?? MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
+        ownsGroup = group == nil
         _verifier = verifier
         self.certificateFile = certificateFile
         self.keyFile = keyFile
@@ -107,7 +113,7 @@ public final class InboundProxy: @unchecked Sendable {
                 }
             }
         }
-        let bootstrap = ServerBootstrap(group: group)
+        let bootstrap = ServerBootstrap(group: self.group)
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { channel in
                 guard let me = weakSelf.object else { return channel.close() }
@@ -137,7 +143,7 @@ public final class InboundProxy: @unchecked Sendable {
                 }
             }
         do { channel = try bootstrap.bind(host: host, port: port).wait() } catch {
-            try? group.syncShutdownGracefully()
+            if ownsGroup { try? self.group.syncShutdownGracefully() }
             throw error
         }
         weakSelf.set(self)
@@ -174,7 +180,7 @@ public final class InboundProxy: @unchecked Sendable {
         lock.unlock()
         guard first else { return }
         try? channel.close().wait()
-        try? group.syncShutdownGracefully()
+        if ownsGroup { try? group.syncShutdownGracefully() }
     }
 }
 
