@@ -1,6 +1,7 @@
 import Foundation
 import NIOConcurrencyHelpers
 import NIOCore
+import PalisadeRelay
 import NIOHTTP1
 import PalisadeIdentity
 
@@ -152,13 +153,14 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
     let limits = HTTPLimits.current
     /// Between requests: set when the first byte of the next head arrives,
     /// the head must be complete before it fires (408, then the end).
-    private var headDeadline: Scheduled<Void>?
+    /// (The three timers are lazy: moved per request, scheduled rarely.)
+    private var headDeadline: LazyDeadline?
     /// A request body is arriving (head decoded, end not yet).
     private var inBody = false
     private var lastBytes = NIODeadline.now()
-    private var bodyCheck: Scheduled<Void>?
+    private var bodyCheck: LazyDeadline?
     /// Between requests with no bytes coming: the end of the connection.
-    private var idleDeadline: Scheduled<Void>?
+    private var idleDeadline: LazyDeadline?
     /// The workload's response to the current request has begun.
     private var responseStarted = false
 
@@ -167,26 +169,23 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
     /// Bytes from the caller arrived (L7RequestClock, before the decoder).
     func bytesArrived() {
         lastBytes = .now()
-        idleDeadline?.cancel()
-        idleDeadline = nil
-        guard !inBody, headDeadline == nil, upgrade == .none, !refused, let context else { return }
-        headDeadline = context.eventLoop.scheduleTask(in: limits.requestHeadTimeout) { [weak self] in self?.headTimedOut() }
+        idleDeadline?.clear()
+        guard !inBody, headDeadline?.isArmed == false, upgrade == .none, !refused else { return }
+        headDeadline?.arm(in: limits.requestHeadTimeout)
     }
 
     private func headTimedOut() {
-        headDeadline = nil
         // Not the caller's fault while the proxy itself is not reading.
         if pendingRead { bytesArrived(); return }
         timedOut()
     }
 
     private func checkBody() {
-        bodyCheck = nil
-        guard inBody, let context else { return }
+        guard inBody, context != nil else { return }
         let idle = NIODeadline.now() - lastBytes
         if pendingRead || idle < limits.bodyIdleTimeout {
             if pendingRead { lastBytes = .now() }
-            bodyCheck = context.eventLoop.scheduleTask(in: limits.bodyIdleTimeout - (pendingRead ? .zero : idle)) { [weak self] in self?.checkBody() }
+            bodyCheck?.arm(in: limits.bodyIdleTimeout - (pendingRead ? .zero : idle))
             return
         }
         timedOut()
@@ -220,18 +219,14 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
     private func track(_ part: HTTPServerRequestPart) {
         switch part {
         case .head:
-            headDeadline?.cancel()
-            headDeadline = nil
+            headDeadline?.clear()
             inBody = true
-            if bodyCheck == nil, let context {
-                bodyCheck = context.eventLoop.scheduleTask(in: limits.bodyIdleTimeout) { [weak self] in self?.checkBody() }
-            }
+            if bodyCheck?.isArmed == false { bodyCheck?.arm(in: limits.bodyIdleTimeout) }
         case .body:
             break
         case .end:
             inBody = false
-            bodyCheck?.cancel()
-            bodyCheck = nil
+            bodyCheck?.clear()
             armIdle()
         }
     }
@@ -239,13 +234,11 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
     /// After a request (and after its response): no bytes for the
     /// keep-alive timeout end the connection. (Also bounds a pipelined head
     /// that arrived in part and stalled.)
-    private func armIdle() {
-        guard let context else { return }
-        idleDeadline?.cancel()
-        idleDeadline = context.eventLoop.scheduleTask(in: limits.keepAliveTimeout) { [weak self] in
-            guard let self, !self.awaitingResponse, self.current == nil, !self.pendingRead, !self.inBody else { return }
-            self.finish()
-        }
+    private func armIdle() { idleDeadline?.arm(in: limits.keepAliveTimeout) }
+
+    private func idleTimedOut() {
+        guard !awaitingResponse, current == nil, !pendingRead, !inBody else { return }
+        finish()
     }
 
     /// Backpressure: the caller is read only while the workload's
@@ -274,16 +267,26 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
         context.fireChannelWritabilityChanged()
     }
 
-    package func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+    package func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+        let loop = context.eventLoop
+        headDeadline = LazyDeadline(on: loop) { [weak self] in self?.headTimedOut() }
+        bodyCheck = LazyDeadline(on: loop) { [weak self] in self?.checkBody() }
+        idleDeadline = LazyDeadline(on: loop) { [weak self] in self?.idleTimedOut() }
+    }
+
+    private func stopTimers() {
+        headDeadline?.stop()
+        bodyCheck?.stop()
+        idleDeadline?.stop()
+    }
 
     /// A context holds its handler: keeping it past removal would keep the
     /// gate, both pipelines and the workload's channel alive after the
     /// connection ended.
     package func handlerRemoved(context: ChannelHandlerContext) {
         self.context = nil
-        headDeadline?.cancel()
-        bodyCheck?.cancel()
-        idleDeadline?.cancel()
+        stopTimers()
     }
 
     package func channelReadComplete(context: ChannelHandlerContext) {
@@ -491,8 +494,8 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
         refused = true
         current = nil
         queue.removeAll()
-        headDeadline?.cancel()
-        bodyCheck?.cancel()
+        headDeadline?.clear()
+        bodyCheck?.clear()
         var head = HTTPResponseHead(version: .http1_1, status: status)
         head.headers.add(name: "content-length", value: "0")
         head.headers.add(name: "connection", value: "close")
@@ -508,9 +511,7 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
     }
 
     package func channelInactive(context: ChannelHandlerContext) {
-        headDeadline?.cancel()
-        bodyCheck?.cancel()
-        idleDeadline?.cancel()
+        stopTimers()
         upstream?.close(promise: nil)
         context.fireChannelInactive()
     }

@@ -1,4 +1,5 @@
 import NIOCore
+import PalisadeRelay
 
 /// How long the tunnel's receiving side keeps what nobody uses: a peer's
 /// connection with no stream open, and a stream (one proxied connection)
@@ -16,30 +17,26 @@ public struct TunnelTimeouts: Sendable {
 /// closes the connection once none has been open for the idle timeout (the
 /// peer's pool opens a new one when it needs it).
 final class TunnelConnectionIdle {
-    private let channel: Channel
     private let timeout: TimeAmount
     private var open = 0
-    private var deadline: Scheduled<Void>?
+    /// Lazy: a connection whose streams come and go one at a time (a new
+    /// caller connection per request) only moves the deadline.
+    private let deadline: LazyDeadline
 
     init(channel: Channel, timeout: TimeAmount) {
-        self.channel = channel; self.timeout = timeout
-        arm()
-        channel.closeFuture.assumeIsolated().whenComplete { [self] _ in deadline?.cancel() }
-    }
-
-    private func arm() {
-        let channel = self.channel
-        deadline = channel.eventLoop.assumeIsolated().scheduleTask(in: timeout) { channel.close(promise: nil) }
+        self.timeout = timeout
+        deadline = LazyDeadline(on: channel.eventLoop) { channel.close(promise: nil) }
+        deadline.arm(in: timeout)
+        channel.closeFuture.assumeIsolated().whenComplete { [deadline] _ in deadline.stop() }
     }
 
     func streamOpened(_ stream: Channel) {
-        channel.eventLoop.assertInEventLoop()
+        stream.eventLoop.assertInEventLoop()
         open += 1
-        deadline?.cancel()
-        deadline = nil
+        deadline.clear()
         stream.closeFuture.assumeIsolated().whenComplete { [self] _ in
             open -= 1
-            if open == 0 { arm() }
+            if open == 0 { deadline.arm(in: timeout) }
         }
     }
 }
