@@ -5,11 +5,14 @@ import PalisadeTunnel
 
 /// Writes access-log lines off the event loops. The proxy only appends a
 /// line to a buffer under a lock; one writer on its own queue takes all the
-/// lines queued so far and writes them in one call. An idle proxy's line is
-/// on disk at once, a busy one's in batches (a write per request cost the
-/// proxy 10-15% of its CPU). If the disk falls behind by more than
-/// `maxPending` bytes, lines are dropped and counted, never buffered without
-/// bound. At `rotateAt` bytes the file becomes PATH.1 (the previous .1 is
+/// lines queued in the last `batchDelay` (20 ms) and writes them in one
+/// call, so a line is on disk within that. (A write per request cost the
+/// proxy 10-15% of its CPU; then waking the writer per request, as soon as
+/// a line was queued, cost ~7% of an L7 agent's samples in thread wake-ups:
+/// batched, HTTP/1.1 through HTTP rules went from 11.3-11.8k to 13.2-13.4k
+/// req/s and from 136-143 to 114-117 us of agent CPU per request.)
+/// If the disk falls behind by more than `maxPending` bytes, lines are
+/// dropped and counted, never buffered without bound. At `rotateAt` bytes the file becomes PATH.1 (the previous .1 is
 /// dropped) and a new one starts, as the flow event log does.
 final class AccessLogWriter: @unchecked Sendable {
     private let lock = NSLock()
@@ -21,6 +24,7 @@ final class AccessLogWriter: @unchecked Sendable {
     private var size: Int
     let rotateAt: Int
     private let queue = DispatchQueue(label: "palisade.access-log")
+    static let batchDelay = DispatchTimeInterval.milliseconds(20)
     let maxPending: Int
     var onDrop: (@Sendable (Int) -> Void)?
 
@@ -64,7 +68,7 @@ final class AccessLogWriter: @unchecked Sendable {
             draining = true
             return true
         }
-        if schedule { queue.async { self.drain() } }
+        if schedule { queue.asyncAfter(deadline: .now() + Self.batchDelay) { self.drain() } }
     }
 
     /// Blocks until every line written so far is on disk (shutdown, tests).
