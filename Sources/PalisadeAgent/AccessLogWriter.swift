@@ -56,14 +56,18 @@ final class AccessLogWriter: @unchecked Sendable {
     deinit { close(fd) }
 
     func write(_ entry: AccessLogEntry) {
+        // Formatted outside the lock (two event loops log at once), into a
+        // small buffer of its own: appending to the shared one in place
+        // re-allocated it per line (reserveCapacity grows it exactly) and
+        // faulted in fresh pages under the lock.
+        var line: [UInt8] = []
+        entry.appendJSONLine(to: &line)
         let schedule: Bool = lock.withLock {
-            let before = pending.count
-            entry.appendJSONLine(to: &pending)
-            if pending.count > maxPending {
-                pending.removeLast(pending.count - before)
+            if pending.count + line.count > maxPending {
                 dropped += 1
                 return false
             }
+            pending.append(contentsOf: line)
             if draining { return false }
             draining = true
             return true
@@ -74,16 +78,26 @@ final class AccessLogWriter: @unchecked Sendable {
     /// Blocks until every line written so far is on disk (shutdown, tests).
     func flush() { queue.sync { self.drain() } }
 
+    /// The buffer handed back to the proxy at each drain, emptied but with
+    /// its capacity kept (only the writer's queue touches it).
+    private var spare: [UInt8] = []
+
     private func drain() {
         while true {
-            let (batch, lost): ([UInt8], Int) = lock.withLock {
-                let b = pending, d = dropped
-                pending = []; pending.reserveCapacity(min(b.count, 1 << 20)); dropped = 0
-                if b.isEmpty { draining = false }
-                return (b, d)
+            var batch = spare
+            spare = []
+            let lost: Int = lock.withLock {
+                swap(&batch, &pending)
+                let d = dropped
+                dropped = 0
+                if batch.isEmpty { draining = false }
+                return d
             }
             if lost > 0 { onDrop?(lost) }
-            if batch.isEmpty { return }
+            if batch.isEmpty {
+                spare = batch
+                return
+            }
             batch.withUnsafeBytes { buf in
                 var off = 0
                 while off < buf.count {
@@ -94,6 +108,11 @@ final class AccessLogWriter: @unchecked Sendable {
                 size += off
             }
             rotateIfFull()
+            // (A burst's large buffer is not kept.)
+            if batch.capacity <= 1 << 20 {
+                batch.removeAll(keepingCapacity: true)
+                spare = batch
+            }
         }
     }
 }

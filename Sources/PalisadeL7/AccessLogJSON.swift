@@ -38,7 +38,9 @@ extension AccessLogEntry {
     /// The same line, appended as UTF-8 bytes (what the log writer stores:
     /// building it as a String cost twice as much).
     public func appendJSONLine(to o: inout [UInt8]) {
-        o.reserveCapacity(o.count + 384)
+        // (Only for an empty buffer: reserving count + 384 on a long one
+        // would re-allocate it exactly, line after line.)
+        if o.isEmpty { o.reserveCapacity(384) }
         o.append(UInt8(ascii: "{"))
         var first = true
         func key(_ k: StaticString) {

@@ -19,10 +19,14 @@ final class AccessLogWriterTests: XCTestCase {
         addTeardownBlock { try? FileManager.default.removeItem(atPath: dir) }
         let path = "\(dir)/access.jsonl"
         let writer = try XCTUnwrap(AccessLogWriter(path: path, rotateAt: 64 << 10))
-        DispatchQueue.concurrentPerform(iterations: 4) { t in
-            for i in 0..<500 { writer.write(Self.entry(t * 1000 + i)) }
+        // Five rounds, each drained (the writer batches what 20 ms queued:
+        // one round would be one write, then one rotation).
+        for round in 0..<5 {
+            DispatchQueue.concurrentPerform(iterations: 4) { t in
+                for i in 0..<100 { writer.write(Self.entry(t * 1000 + round * 100 + i)) }
+            }
+            writer.flush()
         }
-        writer.flush()
         let current = try String(contentsOfFile: path, encoding: .utf8)
         let previous = try String(contentsOfFile: path + ".1", encoding: .utf8)
         let lines = (previous + current).split(separator: "\n")
