@@ -203,6 +203,8 @@ extension InboundProxy {
     static func configureTunnel(_ channel: Channel, peer: SpiffeID, authorize: @escaping InboundAuthorizer,
                                 onStream: (@Sendable (InboundRequest, InboundDecision, String?) -> Void)?,
                                 accessLog: (@Sendable (AccessLogEntry) -> Void)?, timeouts: TunnelTimeouts = TunnelTimeouts()) throws {
+        // Streams' flushes in one event-loop tick leave as one TLS write.
+        try channel.pipeline.syncOperations.addHandler(FlushCoalescer())
         // The same guard as the proxy's caller side: a GOAWAY of a connection
         // error ends the connection, WINDOW_UPDATE floods are cut off.
         try channel.pipeline.syncOperations.addHandler(H2CallerGuard())
