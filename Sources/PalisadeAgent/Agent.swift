@@ -253,7 +253,7 @@ public final class Agent {
             for id in issued {
                 let info = svids.cached(id)
                 log.info("svid issued", metadata: ["spiffe-id": "\(id)", "serial": "\(info?.serial ?? "?")",
-                                                   "not-after": "\(info.map { ISO8601DateFormatter().string(from: $0.notAfter) } ?? "?")"])
+                                                   "not-after": "\(info.map { UTCTime.string($0.notAfter) } ?? "?")"])
             }
             for id in ids { metrics.setCertificateExpiry(spiffeID: id.description, notAfter: svids.cached(id)?.notAfter) }
             for gone in lastSVIDs.subtracting(ids) { metrics.setCertificateExpiry(spiffeID: gone.description, notAfter: nil) }

@@ -88,14 +88,14 @@ public struct AgentState: Codable, Sendable {
     public static func load(_ path: String) -> AgentState? {
         guard let data = FileManager.default.contents(atPath: path) else { return nil }
         let d = JSONDecoder()
-        d.dateDecodingStrategy = .iso8601
+        d.dateDecodingStrategy = .utc
         return try? d.decode(AgentState.self, from: data)
     }
 
     public func save(_ path: String) throws {
         let e = JSONEncoder()
         e.outputFormatting = [.prettyPrinted, .sortedKeys]
-        e.dateEncodingStrategy = .iso8601
+        e.dateEncodingStrategy = .utc
         let data = try e.encode(self)
         let tmp = path + ".tmp"
         try data.write(to: URL(fileURLWithPath: tmp))

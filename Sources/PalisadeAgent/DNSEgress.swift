@@ -113,7 +113,7 @@ public final class FQDNEgress: @unchecked Sendable {
     /// The saved bindings: the file, then the journal's lines (later wins).
     public static func load(_ path: String) -> [FQDNCache.Binding] {
         let d = JSONDecoder()
-        d.dateDecodingStrategy = .iso8601
+        d.dateDecodingStrategy = .utc
         var out = FileManager.default.contents(atPath: path).flatMap { try? d.decode([FQDNCache.Binding].self, from: $0) } ?? []
         for journal in [path + ".journal.old", path + ".journal"] {
             for line in (FileManager.default.contents(atPath: journal) ?? Data()).split(separator: 0x0a) {
@@ -125,7 +125,7 @@ public final class FQDNEgress: @unchecked Sendable {
 
     static let encoder: JSONEncoder = {
         let e = JSONEncoder()
-        e.dateEncodingStrategy = .iso8601
+        e.dateEncodingStrategy = .utc
         e.outputFormatting = [.sortedKeys]
         return e
     }()

@@ -87,7 +87,7 @@ final class EventFile: @unchecked Sendable {
         self.path = path
         encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys]
-        encoder.dateEncodingStrategy = .iso8601
+        encoder.dateEncodingStrategy = .utc
     }
     /// Appends the event as a JSON line; returns the line.
     @discardableResult

@@ -184,7 +184,7 @@ public final class Issuer: Sendable {
         }
         guard changed, let reportFile else { return }
         let enc = JSONEncoder()
-        enc.dateEncodingStrategy = .iso8601
+        enc.dateEncodingStrategy = .utc
         enc.outputFormatting = [.prettyPrinted, .sortedKeys]
         try? enc.encode(snapshot).write(to: URL(fileURLWithPath: reportFile), options: .atomic)
     }

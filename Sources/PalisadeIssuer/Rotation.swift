@@ -1,4 +1,5 @@
 import Foundation
+import PalisadeIdentity
 import PalisadeCA
 import X509
 
@@ -42,7 +43,7 @@ public struct Rotation: Codable, Sendable, Equatable {
     /// NAME@TRUST-DOMAIN).
     public static func reports(_ state: String) -> [String: Issuer.NodeReport] {
         let dec = JSONDecoder()
-        dec.dateDecodingStrategy = .iso8601
+        dec.dateDecodingStrategy = .utc
         let read = { (file: String) in
             FileManager.default.contents(atPath: "\(state)/\(file)").flatMap { try? dec.decode([String: Issuer.NodeReport].self, from: $0) } ?? [:]
         }
@@ -52,7 +53,7 @@ public struct Rotation: Codable, Sendable, Equatable {
     /// Writes the federated nodes' reports (by the running issuer).
     public static func saveFederated(_ reports: [String: Issuer.NodeReport], state: String) throws {
         let enc = JSONEncoder()
-        enc.dateEncodingStrategy = .iso8601
+        enc.dateEncodingStrategy = .utc
         enc.outputFormatting = [.prettyPrinted, .sortedKeys]
         try enc.encode(reports).write(to: URL(fileURLWithPath: "\(state)/federated.json"), options: .atomic)
     }

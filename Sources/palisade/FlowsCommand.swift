@@ -27,7 +27,7 @@ struct FlowsCommand: ParsableCommand {
         if output == .json {
             let enc = JSONEncoder()
             enc.outputFormatting = [.sortedKeys]
-            enc.dateEncodingStrategy = .iso8601
+            enc.dateEncodingStrategy = .utc
             print(String(decoding: try enc.encode(e), as: UTF8.self))
         } else {
             let t = ISO8601DateFormatter().string(from: e.time)
@@ -41,7 +41,7 @@ struct FlowsCommand: ParsableCommand {
 
     static func decoder() -> JSONDecoder {
         let d = JSONDecoder()
-        d.dateDecodingStrategy = .iso8601
+        d.dateDecodingStrategy = .utc
         return d
     }
 

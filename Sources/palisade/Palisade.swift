@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import PalisadeIdentity
 import Logging
 import PalisadeAgent
 
@@ -36,7 +37,7 @@ enum OutputFormat: String, ExpressibleByArgument, CaseIterable {
 func printJSON<T: Encodable>(_ value: T) throws {
     let e = JSONEncoder()
     e.outputFormatting = [.prettyPrinted, .sortedKeys]
-    e.dateEncodingStrategy = .iso8601
+    e.dateEncodingStrategy = .utc
     print(String(decoding: try e.encode(value), as: UTF8.self))
 }
 
