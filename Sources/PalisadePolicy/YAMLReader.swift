@@ -35,7 +35,10 @@ public struct YAMLValue {
     public static func documents(_ text: String, file: String) throws -> [YAMLValue] {
         do {
             var out: [YAMLValue] = []
-            var seq = try Yams.compose_all(yaml: text)
+            // The basic resolver: scalars are read as text by this type's
+            // accessors, so Yams' implicit typing (regular expressions run
+            // through ICU, ~2 MB of its pages in the agent) buys nothing.
+            var seq = try Yams.compose_all(yaml: text, .basic)
             while let node = seq.next() { out.append(YAMLValue(node: node, file: file)) }
             if let e = seq.error { throw e }
             return out
