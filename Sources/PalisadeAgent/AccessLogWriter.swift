@@ -6,14 +6,12 @@ import PalisadeTunnel
 /// Writes access-log lines off the event loops. The proxy only appends a
 /// line to a buffer under a lock; one writer on its own queue takes all the
 /// lines queued in the last `batchDelay` (20 ms) and writes them in one
-/// call, so a line is on disk within that. (A write per request cost the
-/// proxy 10-15% of its CPU; then waking the writer per request, as soon as
-/// a line was queued, cost ~7% of an L7 agent's samples in thread wake-ups:
-/// batched, HTTP/1.1 through HTTP rules went from 11.3-11.8k to 13.2-13.4k
-/// req/s and from 136-143 to 114-117 us of agent CPU per request.)
-/// If the disk falls behind by more than `maxPending` bytes, lines are
-/// dropped and counted, never buffered without bound. At `rotateAt` bytes the file becomes PATH.1 (the previous .1 is
-/// dropped) and a new one starts, as the flow event log does.
+/// call, so a line is on disk within that: neither a write nor a thread
+/// wake-up per request (either costs a busy proxy several percent of its
+/// CPU). If the disk falls behind by more than `maxPending` bytes, lines
+/// are dropped and counted, never buffered without bound. At `rotateAt`
+/// bytes the file becomes PATH.1 (the previous .1 is dropped) and a new one
+/// starts, as the flow event log does.
 final class AccessLogWriter: @unchecked Sendable {
     private let lock = NSLock()
     private var pending: [UInt8] = []
@@ -56,10 +54,8 @@ final class AccessLogWriter: @unchecked Sendable {
     deinit { close(fd) }
 
     func write(_ entry: AccessLogEntry) {
-        // Formatted outside the lock (two event loops log at once), into a
-        // small buffer of its own: appending to the shared one in place
-        // re-allocated it per line (reserveCapacity grows it exactly) and
-        // faulted in fresh pages under the lock.
+        // Formatted outside the lock (several event loops log at once), into
+        // a small buffer of its own; under the lock only a copy.
         var line: [UInt8] = []
         entry.appendJSONLine(to: &line)
         let schedule: Bool = lock.withLock {

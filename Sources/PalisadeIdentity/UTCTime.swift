@@ -3,9 +3,9 @@ import Foundation
 /// RFC 3339 times in UTC ("2026-11-30T09:30:00Z", or with milliseconds),
 /// written and read by arithmetic. Foundation's `.iso8601` strategies and
 /// ISO8601DateFormatter look up the current time zone through ICU, which
-/// pages ~6.4 MB of ICU data into the agent (its RSS was 52 MB, of which
-/// 4.3 MB private). State files, flow events and logs use these instead;
-/// the text is the same, so files written either way read back.
+/// pages several MB of ICU data into the agent. State files, flow events
+/// and logs use these instead; the text is the same, so files written
+/// either way read back.
 public enum UTCTime {
     public static func string(_ date: Date, milliseconds: Bool = false) -> String {
         let t = date.timeIntervalSince1970

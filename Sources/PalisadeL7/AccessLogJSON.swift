@@ -5,13 +5,6 @@ import PalisadeIdentity
 /// ISO8601DateFormatter and JSONEncoder cost tens of microseconds a call on
 /// Linux (ICU, reflection) — measured as a third of the L7 proxy's CPU — so
 /// the access log is written by hand, with the same fields and key order.
-public enum Timestamp {
-    /// RFC 3339 in UTC with milliseconds: 2026-11-23T01:28:26.123Z. By
-    /// arithmetic (it runs per L7 request: String pieces and gmtime_r, which
-    /// takes glibc's time-zone lock, cost ~1.6% of an HTTP/2 agent's samples).
-    public static func rfc3339(_ date: Date) -> String { UTCTime.string(date, milliseconds: true) }
-}
-
 extension AccessLogEntry {
     /// One JSON object (keys sorted, `rule` left out when there is none)
     /// and a newline.

@@ -116,7 +116,7 @@ package struct L7Context: Sendable {
 
     /// One finished (or refused) request, to the access log and metrics.
     func record(method: String, path: String, status: Int, requestBytes: Int, responseBytes: Int, start: Date, verdict: HTTPVerdict) {
-        log?(AccessLogEntry(time: Timestamp.rfc3339(start), source: source, destination: destination, destinationAddress: destinationAddress,
+        log?(AccessLogEntry(time: UTCTime.string(start, milliseconds: true), source: source, destination: destination, destinationAddress: destinationAddress,
                             method: method, path: path, status: status, requestBytes: requestBytes, responseBytes: responseBytes,
                             durationMs: Date().timeIntervalSince(start) * 1000, decision: (verdict.allowed ? Outcome.allowed : .denied).rawValue,
                             rule: verdict.rule))

@@ -3,10 +3,9 @@ import NIOCore
 /// A deadline that moves with every request but rarely fires (keep-alive
 /// idle, request head, body stall). Moving or clearing it only stores a
 /// time; at most one task is scheduled, and when it fires early (the
-/// deadline moved later meanwhile) it re-arms for the rest. Scheduling and
-/// cancelling a NIO task per request cost the L7 proxy ~10% of its user
-/// CPU (heap inserts and linear-scan removals of the loop's scheduled
-/// tasks, each copy retaining the task).
+/// deadline moved later meanwhile) it re-arms for the rest. (A NIO task
+/// scheduled and cancelled per request costs a heap insert and a
+/// linear-scan removal among the loop's scheduled tasks.)
 /// Lives on one event loop; not thread-safe.
 package final class LazyDeadline {
     private let eventLoop: EventLoop

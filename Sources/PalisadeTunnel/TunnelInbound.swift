@@ -237,11 +237,8 @@ enum TunnelSettings {
             // 1 MiB per stream: what one stream may have buffered here when
             // its workload reads slowly. Bulk through the lab tunnel is the
             // same at 4 MiB (4.6-5.2 Gb/s, CPU-bound) and ~25% lower at 256
-            // KiB. (The receiving agent once grew by ~80-200 MB per bulk
-            // transfer: streams stuck half-open when a relay's other side
-            // went away, holding their frames and so the HTTP/2 decoder's
-            // buffers; the glue now closes such a partner. It levels off at
-            // ~100 MB now, the decoder's and TLS buffers at full speed.)
+            // KiB. A receiving agent holds up to ~100 MB at full speed (the
+            // HTTP/2 decoder's and TLS buffers).
             HTTP2Setting(parameter: .initialWindowSize, value: Int(TunnelSettings.streamWindow)),
             HTTP2Setting(parameter: .maxFrameSize, value: 1 << 16),
             // A CONNECT request is a few hundred bytes.

@@ -18,7 +18,7 @@ final class AccessLogFormatTests: XCTestCase {
             gmtime_r(&seconds, &tm)
             let millis = Int((t - Double(seconds)) * 1000)
             let expected = String(format: "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ", tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, millis)
-            XCTAssertEqual(Timestamp.rfc3339(Date(timeIntervalSince1970: t)), expected, "\(t)")
+            XCTAssertEqual(UTCTime.string(Date(timeIntervalSince1970: t), milliseconds: true), expected, "\(t)")
         }
     }
 

@@ -7,6 +7,7 @@ import NIOEmbedded
 import NIOHPACK
 import NIOHTTP1
 import PalisadeAgent
+import PalisadeIdentity
 import PalisadeJWT
 import PalisadePolicy
 @testable import PalisadeL7
@@ -516,7 +517,7 @@ extension TunnelTests {
 
     func testAccessLogLinesAreJSONWhateverThePathHolds() throws {
         let start = Date(timeIntervalSince1970: 1_795_000_000.25)
-        let e = AccessLogEntry(time: Timestamp.rfc3339(start), source: "spiffe://a/x", destination: "spiffe://b/y", destinationAddress: "[fd00::1]:80",
+        let e = AccessLogEntry(time: UTCTime.string(start, milliseconds: true), source: "spiffe://a/x", destination: "spiffe://b/y", destinationAddress: "[fd00::1]:80",
                                method: "GET", path: "/q\"uo\\te/\u{1}\t\n/é/☃", status: 403, requestBytes: 0, responseBytes: 36,
                                durationMs: 1.23456, decision: "denied", rule: nil)
         let line = e.jsonLine()
