@@ -172,9 +172,18 @@ public final class Agent {
         events?.start()
         var lastGC = Date()
         var gcInterval = 30.0
+        var releasePagesAt: Date? = config.releaseCodePages ? Date().addingTimeInterval(10) : nil
         while !stop() {
-            reconcileIfChanged()
+            if reconcileIfChanged() && config.releaseCodePages {
+                // A policy compile touched code the data path does not use.
+                releasePagesAt = Date().addingTimeInterval(10)
+            }
             rotateSVIDs()
+            if let at = releasePagesAt, Date() >= at {
+                releasePagesAt = nil
+                let kb = CodePages.release()
+                log.debug("released code pages", metadata: ["kB": "\(kb)"])
+            }
             if Date().timeIntervalSince(lastGC) > gcInterval {
                 lastGC = Date()
                 do {
@@ -224,12 +233,15 @@ public final class Agent {
         return parts.joined(separator: "\u{0}")
     }
 
-    public func reconcileIfChanged() {
+    /// True when something changed and was reconciled.
+    @discardableResult
+    public func reconcileIfChanged() -> Bool {
         let fp = fingerprint()
-        if fp == lastFingerprint { return }
+        if fp == lastFingerprint { return false }
         lastFingerprint = fp
         reconcile(workloadFiles: readYAMLDirectory(config.resolvedWorkloadDir),
                   policyFiles: readYAMLDirectory(config.resolvedPolicyDir) + (storeSync?.policies() ?? []))
+        return true
     }
 
     /// Issues or re-issues (at half-life) the SVIDs of every enrolled

@@ -87,6 +87,10 @@ public struct AgentConfig: Sendable {
     /// listener and the DNS proxy share them, and a relayed connection stays
     /// on the loop that accepted it. Default: one per core.
     public var eventLoops = System.coreCount
+    /// Ten seconds after start-up and after each reconcile, code and
+    /// read-only pages are unmapped (CodePages): RSS then shows the data
+    /// path's working set, not what start-up touched once.
+    public var releaseCodePages = true
 
     public init() {}
 
@@ -124,7 +128,7 @@ public struct AgentConfig: Sendable {
                                     "locality", "services", "accessLogSampling",
                                     "handshakeTimeoutMilliseconds", "maxPendingHandshakes", "maxPendingHandshakesPerSource",
                                     "httpRequestHeadTimeoutMilliseconds", "httpBodyIdleTimeoutMilliseconds",
-                                    "tunnelConnectionIdleSeconds", "tunnelStreamIdleSeconds", "dnsProxyPort", "fqdn", "eventLoops"]
+                                    "tunnelConnectionIdleSeconds", "tunnelStreamIdleSeconds", "dnsProxyPort", "fqdn", "eventLoops", "releaseCodePages"]
 
     /// "HOST:PORT" with an IP address (IPv6 in brackets), or "off" (nil).
     static func address(_ v: YAMLValue) throws -> (host: String, port: Int)? {
@@ -175,6 +179,7 @@ public struct AgentConfig: Sendable {
         if let v = m["tunnelConnectionIdleSeconds"] { c.tunnelConnectionIdleSeconds = try v.int(in: 1...86_400) }
         if let v = m["tunnelStreamIdleSeconds"] { c.tunnelStreamIdleSeconds = try v.int(in: 1...604_800) }
         if let v = m["eventLoops"] { c.eventLoops = try v.int(in: 1...256) }
+        if let v = m["releaseCodePages"] { c.releaseCodePages = try v.bool() }
         if let v = m["dnsProxyPort"] {
             if (try? v.string()) == "off" { c.dnsProxyPort = nil } else { c.dnsProxyPort = try v.int(in: 1...65535) }
         }
