@@ -82,8 +82,11 @@ final class Lab {
         p.arguments = ["-c", "\(enter)exec \(command)"]
         if let log {
             guard FileManager.default.createFile(atPath: log, contents: nil) else { throw CocoaError(.fileWriteUnknown, userInfo: [NSFilePathErrorKey: log]) }
-            p.standardOutput = FileHandle(forWritingAtPath: log)
-            p.standardError = FileHandle(forWritingAtPath: log)
+            // One open file for both: two would each write from offset 0
+            // over the other's lines.
+            let file = FileHandle(forWritingAtPath: log)
+            p.standardOutput = file
+            p.standardError = file
         } else {
             p.standardOutput = FileHandle.nullDevice
             p.standardError = FileHandle.nullDevice

@@ -252,7 +252,8 @@ extension MeshTests {
         let cut = Date().timeIntervalSince(revoked)
         XCTAssertFalse(hold.isRunning, "the held connection survived revocation")
         XCTAssertLessThan(cut, 3, "cut \(cut) s after revocation")
-        XCTAssertTrue(((try? String(contentsOfFile: holdLog, encoding: .utf8)) ?? "").contains("failed=1"))
+        let held = (try? String(contentsOfFile: holdLog, encoding: .utf8)) ?? ""
+        XCTAssertTrue(held.contains("failed=1"), "hold: \(held)\n\(m.n1.logTail())\n\(m.n2.logTail())")
         XCTAssertFalse(try MeshTests.reach(m, from: "a", "10.102.1.2"), "new connections from the revoked node are refused")
         XCTAssertTrue(m.n2.warnings().contains("tunnel connections from revoked nodes closed"), m.n2.warnings())
         print("held connection cut \(String(format: "%.2f", cut)) s after palisade ca revoke-node")
