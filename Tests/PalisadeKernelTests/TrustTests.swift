@@ -253,7 +253,13 @@ extension MeshTests {
         XCTAssertFalse(hold.isRunning, "the held connection survived revocation")
         XCTAssertLessThan(cut, 3, "cut \(cut) s after revocation")
         let held = (try? String(contentsOfFile: holdLog, encoding: .utf8)) ?? ""
-        XCTAssertTrue(held.contains("failed=1"), "hold: \(held)\n\(m.n1.logTail())\n\(m.n2.logTail())")
+        if !held.contains("failed=1") {
+            var flows = [m.n1, m.n2].map { (try? $0.palisade(["flows", "--verdict", "denied"], check: false).output) ?? "" }
+            for kind in ["counters", "conntrack", "ipcache", "endpoints"] {
+                flows[0] += "\n== n1 \(kind)\n" + ((try? m.n1.palisade(["maps", "dump", kind], check: false).output) ?? "")
+            }
+            XCTFail("hold: \(held)\n\(m.n1.logTail())\n\(m.n2.logTail())\ndenied flows n1:\n\(flows[0])\nn2:\n\(flows[1])")
+        }
         XCTAssertFalse(try MeshTests.reach(m, from: "a", "10.102.1.2"), "new connections from the revoked node are refused")
         XCTAssertTrue(m.n2.warnings().contains("tunnel connections from revoked nodes closed"), m.n2.warnings())
         print("held connection cut \(String(format: "%.2f", cut)) s after palisade ca revoke-node")
