@@ -14,6 +14,11 @@ import Glibc
 /// is skipped: dropping it would bring back the file's unrelocated bytes.
 /// What this does not change: the page cache stays charged to the agent's
 /// cgroup (as reclaimable file memory) until the kernel needs it.
+///
+/// An address range read from smaps must still be that file's mapping when
+/// madvise runs (the same range reused for heap memory would be zeroed):
+/// the agent maps its binary and libraries once and never unmaps a file
+/// mapping while it runs (no dlclose, files are read, not mapped).
 public enum CodePages {
     public struct Mapping: Equatable, Sendable {
         public var start: UInt
