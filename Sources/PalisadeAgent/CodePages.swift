@@ -17,8 +17,10 @@ import Glibc
 ///
 /// An address range read from smaps must still be that file's mapping when
 /// madvise runs (the same range reused for heap memory would be zeroed):
-/// the agent maps its binary and libraries once and never unmaps a file
-/// mapping while it runs (no dlclose, files are read, not mapped).
+/// the agent maps its binary and libraries once, libbpf maps the BPF
+/// objects only while the datapath loads (before the first release, on the
+/// same thread), and nothing else maps or unmaps a file (no dlclose; state
+/// and policy files are read).
 public enum CodePages {
     public struct Mapping: Equatable, Sendable {
         public var start: UInt
