@@ -41,16 +41,68 @@ final class TunnelConnectionIdle {
     }
 }
 
-/// On a tunnel stream, after NIO's IdleStateHandler: a stream with no bytes
-/// either way for the idle timeout is closed (and with it the connection
-/// to the workload).
-final class CloseWhenIdle: ChannelInboundHandler, RemovableChannelHandler {
+/// On a tunnel stream: closes it (and with it the connection to the
+/// workload) after `timeout` with no bytes either way. Reads and writes only
+/// set a flag: NIO's IdleStateHandler read the clock on every read and
+/// attached a promise and a callback to every write, on the busiest path of
+/// the agent. A check every quarter of the timeout closes the stream after
+/// four quiet checks in a row: between 1 and 1.25 timeouts of silence.
+final class StreamIdleTimeout: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = NIOAny
-    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if event is IdleStateHandler.IdleStateEvent {
-            context.close(promise: nil)
-            return
+    typealias OutboundIn = NIOAny
+    private let period: TimeAmount
+    private var active = false
+    private var quietChecks = 0
+    private var check: Scheduled<Void>?
+
+    init(timeout: TimeAmount) { period = .nanoseconds(max(timeout.nanoseconds / 4, 1)) }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        if context.channel.isActive { arm(context) }
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        arm(context)
+        context.fireChannelActive()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        disarm()
+        context.fireChannelInactive()
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) { disarm() }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        active = true
+        context.fireChannelRead(data)
+    }
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        active = true
+        context.write(data, promise: promise)
+    }
+
+    private func arm(_ context: ChannelHandlerContext) {
+        guard check == nil else { return }
+        check = context.eventLoop.assumeIsolated().scheduleTask(in: period) { [self] in
+            check = nil
+            if active {
+                active = false
+                quietChecks = 0
+            } else {
+                quietChecks += 1
+                if quietChecks >= 4 {
+                    context.close(promise: nil)
+                    return
+                }
+            }
+            arm(context)
         }
-        context.fireUserInboundEventTriggered(event)
+    }
+
+    private func disarm() {
+        check?.cancel()
+        check = nil
     }
 }

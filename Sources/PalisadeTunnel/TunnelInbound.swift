@@ -217,8 +217,7 @@ extension InboundProxy {
                 idle.value.streamOpened(stream)
                 let handler = TunnelInboundStream(peer: peer, authorize: authorize, connectTimeout: .seconds(3), onStream: onStream)
                 handler.accessLog = accessLog
-                try stream.pipeline.syncOperations.addHandler(IdleStateHandler(allTimeout: timeouts.streamIdle))
-                try stream.pipeline.syncOperations.addHandler(CloseWhenIdle())
+                try stream.pipeline.syncOperations.addHandler(StreamIdleTimeout(timeout: timeouts.streamIdle))
                 try stream.pipeline.syncOperations.addHandler(handler)
             }
         }
