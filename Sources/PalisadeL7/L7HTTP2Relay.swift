@@ -10,9 +10,11 @@ import NIOHTTP2
 /// stream's HEADERS are judged; a denied stream is answered 403 here.
 ///
 /// Flow control is end to end: bytes a side receives are acknowledged
-/// (WINDOW_UPDATE) only once the other side's socket took them, so neither
-/// side can push more than its windows ahead of the slower one and the
-/// agent's memory stays bounded by the windows.
+/// (WINDOW_UPDATE) as they are written to the other side while its channel
+/// is writable, and only once its socket took them while it is not, so
+/// neither side can push more than its windows ahead of the slower one and
+/// the agent's memory stays bounded by the windows and the channel's
+/// high watermark.
 final class H2Relay: @unchecked Sendable {
     let l7: L7Context
     var down: ChannelHandlerContext?
@@ -161,8 +163,14 @@ final class H2Relay: @unchecked Sendable {
             }
             x.requestBytes += d.data.readableBytes
             byDown[id] = x
-            guard let loop = up?.eventLoop else { return }   // the workload's side is gone
-            let sent = loop.makePromise(of: Void.self)
+            guard let upContext = up else { return }   // the workload's side is gone
+            if upContext.channel.isWritable {
+                write(up, x.upID, .data(Self.hop(d)))
+                // (A stream that ended sends nothing more: connection window only.)
+                acknowledge(down, stream: d.endStream ? nil : id, n)
+                return
+            }
+            let sent = upContext.eventLoop.makePromise(of: Void.self)
             write(up, x.upID, .data(Self.hop(d)), promise: sent)
             sent.futureResult.whenComplete { result in
                 let open = (try? result.get()) != nil && self.byDown[id] != nil
@@ -334,8 +342,13 @@ final class H2Relay: @unchecked Sendable {
                 if d.endStream { log(&x) }
                 byDown[id] = x
             }
-            guard let loop = down?.eventLoop else { return }   // the caller is gone
-            let sent = loop.makePromise(of: Void.self)
+            guard let downContext = down else { return }   // the caller is gone
+            if downContext.channel.isWritable {
+                write(down, id, .data(Self.hop(d)))
+                acknowledge(up, stream: d.endStream ? nil : upID, n)
+                return
+            }
+            let sent = downContext.eventLoop.makePromise(of: Void.self)
             write(down, id, .data(Self.hop(d)), promise: sent)
             sent.futureResult.whenComplete { result in
                 let open = (try? result.get()) != nil && self.byUp[upID] != nil
