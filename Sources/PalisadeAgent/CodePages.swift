@@ -1,12 +1,10 @@
 import Glibc
 
 /// Returns the pages of code and read-only data that only start-up and
-/// policy compiles touched. The agent's binary and the Swift libraries are
-/// ~130 MB of mappings; start-up (YAML, policy compile, certificates, etcd
-/// client) faults ~35 MB of them in and they stay counted in RSS, while the
-/// data path under load uses ~8 MB (measured with clear_refs and smaps'
-/// Referenced). Unmapping them (MADV_DONTNEED) leaves them in the page
-/// cache; what is used again comes back as a minor fault.
+/// policy compiles touched: once faulted in, they stay counted in RSS,
+/// while the data path under load references a small part of them.
+/// Unmapping them (MADV_DONTNEED) leaves them in the page cache; what is
+/// used again comes back as a minor fault.
 ///
 /// Only mappings that cannot hold the process's own data are released:
 /// file-backed, not writable, and without anonymous (copy-on-write) pages.
@@ -69,6 +67,8 @@ public enum CodePages {
         return released
     }
 
+    /// Read to the end: Foundation reads a /proc file (size 0) with one
+    /// read, which returns smaps cut after its first page.
     static func readAll(_ path: String) -> String? {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { return nil }

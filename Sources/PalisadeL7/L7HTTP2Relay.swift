@@ -163,19 +163,7 @@ final class H2Relay: @unchecked Sendable {
             }
             x.requestBytes += d.data.readableBytes
             byDown[id] = x
-            guard let upContext = up else { return }   // the workload's side is gone
-            if upContext.channel.isWritable {
-                write(up, x.upID, .data(Self.hop(d)))
-                // (A stream that ended sends nothing more: connection window only.)
-                acknowledge(down, stream: d.endStream ? nil : id, n)
-                return
-            }
-            let sent = upContext.eventLoop.makePromise(of: Void.self)
-            write(up, x.upID, .data(Self.hop(d)), promise: sent)
-            sent.futureResult.whenComplete { result in
-                let open = (try? result.get()) != nil && self.byDown[id] != nil
-                self.acknowledge(self.down, stream: open ? id : nil, n)
-            }
+            relayData(d, to: up, as: x.upID, fromDown: true, stream: id)
         case .rstStream:
             if let x = byDown.removeValue(forKey: id) {
                 byUp[x.upID] = nil
@@ -336,24 +324,12 @@ final class H2Relay: @unchecked Sendable {
                 byDown[id] = x
             }
         case .data(let d):
-            let n = Self.flowLength(d)
             if var x = byDown[id] {
                 x.responseBytes += d.data.readableBytes
                 if d.endStream { log(&x) }
                 byDown[id] = x
             }
-            guard let downContext = down else { return }   // the caller is gone
-            if downContext.channel.isWritable {
-                write(down, id, .data(Self.hop(d)))
-                acknowledge(up, stream: d.endStream ? nil : upID, n)
-                return
-            }
-            let sent = downContext.eventLoop.makePromise(of: Void.self)
-            write(down, id, .data(Self.hop(d)), promise: sent)
-            sent.futureResult.whenComplete { result in
-                let open = (try? result.get()) != nil && self.byUp[upID] != nil
-                self.acknowledge(self.up, stream: open ? upID : nil, n)
-            }
+            relayData(d, to: down, as: id, fromDown: false, stream: upID)
         case .rstStream(let code):
             byUp[upID] = nil
             byDown[id] = nil
@@ -361,6 +337,28 @@ final class H2Relay: @unchecked Sendable {
             down?.flush()
         default:
             break
+        }
+    }
+
+    /// Relays a DATA frame to `target` (its stream `targetID`) and gives its
+    /// bytes back to the sending side's windows (its stream `sourceID`): at
+    /// once while the target's channel takes more, otherwise once its socket
+    /// took them (the stream's window then only if the stream is still open).
+    private func relayData(_ d: HTTP2Frame.FramePayload.Data, to target: ChannelHandlerContext?, as targetID: HTTP2StreamID,
+                           fromDown: Bool, stream sourceID: HTTP2StreamID) {
+        guard let target else { return }   // that side is gone
+        let n = Self.flowLength(d)
+        if target.channel.isWritable {
+            write(target, targetID, .data(Self.hop(d)))
+            // (A stream that ended sends nothing more: connection window only.)
+            acknowledge(fromDown ? down : up, stream: d.endStream ? nil : sourceID, n)
+            return
+        }
+        let sent = target.eventLoop.makePromise(of: Void.self)
+        write(target, targetID, .data(Self.hop(d)), promise: sent)
+        sent.futureResult.whenComplete { result in
+            let open = (try? result.get()) != nil && (fromDown ? self.byDown[sourceID] != nil : self.byUp[sourceID] != nil)
+            self.acknowledge(fromDown ? self.down : self.up, stream: open ? sourceID : nil, n)
         }
     }
 

@@ -43,9 +43,9 @@ final class TunnelConnectionIdle {
 
 /// On a tunnel stream: closes it (and with it the connection to the
 /// workload) after `timeout` with no bytes either way. Reads and writes only
-/// set a flag: NIO's IdleStateHandler read the clock on every read and
-/// attached a promise and a callback to every write, on the busiest path of
-/// the agent. A check every quarter of the timeout closes the stream after
+/// set a flag (NIO's IdleStateHandler reads the clock on every read and
+/// attaches a promise and a callback to every write, on the busiest path of
+/// the agent). A check every quarter of the timeout closes the stream after
 /// four quiet checks in a row: between 1 and 1.25 timeouts of silence.
 final class StreamIdleTimeout: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = NIOAny

@@ -208,9 +208,9 @@ extension MeshTests {
         try lab.serve("b", "tcp", port: 8080, address: "::")
         let mesh = MeshTests.Mesh(lab: lab, n1: n1, n2: n2)
         // Three reaches in a row: a connection made right after the first
-        // success timed out in 1 of 5-10 runs (its SYN unanswered for 2 s
-        // while node 1 applied its first store generations; not explained
-        // yet), which is not what the tests using this setup are about.
+        // success can still time out (its SYN unanswered while node 1
+        // applies its first store generations), which is not what the
+        // tests using this setup are about.
         var ok = false, streak = 0
         for _ in 0..<40 where streak < 3 {
             ok = try MeshTests.reach(mesh, from: "a", "10.102.1.2")
