@@ -2,6 +2,7 @@ import Foundation
 import NIOCore
 import NIOHPACK
 import NIOHTTP2
+import PalisadeRelay
 
 /// HTTP/2 relayed frame by frame between the caller's connection and one
 /// connection to the workload, without a channel per stream: NIO's HTTP/2
@@ -63,10 +64,12 @@ final class H2Relay: @unchecked Sendable {
         // workload cost ~5% of the proxy's CPU.
         var upConfig = config
         upConfig.headerBlockValidation = .disabled
+        try upstream.pipeline.syncOperations.addHandler(H2FrameAligner(expectsPreface: false))
         try upstream.pipeline.syncOperations.addHandler(NIOHTTP2Handler(mode: .client, connectionConfiguration: upConfig))
         try upstream.pipeline.syncOperations.addHandler(H2RelaySide(relay, isDown: false))
         try downstream.pipeline.syncOperations.addHandler(CloseOnEndOfInput())
         try downstream.pipeline.syncOperations.addHandler(H2CallerGuard())
+        try downstream.pipeline.syncOperations.addHandler(H2FrameAligner(expectsPreface: true))
         try downstream.pipeline.syncOperations.addHandler(NIOHTTP2Handler(mode: .server, connectionConfiguration: config))
         try downstream.pipeline.syncOperations.addHandler(H2RelaySide(relay, isDown: true))
         upstream.closeFuture.whenComplete { _ in downstream.close(promise: nil) }

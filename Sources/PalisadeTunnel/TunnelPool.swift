@@ -203,6 +203,7 @@ public final class TunnelPool: @unchecked Sendable {
                 ch.eventLoop.makeCompletedFuture {
                     try ch.pipeline.syncOperations.addHandler(NIOSSLClientHandler(context: ctx, serverHostname: nil, customVerificationCallbackWithMetadata: verify))
                     try ch.pipeline.syncOperations.addHandler(FlushCoalescer())
+                    try ch.pipeline.syncOperations.addHandler(H2FrameAligner(expectsPreface: false))
                     let mux = try ch.pipeline.syncOperations.configureHTTP2Pipeline(
                         mode: .client, connectionConfiguration: TunnelSettings.connection, streamConfiguration: TunnelSettings.stream
                     ) { $0.close() }   // the peer never opens streams to us
