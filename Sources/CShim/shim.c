@@ -1,4 +1,5 @@
 #define _GNU_SOURCE
+#include <malloc.h>
 #include "CShim.h"
 #include <bpf/libbpf.h>
 #include <bpf/bpf.h>
@@ -121,4 +122,9 @@ int pal_prog_test_run_skb(int prog_fd, const void *data, uint32_t size, uint32_t
 		return err < 0 ? err : -errno;
 	*retval = opts.retval;
 	return 0;
+}
+
+int pal_malloc_trim(void)
+{
+	return malloc_trim(0);
 }

@@ -173,6 +173,7 @@ public final class Agent {
         var lastGC = Date()
         var gcInterval = 30.0
         var releasePagesAt: Date? = config.releaseCodePages ? Date().addingTimeInterval(10) : nil
+        var lastHeapRelease = Date()
         while !stop() {
             if reconcileIfChanged() && config.releaseCodePages {
                 // A policy compile touched code the data path does not use.
@@ -183,6 +184,11 @@ public final class Agent {
                 releasePagesAt = nil
                 let kb = CodePages.release()
                 log.debug("released code pages", metadata: ["kB": "\(kb)"])
+            }
+            if config.releaseFreeHeapSeconds > 0 && Date().timeIntervalSince(lastHeapRelease) >= Double(config.releaseFreeHeapSeconds) {
+                lastHeapRelease = Date()
+                let r = FreeHeap.release()
+                log.debug("released free heap pages", metadata: ["anonymous kB before": "\(r.beforeKB)", "after": "\(r.afterKB)", "us": "\(r.micros)"])
             }
             if Date().timeIntervalSince(lastGC) > gcInterval {
                 lastGC = Date()

@@ -91,6 +91,9 @@ public struct AgentConfig: Sendable {
     /// read-only pages are unmapped (CodePages): RSS then shows the data
     /// path's working set, not what start-up touched once.
     public var releaseCodePages = true
+    /// Every this many seconds the heap's free pages go back to the kernel
+    /// (FreeHeap): memory a burst needed is returned once it ends. 0: never.
+    public var releaseFreeHeapSeconds = 30
 
     public init() {}
 
@@ -128,7 +131,7 @@ public struct AgentConfig: Sendable {
                                     "locality", "services", "accessLogSampling",
                                     "handshakeTimeoutMilliseconds", "maxPendingHandshakes", "maxPendingHandshakesPerSource",
                                     "httpRequestHeadTimeoutMilliseconds", "httpBodyIdleTimeoutMilliseconds",
-                                    "tunnelConnectionIdleSeconds", "tunnelStreamIdleSeconds", "dnsProxyPort", "fqdn", "eventLoops", "releaseCodePages"]
+                                    "tunnelConnectionIdleSeconds", "tunnelStreamIdleSeconds", "dnsProxyPort", "fqdn", "eventLoops", "releaseCodePages", "releaseFreeHeapSeconds"]
 
     /// "HOST:PORT" with an IP address (IPv6 in brackets), or "off" (nil).
     static func address(_ v: YAMLValue) throws -> (host: String, port: Int)? {
@@ -180,6 +183,7 @@ public struct AgentConfig: Sendable {
         if let v = m["tunnelStreamIdleSeconds"] { c.tunnelStreamIdleSeconds = try v.int(in: 1...604_800) }
         if let v = m["eventLoops"] { c.eventLoops = try v.int(in: 1...256) }
         if let v = m["releaseCodePages"] { c.releaseCodePages = try v.bool() }
+        if let v = m["releaseFreeHeapSeconds"] { c.releaseFreeHeapSeconds = try v.int(in: 0...86_400) }
         if let v = m["dnsProxyPort"] {
             if (try? v.string()) == "off" { c.dnsProxyPort = nil } else { c.dnsProxyPort = try v.int(in: 1...65535) }
         }

@@ -1,6 +1,6 @@
 /* The few libbpf and libc calls Swift cannot express directly: options
  * structs (LIBBPF_OPTS zeroes padding, Swift's T() does not), setns and
- * CLONE_NEWNET (hidden from Swift's Glibc module). */
+ * CLONE_NEWNET and malloc_trim (hidden from Swift's Glibc module). */
 #ifndef PALISADE_CSHIM_H
 #define PALISADE_CSHIM_H
 
@@ -21,6 +21,10 @@ int pal_tc_attach(int ifindex, int direction, int prog_fd, uint32_t handle, uint
 int pal_tc_detach(int ifindex, int direction, uint32_t handle, uint32_t priority);
 /* Program id attached at (handle, priority), 0 if none, <0 on error. */
 int pal_tc_query(int ifindex, int direction, uint32_t handle, uint32_t priority, uint32_t *prog_id);
+
+/* glibc's malloc_trim(0) (malloc.h is not in Swift's Glibc module):
+ * returns free heap pages of every arena to the kernel. */
+int pal_malloc_trim(void);
 
 /* Enter the network namespace at path on the calling thread. */
 int pal_setns_net(const char *path);
