@@ -173,22 +173,25 @@ public final class Agent {
         var lastGC = Date()
         var gcInterval = 30.0
         var releasePagesAt: Date? = config.releaseCodePages ? Date().addingTimeInterval(10) : nil
-        var lastHeapRelease = Date()
+        var lastMemoryRelease = Date()
         while !stop() {
             if reconcileIfChanged() && config.releaseCodePages {
                 // A policy compile touched code the data path does not use.
                 releasePagesAt = Date().addingTimeInterval(10)
             }
             rotateSVIDs()
+            if config.memoryReleaseSeconds > 0 && Date().timeIntervalSince(lastMemoryRelease) >= Double(config.memoryReleaseSeconds) {
+                // What a burst used (a bulk transfer's buffers, connection
+                // set-up code) goes back; the data path faults back what it uses.
+                lastMemoryRelease = Date()
+                let r = FreeHeap.release()
+                log.debug("released free heap pages", metadata: ["anonymous kB before": "\(r.beforeKB)", "after": "\(r.afterKB)", "us": "\(r.micros)"])
+                if config.releaseCodePages { releasePagesAt = Date() }
+            }
             if let at = releasePagesAt, Date() >= at {
                 releasePagesAt = nil
                 let kb = CodePages.release()
                 log.debug("released code pages", metadata: ["kB": "\(kb)"])
-            }
-            if config.releaseFreeHeapSeconds > 0 && Date().timeIntervalSince(lastHeapRelease) >= Double(config.releaseFreeHeapSeconds) {
-                lastHeapRelease = Date()
-                let r = FreeHeap.release()
-                log.debug("released free heap pages", metadata: ["anonymous kB before": "\(r.beforeKB)", "after": "\(r.afterKB)", "us": "\(r.micros)"])
             }
             if Date().timeIntervalSince(lastGC) > gcInterval {
                 lastGC = Date()

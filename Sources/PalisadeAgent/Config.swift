@@ -87,13 +87,15 @@ public struct AgentConfig: Sendable {
     /// listener and the DNS proxy share them, and a relayed connection stays
     /// on the loop that accepted it. Default: one per core.
     public var eventLoops = System.coreCount
-    /// Ten seconds after start-up and after each reconcile, code and
-    /// read-only pages are unmapped (CodePages): RSS then shows the data
-    /// path's working set, not what start-up touched once.
+    /// Ten seconds after start-up, after each reconcile and at each
+    /// memory release, code and read-only pages are unmapped (CodePages):
+    /// RSS then shows the data path's working set, not what start-up or an
+    /// earlier burst touched.
     public var releaseCodePages = true
     /// Every this many seconds the heap's free pages go back to the kernel
-    /// (FreeHeap): memory a burst needed is returned once it ends. 0: never.
-    public var releaseFreeHeapSeconds = 30
+    /// (FreeHeap), and code pages too (releaseCodePages): memory a burst
+    /// needed is returned once it ends. 0: never.
+    public var memoryReleaseSeconds = 30
 
     public init() {}
 
@@ -131,7 +133,7 @@ public struct AgentConfig: Sendable {
                                     "locality", "services", "accessLogSampling",
                                     "handshakeTimeoutMilliseconds", "maxPendingHandshakes", "maxPendingHandshakesPerSource",
                                     "httpRequestHeadTimeoutMilliseconds", "httpBodyIdleTimeoutMilliseconds",
-                                    "tunnelConnectionIdleSeconds", "tunnelStreamIdleSeconds", "dnsProxyPort", "fqdn", "eventLoops", "releaseCodePages", "releaseFreeHeapSeconds"]
+                                    "tunnelConnectionIdleSeconds", "tunnelStreamIdleSeconds", "dnsProxyPort", "fqdn", "eventLoops", "releaseCodePages", "memoryReleaseSeconds"]
 
     /// "HOST:PORT" with an IP address (IPv6 in brackets), or "off" (nil).
     static func address(_ v: YAMLValue) throws -> (host: String, port: Int)? {
@@ -183,7 +185,7 @@ public struct AgentConfig: Sendable {
         if let v = m["tunnelStreamIdleSeconds"] { c.tunnelStreamIdleSeconds = try v.int(in: 1...604_800) }
         if let v = m["eventLoops"] { c.eventLoops = try v.int(in: 1...256) }
         if let v = m["releaseCodePages"] { c.releaseCodePages = try v.bool() }
-        if let v = m["releaseFreeHeapSeconds"] { c.releaseFreeHeapSeconds = try v.int(in: 0...86_400) }
+        if let v = m["memoryReleaseSeconds"] { c.memoryReleaseSeconds = try v.int(in: 0...86_400) }
         if let v = m["dnsProxyPort"] {
             if (try? v.string()) == "off" { c.dnsProxyPort = nil } else { c.dnsProxyPort = try v.int(in: 1...65535) }
         }
