@@ -2,15 +2,46 @@ import NIOCore
 
 /// On a tunnel connection, between TLS and HTTP/2: flushes asked for while
 /// the event loop handles one batch of ready sockets become a single flush
-/// once the batch is done. Each stream's relay flushes as its workload's
-/// bytes arrive; several workloads readable at once would each cost a TLS
-/// record and a write system call, and now share them. A flush runs before
-/// any close, so nothing written is lost.
+/// once the batch is done, and the small writes before it one buffer.
+///
+/// Each stream's relay flushes as its workload's bytes arrive; several
+/// workloads readable at once would each cost a write system call, and now
+/// share one. NIO's TLS handler seals every write it is given as a TLS
+/// record of its own, and NIO's HTTP/2 handler writes a DATA frame's 9-byte
+/// header and its payload as two writes: a small request was two records
+/// or more (plus one per WINDOW_UPDATE), each an AEAD seal here and an open
+/// on the peer. Writes up to `smallWrite` bytes are copied into one buffer
+/// of at most `recordSize` (one TLS record); larger ones go on as they are,
+/// after what was gathered, so the order of the bytes never changes. A
+/// flush runs before any close, so nothing written is lost.
 package final class FlushCoalescer: ChannelOutboundHandler, RemovableChannelHandler {
-    package typealias OutboundIn = Any
+    package typealias OutboundIn = IOData
+    package typealias OutboundOut = IOData
+
+    /// TLS's largest record (RFC 8446 §5.1).
+    package static let recordSize = 16_384
+    /// Copying up to this much costs less than a record of its own.
+    package static let smallWrite = 4_096
+
     private var flushScheduled = false
+    private var gathered: ByteBuffer?
+    private var gatheredPromise: EventLoopPromise<Void>?
 
     package init() {}
+
+    package func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        guard case .byteBuffer(var buffer) = unwrapOutboundIn(data), buffer.readableBytes <= Self.smallWrite else {
+            forwardGathered(context)
+            context.write(data, promise: promise)
+            return
+        }
+        if let g = gathered, g.readableBytes + buffer.readableBytes > Self.recordSize { forwardGathered(context) }
+        if gathered == nil { gathered = context.channel.allocator.buffer(capacity: 2048) }
+        gathered!.writeBuffer(&buffer)
+        if let promise {
+            if let all = gatheredPromise { all.futureResult.cascade(to: promise) } else { gatheredPromise = promise }
+        }
+    }
 
     package func flush(context: ChannelHandlerContext) {
         guard !flushScheduled else { return }
@@ -19,6 +50,7 @@ package final class FlushCoalescer: ChannelOutboundHandler, RemovableChannelHand
         context.eventLoop.assumeIsolated().execute { [self] in
             guard flushScheduled else { return }
             flushScheduled = false
+            forwardGathered(context)
             context.flush()
         }
     }
@@ -28,9 +60,21 @@ package final class FlushCoalescer: ChannelOutboundHandler, RemovableChannelHand
         context.close(mode: mode, promise: promise)
     }
 
-    package func handlerRemoved(context: ChannelHandlerContext) { flushNow(context) }
+    package func handlerRemoved(context: ChannelHandlerContext) {
+        forwardGathered(context)
+        flushNow(context)
+    }
+
+    private func forwardGathered(_ context: ChannelHandlerContext) {
+        guard let g = gathered else { return }
+        gathered = nil
+        let promise = gatheredPromise
+        gatheredPromise = nil
+        context.write(wrapOutboundOut(.byteBuffer(g)), promise: promise)
+    }
 
     private func flushNow(_ context: ChannelHandlerContext) {
+        forwardGathered(context)
         guard flushScheduled else { return }
         flushScheduled = false
         context.flush()
