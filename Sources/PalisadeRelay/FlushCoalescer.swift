@@ -11,8 +11,9 @@ import NIOCore
 /// header and its payload as two writes: a small request was two records
 /// or more (plus one per WINDOW_UPDATE), each an AEAD seal here and an open
 /// on the peer. Writes up to `smallWrite` bytes are copied into one buffer
-/// of at most `recordSize` (one TLS record); larger ones go on as they are,
-/// after what was gathered, so the order of the bytes never changes. A
+/// of at most `recordSize` (one TLS record), and so is a larger one that
+/// still fits in it; others go on as they are, after what was gathered, so
+/// the order of the bytes never changes. A
 /// flush runs before any close, so nothing written is lost.
 package final class FlushCoalescer: ChannelOutboundHandler, RemovableChannelHandler {
     package typealias OutboundIn = IOData
@@ -30,12 +31,13 @@ package final class FlushCoalescer: ChannelOutboundHandler, RemovableChannelHand
     package init() {}
 
     package func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
-        guard case .byteBuffer(var buffer) = unwrapOutboundIn(data), buffer.readableBytes <= Self.smallWrite else {
+        guard case .byteBuffer(var buffer) = unwrapOutboundIn(data),
+              buffer.readableBytes <= Self.smallWrite || fitsGathered(buffer.readableBytes) else {
             forwardGathered(context)
             context.write(data, promise: promise)
             return
         }
-        if let g = gathered, g.readableBytes + buffer.readableBytes > Self.recordSize { forwardGathered(context) }
+        if !fitsGathered(buffer.readableBytes) { forwardGathered(context) }
         if gathered == nil { gathered = context.channel.allocator.buffer(capacity: 2048) }
         gathered!.writeBuffer(&buffer)
         if let promise {
@@ -63,6 +65,13 @@ package final class FlushCoalescer: ChannelOutboundHandler, RemovableChannelHand
     package func handlerRemoved(context: ChannelHandlerContext) {
         forwardGathered(context)
         flushNow(context)
+    }
+
+    /// A larger write (a DATA payload after its frame header) joins what
+    /// was gathered when both fit in one record.
+    private func fitsGathered(_ count: Int) -> Bool {
+        guard let g = gathered else { return false }
+        return g.readableBytes + count <= Self.recordSize
     }
 
     private func forwardGathered(_ context: ChannelHandlerContext) {

@@ -43,6 +43,21 @@ final class FlushCoalescerTests: XCTestCase {
         _ = try channel.finish()
     }
 
+    /// A DATA frame's header and a payload over the small-write size leave
+    /// as one record when they fit in it; one that does not fit goes alone.
+    func testALargerWriteJoinsWhatWasGatheredWhenItFits() throws {
+        let channel = EmbeddedChannel(handler: FlushCoalescer())
+        let written = [bytes(9, 1), bytes(10_000, 2), bytes(9, 3), bytes(16_380, 4)]
+        for b in written { channel.write(b, promise: nil) }
+        channel.flush()
+        channel.embeddedEventLoop.run()
+        var out: [ByteBuffer] = []
+        while let b = try channel.readOutbound(as: ByteBuffer.self) { out.append(b) }
+        XCTAssertEqual(out.map(\.readableBytes), [10_018, 16_380])
+        XCTAssertEqual(out.flatMap { Array($0.readableBytesView) }, written.flatMap { Array($0.readableBytesView) })
+        _ = try channel.finish()
+    }
+
     /// Written but not yet flushed when the connection closes: still goes
     /// out ahead of the close, as without the coalescer.
     func testCloseFlushesWhatWasGathered() throws {
