@@ -140,7 +140,7 @@ let package = Package(
         .plugin(name: "BPFCompiler", capability: .buildTool()),
         // Sockets and ports shared by the test targets.
         .target(name: "PalisadeTestSupport", path: "Tests/PalisadeTestSupport"),
-        .testTarget(name: "PalisadePolicyTests", dependencies: ["PalisadePolicy"]),
+        .testTarget(name: "PalisadePolicyTests", dependencies: ["PalisadePolicy", "PalisadeTestSupport"]),
         .testTarget(name: "PalisadeMetricsTests", dependencies: ["PalisadeMetrics", "PalisadeTestSupport",
             .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOConcurrencyHelpers", package: "swift-nio")]),
         .testTarget(name: "PalisadeAgentTests", dependencies: ["PalisadeAgent", "PalisadeTunnel", "PalisadeL7", "PalisadeTestSupport", "CPalisadeShared",

@@ -1,5 +1,6 @@
 import CPalisadeShared
 import XCTest
+import PalisadeTestSupport
 @testable import PalisadePolicy
 import PalisadeIdentity
 

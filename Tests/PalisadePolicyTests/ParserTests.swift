@@ -1,4 +1,5 @@
 import XCTest
+import PalisadeTestSupport
 @testable import PalisadePolicy
 import PalisadeIdentity
 
@@ -136,18 +137,5 @@ final class ParserTests: XCTestCase {
             XCTAssertEqual(covered, Int(b) - Int(a) + 1)
             XCTAssertLessThanOrEqual(blocks.count, 30)
         }
-    }
-}
-
-/// Deterministic generator, so a failing property case can be replayed.
-struct SplitMix64: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E3779B97F4A7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58476D1CE4E5B9
-        z = (z ^ (z >> 27)) &* 0x94D049BB133111EB
-        return z ^ (z >> 31)
     }
 }

@@ -1,4 +1,5 @@
 import XCTest
+import PalisadeTestSupport
 @testable import PalisadePolicy
 import PalisadeIdentity
 

@@ -1,5 +1,6 @@
 import NIOCore
 import NIOEmbedded
+import PalisadeTestSupport
 @testable import PalisadeRelay
 import XCTest
 
@@ -56,7 +57,7 @@ final class H2FrameAlignerTests: XCTestCase {
         let input = Self.bytes(of: Self.frames, preface: preface)
         let safe = Self.safeEnds(of: Self.frames, preface: preface, total: input.count)
         let channel = EmbeddedChannel(handler: H2FrameAligner(expectsPreface: preface))
-        var rng = SplitMix(seed: seed)
+        var rng = SplitMix64(seed: seed)
         var offset = 0, sent = 0
         var out: [UInt8] = []
         while sent < input.count {
@@ -103,18 +104,5 @@ final class H2FrameAlignerTests: XCTestCase {
         XCTAssertEqual(try channel.readInbound(as: ByteBuffer.self)?.readableBytes, 10)   // header + first byte
         XCTAssertEqual(try channel.readInbound(as: ByteBuffer.self)?.readableBytes, 2)
         _ = try channel.finish()
-    }
-}
-
-/// A small deterministic generator, so a failing split can be replayed.
-struct SplitMix {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
     }
 }
