@@ -5,16 +5,16 @@ import NIOCore
 /// once the batch is done, and the small writes before it one buffer.
 ///
 /// Each stream's relay flushes as its workload's bytes arrive; several
-/// workloads readable at once would each cost a write system call, and now
-/// share one. NIO's TLS handler seals every write it is given as a TLS
-/// record of its own, and NIO's HTTP/2 handler writes a DATA frame's 9-byte
-/// header and its payload as two writes: a small request was two records
-/// or more (plus one per WINDOW_UPDATE), each an AEAD seal here and an open
-/// on the peer. Writes up to `smallWrite` bytes are copied into one buffer
-/// of at most `recordSize` (one TLS record), and so is a larger one that
-/// still fits in it; others go on as they are, after what was gathered, so
-/// the order of the bytes never changes. A
-/// flush runs before any close, so nothing written is lost.
+/// workloads readable at once share one write system call. NIO's TLS
+/// handler seals every write it is given as a TLS record of its own, and
+/// NIO's HTTP/2 handler writes a DATA frame's 9-byte header and its payload
+/// as two writes: without gathering, a small request costs two records or
+/// more (plus one per WINDOW_UPDATE), each an AEAD seal here and an open on
+/// the peer. Writes up to `smallWrite` bytes are copied into one buffer of
+/// at most `recordSize` (one TLS record), and so is a larger one that still
+/// fits in it; others go on as they are, after what was gathered, so the
+/// order of the bytes never changes. A flush runs before any close, so
+/// nothing written is lost.
 package final class FlushCoalescer: ChannelOutboundHandler, RemovableChannelHandler {
     package typealias OutboundIn = IOData
     package typealias OutboundOut = IOData

@@ -11,10 +11,9 @@ import NIOCore
 /// When reads keep ending inside frame headers or small frames, the buffer
 /// keeps growing, and it never shrinks: a copy-on-write (DATA frames are
 /// slices of it, still queued for the workload) copies it at its full
-/// capacity. A receiving agent of a 5 s bulk transfer held 16 MB buffers
-/// that way, four at a time during the transfer (67 MB, heaptrack), and
-/// one per tunnel connection afterwards (17-37 MB of anonymous memory,
-/// returned only when the connection closed).
+/// capacity. Under a bulk transfer such buffers reach 16 MB, several are
+/// alive at once, and the last one stays with the tunnel connection until
+/// it closes.
 ///
 /// Bytes are never changed, reordered or dropped; only where one read ends
 /// and the next begins moves. A frame longer than `holdLimit` is passed on
