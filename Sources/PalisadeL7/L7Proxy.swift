@@ -260,7 +260,10 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
     }
 
     var writable: Bool { context?.channel.isWritable ?? false }
-    weak var upstreamHandler: L7Upstream?
+    /// Held strongly both ways (no side tables on the per-request path);
+    /// the pair is unlinked when either handler leaves its pipeline.
+    var upstreamHandler: L7Upstream?
+    var clock: L7RequestClock?
 
     package func channelWritabilityChanged(context: ChannelHandlerContext) {
         if context.channel.isWritable { upstreamHandler?.resumeRead() }
@@ -270,9 +273,12 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
     package func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
         let loop = context.eventLoop
-        headDeadline = LazyDeadline(on: loop) { [weak self] in self?.headTimedOut() }
-        bodyCheck = LazyDeadline(on: loop) { [weak self] in self?.checkBody() }
-        idleDeadline = LazyDeadline(on: loop) { [weak self] in self?.idleTimedOut() }
+        // Strong captures, dropped by stopTimers (handlerRemoved): a weak
+        // reference to the gate would send every retain of it, several per
+        // request, through its side table.
+        headDeadline = LazyDeadline(on: loop) { self.headTimedOut() }
+        bodyCheck = LazyDeadline(on: loop) { self.checkBody() }
+        idleDeadline = LazyDeadline(on: loop) { self.idleTimedOut() }
     }
 
     private func stopTimers() {
@@ -287,10 +293,24 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
     package func handlerRemoved(context: ChannelHandlerContext) {
         self.context = nil
         stopTimers()
+        upstreamHandler?.gate = nil
+        upstreamHandler = nil
+        clock?.gate = nil   // (the clock stays after a WebSocket switch)
+        clock = nil
     }
 
+    /// Parts written without a flush, to the workload and to the caller:
+    /// the end of a read flushes only then (an HTTP/2 stream's flush costs
+    /// a pass through the connection's HTTP/2 handler even with nothing
+    /// to send, and each request's end is already flushed).
+    var upstreamUnflushed = false
+    var callerUnflushed = false
+
     package func channelReadComplete(context: ChannelHandlerContext) {
-        upstream?.flush()
+        if upstreamUnflushed {
+            upstreamUnflushed = false
+            upstream?.flush()
+        }
         context.fireChannelReadComplete()
     }
 
@@ -357,19 +377,28 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
                     self.verifying = false
                     self.judge(h, jwtIdentity: bearerIdentity(result))
                     self.pump()
+                    // (No read completion follows: what pump wrote goes now.)
+                    if self.upstreamUnflushed {
+                        self.upstreamUnflushed = false
+                        self.upstream?.flush()
+                    }
                 }
                 return
             }
             judge(h, jwtIdentity: nil)
         case .body(let b):
             current?.bytesIn += b.readableBytes
-            if current?.verdict.allowed == true { upstream?.write(HTTPClientRequestPart.body(.byteBuffer(b)), promise: nil) }
+            if current?.verdict.allowed == true {
+                upstream?.write(HTTPClientRequestPart.body(.byteBuffer(b)), promise: nil)
+                upstreamUnflushed = true
+            }
         case .end(let t):
             guard let cur = current else { return }
             if cur.verdict.allowed {
                 awaitingResponse = true
                 responseStatus = 0
                 responseBytes = 0
+                upstreamUnflushed = false
                 upstream?.writeAndFlush(HTTPClientRequestPart.end(t), promise: nil)
             } else {
                 deny(cur)
@@ -390,7 +419,10 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
         let (head, upgrade) = Self.upgradeIntent(h)
         self.upgrade = upgrade
         current = (head, verdict, Date(), 0)
-        if verdict.allowed { upstream?.write(HTTPClientRequestPart.head(head), promise: nil) }
+        if verdict.allowed {
+            upstream?.write(HTTPClientRequestPart.head(head), promise: nil)
+            upstreamUnflushed = true
+        }
     }
 
     private func deny(_ cur: (head: HTTPRequestHead, verdict: HTTPVerdict, start: Date, bytesIn: Int)) {
@@ -444,12 +476,15 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
                 upgrade = .closeAfterResponse
             }
             context.write(wrapOutboundOut(.head(h)), promise: nil)
+            callerUnflushed = true
         case .body(let b):
             responseBytes += b.readableBytes
             context.write(wrapOutboundOut(.body(.byteBuffer(b))), promise: nil)
+            callerUnflushed = true
         case .end(let t):
             responseStarted = false
             armIdle()
+            callerUnflushed = false
             context.writeAndFlush(wrapOutboundOut(.end(t)), promise: nil)
             if let cur = current { record(cur, status: responseStatus, bytesOut: responseBytes) }
             current = nil
@@ -522,16 +557,24 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
 final class L7Upstream: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Sendable {
     package typealias InboundIn = HTTPClientResponsePart
     package typealias OutboundIn = HTTPClientRequestPart
-    weak var gate: L7Gate?
+    /// Strong (see L7Gate.upstreamHandler), unlinked at removal.
+    var gate: L7Gate?
     let stream: Channel
     private var context: ChannelHandlerContext?
     private var pendingRead = false
     init(gate: L7Gate, stream: Channel) { self.gate = gate; self.stream = stream }
     package func handlerAdded(context: ChannelHandlerContext) { self.context = context }
-    package func handlerRemoved(context: ChannelHandlerContext) { self.context = nil }
+    package func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+        gate?.upstreamHandler = nil
+        gate = nil
+    }
     package func channelRead(context: ChannelHandlerContext, data: NIOAny) { gate?.fromUpstream(unwrapInboundIn(data)) }
     package func channelReadComplete(context: ChannelHandlerContext) {
-        stream.flush()
+        if let gate, gate.callerUnflushed {
+            gate.callerUnflushed = false
+            stream.flush()
+        }
         context.fireChannelReadComplete()
     }
     package func read(context: ChannelHandlerContext) {
@@ -694,6 +737,7 @@ extension L7Gate {
         let decoder = ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .forwardBytes,
                                                              limitConfiguration: gate.limits.decoderLimits))
         let clock = L7RequestClock(gate)
+        gate.clock = clock
         if let after { try ops.addHandler(clock, position: .after(after)) } else { try ops.addHandler(clock) }
         try ops.addHandler(decoder, position: .after(clock))
         let encoder = HTTPResponseEncoder()
@@ -710,8 +754,10 @@ extension L7Gate {
 final class L7RequestClock: ChannelInboundHandler, RemovableChannelHandler {
     package typealias InboundIn = ByteBuffer
     package typealias InboundOut = ByteBuffer
-    private weak var gate: L7Gate?
+    /// Strong, dropped when the clock or the gate leaves its pipeline.
+    var gate: L7Gate?
     init(_ gate: L7Gate) { self.gate = gate }
+    package func handlerRemoved(context: ChannelHandlerContext) { gate = nil }
     package func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         gate?.bytesArrived()
         context.fireChannelRead(data)

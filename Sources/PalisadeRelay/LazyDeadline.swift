@@ -9,13 +9,15 @@ import NIOCore
 /// Lives on one event loop; not thread-safe.
 package final class LazyDeadline {
     private let eventLoop: EventLoop
-    private let action: () -> Void
+    /// Dropped at `stop`: it may hold the owner, which holds this.
+    private var action: (() -> Void)?
     private var deadline: NIODeadline?
     private var task: Scheduled<Void>?
     private var taskFiresAt = NIODeadline.distantFuture
     private var stopped = false
 
     /// `action` runs on `eventLoop` once the deadline set last has passed.
+    /// It may hold the owner strongly: the owner calls `stop` when it goes.
     package init(on eventLoop: EventLoop, action: @escaping () -> Void) {
         self.eventLoop = eventLoop
         self.action = action
@@ -40,6 +42,7 @@ package final class LazyDeadline {
     package func stop() {
         stopped = true
         deadline = nil
+        action = nil
         task?.cancel()
         task = nil
     }
@@ -47,7 +50,10 @@ package final class LazyDeadline {
     private func schedule(at when: NIODeadline) {
         task?.cancel()
         taskFiresAt = when
-        task = eventLoop.assumeIsolated().scheduleTask(deadline: when) { [weak self] in self?.fired() }
+        // (Held strongly until it fires or `stop` cancels it: a weak
+        // reference would give this object a side table, and every retain
+        // of it the slow path.)
+        task = eventLoop.assumeIsolated().scheduleTask(deadline: when) { self.fired() }
     }
 
     private func fired() {
@@ -59,6 +65,6 @@ package final class LazyDeadline {
             return
         }
         self.deadline = nil
-        action()
+        action?()
     }
 }
