@@ -226,7 +226,7 @@ final class H2Relay: @unchecked Sendable {
             verdict = l7.gate(f.method, path, f.host, f.headers, jwtIdentity)
         }
         var x = Exchange(upID: HTTP2StreamID(Int(nextUpID)), method: f.method,
-                         path: path.split(separator: "?", maxSplits: 1).first.map(String.init) ?? path, verdict: verdict, start: Date())
+                         path: withoutQuery(path), verdict: verdict, start: Date())
         guard verdict.allowed else {
             // Answered once this read is processed (answerDenials): frames
             // that came with the HEADERS still meet an open stream, so

@@ -37,6 +37,13 @@ func bearerToken(_ authorization: String?) -> String? {
     return t.isEmpty ? nil : t
 }
 
+/// A request target's path, as the access log shows it (no query: it may
+/// carry secrets).
+func withoutQuery(_ uri: String) -> String {
+    guard let q = uri.utf8.firstIndex(of: UInt8(ascii: "?")) else { return uri }
+    return String(uri[..<q])
+}
+
 /// One access-log line: never the Authorization header, never a body.
 public struct AccessLogEntry: Codable, Sendable {
     public var time: String
@@ -328,12 +335,27 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
     /// A refused request ended the connection: nothing after it is handled.
     var refused = false
 
+    /// How many Host fields a head has, and whether all are valid (counted
+    /// in place: `headers["host"]` builds an array per request).
+    static func hostFields(_ headers: HTTPHeaders) -> (count: Int, valid: Bool) {
+        var count = 0, valid = true
+        for (name, value) in headers where name.utf8.count == 4 && name.utf8.elementsEqual("host".utf8, by: { $0 | 0x20 == $1 }) {
+            count += 1
+            valid = valid && validHost(value)
+        }
+        return (count, valid)
+    }
+
     /// uri-host [":" port] (RFC 3986): no userinfo, path or spaces.
     static func validHost(_ host: String) -> Bool {
         host.utf8.allSatisfy { c in
             switch c {
             case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "0")...UInt8(ascii: "9"): return true
-            default: return Array("-._~!$&'()*+,;=%:[]".utf8).contains(c)
+            case UInt8(ascii: "-"), UInt8(ascii: "."), UInt8(ascii: "_"), UInt8(ascii: "~"), UInt8(ascii: "!"), UInt8(ascii: "$"),
+                 UInt8(ascii: "&"), UInt8(ascii: "'"), UInt8(ascii: "("), UInt8(ascii: ")"), UInt8(ascii: "*"), UInt8(ascii: "+"),
+                 UInt8(ascii: ","), UInt8(ascii: ";"), UInt8(ascii: "="), UInt8(ascii: "%"), UInt8(ascii: ":"), UInt8(ascii: "["),
+                 UInt8(ascii: "]"): return true
+            default: return false
             }
         }
     }
@@ -356,8 +378,8 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
             // RFC 9112 §3.2: exactly one valid Host (an HTTP/1.0 request
             // may have none). Two would let the rules read one and the
             // workload the other.
-            let hosts = h.headers["host"]
-            if hosts.count > 1 || (hosts.isEmpty && h.version != .http1_0 && h.version != .http0_9) || !hosts.allSatisfy(Self.validHost) {
+            let (hosts, hostsValid) = Self.hostFields(h.headers)
+            if hosts > 1 || (hosts == 0 && h.version != .http1_0 && h.version != .http0_9) || !hostsValid {
                 if let context { badRequest(context) }
                 return
             }
@@ -442,7 +464,7 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
     }
 
     private func record(_ cur: (head: HTTPRequestHead, verdict: HTTPVerdict, start: Date, bytesIn: Int), status: Int, bytesOut: Int) {
-        let path = cur.head.uri.split(separator: "?", maxSplits: 1).first.map(String.init) ?? cur.head.uri
+        let path = withoutQuery(cur.head.uri)
         l7.record(method: cur.head.method.rawValue, path: path, status: status, requestBytes: cur.bytesIn, responseBytes: bytesOut,
                   start: cur.start, verdict: cur.verdict)
     }

@@ -75,21 +75,36 @@ public struct PathPattern: Hashable, Sendable, CustomStringConvertible {
     public var description: String { text }
 
     /// Matches a normalized request path (see `HTTPRuleSet.normalize`).
+    /// The path's segments (what follows each "/") are walked in place:
+    /// splitting it built an array per pattern and request.
     public func matches(_ path: String) -> Bool {
-        // Segments as slices of the path: no copies per request.
-        let p = path.utf8.split(separator: UInt8(ascii: "/"), omittingEmptySubsequences: false).dropFirst()
-        return Self.match(segments[...], p)
+        let u = path.utf8
+        let start = u.firstIndex(of: UInt8(ascii: "/")).map { u.index(after: $0) }   // nil: no segment at all
+        return Self.match(segments[...], u, from: start)
     }
 
-    static func match(_ pat: ArraySlice<String>, _ path: ArraySlice<Substring.UTF8View>) -> Bool {
-        guard let first = pat.first else { return path.isEmpty }
+    /// `from`: where the path's next segment starts; nil when none is left.
+    static func match(_ pat: ArraySlice<String>, _ u: String.UTF8View, from: String.Index?) -> Bool {
+        guard let first = pat.first else { return from == nil }
         if first == "**" {
             // Zero or more segments.
-            for k in 0...path.count where match(pat.dropFirst(), path.dropFirst(k)) { return true }
-            return false
+            var at = from
+            while true {
+                if match(pat.dropFirst(), u, from: at) { return true }
+                guard let a = at else { return false }
+                at = next(u, after: a)
+            }
         }
-        guard let seg = path.first, glob(first, Substring(seg)) else { return false }
-        return match(pat.dropFirst(), path.dropFirst())
+        guard let from else { return false }
+        let end = u[from...].firstIndex(of: UInt8(ascii: "/")) ?? u.endIndex
+        guard glob(first, Substring(u[from..<end])) else { return false }
+        return match(pat.dropFirst(), u, from: end == u.endIndex ? nil : u.index(after: end))
+    }
+
+    /// Where the segment after the one starting at `start` starts.
+    static func next(_ u: String.UTF8View, after start: String.Index) -> String.Index? {
+        guard let slash = u[start...].firstIndex(of: UInt8(ascii: "/")) else { return nil }
+        return u.index(after: slash)
     }
 
     /// `*` within one segment.

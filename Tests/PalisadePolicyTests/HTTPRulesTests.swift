@@ -1,5 +1,6 @@
 import XCTest
 import PalisadeIdentity
+import PalisadeTestSupport
 @testable import PalisadePolicy
 
 /// L7 rules (the pure part): matching, deny wins, default deny,
@@ -102,6 +103,47 @@ final class HTTPRulesTests: XCTestCase {
         XCTAssertNil(PathPattern("relative"))
         XCTAssertNil(PathPattern("/a/**b"))
         XCTAssertNil(PathPattern("/a/../b"))
+    }
+
+    /// Path patterns walk a path's segments in place; the plain reading
+    /// splits it into segments and matches them recursively. Both agree on
+    /// random patterns and paths (with "*", "**", empty segments, a path
+    /// without a leading "/").
+    func testPathPatternsAgreeWithTheSplitReading() {
+        func glob(_ p: Substring, _ s: Substring) -> Bool {
+            guard let star = p.firstIndex(of: "*") else { return p == s }
+            let head = p[..<star], tail = p[p.index(after: star)...]
+            guard s.hasPrefix(head) else { return false }
+            var rest = s.dropFirst(head.count)
+            while true {
+                if glob(tail, rest) { return true }
+                if rest.isEmpty { return false }
+                rest = rest.dropFirst()
+            }
+        }
+        func reference(_ pat: ArraySlice<Substring>, _ path: ArraySlice<Substring>) -> Bool {
+            guard let first = pat.first else { return path.isEmpty }
+            if first == "**" { return (0...path.count).contains { reference(pat.dropFirst(), path.dropFirst($0)) } }
+            guard let seg = path.first, glob(first, seg) else { return false }
+            return reference(pat.dropFirst(), path.dropFirst())
+        }
+        var rng = SplitMix64(seed: 17)
+        let patternSegments = ["a", "b", "*", "**", "a*", "*b", "a*b", "", "ab"]
+        let pathSegments = ["a", "b", "ab", "aab", "ba", "", "x"]
+        var checked = 0, matched = 0
+        for _ in 0..<20_000 {
+            let text = "/" + (0..<Int.random(in: 0...4, using: &rng)).map { _ in patternSegments.randomElement(using: &rng)! }.joined(separator: "/")
+            guard let pattern = PathPattern(text) else { continue }
+            let path = (Bool.random(using: &rng) ? "/" : "")
+                + (0..<Int.random(in: 0...5, using: &rng)).map { _ in pathSegments.randomElement(using: &rng)! }.joined(separator: "/")
+            let want = reference(text.split(separator: "/", omittingEmptySubsequences: false).dropFirst(),
+                                 path.split(separator: "/", omittingEmptySubsequences: false).dropFirst())
+            XCTAssertEqual(pattern.matches(path), want, "pattern \(text) path \(path)")
+            checked += 1
+            if want { matched += 1 }
+        }
+        XCTAssertGreaterThan(checked, 5_000)
+        XCTAssertGreaterThan(matched, 500, "too few matches to say anything")
     }
 
     /// The proxy's byte-level path check against the plain reading of the
