@@ -27,8 +27,24 @@ package final class FlushCoalescer: ChannelOutboundHandler, RemovableChannelHand
     private var flushScheduled = false
     private var gathered: ByteBuffer?
     private var gatheredPromise: EventLoopPromise<Void>?
+    /// The buffer gathered last, kept to gather into again: once TLS has
+    /// sealed it (at the flush) nothing else holds it, and clearing it
+    /// costs no allocation (a buffer and its storage per tick otherwise).
+    private var spare: ByteBuffer?
+    /// The end-of-tick flush, made once (a closure per tick otherwise);
+    /// it holds this handler until handlerRemoved lets it go.
+    private var endOfTick: (() -> Void)?
 
     package init() {}
+
+    package func handlerAdded(context: ChannelHandlerContext) {
+        endOfTick = { [self] in
+            guard flushScheduled else { return }
+            flushScheduled = false
+            forwardGathered(context)
+            context.flush()
+        }
+    }
 
     package func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
         guard case .byteBuffer(var buffer) = unwrapOutboundIn(data),
@@ -38,7 +54,15 @@ package final class FlushCoalescer: ChannelOutboundHandler, RemovableChannelHand
             return
         }
         if !fitsGathered(buffer.readableBytes) { forwardGathered(context) }
-        if gathered == nil { gathered = context.channel.allocator.buffer(capacity: 2048) }
+        if gathered == nil {
+            if var s = spare {
+                spare = nil
+                s.clear()   // (a new storage only if TLS still holds the old one)
+                gathered = s
+            } else {
+                gathered = context.channel.allocator.buffer(capacity: 2048)
+            }
+        }
         gathered!.writeBuffer(&buffer)
         if let promise {
             if let all = gatheredPromise { all.futureResult.cascade(to: promise) } else { gatheredPromise = promise }
@@ -47,14 +71,13 @@ package final class FlushCoalescer: ChannelOutboundHandler, RemovableChannelHand
 
     package func flush(context: ChannelHandlerContext) {
         guard !flushScheduled else { return }
+        guard let endOfTick else {   // (removed from its pipeline: at once)
+            forwardGathered(context)
+            return context.flush()
+        }
         flushScheduled = true
         // Tasks run after the loop has handled every socket of this wake-up.
-        context.eventLoop.assumeIsolated().execute { [self] in
-            guard flushScheduled else { return }
-            flushScheduled = false
-            forwardGathered(context)
-            context.flush()
-        }
+        context.eventLoop.assumeIsolated().execute(endOfTick)
     }
 
     package func close(context: ChannelHandlerContext, mode: CloseMode, promise: EventLoopPromise<Void>?) {
@@ -65,6 +88,8 @@ package final class FlushCoalescer: ChannelOutboundHandler, RemovableChannelHand
     package func handlerRemoved(context: ChannelHandlerContext) {
         forwardGathered(context)
         flushNow(context)
+        endOfTick = nil
+        spare = nil
     }
 
     /// A larger write (a DATA payload after its frame header) joins what
@@ -79,6 +104,7 @@ package final class FlushCoalescer: ChannelOutboundHandler, RemovableChannelHand
         gathered = nil
         let promise = gatheredPromise
         gatheredPromise = nil
+        if g.capacity <= Self.recordSize * 2 { spare = g }
         context.write(wrapOutboundOut(.byteBuffer(g)), promise: promise)
     }
 

@@ -31,6 +31,32 @@ final class FlushCoalescerTests: XCTestCase {
         _ = try channel.finish()
     }
 
+    /// The buffer of one tick is gathered into again at the next: what left
+    /// earlier and is still held (by TLS, here by the test) keeps its bytes.
+    func testAReusedBufferNeverChangesWhatLeftBefore() throws {
+        let channel = EmbeddedChannel(handler: FlushCoalescer())
+        var held: [ByteBuffer] = []
+        for tick in 0..<4 {
+            channel.write(bytes(100, UInt8(tick * 10)), promise: nil)
+            channel.write(bytes(50, UInt8(tick * 10 + 1)), promise: nil)
+            channel.flush()
+            channel.embeddedEventLoop.run()
+            while let b = try channel.readOutbound(as: ByteBuffer.self) { held.append(b) }
+            if tick == 2 { held.removeAll() }   // nothing holds them: the storage can be reused
+        }
+        XCTAssertEqual(held.count, 1)
+        XCTAssertEqual(Array(held[0].readableBytesView), Array(bytes(100, 30).readableBytesView) + Array(bytes(50, 31).readableBytesView))
+        var earlier: [ByteBuffer] = []
+        for tick in 0..<3 {
+            channel.write(bytes(200, UInt8(100 + tick)), promise: nil)
+            channel.flush()
+            channel.embeddedEventLoop.run()
+            while let b = try channel.readOutbound(as: ByteBuffer.self) { earlier.append(b) }
+        }
+        XCTAssertEqual(earlier.map { Array($0.readableBytesView) }, (0..<3).map { Array(bytes(200, UInt8(100 + $0)).readableBytesView) })
+        _ = try channel.finish()
+    }
+
     func testAGatheredBufferStaysWithinOneTLSRecord() throws {
         let channel = EmbeddedChannel(handler: FlushCoalescer())
         for i in 0..<10 { channel.write(bytes(4_000, UInt8(i)), promise: nil) }
