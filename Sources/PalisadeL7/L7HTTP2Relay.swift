@@ -312,9 +312,12 @@ final class H2Relay: @unchecked Sendable {
         case .headers(let h):
             // A header block HTTP/2 forbids fails its write at once (NIO
             // validates it as it is sent): then the caller gets 502 instead.
-            let refused = Refused()
+            // (One flag object for the relay: a closure that captures a
+            // single object needs no allocation of its own.)
             guard let loop = down?.eventLoop else { return }   // the caller is gone
             let sent = loop.makePromise(of: Void.self)
+            let refused = headersRefused
+            refused.value = false
             sent.futureResult.whenFailure { _ in refused.value = true }
             write(down, id, .headers(Self.hop(h)), promise: sent)
             if refused.value { return refuseResponse(down: id, up: upID) }
@@ -412,7 +415,10 @@ final class H2Relay: @unchecked Sendable {
         log(&x)
     }
 
+    /// Set when the response HEADERS just written was refused (reset
+    /// before each; a later failure of an earlier one lands in between).
     private final class Refused: @unchecked Sendable { var value = false }
+    private let headersRefused = Refused()
 
     private func log(_ x: inout Exchange) {
         guard !x.logged else { return }
