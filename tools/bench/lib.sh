@@ -41,6 +41,41 @@ EOF
   mkdir -p "$work/state-n$1/policies"
 }
 
+# bench_pair_config [PORT...]: after bench_agent_config 1 and 2, workload a
+# on node 1 and b on node 2 (mTLS strict), each known to the other node
+# through its tunnel; with PORTs, b's policy lets a reach them.
+bench_pair_config() {
+  cat >> "$work/n1.yaml" <<CONF
+workloads:
+  - {name: a, spiffeID: "spiffe://bench.local/ns/default/sa/a", labels: {app: a}, addresses: ["10.101.1.2"], interface: ${prefix}a, cgroup: "$cg/a"}
+nodes:
+  - {name: n2, tunnelAddress: "10.200.0.2:15008"}
+remoteWorkloads:
+  - {name: b, spiffeID: "spiffe://bench.local/ns/default/sa/b", labels: {app: b}, addresses: ["10.102.1.2"], node: n2}
+CONF
+  cat >> "$work/n2.yaml" <<CONF
+workloads:
+  - {name: b, spiffeID: "spiffe://bench.local/ns/default/sa/b", labels: {app: b}, addresses: ["10.102.1.2"], interface: ${prefix}b, cgroup: "$cg/b", mtls: strict}
+nodes:
+  - {name: n1, tunnelAddress: "10.200.0.1:15008"}
+remoteWorkloads:
+  - {name: a, spiffeID: "spiffe://bench.local/ns/default/sa/a", labels: {app: a}, addresses: ["10.101.1.2"], node: n1}
+CONF
+  [ $# -gt 0 ] || return 0
+  local ports
+  ports=$(printf '{port: %s}, ' "$@")
+  cat > "$work/state-n2/policies/b.yaml" <<CONF
+apiVersion: palisade.dev/v1
+kind: Policy
+metadata: {name: b-from-a}
+spec:
+  selector: {labels: {app: b}}
+  ingress:
+    - from: [{labels: {app: a}}]
+      ports: [${ports%, }]
+CONF
+}
+
 # Starts node 1's agent, gives node 2 the same CA, starts node 2's.
 bench_start_agents() {
   nsenter --net="$n1" "$bin" agent --config "$work/n1.yaml" > "$work/n1.log" 2>&1 & pids+=($!); agent_pids=($!)
