@@ -312,8 +312,7 @@ final class H2Relay: @unchecked Sendable {
         case .headers(let h):
             // A header block HTTP/2 forbids fails its write at once (NIO
             // validates it as it is sent): then the caller gets 502 instead.
-            // (One flag object for the relay: a closure that captures a
-            // single object needs no allocation of its own.)
+            // (One flag object for the whole relay, not one per response.)
             guard let loop = down?.eventLoop else { return }   // the caller is gone
             let sent = loop.makePromise(of: Void.self)
             let refused = headersRefused

@@ -336,7 +336,7 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
     var refused = false
 
     /// How many Host fields a head has, and whether all are valid (counted
-    /// in place: `headers["host"]` builds an array per request).
+    /// in place, with no array of them per request).
     static func hostFields(_ headers: HTTPHeaders) -> (count: Int, valid: Bool) {
         var count = 0, valid = true
         for (name, value) in headers where name.utf8.count == 4 && name.utf8.elementsEqual("host".utf8, by: { $0 | 0x20 == $1 }) {

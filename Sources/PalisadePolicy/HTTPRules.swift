@@ -75,8 +75,8 @@ public struct PathPattern: Hashable, Sendable, CustomStringConvertible {
     public var description: String { text }
 
     /// Matches a normalized request path (see `HTTPRuleSet.normalize`).
-    /// The path's segments (what follows each "/") are walked in place:
-    /// splitting it built an array per pattern and request.
+    /// The path's segments (what follows each "/") are walked in place,
+    /// with no array of them per request.
     public func matches(_ path: String) -> Bool {
         let u = path.utf8
         let start = u.firstIndex(of: UInt8(ascii: "/")).map { u.index(after: $0) }   // nil: no segment at all

@@ -86,7 +86,6 @@ package final class FlushCoalescer: ChannelOutboundHandler, RemovableChannelHand
     }
 
     package func handlerRemoved(context: ChannelHandlerContext) {
-        forwardGathered(context)
         flushNow(context)
         endOfTick = nil
         spare = nil
