@@ -1,6 +1,7 @@
 import Dispatch
 import Foundation
 import PalisadeL7
+import PalisadeMetrics
 import PalisadeTunnel
 
 /// Writes access-log lines off the event loops. The proxy only appends a
@@ -54,9 +55,15 @@ final class AccessLogWriter: @unchecked Sendable {
     deinit { close(fd) }
 
     func write(_ entry: AccessLogEntry) {
-        // Formatted outside the lock (several event loops log at once), into
-        // a small buffer of its own; under the lock only a copy.
         var line: [UInt8] = []
+        write(entry, formattingIn: &line)
+    }
+
+    /// Formatted outside the lock (several event loops log at once), in
+    /// the caller's buffer (a connection reuses its own); under the lock
+    /// only a copy.
+    func write(_ entry: AccessLogEntry, formattingIn line: inout [UInt8]) {
+        line.removeAll(keepingCapacity: true)
         entry.appendJSONLine(to: &line)
         let schedule: Bool = lock.withLock {
             if pending.count + line.count > maxPending {
@@ -110,5 +117,26 @@ final class AccessLogWriter: @unchecked Sendable {
                 spare = batch
             }
         }
+    }
+}
+
+/// What one proxied connection's finished requests go to: its metric
+/// series (looked up once, see `AgentMetrics.httpConnection`) and the
+/// access log, formatted in a line buffer it keeps. Not thread-safe: a
+/// connection records on its own event loop only.
+final class HTTPRequestRecorder: @unchecked Sendable {
+    let metrics: HTTPConnectionMetrics
+    let writer: AccessLogWriter?
+    let sampling: Double
+    private var line: [UInt8] = []
+
+    init(metrics: HTTPConnectionMetrics, writer: AccessLogWriter?, sampling: Double) {
+        self.metrics = metrics; self.writer = writer; self.sampling = sampling
+    }
+
+    func record(_ entry: AccessLogEntry) {
+        metrics.record(status: entry.status, decision: entry.decision, seconds: entry.durationMs / 1000)
+        if sampling < 1, Double.random(in: 0..<1) >= sampling { return }
+        writer?.write(entry, formattingIn: &line)
     }
 }

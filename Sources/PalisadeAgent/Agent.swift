@@ -342,7 +342,7 @@ public final class Agent {
 
     /// Where the L7 proxy's requests go, on both sides: metrics, and one
     /// JSON line per request (sampled) in the access log, opened on first use.
-    func accessLogSink() -> @Sendable (AccessLogEntry) -> Void {
+    func accessLogSink() -> HTTPRecorderFactory {
         let path = config.accessLogPath, metrics = self.metrics
         if accessLog == nil {
             accessLog = AccessLogWriter(path: path)
@@ -350,11 +350,10 @@ public final class Agent {
             if accessLog == nil { log.error("cannot open the access log", metadata: ["path": "\(path)", "error": "\(String(cString: strerror(errno)))"]) }
         }
         let sampling = config.accessLogSampling, writer = accessLog
-        return { entry in
-            metrics.recordHTTP(source: entry.source, destination: entry.destination, status: entry.status,
-                               decision: entry.decision, seconds: entry.durationMs / 1000)
-            if sampling < 1, Double.random(in: 0..<1) >= sampling { return }
-            writer?.write(entry)
+        return { source, destination in
+            let recorder = HTTPRequestRecorder(metrics: metrics.httpConnection(source: source, destination: destination),
+                                               writer: writer, sampling: sampling)
+            return { entry in recorder.record(entry) }
         }
     }
 

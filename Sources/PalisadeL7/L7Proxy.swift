@@ -44,6 +44,11 @@ func withoutQuery(_ uri: String) -> String {
     return String(uri[..<q])
 }
 
+/// Makes the recorder of one proxied connection's requests (access log and
+/// metrics), once per connection: its source and destination are fixed, so
+/// what depends only on them is looked up once, not per request.
+public typealias HTTPRecorderFactory = @Sendable (_ source: String, _ destination: String) -> (@Sendable (AccessLogEntry) -> Void)
+
 /// One access-log line: never the Authorization header, never a body.
 public struct AccessLogEntry: Codable, Sendable {
     public var time: String

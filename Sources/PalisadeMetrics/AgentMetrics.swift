@@ -216,8 +216,15 @@ public final class AgentMetrics: @unchecked Sendable {
     /// pair: requests by status class and decision, and latency. Bounded
     /// like the other pair series (beyond the limit: "other").
     public func recordHTTP(source: String, destination: String, status: Int, decision: String, seconds: Double) {
-        let (counter, histogram): (Counter, ValueHistogram) = lock.withLock {
-            var key = HTTPSeriesKey(source: source, destination: destination, statusClass: status / 100, decision: decision)
+        let (counter, histogram) = httpSeries(source: source, destination: destination, statusClass: status / 100, decision: decision)
+        counter.increment()
+        histogram.record(seconds)
+    }
+
+    /// The request counter and latency histogram of one series.
+    func httpSeries(source: String, destination: String, statusClass: Int, decision: String) -> (Counter, ValueHistogram) {
+        lock.withLock {
+            var key = HTTPSeriesKey(source: source, destination: destination, statusClass: statusClass, decision: decision)
             if let c = httpCounters[key], let h = httpLatency[HTTPPairKey(source: source, destination: destination)] { return (c, h) }
             if httpCounters.count + httpLatency.count >= maxPairs { (key.source, key.destination) = ("other", "other") }
             let pair = HTTPPairKey(source: key.source, destination: key.destination)
@@ -231,8 +238,14 @@ public final class AgentMetrics: @unchecked Sendable {
             httpLatency[pair] = h
             return (c, h)
         }
-        counter.increment()
-        histogram.record(seconds)
+    }
+
+    /// The request metrics of one proxied connection, whose source and
+    /// destination are fixed: the series it used are kept, so a request
+    /// costs no lock and no hashing of two SPIFFE IDs in the shared tables
+    /// (that was 1.3-1.5% of the L7 proxy's samples).
+    public func httpConnection(source: String, destination: String) -> HTTPConnectionMetrics {
+        HTTPConnectionMetrics(metrics: self, source: source, destination: destination)
     }
 
     func pair(_ name: String, _ help: String, _ direction: String, _ local: String, _ peer: String) -> Counter {
@@ -371,5 +384,33 @@ extension PrometheusCollectorRegistry {
     }
     func durationHistogram(_ name: String, labels: [(String, String)] = [], buckets: [Duration], help: String) -> DurationHistogram {
         makeDurationHistogram(descriptor: Self.descriptor(name, help), labels: labels, buckets: buckets)
+    }
+}
+
+/// One proxied connection's request series (see `httpConnection`). Not
+/// thread-safe: a connection records on its own event loop only.
+public final class HTTPConnectionMetrics: @unchecked Sendable {
+    let metrics: AgentMetrics
+    let source: String, destination: String
+    private var histogram: ValueHistogram?
+    /// By status class and decision: a connection meets few of them.
+    private var counters: [(statusClass: Int, decision: String, counter: Counter)] = []
+
+    init(metrics: AgentMetrics, source: String, destination: String) {
+        self.metrics = metrics; self.source = source; self.destination = destination
+    }
+
+    public func record(status: Int, decision: String, seconds: Double) {
+        let statusClass = status / 100
+        if let histogram, let i = counters.firstIndex(where: { $0.statusClass == statusClass && $0.decision == decision }) {
+            counters[i].counter.increment()
+            histogram.record(seconds)
+            return
+        }
+        let (c, h) = metrics.httpSeries(source: source, destination: destination, statusClass: statusClass, decision: decision)
+        histogram = h
+        counters.append((statusClass, decision, c))
+        c.increment()
+        h.record(seconds)
     }
 }

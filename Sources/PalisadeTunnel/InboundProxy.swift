@@ -42,7 +42,7 @@ public final class InboundProxy: @unchecked Sendable {
     /// destination could not be reached).
     public var onStream: (@Sendable (InboundRequest, InboundDecision, String?) -> Void)?
     /// One entry per request through the L7 proxy.
-    public var accessLog: (@Sendable (AccessLogEntry) -> Void)?
+    public var accessLog: HTTPRecorderFactory?
     /// Deadline and caps for connections still handshaking (read at accept).
     public var limits: HandshakeLimits {
         get { lock.withLock { _limits } }

@@ -112,7 +112,7 @@ public final class OutboundProxy: @unchecked Sendable {
     public var localPort: Int { channel.localAddress?.port ?? 0 }
     public var onOutcome: (@Sendable (OutboundOutcome) -> Void)?
     /// Requests judged by the proxy for this node's destinations.
-    public var accessLog: (@Sendable (AccessLogEntry) -> Void)?
+    public var accessLog: HTTPRecorderFactory?
     /// How long a caller to an HTTP-ruled port may stay silent at first.
     public var firstBytesTimeout = TimeAmount.seconds(15)
 
@@ -139,7 +139,7 @@ public final class OutboundProxy: @unchecked Sendable {
                 }
                 if let http = route.http, let c = route.candidates.first, c.peer == nil {
                     let l7 = L7Context(gate: http.gate, usesHeaders: http.usesHeaders, verifyBearer: http.verifyBearer, appProtocol: http.appProtocol, source: route.credentials.spiffeID.description, destination: http.destination,
-                                       destinationAddress: c.authority, log: weakSelf.object?.accessLog)
+                                       destinationAddress: c.authority, log: weakSelf.object?.accessLog?(route.credentials.spiffeID.description, http.destination))
                     OutboundProxy.deliverHTTP(ch, to: c, mark: route.mark, l7: l7, firstBytesTimeout: weakSelf.object?.firstBytesTimeout ?? .seconds(15)) { error in
                         weakSelf.object?.onOutcome?(OutboundOutcome(route: route, error: error, seconds: Date().timeIntervalSince(start)))
                     }

@@ -60,7 +60,7 @@ final class TunnelInboundStream: ChannelInboundHandler, RemovableChannelHandler,
     let authorize: InboundAuthorizer
     let connectTimeout: TimeAmount
     let onStream: (@Sendable (InboundRequest, InboundDecision, String?) -> Void)?
-    var accessLog: (@Sendable (AccessLogEntry) -> Void)?
+    var accessLog: HTTPRecorderFactory?
     private var started = false
     fileprivate(set) var forwarding = false
     fileprivate(set) var buffered: [NIOAny] = []
@@ -171,7 +171,7 @@ extension TunnelInboundStream {
                      destination: String, usesHeaders: Bool, verifyBearer: BearerVerifier?, appProtocol: L7AppProtocol, gate: @escaping HTTPGate) {
         let stream = context.channel
         let l7 = L7Context(gate: gate, usesHeaders: usesHeaders, verifyBearer: verifyBearer, appProtocol: appProtocol, source: request.peer.description,
-                           destination: destination, destinationAddress: "\(request.host):\(request.port)", log: accessLog, callerIsStream: true)
+                           destination: destination, destinationAddress: "\(request.host):\(request.port)", log: accessLog?(request.peer.description, destination), callerIsStream: true)
         // Nothing is read from the workload until the proxy for the
         // caller's protocol is in place (an HTTP/2 server speaks first).
         markedConnection(on: context.eventLoop, mark: mark, connectTimeout: connectTimeout, proxied: true)
@@ -202,7 +202,7 @@ extension InboundProxy {
     /// HTTP/2 server for the tunnel on a verified connection.
     static func configureTunnel(_ channel: Channel, peer: SpiffeID, authorize: @escaping InboundAuthorizer,
                                 onStream: (@Sendable (InboundRequest, InboundDecision, String?) -> Void)?,
-                                accessLog: (@Sendable (AccessLogEntry) -> Void)?, timeouts: TunnelTimeouts = TunnelTimeouts()) throws {
+                                accessLog: HTTPRecorderFactory?, timeouts: TunnelTimeouts = TunnelTimeouts()) throws {
         // Streams' flushes in one event-loop tick leave as one TLS write.
         try channel.pipeline.syncOperations.addHandler(FlushCoalescer())
         // The same guard as the proxy's caller side: a GOAWAY of a connection

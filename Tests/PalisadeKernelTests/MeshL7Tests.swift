@@ -108,6 +108,11 @@ extension MeshTests {
         let series = metrics.split(separator: "\n").filter { $0.hasPrefix("palisade_http_requests_total{") }
         XCTAssertTrue(series.contains { $0.contains("source=\"spiffe://test.local/ns/default/sa/a\"") && $0.contains("destination=\"spiffe://test.local/ns/default/sa/b\"")
                                         && $0.contains("code=\"4xx\"") && $0.contains("decision=\"denied\"") }, "\(series)")
+        // Counted per series, also on the connection whose requests went
+        // 200, 403, 403, 200 (its recorder keeps the series it met).
+        let allowedCount = series.first { $0.contains("sa/a\"") && $0.contains("code=\"2xx\"") && $0.contains("decision=\"allowed\"") }
+            .flatMap { $0.split(separator: " ").last }.flatMap { Double($0) }
+        XCTAssertEqual(allowedCount, 4, "four requests were allowed: \(series)")
         XCTAssertTrue(metrics.contains("palisade_http_request_duration_seconds_bucket{"))
     }
 }
