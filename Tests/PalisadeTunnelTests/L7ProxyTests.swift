@@ -338,6 +338,28 @@ extension TunnelTests {
         }
     }
 
+    /// A workload that resets a stream, or whose response breaks its own
+    /// content-length (the workload's side of the proxy resets that stream
+    /// itself): the caller's stream is reset as well, through the tunnel and
+    /// through the same-node proxy, REFUSED_STREAM kept (the request was
+    /// not processed: a client may retry it); never left open until a
+    /// timeout.
+    func testHTTP2ResetsOnTheWorkloadsSideReachTheCaller() throws {
+        for (server, code) in [("refused", "REFUSED_STREAM"), ("short", "CANCEL")] {
+            let port = freeLoopbackPort()
+            let process = try startL7([Self.python, Self.netprobe, "h2badserver", "\(port)", server], port: port)
+            defer { process.terminate() }
+            let url = "http://127.0.0.1:\(proxy.localPort)/public/a.txt"
+            for path in ["tunnel", "same node"] {
+                localHTTP = path == "tunnel" ? nil
+                    : OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web", gate: Self.allowAll)
+                let out = try sh(["nghttp", "-v", "-t", "5", url]).output
+                let resets = out.split(separator: "\n").filter { $0.contains("error_code=") }
+                XCTAssertTrue(out.contains("recv RST_STREAM") && resets.contains { $0.contains(code) }, "\(server) via \(path): \(resets)")
+            }
+        }
+    }
+
     /// Thousands of streams, 16 at a time on each of two connections,
     /// through the tunnel and through the same-node proxy: none stalls.
     func testManyHTTP2StreamsNeverStall() throws {

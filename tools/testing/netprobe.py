@@ -409,11 +409,13 @@ def wsclient(addr, port, path, count):
 def h2badserver(port, case):
     """An HTTP/2 server (prior knowledge, 127.0.0.1) that answers every
     request with a response HTTP/2 forbids: `uppercase` (an upper-case header
-    name) or `connection` (a connection-specific header)."""
+    name) or `connection` (a connection-specific header); with `short`, a
+    body shorter than its content-length; with `refused`, a reset
+    (REFUSED_STREAM) of every stream."""
     import struct
     def frame(t, flags, stream, payload=b""):
         return struct.pack(">I", len(payload))[1:] + bytes([t, flags]) + struct.pack(">I", stream) + payload
-    bad = {"uppercase": b"X-Upper", "connection": b"connection"}[case]
+    bad = {"uppercase": b"X-Upper", "connection": b"connection", "refused": b"", "short": b""}[case]
     # ":status: 200" (static table 8), then a literal header with a new name.
     response = b"\x88\x00" + bytes([len(bad)]) + bad + b"\x01" + b"1"
     def serve_one(c):
@@ -432,7 +434,11 @@ def h2badserver(port, case):
                     t, flags, stream = buf[3], buf[4], struct.unpack(">I", buf[5:9])[0] & 0x7fffffff
                     buf = buf[9 + n:]
                     if t == 4 and not flags & 1: c.sendall(frame(4, 1, 0))
-                    if t == 1: c.sendall(frame(1, 0x5, stream, response))
+                    if t == 1 and case == "refused": c.sendall(frame(3, 0, stream, struct.pack(">I", 7)))
+                    elif t == 1 and case == "short":
+                        # ":status: 200", content-length (static name 28) "10", then 3 bytes and END_STREAM.
+                        c.sendall(frame(1, 0x4, stream, b"\x88\x0f\x0d\x0210") + frame(0, 0x1, stream, b"abc"))
+                    elif t == 1: c.sendall(frame(1, 0x5, stream, response))
                 d = c.recv(65536)
                 if not d: return
                 buf += d
