@@ -141,10 +141,10 @@ rss_kb() {
   echo $((sum / $#))
 }
 # Open-loop load at a fixed rate from workload a (tools/bench/fixedrate.c):
-# "p50us p90us p99us". $1 host, $2 port, $3 requests/s.
+# "p50us p90us p99us". $1 host, $2 port, $3 requests/s, $4 path (default /).
 fixed_run() {
   local out
-  out=$("$root/tools/lab" exec "$prefix" a "$work/fixedrate" "$1" "$2" "$3" "$secs" 10)
+  out=$("$root/tools/lab" exec "$prefix" a "$work/fixedrate" "$1" "$2" "$3" "$secs" 10 "${4:-/}")
   [[ $out == *"errors=0 "* ]] || echo "fixed rate $3/s to $1:$2: $out" >&2
   sed -E 's/.* p50=([0-9]+) p90=([0-9]+) p99=([0-9]+).*/\1 \2 \3/' <<<"$out"
 }
