@@ -142,6 +142,12 @@ extension TunnelTests {
             "rst-on-idle-stream": "GOAWAY:PROTOCOL_ERROR closed",
             "missing-method": "RST_STREAM:1:PROTOCOL_ERROR",
             "ping-wrong-length": "GOAWAY:FRAME_SIZE_ERROR closed",
+            // (The proxy's own check: rules read :authority, the workload
+            // might read Host. Without it, a Host naming another entity
+            // reaches the workload; nghttpd refuses two Hosts itself.)
+            "host-not-authority": "RST_STREAM:1:PROTOCOL_ERROR",
+            "two-hosts": "RST_STREAM:1:PROTOCOL_ERROR",
+            "host-same-authority": "HEADERS:1 DATA:1",
         ]
         for (name, answer) in expected.sorted(by: { $0.key < $1.key }) {
             let got = try sh([Self.python, Self.netprobe, "h2raw", name, "127.0.0.1", "\(proxy.localPort)"]).output

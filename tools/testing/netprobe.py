@@ -165,6 +165,10 @@ def h2raw(case, addr, port):
         "missing-method": preface + frame(1, 0x5, 1, b"\x86\x84" + lit(b":authority", b"h2raw")),
         "data-after-end-stream": preface + frame(1, 0x5, 1, get) + frame(0, 0x1, 1, b"late"),
         "ping-wrong-length": preface + frame(6, 0, 0, b"1234567"),
+        # RFC 9113 8.3.1: a Host naming another entity than :authority, or two Hosts.
+        "host-not-authority": preface + frame(1, 0x5, 1, get + lit(b"host", b"elsewhere")),
+        "two-hosts": preface + frame(1, 0x5, 1, get + lit(b"host", b"h2raw") + lit(b"host", b"h2raw")),
+        "host-same-authority": preface + frame(1, 0x5, 1, get + lit(b"host", b"H2RAW")),
     }
     s = socket.create_connection((addr, port), timeout=3)
     s.sendall(cases[case])
