@@ -215,13 +215,8 @@ public final class AgentMetrics: @unchecked Sendable {
     /// Golden signals of the L7 proxy per (source, destination) identity
     /// pair: requests by status class and decision, and latency. Bounded
     /// like the other pair series (beyond the limit: "other").
-    public func recordHTTP(source: String, destination: String, status: Int, decision: String, seconds: Double) {
-        let (counter, histogram) = httpSeries(source: source, destination: destination, statusClass: status / 100, decision: decision)
-        counter.increment()
-        histogram.record(seconds)
-    }
-
-    /// The request counter and latency histogram of one series.
+    /// Recorded through a connection's `HTTPConnectionMetrics`; this is
+    /// the request counter and latency histogram of one series.
     func httpSeries(source: String, destination: String, statusClass: Int, decision: String) -> (Counter, ValueHistogram) {
         lock.withLock {
             var key = HTTPSeriesKey(source: source, destination: destination, statusClass: statusClass, decision: decision)
