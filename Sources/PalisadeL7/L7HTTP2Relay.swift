@@ -312,7 +312,7 @@ final class H2Relay: @unchecked Sendable {
         case .headers(let h):
             // A header block HTTP/2 forbids fails its write at once (NIO
             // validates it as it is sent): then the caller gets 502 instead.
-            // (One flag object for the whole relay, not one per response.)
+            // (The flag object is the relay's, reset before each response.)
             guard let loop = down?.eventLoop else { return }   // the caller is gone
             let sent = loop.makePromise(of: Void.self)
             let refused = headersRefused
@@ -458,8 +458,7 @@ final class H2RelaySide: ChannelDuplexHandler, @unchecked Sendable {
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         // (NIO sends several events per stream, window updates among them:
-        // comparing the type first spares each a dynamic cast that fails,
-        // 0.5% of the proxy's samples.)
+        // comparing the type first spares each a dynamic cast that fails.)
         if type(of: event) == StreamClosedEvent.self, let e = event as? StreamClosedEvent {
             relay.streamClosed(e.streamID, onDown: isDown, reason: e.reason)
         }

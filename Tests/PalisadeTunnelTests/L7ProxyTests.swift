@@ -56,6 +56,16 @@ extension TunnelTests {
         try sh(["curl", "-s", "--max-time", "10"] + args).output
     }
 
+    /// Runs `body` twice: through the tunnel to node 2's proxy ("tunnel"),
+    /// then through this node's own proxy with `route` ("same node").
+    func throughBothProxies(_ route: OutboundRoute.HTTP = OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web", gate: allowAll),
+                            _ body: (_ path: String) throws -> Void) rethrows {
+        for path in ["tunnel", "same node"] {
+            localHTTP = path == "tunnel" ? nil : route
+            try body(path)
+        }
+    }
+
     /// Random header multisets: the HTTP/1.1 and the HTTP/2 proxy collect
     /// the same values and reach the same decision, and x-debug: 1 in any
     /// line or list element never passes the deny rule.
@@ -193,9 +203,7 @@ extension TunnelTests {
         let port = freeLoopbackPort()
         let server = try startL7(["nghttpd", "--no-tls", "-d", "WWW", "\(port)"], port: port)
         defer { server.terminate() }
-        for path in ["tunnel", "same node"] {
-            localHTTP = path == "tunnel" ? nil
-                : OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web", gate: Self.allowAll)
+        try throughBothProxies { path in
             let out = try sh([Self.python, Self.h2conform, "127.0.0.1", "\(proxy.localPort)", "--path", "/public/a.txt"]).output
             let summary = out.split(separator: "\n").last { $0.hasSuffix(" failed") }.map(String.init) ?? "no summary"
             let counts = summary.split(separator: " ").compactMap { Int($0) }
@@ -251,10 +259,8 @@ extension TunnelTests {
             listener.authorize = { _ in .deliverHTTP(mark: 0, destination: "spiffe://example.org/ns/default/sa/web", verifyBearer: verify, gate: gate) }
             let url = "http://127.0.0.1:\(proxy.localPort)" + (http2 ? "/public/a.txt" : "/up")
             let proto = http2 ? ["--http2-prior-knowledge"] : []
-            for path in ["tunnel", "same node"] {
+            try throughBothProxies(OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web", verifyBearer: verify, gate: gate)) { path in
                 let what = "\(path), \(http2 ? "HTTP/2" : "HTTP/1.1")"
-                localHTTP = path == "tunnel" ? nil
-                    : OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web", verifyBearer: verify, gate: gate)
                 func status(_ extra: [String]) throws -> String {
                     try curl(proto + ["-o", "/dev/null", "-w", "%{http_code}", "--data-binary", "@\(body)"] + extra + [url])
                 }
@@ -292,8 +298,7 @@ extension TunnelTests {
             defer { kill(p.processIdentifier, SIGKILL); p.waitUntilExit() }
             listener.authorize = { _ in .deliverHTTP(mark: 0, destination: "spiffe://example.org/ns/default/sa/web", gate: gate) }
             let url = "http://127.0.0.1:\(proxy.localPort)/public/a.txt"
-            for path in ["tunnel", "same node"] {
-                localHTTP = path == "tunnel" ? nil : OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web", gate: gate)
+            try throughBothProxies(OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web", gate: gate)) { path in
                 let what = "\(path), \(http2 ? "HTTP/2" : "HTTP/1.1")"
                 func status(_ headers: [String]) throws -> String {
                     try curl((http2 ? ["--http2-prior-knowledge"] : []) + ["-o", "/dev/null", "-w", "%{http_code}"]
@@ -333,9 +338,7 @@ extension TunnelTests {
             let server = try startL7([Self.python, Self.netprobe, "h2badserver", "\(port)", bad], port: port)
             defer { server.terminate() }
             let url = "http://127.0.0.1:\(proxy.localPort)/public/a.txt"
-            for path in ["tunnel", "same node"] {
-                localHTTP = path == "tunnel" ? nil
-                    : OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web", gate: Self.allowAll)
+            try throughBothProxies { path in
                 XCTAssertEqual(try curl(["--http2-prior-knowledge", "-o", "/dev/null", "-w", "%{http_code}", url]), "502", "\(bad) via \(path)")
                 // Three streams on one connection: each answered 502, none hangs.
                 let streams = H2Streams.run(try sh(["nghttp", "-ns", "-t", "5", url + "?1", url + "?2", url + "?3"]).output)
@@ -356,9 +359,7 @@ extension TunnelTests {
             let process = try startL7([Self.python, Self.netprobe, "h2badserver", "\(port)", server], port: port)
             defer { process.terminate() }
             let url = "http://127.0.0.1:\(proxy.localPort)/public/a.txt"
-            for path in ["tunnel", "same node"] {
-                localHTTP = path == "tunnel" ? nil
-                    : OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web", gate: Self.allowAll)
+            try throughBothProxies { path in
                 let out = try sh(["nghttp", "-v", "-t", "5", url]).output
                 let resets = out.split(separator: "\n").filter { $0.contains("error_code=") }
                 XCTAssertTrue(out.contains("recv RST_STREAM") && resets.contains { $0.contains(code) }, "\(server) via \(path): \(resets)")
@@ -373,10 +374,7 @@ extension TunnelTests {
         let server = try startL7(["nghttpd", "--no-tls", "-d", "WWW", "\(port)"], port: port)
         defer { server.terminate() }
         let url = "http://127.0.0.1:\(proxy.localPort)/public/a.txt"
-        for path in ["tunnel", "same node"] {
-            if path == "same node" {
-                localHTTP = OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web", gate: Self.allowAll)
-            }
+        try throughBothProxies { path in
             let out = try sh(["timeout", "60", "h2load", "-n", "3000", "-c", "2", "-m", "16", url]).output
             XCTAssertTrue(out.contains("3000 succeeded, 0 failed"), "\(path): \(out.split(separator: "\n").filter { $0.contains("requests:") || $0.contains("status codes") })")
         }
@@ -421,9 +419,7 @@ extension TunnelTests {
         listener.authorize = { _ in
             .deliverHTTP(mark: 0, destination: "spiffe://example.org/ns/default/sa/web", gate: Self.allowAll)
         }
-        for path in ["tunnel", "same node"] {
-            localHTTP = path == "tunnel" ? nil
-                : OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web", gate: Self.allowAll)
+        try throughBothProxies { path in
             let out = try sh(["sh", "-c", "curl -sv --max-time 10 --expect100-timeout 8 -T \(body) http://127.0.0.1:\(proxy.localPort)/public/up 2>&1"]).output
             XCTAssertTrue(out.contains("< HTTP/1.1 100 Continue"), "\(path): \(out.suffix(600))")
             XCTAssertTrue(out.contains("received \(3 << 20)"), "\(path): \(out.suffix(600))")
@@ -440,10 +436,10 @@ extension TunnelTests {
         let port = freeLoopbackPort()
         let server = try startL7([Self.python, Self.netprobe, "wsecho", "\(port)"], port: port)
         defer { server.terminate() }
-        for path in ["tunnel", "same node"] {
-            localHTTP = path == "tunnel" ? nil : OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web") { _, uri, _, _, _ in
-                HTTPVerdict(allowed: uri.hasPrefix("/public/"), reason: "denied: no rule allows this request", rule: nil)
-            }
+        let publicOnly = OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web") { _, uri, _, _, _ in
+            HTTPVerdict(allowed: uri.hasPrefix("/public/"), reason: "denied: no rule allows this request", rule: nil)
+        }
+        try throughBothProxies(publicOnly) { path in
             let ok = try sh(["sh", "-c", "\(Self.python) \(Self.netprobe) wsclient 127.0.0.1 \(proxy.localPort) /public/chat 12 2>&1"]).output
             XCTAssertEqual(ok.trimmingCharacters(in: .whitespacesAndNewlines), "ok 12", path)
             let denied = try sh([Self.python, Self.netprobe, "wsclient", "127.0.0.1", "\(proxy.localPort)", "/private/chat", "1"]).output
@@ -530,8 +526,7 @@ extension TunnelTests {
         listener.authorize = { _ in
             .deliverHTTP(mark: 0, destination: "spiffe://example.org/ns/default/sa/web", gate: Self.allowAll)
         }
-        for path in ["tunnel", "same node"] {
-            localHTTP = path == "tunnel" ? nil : OutboundRoute.HTTP(destination: "spiffe://example.org/ns/default/sa/web", gate: Self.allowAll)
+        try throughBothProxies { path in
             for mode in ["head", "body"] {
                 let got = try sh([Self.python, Self.netprobe, "h1slow", mode, "127.0.0.1", "\(proxy.localPort)", "8"]).output
                 let parts = got.split(separator: " ")

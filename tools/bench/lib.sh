@@ -148,4 +148,27 @@ fixed_run() {
   [[ $out == *"errors=0 "* ]] || echo "fixed rate $3/s to $1:$2: $out" >&2
   sed -E 's/.* p50=([0-9]+) p90=([0-9]+) p99=([0-9]+).*/\1 \2 \3/' <<<"$out"
 }
+# The figures below are kept in the caller's associative array R, about
+# the processes of the mesh under test in its array measured_pids (empty
+# for the no-mesh baseline).
+# CPU seconds the mesh's processes have used so far (0 without a mesh).
+mesh_cpu_seconds() {
+  if [ ${#measured_pids[@]} -gt 0 ]; then cpu_seconds "${measured_pids[@]}"; else echo 0; fi
+}
+# After a fixed-rate run of $2 requests/s for NAME ($1) that began when the
+# mesh had used $3 CPU seconds: R[NAME.cpuRATE] (vCPU per 1,000 req/s) and
+# R[NAME.rssRATE] (kB per process).
+record_fixed_cost() {
+  if [ ${#measured_pids[@]} -gt 0 ]; then
+    R[$1.cpu$2]=$(awk -v a="$3" -v b="$(cpu_seconds "${measured_pids[@]}")" -v s="$secs" -v r="$2" 'BEGIN { printf "%.3f", (b - a) / s / (r / 1000) }')
+    R[$1.rss$2]=$(rss_kb "${measured_pids[@]}")
+  else
+    R[$1.cpu$2]=0; R[$1.rss$2]=0
+  fi
+}
+# Latency NAME ($1) added over no mesh at $2 requests/s: "p50/p90/p99".
+added() {
+  local a b; read -r -a a <<<"${R[$1.fixed$2]}"; read -r -a b <<<"${R[none.fixed$2]}"
+  echo "$((a[0] - b[0]))/$((a[1] - b[1]))/$((a[2] - b[2]))"
+}
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "?" }'; }
