@@ -143,8 +143,10 @@ package struct L7Context: Sendable {
 /// buffered whole; at most `maxQueuedParts` pipelined parts wait.
 final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Sendable {
     package typealias InboundIn = HTTPServerRequestPart
-    package typealias OutboundIn = HTTPServerResponsePart
-    package typealias OutboundOut = HTTPServerResponsePart
+    /// Responses go to the caller as bytes: the workload's as it sent them
+    /// (HTTP1ResponseFramer), the proxy's own written out by `answer`.
+    package typealias OutboundIn = ByteBuffer
+    package typealias OutboundOut = ByteBuffer
 
     let l7: L7Context
     var gate: HTTPGate { l7.gate }
@@ -216,11 +218,8 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
             upstream?.close(promise: nil)
             return
         }
-        var head = HTTPResponseHead(version: .http1_1, status: .requestTimeout)
-        head.headers.add(name: "content-length", value: "0")
-        head.headers.add(name: "connection", value: "close")
-        context.write(wrapOutboundOut(.head(head)), promise: nil)
-        context.writeAndFlush(wrapOutboundOut(.end(nil))).assumeIsolated().whenComplete { _ in
+        context.writeAndFlush(wrapOutboundOut(Self.answer(.http1_1, .requestTimeout, close: true, allocator: context.channel.allocator)))
+            .assumeIsolated().whenComplete { _ in
             context.close(promise: nil)
             upstream?.close(promise: nil)
         }
@@ -447,6 +446,7 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
         self.upgrade = upgrade
         current = (head, verdict, Date(), 0)
         if verdict.allowed {
+            upstreamHandler?.framer.requestForwarded(head.method == .HEAD ? .head : head.method == .CONNECT ? .connect : .other)
             upstream?.write(HTTPClientRequestPart.head(head), promise: nil)
             upstreamUnflushed = true
         }
@@ -455,14 +455,9 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
     private func deny(_ cur: (head: HTTPRequestHead, verdict: HTTPVerdict, start: Date, bytesIn: Int)) {
         guard let context else { return }
         let body = "\(cur.verdict.reason)\n"
-        var head = HTTPResponseHead(version: cur.head.version, status: .forbidden)
-        head.headers.add(name: "content-type", value: "text/plain")
-        head.headers.add(name: "content-length", value: "\(body.utf8.count)")
         // After an upgrade request the decoder reads no further request.
-        if upgrade != .none { head.headers.add(name: "connection", value: "close") }
-        context.write(wrapOutboundOut(.head(head)), promise: nil)
-        context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: body)))), promise: nil)
-        context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+        context.writeAndFlush(wrapOutboundOut(Self.answer(cur.head.version, .forbidden, close: upgrade != .none, body: body,
+                                                          allocator: context.channel.allocator)), promise: nil)
         record(cur, status: 403, bytesOut: body.utf8.count)
         current = nil
         if upgrade != .none { refused = true; finish() }
@@ -474,23 +469,24 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
                   start: cur.start, verdict: cur.verdict)
     }
 
-    /// A response part from the workload.
-    func fromUpstream(_ part: HTTPClientResponsePart) {
+    /// What the workload's response brought (HTTP1ResponseFramer).
+    func fromUpstream(_ event: HTTP1ResponseFramer.Event) {
         guard let context else { return }
-        switch part {
-        case .head(var h):
+        switch event {
+        case .head(let h):
             // 100 Continue, 103 Early Hints: passed on as they come (a
             // client waiting for 100 before sending its body would stall).
-            if (100..<200).contains(h.status.code) && h.status != .switchingProtocols {
-                context.writeAndFlush(wrapOutboundOut(.head(h)), promise: nil)
+            if h.status < 200 && h.status != 101 {
+                context.writeAndFlush(wrapOutboundOut(h.bytes), promise: nil)
                 return
             }
-            responseStatus = Int(h.status.code)
+            responseStatus = h.status
             responseStarted = true
+            var bytes = h.bytes
             switch (upgrade, h.status) {
-            case (.websocket, .switchingProtocols):
+            case (.websocket, 101):
                 upgrade = .switching
-            case (_, .switchingProtocols):
+            case (_, 101):
                 // A protocol switch the proxy did not forward: the bytes
                 // after it could not be judged.
                 context.close(promise: nil)
@@ -499,20 +495,20 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
             case (.none, _):
                 break
             default:
-                h.headers.replaceOrAdd(name: "connection", value: "close")
+                bytes = Self.withConnectionClose(h.bytes, allocator: context.channel.allocator)
                 upgrade = .closeAfterResponse
             }
-            context.write(wrapOutboundOut(.head(h)), promise: nil)
+            context.write(wrapOutboundOut(bytes), promise: nil)
             callerUnflushed = true
-        case .body(let b):
-            responseBytes += b.readableBytes
-            context.write(wrapOutboundOut(.body(.byteBuffer(b))), promise: nil)
+        case .body(let b, let payload):
+            responseBytes += payload
+            context.write(wrapOutboundOut(b), promise: nil)
             callerUnflushed = true
-        case .end(let t):
+        case .end:
             responseStarted = false
             armIdle()
             callerUnflushed = false
-            context.writeAndFlush(wrapOutboundOut(.end(t)), promise: nil)
+            context.flush()
             if let cur = current { record(cur, status: responseStatus, bytesOut: responseBytes) }
             current = nil
             awaitingResponse = false
@@ -522,6 +518,60 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
             case .none: pump()
             }
         }
+    }
+
+    /// The workload's response could not be framed strictly (see
+    /// HTTP1ResponseFramer): 502 if none of it reached the caller yet,
+    /// then the end of both connections.
+    func upstreamMalformed(_ reason: String) {
+        guard let context else { return }
+        let upstream = self.upstream
+        self.upstream = nil
+        upstream?.close(promise: nil)
+        if responseStarted || refused {
+            context.close(promise: nil)
+            return
+        }
+        refused = true
+        queue.removeAll()
+        if let cur = current {
+            record(cur, status: 502, bytesOut: 0)
+            current = nil
+        }
+        context.writeAndFlush(wrapOutboundOut(Self.answer(.http1_1, .badGateway, close: true, allocator: context.channel.allocator)))
+            .assumeIsolated().whenComplete { _ in context.close(mode: .output, promise: nil) }
+    }
+
+    /// A response of the proxy's own, written out.
+    static func answer(_ version: HTTPVersion, _ status: HTTPResponseStatus, close: Bool, body: String = "",
+                       allocator: ByteBufferAllocator) -> ByteBuffer {
+        var b = allocator.buffer(capacity: 128 + body.utf8.count)
+        b.writeString("HTTP/\(version.major).\(version.minor) \(status.code) \(status.reasonPhrase)\r\n")
+        if !body.isEmpty { b.writeString("content-type: text/plain\r\n") }
+        b.writeString("content-length: \(body.utf8.count)\r\n")
+        if close { b.writeString("connection: close\r\n") }
+        b.writeString("\r\n")
+        b.writeString(body)
+        return b
+    }
+
+    /// A head (already checked by the framer) with its Connection fields
+    /// replaced by `connection: close`.
+    static func withConnectionClose(_ head: ByteBuffer, allocator: ByteBufferAllocator) -> ByteBuffer {
+        var out = allocator.buffer(capacity: head.readableBytes + 19)
+        let view = head.readableBytesView
+        var lineStart = view.startIndex
+        var first = true
+        while let lf = view[lineStart...].firstIndex(of: UInt8(ascii: "\n")) {
+            let line = view[lineStart...lf]
+            lineStart = lf + 1
+            if line.count == 2 { break }   // the empty line
+            let isConnection = line.count > 11 && zip(line.prefix(11), "connection:".utf8).allSatisfy { ($0 >= 65 && $0 <= 90 ? $0 | 0x20 : $0) == $1 }
+            if first || !isConnection { out.writeBytes(line) }
+            first = false
+        }
+        out.writeString("connection: close\r\n\r\n")
+        return out
     }
 
     package func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
@@ -558,15 +608,12 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
         queue.removeAll()
         headDeadline?.clear()
         bodyCheck?.clear()
-        var head = HTTPResponseHead(version: .http1_1, status: status)
-        head.headers.add(name: "content-length", value: "0")
-        head.headers.add(name: "connection", value: "close")
-        context.write(wrapOutboundOut(.head(head)), promise: nil)
         // End the stream cleanly (END_STREAM after the answer): a reset
         // could overtake the 400 on its way to the caller.
         let upstream = self.upstream
         self.upstream = nil
-        context.writeAndFlush(wrapOutboundOut(.end(nil))).assumeIsolated().whenComplete { _ in
+        context.writeAndFlush(wrapOutboundOut(Self.answer(.http1_1, status, close: true, allocator: context.channel.allocator)))
+            .assumeIsolated().whenComplete { _ in
             context.close(mode: .output, promise: nil)
             upstream?.close(promise: nil)
         }
@@ -582,8 +629,11 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
 /// The workload's side: responses go back through the gate, read only
 /// while the caller's side can take them.
 final class L7Upstream: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Sendable {
-    package typealias InboundIn = HTTPClientResponsePart
+    package typealias InboundIn = ByteBuffer
+    package typealias InboundOut = ByteBuffer
     package typealias OutboundIn = HTTPClientRequestPart
+    let framer = HTTP1ResponseFramer()
+    private var reading = false
     /// Strong (see L7Gate.upstreamHandler), unlinked at removal.
     var gate: L7Gate?
     let stream: Channel
@@ -592,11 +642,31 @@ final class L7Upstream: ChannelDuplexHandler, RemovableChannelHandler, @unchecke
     init(gate: L7Gate, stream: Channel) { self.gate = gate; self.stream = stream }
     package func handlerAdded(context: ChannelHandlerContext) { self.context = context }
     package func handlerRemoved(context: ChannelHandlerContext) {
+        // After a 101: the switched protocol's first bytes go on to the
+        // byte relay that replaced the HTTP handlers (L7Upgrade.swift).
+        let after = framer.takeAfterUpgrade()
+        if after.readableBytes > 0 { context.fireChannelRead(wrapInboundOut(after)) }
         self.context = nil
         gate?.upstreamHandler = nil
         gate = nil
     }
-    package func channelRead(context: ChannelHandlerContext, data: NIOAny) { gate?.fromUpstream(unwrapInboundIn(data)) }
+    /// Taken out in a task of its own, so never in the middle of a read
+    /// (the gate switches to bytes from inside one).
+    package func removeHandler(context: ChannelHandlerContext, removalToken: ChannelHandlerContext.RemovalToken) {
+        context.eventLoop.assumeIsolated().execute { context.leavePipeline(removalToken: removalToken) }
+    }
+    package func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var bytes = unwrapInboundIn(data)
+        reading = true
+        defer { reading = false }
+        do {
+            try framer.feed(&bytes) { gate?.fromUpstream($0) }
+        } catch {
+            let reason = (error as? HTTP1ResponseFramer.Malformed)?.reason ?? "\(error)"
+            gate?.upstreamMalformed(reason)
+            context.close(promise: nil)
+        }
+    }
     package func channelReadComplete(context: ChannelHandlerContext) {
         if let gate, gate.callerUnflushed {
             gate.callerUnflushed = false
@@ -622,8 +692,14 @@ final class L7Upstream: ChannelDuplexHandler, RemovableChannelHandler, @unchecke
         context.fireChannelWritabilityChanged()
     }
     package func channelInactive(context: ChannelHandlerContext) {
-        // The workload closed: end the stream after what was already sent.
-        stream.close(mode: .output, promise: nil)
+        // The workload closed: a body that ran to the close ends here, and
+        // the stream after what was already sent. (Closed from inside a
+        // read, the gate closed it, and ends the caller's side itself: with
+        // a 502 first if the response was malformed.)
+        if !reading {
+            try? framer.inputClosed { gate?.fromUpstream($0) }
+            stream.close(mode: .output, promise: nil)
+        }
         context.fireChannelInactive()
     }
     package func errorCaught(context: ChannelHandlerContext, error: Error) { context.close(promise: nil) }
@@ -757,8 +833,7 @@ extension L7Gate {
         // Bytes a decoder holds past an upgrade go on when it is
         // taken out (only then: not at a close), see L7Upgrade.swift.
         let upEncoder = HTTPRequestEncoder()
-        let upDecoder = ByteToMessageHandler(HTTPResponseDecoder(leftOverBytesStrategy: .forwardBytes, informationalResponseStrategy: .forward))
-        try upstream.pipeline.syncOperations.addHandlers([upEncoder, upDecoder, up])
+        try upstream.pipeline.syncOperations.addHandlers([upEncoder, up])
         let ops = stream.pipeline.syncOperations
         // In order: bytes -> (clock) -> requests -> gate.
         let decoder = ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .forwardBytes,
@@ -767,11 +842,8 @@ extension L7Gate {
         gate.clock = clock
         if let after { try ops.addHandler(clock, position: .after(after)) } else { try ops.addHandler(clock) }
         try ops.addHandler(decoder, position: .after(clock))
-        let encoder = HTTPResponseEncoder()
-        try ops.addHandler(encoder, position: .after(decoder))
-        try ops.addHandler(gate, position: .after(encoder))
-        gate.codecs = L7Codecs(requestDecoder: decoder, responseEncoder: encoder, upstreamEncoder: upEncoder,
-                               upstreamDecoder: upDecoder, upstreamHandler: up)
+        try ops.addHandler(gate, position: .after(decoder))
+        gate.codecs = L7Codecs(requestDecoder: decoder, upstreamEncoder: upEncoder, upstreamHandler: up)
     }
 }
 

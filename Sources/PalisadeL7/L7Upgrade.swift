@@ -18,9 +18,8 @@ enum UpgradeState {
 /// The HTTP handlers on both sides of one proxied HTTP/1.1 connection.
 struct L7Codecs {
     var requestDecoder: RemovableChannelHandler
-    var responseEncoder: RemovableChannelHandler
     var upstreamEncoder: RemovableChannelHandler
-    var upstreamDecoder: RemovableChannelHandler
+    /// Reads the responses (HTTP1ResponseFramer); holds what follows a 101.
     var upstreamHandler: RemovableChannelHandler
 }
 
@@ -43,9 +42,10 @@ extension L7Gate {
     }
 
     /// The workload accepted the WebSocket handshake: both connections
-    /// become one byte relay (the L4 glue). Glue goes in after each
-    /// decoder, the other HTTP handlers come out, then the decoders, whose
-    /// held bytes (frames sent right after the handshake) go to the glue.
+    /// become one byte relay (the L4 glue). Glue goes in after the request
+    /// decoder and the response reader, the other HTTP handlers come out,
+    /// then those two, whose held bytes (frames sent right after the
+    /// handshake) go to the glue.
     func switchToBytes() {
         guard let context, let upstream, let codecs else {
             context?.close(promise: nil)
@@ -58,7 +58,7 @@ extension L7Gate {
         let upOps = upstream.pipeline.syncOperations
         do {
             try ops.addHandler(callerGlue, position: .after(codecs.requestDecoder))
-            try upOps.addHandler(workloadGlue, position: .after(codecs.upstreamDecoder))
+            try upOps.addHandler(workloadGlue, position: .after(codecs.upstreamHandler))
         } catch {
             context.close(promise: nil)
             upstream.close(promise: nil)
@@ -68,12 +68,10 @@ extension L7Gate {
         self.upstream = nil
         upOps.removeHandler(codecs.upstreamHandler, promise: nil)
         upOps.removeHandler(codecs.upstreamEncoder, promise: nil)
-        upOps.removeHandler(codecs.upstreamDecoder, promise: nil)
-        ops.removeHandler(codecs.responseEncoder, promise: nil)
         ops.removeHandler(codecs.requestDecoder, promise: nil)
         let channel = context.channel
         ops.removeHandler(self, promise: nil)
-        // The decoders hand their bytes on in tasks of their own; after
+        // Those two hand their bytes on in tasks of their own; after
         // those, flush what the glue wrote (no read completion follows
         // them), and read again (a read the gate held back is gone).
         channel.eventLoop.execute {

@@ -347,6 +347,25 @@ extension TunnelTests {
         }
     }
 
+    /// The HTTP/1.1 proxy forwards a workload's responses as sent, so one
+    /// that two parsers could frame differently (Content-Length with
+    /// Transfer-Encoding, two lengths, obs-fold, bare LF) is answered 502
+    /// instead; well-framed ones (chunks with extensions and trailers, a
+    /// body that runs to the close) arrive whole. Through the tunnel and the
+    /// same-node proxy.
+    func testAmbiguousHTTP1ResponsesBecome502() throws {
+        for (response, want) in [("cl-and-te", "502 0"), ("two-lengths", "502 0"), ("obs-fold", "502 0"), ("bare-lf", "502 0"),
+                                 ("chunked-trailers", "200 5"), ("until-close", "200 6")] {
+            let port = freeLoopbackPort()
+            let server = try startL7([Self.python, Self.netprobe, "h1badserver", "\(port)", response], port: port)
+            defer { server.terminate() }
+            try throughBothProxies { path in
+                let out = try curl(["-o", "/dev/null", "-w", "%{http_code} %{size_download}", "http://127.0.0.1:\(proxy.localPort)/public/a.txt"])
+                XCTAssertEqual(out, want, "\(response) via \(path)")
+            }
+        }
+    }
+
     /// A workload that resets a stream, or whose response breaks its own
     /// content-length (the workload's side of the proxy resets that stream
     /// itself): the caller's stream is reset as well, through the tunnel and

@@ -10,8 +10,14 @@ bench_init() {
   export PATH="/opt/swift/usr/bin:$PATH"
   [ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
   PALISADE_BENCH=${PALISADE_BENCH:-1} "$root/tools/install-deps"
-  (cd "$root" && swift build -c release --product palisade >/dev/null)
-  bin="$(cd "$root" && swift build -c release --show-bin-path)/palisade"
+  # BENCH_BIN=FILE measures that build of the agent instead (A/B runs of
+  # two builds with the same benchmark).
+  if [ -n "${BENCH_BIN:-}" ]; then
+    bin=$(realpath "$BENCH_BIN")
+  else
+    (cd "$root" && swift build -c release --product palisade >/dev/null)
+    bin="$(cd "$root" && swift build -c release --show-bin-path)/palisade"
+  fi
   work=$(mktemp -d "/tmp/palisade-bench-$2.XXXXXX")
   chmod 755 "$work"   # nginx workers (nobody) read the pages under it
   cg=$(awk '$3 == "cgroup2" { print $2; exit }' /proc/mounts)/palisade-lab-$prefix

@@ -298,6 +298,17 @@ def serve_each(port, serve_one):
         threading.Thread(target=serve_one, args=(c,), daemon=True).start()
 
 
+def read_head(c):
+    """Bytes from c up to and past the end of an HTTP/1.1 head, or None if
+    the peer closed first."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        d = c.recv(65536)
+        if not d: return None
+        buf += d
+    return buf
+
+
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
@@ -349,11 +360,8 @@ def wsecho(port):
     import base64, hashlib
     def serve_one(c):
         try:
-            buf = b""
-            while b"\r\n\r\n" not in buf:
-                d = c.recv(65536)
-                if not d: return
-                buf += d
+            buf = read_head(c)
+            if buf is None: return
             head, buf = buf.split(b"\r\n\r\n", 1)
             key = [l.split(b":", 1)[1].strip() for l in head.split(b"\r\n") if l.lower().startswith(b"sec-websocket-key:")]
             if not key:
@@ -446,6 +454,29 @@ def h2badserver(port, case):
                 d = c.recv(65536)
                 if not d: return
                 buf += d
+        except OSError:
+            pass
+        finally:
+            c.close()
+    serve_each(port, serve_one)
+
+H1_RESPONSES = {
+    # Framed two ways by two parsers: the proxy must answer 502 instead.
+    "cl-and-te": b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    "two-lengths": b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\nabcd",
+    "obs-fold": b"HTTP/1.1 200 OK\r\nx-a: 1\r\n folded\r\ncontent-length: 3\r\n\r\nabc",
+    "bare-lf": b"HTTP/1.1 200 OK\ncontent-length: 3\n\nabc",
+    # Well framed: passed on as sent.
+    "chunked-trailers": b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nx-trailer: t\r\n\r\n",
+    "until-close": b"HTTP/1.1 200 OK\r\n\r\nabcdef",
+}
+
+def h1badserver(port, case):
+    """An HTTP/1.1 server (127.0.0.1) that answers every request with one
+    hand-made response (H1_RESPONSES), then closes the connection."""
+    def serve_one(c):
+        try:
+            if read_head(c) is not None: c.sendall(H1_RESPONSES[case])
         except OSError:
             pass
         finally:
@@ -620,6 +651,7 @@ if __name__ == "__main__":
     elif a[0] == "wsecho": wsecho(int(a[1]))
     elif a[0] == "wsclient": sys.exit(wsclient(a[1], int(a[2]), a[3], int(a[4])))
     elif a[0] == "h2badserver": h2badserver(int(a[1]), a[2])
+    elif a[0] == "h1badserver": h1badserver(int(a[1]), a[2])
     elif a[0] == "hold": sys.exit(hold(a[1], int(a[2]), float(a[3]), float(a[4])))
     elif a[0] == "tunnelconnect": sys.exit(tunnelconnect(a[1], int(a[2]), a[3], a[4], a[5]))
     elif a[0] == "h2flood":
