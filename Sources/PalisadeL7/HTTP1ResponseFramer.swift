@@ -10,7 +10,7 @@ import NIOCore
 /// differently is refused (`Malformed`, the proxy answers nothing more on
 /// that connection): bare LF or CR, obs-fold, space before the colon,
 /// control bytes in a field, Content-Length that is not digits or appears
-/// with different values, Transfer-Encoding other than exactly `chunked`
+/// twice, Transfer-Encoding other than exactly `chunked`
 /// (or with Content-Length, or in HTTP/1.0), chunk sizes that are not hex
 /// or overflow, a head or chunk line over `maxHeadBytes`.
 final class HTTP1ResponseFramer {
@@ -54,8 +54,14 @@ final class HTTP1ResponseFramer {
         case trailers
         case untilClose
         case upgraded              // after 101: bytes, not HTTP
+        case closed                // after a response that ends the connection
     }
     private var state = State.head
+    /// The response being read ends the connection (HTTP/1.0 without
+    /// keep-alive, `Connection: close`): nothing may follow it.
+    private var closesAfter = false
+    /// Where a response ends: the next one, or nothing more.
+    private var afterResponse: State { closesAfter ? .closed : .head }
     /// A head or line that is not whole yet.
     private var partial = ByteBuffer()
     /// What the response being read answers.
@@ -77,11 +83,6 @@ final class HTTP1ResponseFramer {
     /// proxy does not carry: the gate ends such a connection).
     func requestForwarded(_ kind: Request) { request = kind }
 
-    var isBetweenResponses: Bool {
-        if case .head = state { return partial.readableBytes == 0 }
-        return false
-    }
-
     /// Consumes `input`, telling `emit` what it found, in order.
     func feed(_ input: inout ByteBuffer, _ emit: (Event) -> Void) throws {
         guard !failed else { throw Malformed(reason: "after an earlier error") }
@@ -98,9 +99,9 @@ final class HTTP1ResponseFramer {
     func inputClosed(_ emit: (Event) -> Void) throws {
         switch state {
         case .untilClose:
-            state = .head
+            state = .closed
             emit(.end)
-        case .head where partial.readableBytes == 0, .upgraded:
+        case .head where partial.readableBytes == 0, .upgraded, .closed:
             break
         default:
             failed = true
@@ -129,6 +130,7 @@ final class HTTP1ResponseFramer {
             case .head:
                 guard let headBytes = try takeLine(&input, untilEmptyLine: true) else { return }
                 let head = try Self.parseHead(headBytes, request: request)
+                if head.status >= 200 { closesAfter = head.closes }
                 emit(.head(head))
                 bodyStart = input.readerIndex
                 switch head.framing {
@@ -140,9 +142,9 @@ final class HTTP1ResponseFramer {
                         return
                     }
                     // A 1xx is followed by the real response.
-                    if head.status >= 200 { emit(.end) }
+                    if head.status >= 200 { state = afterResponse; emit(.end) }
                 case .length(let n):
-                    if n == 0 { emit(.end) } else { state = .fixed(remaining: n) }
+                    if n == 0 { state = afterResponse; emit(.end) } else { state = .fixed(remaining: n) }
                 case .chunked:
                     state = .chunkSize
                 case .untilClose:
@@ -153,7 +155,7 @@ final class HTTP1ResponseFramer {
                 input.moveReaderIndex(forwardBy: n)
                 payload += n
                 if n == remaining {
-                    state = .head
+                    state = afterResponse
                     flushBody(&input)
                     emit(.end)
                 } else {
@@ -175,7 +177,7 @@ final class HTTP1ResponseFramer {
             case .trailers:
                 guard let block = try takeLine(&input, untilEmptyLine: true) else { break }
                 try Self.checkTrailers(block)
-                state = .head
+                state = afterResponse
                 flushBody(&input)
                 emit(.end)
             case .untilClose:
@@ -184,6 +186,8 @@ final class HTTP1ResponseFramer {
             case .upgraded:
                 afterUpgrade.writeBuffer(&input)
                 return
+            case .closed:
+                throw Malformed(reason: "bytes after a response that ends the connection")
             }
         }
         flushBody(&input)
@@ -306,9 +310,16 @@ final class HTTP1ResponseFramer {
         }
     }
 
-    /// A trailer section (after the last chunk), whole.
+    /// A trailer section (after the last chunk), whole. Framing fields
+    /// have no place there (RFC 9110 6.5.1), and parsers differ on them.
     static func checkTrailers(_ block: ByteBuffer) throws {
-        try block.withUnsafeReadableBytes { try forEachField($0, from: 0, context: "trailer") { _, _ in } }
+        try block.withUnsafeReadableBytes { p in
+            try forEachField(p, from: 0, context: "trailer") { name, _ in
+                if equalsIgnoringCase(p, name, "content-length") || equalsIgnoringCase(p, name, "transfer-encoding") {
+                    throw Malformed(reason: "a framing field in the trailers")
+                }
+            }
+        }
     }
 
     /// What a head says about the message's framing.
@@ -336,6 +347,8 @@ final class HTTP1ResponseFramer {
             facts.status = facts.status * 10 + Int(p[i] - UInt8(ascii: "0"))
         }
         guard (100...599).contains(facts.status) else { throw Malformed(reason: "status code \(facts.status) out of 100-599") }
+        // HTTP/1.0 has no interim responses (RFC 9110 15.2).
+        guard facts.status >= 200 || facts.minor == 1 else { throw Malformed(reason: "a 1xx response in HTTP/1.0") }
         var i = 12
         if p[i] == UInt8(ascii: " ") {
             i += 1
@@ -351,7 +364,9 @@ final class HTTP1ResponseFramer {
                     throw Malformed(reason: "a Content-Length that is not a number")
                 }
                 let n = value.reduce(0) { $0 * 10 + Int(p[$1] - UInt8(ascii: "0")) }
-                guard facts.contentLength == nil || facts.contentLength == n else { throw Malformed(reason: "two different Content-Length values") }
+                // Even two equal ones (RFC 9110 8.6 lets a recipient take
+                // them; llhttp does not, and the caller's parser may be it).
+                guard facts.contentLength == nil else { throw Malformed(reason: "two Content-Length fields") }
                 facts.contentLength = n
             case 17 where equalsIgnoringCase(p, name, "transfer-encoding"):
                 facts.transferEncodings += 1
@@ -412,11 +427,32 @@ final class HTTP1ResponseFramer {
                 i += 1
             }
             guard i > 0 else { throw Malformed(reason: "a chunk size that is not hex") }
-            // chunk-ext: ";" then field-value bytes (names, values, quotes).
-            if i < p.count, p[i] == UInt8(ascii: ";") || p[i] == UInt8(ascii: " ") || p[i] == UInt8(ascii: "\t") {
-                while i < p.count, isFieldValueByte(p[i]) { i += 1 }
+            // chunk-ext (RFC 9112 7.1.1): ";" name ["=" token or quoted
+            // string], with no whitespace and no obs-text (llhttp refuses
+            // those; refusing more than a caller's parser is safe).
+            while i < p.count, p[i] == UInt8(ascii: ";") {
+                i += 1
+                let name = i
+                while i < p.count, isTchar(p[i]) { i += 1 }
+                guard i > name else { throw Malformed(reason: "a chunk extension without a name") }
+                guard i < p.count, p[i] == UInt8(ascii: "=") else { continue }
+                i += 1
+                if i < p.count, p[i] == UInt8(ascii: "\"") {
+                    i += 1
+                    while i < p.count, p[i] != UInt8(ascii: "\"") {
+                        if p[i] == UInt8(ascii: "\\") { i += 1 }
+                        guard i < p.count, p[i] == 0x09 || (p[i] >= 0x20 && p[i] < 0x7F) else { throw Malformed(reason: "a chunk extension value with a control byte or obs-text") }
+                        i += 1
+                    }
+                    guard i < p.count else { throw Malformed(reason: "an unterminated quoted chunk extension value") }
+                    i += 1
+                } else {
+                    let value = i
+                    while i < p.count, isTchar(p[i]) { i += 1 }
+                    guard i > value else { throw Malformed(reason: "a chunk extension with an empty value") }
+                }
             }
-            guard i + 2 == p.count, p[i] == UInt8(ascii: "\r") else { throw Malformed(reason: "a chunk-size line with a control byte, bare CR or bare LF") }
+            guard i + 2 == p.count, p[i] == UInt8(ascii: "\r") else { throw Malformed(reason: "a chunk-size line with a byte not allowed there, bare CR or bare LF") }
             return size
         }
     }

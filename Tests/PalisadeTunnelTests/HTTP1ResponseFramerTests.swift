@@ -63,7 +63,6 @@ final class HTTP1ResponseFramerTests: XCTestCase {
         } else {
             let n = [0, 1, 10, 1024, 70_000].randomElement(using: &rng)!
             head += "\(randomCase("content-length", &rng)): \(n)\r\n"
-            if Bool.random(using: &rng) { head += "Content-Length: \(n)\r\n" }   // repeated, same value
             if !bodiless {
                 body = (0..<n).map { UInt8(truncatingIfNeeded: $0 &* 13) }
                 payload = n
@@ -183,6 +182,7 @@ final class HTTP1ResponseFramerTests: XCTestCase {
             "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
             "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello",
             "HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\n\r\nhello",
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\nContent-Length: 5\r\n\r\nhello",
             "HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\nhello",
             "HTTP/1.1 200 OK\r\ncontent-length: 0x5\r\n\r\nhello",
             "HTTP/1.1 200 OK\r\ncontent-length: 99999999999999999999\r\n\r\n",
@@ -211,6 +211,14 @@ final class HTTP1ResponseFramerTests: XCTestCase {
             "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhelloXX\r\n0\r\n\r\n",
             "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\nbad trailer\r\n\r\n",
             "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\n",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;a\u{e9}b\r\nhello\r\n0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5 ;a\r\nhello\r\n0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;a=\"x\r\nhello\r\n0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\ncontent-length: 1\r\n\r\n",
+            "HTTP/1.0 100 Continue\r\n\r\nHTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n",
+            // Bytes after a response that ends the connection (llhttp refuses them too).
+            "HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\nxHTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive, Close\r\ncontent-length: 0\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
         ]
         for text in refused {
             for bytewise in [false, true] {
@@ -225,6 +233,13 @@ final class HTTP1ResponseFramerTests: XCTestCase {
                 XCTAssertTrue(threw, "accepted \(text.debugDescription) (\(bytewise ? "a byte at a time" : "whole"))")
             }
         }
+    }
+
+    func testAnHTTP10ResponseWithKeepAliveMayBeFollowed() throws {
+        var rng = SystemRandomNumberGenerator()
+        let one = "HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\ncontent-length: 1\r\n\r\nx"
+        let seen = try Self.frame(Array((one + one).utf8), requests: [.other, .other], &rng)
+        XCTAssertEqual(seen.map(\.payload), [1, 1])
     }
 
     func testAHeadOverTheLimitIsRefused() throws {
