@@ -208,6 +208,8 @@ H1_CASES = {
     # HTTP/1.0 with chunked: de-chunked, the body reads as "end of chunks, then GET /private/b.txt".
     "te-http10-smuggle": b"POST /public/a.txt HTTP/1.0\r\nHost: b\r\nTransfer-Encoding: chunked\r\n\r\n"
                          b"2d\r\n0\r\n\r\nGET /private/b.txt HTTP/1.1\r\nHost: b\r\n\r\n\r\n0\r\n\r\n",
+    # A HEAD's response has a Content-Length and no body: the GET's answer follows at once.
+    "head-then-get": b"HEAD /public/a.txt HTTP/1.1\r\nHost: b\r\n\r\nGET /public/a.txt HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n",
     "header-too-large": b"GET /public/a.txt HTTP/1.1\r\nHost: b\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n",
     "too-many-headers": b"GET /public/a.txt HTTP/1.1\r\nHost: b\r\n" + b"".join(b"X-H%d: 1\r\n" % i for i in range(300)) + b"\r\n",
     # name: (bytes sent; the second request, if any, must never reach the workload)
