@@ -2,17 +2,18 @@ import NIOCore
 
 /// Reads a workload's HTTP/1.1 responses as bytes and finds where each one
 /// ends, so the proxy forwards them as they came instead of decoding every
-/// head into strings and encoding it again (NIO's decoder and encoder on
-/// the response path were ~a third of the HTTP/1.1 proxy's codec time).
+/// head into strings and encoding it again.
 ///
 /// It is strict on purpose: the caller's parser must read the forwarded
 /// bytes exactly as this one did, so anything two parsers could frame
 /// differently is refused (`Malformed`, the proxy answers nothing more on
 /// that connection): bare LF or CR, obs-fold, space before the colon,
 /// control bytes in a field, Content-Length that is not digits or appears
-/// twice, Transfer-Encoding other than exactly `chunked`
-/// (or with Content-Length, or in HTTP/1.0), chunk sizes that are not hex
-/// or overflow, a head or chunk line over `maxHeadBytes`.
+/// twice, Transfer-Encoding other than exactly `chunked` (or with
+/// Content-Length, or in HTTP/1.0), chunk sizes that are not hex or
+/// overflow, whitespace or obs-text in chunk extensions, framing fields in
+/// trailers, 1xx in HTTP/1.0, bytes after a response that ends the
+/// connection, a head or chunk line over `maxHeadBytes`.
 final class HTTP1ResponseFramer {
     struct Malformed: Error, Equatable { let reason: String }
 
@@ -198,28 +199,23 @@ final class HTTP1ResponseFramer {
     /// not whole yet (what there is waits in `partial`). Lines that span
     /// reads are gathered in `partial`, the rest is sliced in place.
     private func takeLine(_ input: inout ByteBuffer, untilEmptyLine: Bool) throws -> ByteBuffer? {
-        // Where the search resumes: a CRLF may straddle the two buffers.
+        // The search resumes after what `partial` holds: a CRLF may
+        // straddle the two buffers.
         let already = partial.readableBytes
-        if already == 0 {
-            if let end = try input.withUnsafeReadableBytes({ try Self.lineEnd($0, untilEmptyLine: untilEmptyLine, previous: (0, 0), already: 0) }) {
-                guard end <= maxHeadBytes else { throw Malformed(reason: "head or chunk line over \(maxHeadBytes) bytes") }
-                return input.readSlice(length: end)
-            }
-        } else {
-            let view = partial.readableBytesView
-            let last2 = (view.count >= 2 ? view[view.endIndex - 2] : 0, view[view.endIndex - 1])
-            if let end = try input.withUnsafeReadableBytes({ try Self.lineEnd($0, untilEmptyLine: untilEmptyLine, previous: last2, already: already) }) {
-                guard already + end <= maxHeadBytes else { throw Malformed(reason: "head or chunk line over \(maxHeadBytes) bytes") }
-                var slice = input.readSlice(length: end)!
-                partial.writeBuffer(&slice)
-                let whole = partial
-                partial.clear()
-                return whole
-            }
+        let end = partial.writerIndex
+        let previous: (UInt8, UInt8) = (already >= 2 ? partial.getInteger(at: end - 2)! : 0, already >= 1 ? partial.getInteger(at: end - 1)! : 0)
+        let found = try input.withUnsafeReadableBytes { try Self.lineEnd($0, untilEmptyLine: untilEmptyLine, previous: previous, already: already) }
+        guard already + (found ?? input.readableBytes) <= maxHeadBytes else { throw Malformed(reason: "head or chunk line over \(maxHeadBytes) bytes") }
+        guard let found else {
+            partial.writeBuffer(&input)
+            return nil
         }
-        guard already + input.readableBytes <= maxHeadBytes else { throw Malformed(reason: "head or chunk line over \(maxHeadBytes) bytes") }
-        partial.writeBuffer(&input)
-        return nil
+        var line = input.readSlice(length: found)!
+        if already == 0 { return line }   // whole in this read: in place
+        partial.writeBuffer(&line)
+        let whole = partial
+        partial.clear()
+        return whole
     }
 
     /// The length of the prefix of `bytes` that ends a line (or a block

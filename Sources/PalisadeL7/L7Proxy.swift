@@ -523,7 +523,7 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
     /// The workload's response could not be framed strictly (see
     /// HTTP1ResponseFramer): 502 if none of it reached the caller yet,
     /// then the end of both connections.
-    func upstreamMalformed(_ reason: String) {
+    func upstreamMalformed() {
         guard let context else { return }
         let upstream = self.upstream
         self.upstream = nil
@@ -556,19 +556,20 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
     }
 
     /// A head (already checked by the framer) with its Connection fields
-    /// replaced by `connection: close`.
+    /// replaced by `connection: close`; the other fields are written
+    /// `name: value`, as the framer read them.
     static func withConnectionClose(_ head: ByteBuffer, allocator: ByteBufferAllocator) -> ByteBuffer {
         var out = allocator.buffer(capacity: head.readableBytes + 19)
-        let view = head.readableBytesView
-        var lineStart = view.startIndex
-        var first = true
-        while let lf = view[lineStart...].firstIndex(of: UInt8(ascii: "\n")) {
-            let line = view[lineStart...lf]
-            lineStart = lf + 1
-            if line.count == 2 { break }   // the empty line
-            let isConnection = line.count > 11 && zip(line.prefix(11), "connection:".utf8).allSatisfy { ($0 >= 65 && $0 <= 90 ? $0 | 0x20 : $0) == $1 }
-            if first || !isConnection { out.writeBytes(line) }
-            first = false
+        head.withUnsafeReadableBytes { p in
+            let fields = (p.firstIndex(of: UInt8(ascii: "\n")) ?? p.count - 1) + 1
+            out.writeBytes(UnsafeRawBufferPointer(rebasing: p[..<fields]))   // the status line
+            try? HTTP1ResponseFramer.forEachField(p, from: fields, context: "header") { name, value in
+                guard !HTTP1ResponseFramer.equalsIgnoringCase(p, name, "connection") else { return }
+                out.writeBytes(UnsafeRawBufferPointer(rebasing: p[name]))
+                out.writeString(": ")
+                out.writeBytes(UnsafeRawBufferPointer(rebasing: p[value]))
+                out.writeString("\r\n")
+            }
         }
         out.writeString("connection: close\r\n\r\n")
         return out
@@ -662,8 +663,7 @@ final class L7Upstream: ChannelDuplexHandler, RemovableChannelHandler, @unchecke
         do {
             try framer.feed(&bytes) { gate?.fromUpstream($0) }
         } catch {
-            let reason = (error as? HTTP1ResponseFramer.Malformed)?.reason ?? "\(error)"
-            gate?.upstreamMalformed(reason)
+            gate?.upstreamMalformed()
             context.close(promise: nil)
         }
     }
@@ -830,8 +830,9 @@ extension L7Gate {
         gate.upstream = upstream
         let up = L7Upstream(gate: gate, stream: stream)
         gate.upstreamHandler = up
-        // Bytes a decoder holds past an upgrade go on when it is
-        // taken out (only then: not at a close), see L7Upgrade.swift.
+        // Bytes the request decoder and the response reader hold past an
+        // upgrade go on when they are taken out (only then: not at a
+        // close), see L7Upgrade.swift.
         let upEncoder = HTTPRequestEncoder()
         try upstream.pipeline.syncOperations.addHandlers([upEncoder, up])
         let ops = stream.pipeline.syncOperations
