@@ -4,11 +4,12 @@ import NIOEmbedded
 import NIOHTTP1
 @testable import PalisadeL7
 
-/// Target "http1": any bytes from a caller into the HTTP/1.1 proxy (NIO's
-/// decoder, the gate), with a workload that answers every request. The
-/// gate allows GET /public/** only; the invariant: what the proxy sends the
-/// workload is well-formed HTTP/1.1 (the workload's own decoder reads it)
-/// and carries no request the gate did not allow.
+/// Target "http1": any bytes from a caller into the HTTP/1.1 proxy (the
+/// request framer, the gate), with a workload that answers every request.
+/// The gate allows GET /public/** only; the invariant: what the proxy
+/// sends the workload is well-formed HTTP/1.1 (the workload's own llhttp
+/// decoder reads it), and the requests it reads are the ones the gate
+/// allowed, in order, with the same targets.
 /// PALISADE_FUZZ_DEBUG=1: say what goes where (to replay an artifact).
 let fuzzDebug = ProcessInfo.processInfo.environment["PALISADE_FUZZ_DEBUG"] == "1"
 
@@ -18,7 +19,14 @@ func fuzzHTTP1(_ bytes: UnsafeBufferPointer<UInt8>) {
     let upstream = EmbeddedChannel(loop: loop)
     let workload = EmbeddedChannel(handler: ByteToMessageHandler(HTTPRequestDecoder()), loop: loop)
     defer { finishFuzzConnection(loop, [caller, upstream, workload]) }
-    do { try L7Gate.install(stream: caller, upstream: upstream, l7: fuzzPublicOnly) } catch { fatalError("install: \(error)") }
+    let allowed = FuzzJudged()
+    var l7 = fuzzPublicOnly
+    l7.gate = { method, uri, host, headers, jwt in
+        let verdict = fuzzPublicOnly.gate(method, uri, host, headers, jwt)
+        if verdict.allowed { allowed.requests.append("\(method) \(uri)") }
+        return verdict
+    }
+    do { try L7Gate.install(stream: caller, upstream: upstream, l7: l7) } catch { fatalError("install: \(error)") }
     _ = try? caller.writeInbound(ByteBuffer(bytes: Array(bytes)))
     var requests = 0
     for _ in 0..<64 {
@@ -32,6 +40,10 @@ func fuzzHTTP1(_ bytes: UnsafeBufferPointer<UInt8>) {
             switch part {
             case .head(let h):
                 guard h.method == .GET, h.uri.hasPrefix("/public/") else { fatalError("forwarded a request the gate denied: \(h.method) \(h.uri)") }
+                let seen = "\(h.method.rawValue) \(h.uri)"
+                guard requests < allowed.requests.count, allowed.requests[requests] == seen else {
+                    fatalError("the workload read \(seen) as request \(requests + 1), the gate allowed \(allowed.requests)")
+                }
             case .body:
                 break
             case .end:
@@ -45,6 +57,9 @@ func fuzzHTTP1(_ bytes: UnsafeBufferPointer<UInt8>) {
         if !progressed { break }
     }
 }
+
+/// What the gate allowed, in order.
+final class FuzzJudged: @unchecked Sendable { var requests: [String] = [] }
 
 /// The rules both proxy targets judge by: GET /public/** only.
 let fuzzPublicOnly = L7Context(gate: { method, uri, _, _, _ in

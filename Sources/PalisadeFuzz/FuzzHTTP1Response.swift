@@ -15,7 +15,6 @@ import NIOHTTP1
 func fuzzHTTP1Response(_ bytes: UnsafeBufferPointer<UInt8>) {
     guard let first = bytes.first else { return }
     let input = Array(bytes.dropFirst())
-    let cuts = [1, 2, 3, 7, 16, 64, 512, 8192]
     let framer = HTTP1ResponseFramer(maxHeadBytes: 4096)
     var forwarded: [UInt8] = []
     var framed: [(status: Int, payload: Int)] = []
@@ -34,15 +33,7 @@ func fuzzHTTP1Response(_ bytes: UnsafeBufferPointer<UInt8>) {
             payload = 0
         }
     }
-    var at = 0, step = Int(first)
-    var accepted = true
-    while at < input.count, accepted {
-        let n = cuts[step % cuts.count]
-        step = step / cuts.count + Int(first)
-        var read = ByteBuffer(bytes: input[at..<min(input.count, at + n)])
-        at += n
-        do { try framer.feed(&read, take) } catch { accepted = false }
-    }
+    var accepted = feedInCuts(input, seed: first) { try framer.feed(&$0, take) }
     if upgraded { return }   // what follows a 101 is not HTTP
     if accepted {
         do { try framer.inputClosed(take) } catch { accepted = false }
@@ -83,4 +74,19 @@ func fuzzHTTP1Response(_ bytes: UnsafeBufferPointer<UInt8>) {
     guard decoded.count == finals.count, zip(decoded, finals).allSatisfy({ $0.status == $1.status && $0.payload == $1.payload }) else {
         fatalError("framed \(finals) but llhttp read \(decoded): \(String(decoding: input.prefix(300), as: UTF8.self).debugDescription)")
     }
+}
+
+/// Feeds `input` to `feed` in reads of sizes `seed` picks; false once
+/// `feed` throws.
+func feedInCuts(_ input: [UInt8], seed: UInt8, _ feed: (inout ByteBuffer) throws -> Void) -> Bool {
+    let cuts = [1, 2, 3, 7, 16, 64, 512, 8192]
+    var at = 0, step = Int(seed)
+    while at < input.count {
+        let n = cuts[step % cuts.count]
+        step = step / cuts.count + Int(seed)
+        var read = ByteBuffer(bytes: input[at..<min(input.count, at + n)])
+        at += n
+        do { try feed(&read) } catch { return false }
+    }
+    return true
 }

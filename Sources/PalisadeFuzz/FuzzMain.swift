@@ -15,6 +15,7 @@ public func fuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     case "config": fuzzConfig(bytes)
     case "etcd": fuzzEtcd(bytes)
     case "http1": fuzzHTTP1(bytes)
+    case "http1request": fuzzHTTP1Request(bytes)
     case "http1response": fuzzHTTP1Response(bytes)
     case "http2": fuzzHTTP2(bytes)
     case "dns": fuzzDNS(bytes)

@@ -136,13 +136,16 @@ package struct L7Context: Sendable {
 }
 
 /// The in-agent HTTP/1.1 proxy on one tunnel stream (the caller's side):
-/// requests are decoded (NIO's llhttp decoder refuses conflicting
-/// Content-Length/Transfer-Encoding and invalid header names), judged one by
-/// one, allowed ones streamed to the workload in order, denied ones answered
-/// with 403 — the connection stays usable. Bodies stream through, never
-/// buffered whole; at most `maxQueuedParts` pipelined parts wait.
+/// requests are framed from the caller's bytes (HTTP1RequestFramer, which
+/// refuses anything two parsers could read differently), judged one by
+/// one, allowed ones forwarded to the workload as received, in order,
+/// denied ones answered with 403 — the connection stays usable. Bodies
+/// stream through, never buffered whole; at most `maxQueuedParts`
+/// pipelined parts wait.
 final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Sendable {
-    package typealias InboundIn = HTTPServerRequestPart
+    package typealias InboundIn = ByteBuffer
+    /// What followed a WebSocket handshake, to the byte relay.
+    package typealias InboundOut = ByteBuffer
     /// Responses go to the caller as bytes: the workload's as it sent them
     /// (HTTP1ResponseFramer), the proxy's own written out by `answer`.
     package typealias OutboundIn = ByteBuffer
@@ -152,19 +155,18 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
     var gate: HTTPGate { l7.gate }
     var upstream: Channel?
     var context: ChannelHandlerContext?
-    /// The HTTP codecs of both sides, taken out when a WebSocket upgrade
-    /// succeeds (L7Upgrade.swift).
-    var codecs: L7Codecs?
     var upgrade = UpgradeState.none
-    private var queue: [HTTPServerRequestPart] = []
-    private var current: (head: HTTPRequestHead, verdict: HTTPVerdict, start: Date, bytesIn: Int)?
+    let framer: HTTP1RequestFramer
+    private typealias Request = (head: HTTP1RequestFramer.Head, verdict: HTTPVerdict, start: Date, bytesIn: Int)
+    private var queue: [HTTP1RequestFramer.Event] = []
+    private var current: Request?
     private var awaitingResponse = false
     private var responseStatus = 0
     private var responseBytes = 0
     private var inputClosed = false
     private var pendingRead = false
     static let maxQueuedParts = 4096
-    let limits = HTTPLimits.current
+    let limits: HTTPLimits
     /// Between requests: set when the first byte of the next head arrives,
     /// the head must be complete before it fires (408, then the end).
     /// (The three timers are lazy: moved per request, scheduled rarely.)
@@ -178,9 +180,15 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
     /// The workload's response to the current request has begun.
     private var responseStarted = false
 
-    init(_ l7: L7Context) { self.l7 = l7 }
+    init(_ l7: L7Context) {
+        self.l7 = l7
+        let limits = HTTPLimits.current
+        self.limits = limits
+        framer = HTTP1RequestFramer(maxHeadBytes: limits.maxHeaderListSize, maxFields: limits.maxHeaderFields)
+    }
 
-    /// Bytes from the caller arrived (L7RequestClock, before the decoder).
+    /// Bytes from the caller arrived: the slow-headers and stalled-body
+    /// timers count from the bytes, not from whole heads.
     func bytesArrived() {
         lastBytes = .now()
         idleDeadline?.clear()
@@ -225,9 +233,9 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
         }
     }
 
-    /// Follows request boundaries as the decoder delivers them (before
-    /// the queue), for the timers.
-    private func track(_ part: HTTPServerRequestPart) {
+    /// Follows request boundaries as the framer finds them (before the
+    /// queue), for the timers.
+    private func track(_ part: HTTP1RequestFramer.Event) {
         switch part {
         case .head:
             headDeadline?.clear()
@@ -256,7 +264,11 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
     /// connection can take more (and no response is awaited with parts
     /// queued), so a body of any size streams through bounded buffers.
     package func read(context: ChannelHandlerContext) {
-        if let upstream, !upstream.isWritable || queue.count > 64 {
+        // (After an upgrade request nothing more is read until the
+        // workload's answer says what the bytes are.)
+        if framer.isHolding {
+            pendingRead = true
+        } else if let upstream, !upstream.isWritable || queue.count > 64 {
             pendingRead = true
         } else {
             context.read()
@@ -264,7 +276,7 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
     }
 
     func resumeRead() {
-        guard pendingRead, let context else { return }
+        guard pendingRead, let context, !framer.isHolding else { return }
         if let upstream, !upstream.isWritable || queue.count > 64 { return }
         pendingRead = false
         context.read()
@@ -274,7 +286,6 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
     /// Held strongly both ways (no side tables on the per-request path);
     /// the pair is unlinked when either handler leaves its pipeline.
     var upstreamHandler: L7Upstream?
-    var clock: L7RequestClock?
 
     package func channelWritabilityChanged(context: ChannelHandlerContext) {
         if context.channel.isWritable { upstreamHandler?.resumeRead() }
@@ -302,12 +313,21 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
     /// gate, both pipelines and the workload's channel alive after the
     /// connection ended.
     package func handlerRemoved(context: ChannelHandlerContext) {
+        // After a 101: what the caller sent after its handshake goes on
+        // to the byte relay that replaced the proxy (L7Upgrade.swift).
+        if upgrade == .switching {
+            let held = framer.takeHeld()
+            if held.readableBytes > 0 { context.fireChannelRead(wrapInboundOut(held)) }
+        }
         self.context = nil
         stopTimers()
         upstreamHandler?.gate = nil
         upstreamHandler = nil
-        clock?.gate = nil   // (the clock stays after a WebSocket switch)
-        clock = nil
+    }
+
+    /// Taken out in a task of its own, so never in the middle of a read.
+    package func removeHandler(context: ChannelHandlerContext, removalToken: ChannelHandlerContext.RemovalToken) {
+        context.eventLoop.assumeIsolated().execute { context.leavePipeline(removalToken: removalToken) }
     }
 
     /// Parts written without a flush, to the workload and to the caller:
@@ -326,9 +346,22 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
     }
 
     package func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        let part = unwrapInboundIn(data)
-        track(part)
-        queue.append(part)
+        var bytes = unwrapInboundIn(data)
+        bytesArrived()
+        guard !refused else { return }
+        do {
+            try framer.feed(&bytes) { part in
+                track(part)
+                queue.append(part)
+            }
+        } catch {
+            // A request the framer refused (smuggling attempt, bad field):
+            // what came before it is handled, it is answered 400 (431
+            // past the head limits), never forwarded, nor anything after.
+            pump()
+            badRequest(context, status: HTTPResponseStatus(statusCode: (error as? HTTP1Malformed)?.status ?? 400))
+            return
+        }
         if queue.count > Self.maxQueuedParts {
             context.close(promise: nil)   // pipelining beyond the limit
             return
@@ -338,31 +371,6 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
 
     /// A refused request ended the connection: nothing after it is handled.
     var refused = false
-
-    /// How many Host fields a head has, and whether all are valid (counted
-    /// in place, with no array of them per request).
-    static func hostFields(_ headers: HTTPHeaders) -> (count: Int, valid: Bool) {
-        var count = 0, valid = true
-        for (name, value) in headers where name.utf8.count == 4 && name.utf8.elementsEqual("host".utf8, by: { $0 | 0x20 == $1 }) {
-            count += 1
-            valid = valid && validHost(value)
-        }
-        return (count, valid)
-    }
-
-    /// uri-host [":" port] (RFC 3986): no userinfo, path or spaces.
-    static func validHost(_ host: String) -> Bool {
-        host.utf8.allSatisfy { c in
-            switch c {
-            case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "0")...UInt8(ascii: "9"): return true
-            case UInt8(ascii: "-"), UInt8(ascii: "."), UInt8(ascii: "_"), UInt8(ascii: "~"), UInt8(ascii: "!"), UInt8(ascii: "$"),
-                 UInt8(ascii: "&"), UInt8(ascii: "'"), UInt8(ascii: "("), UInt8(ascii: ")"), UInt8(ascii: "*"), UInt8(ascii: "+"),
-                 UInt8(ascii: ","), UInt8(ascii: ";"), UInt8(ascii: "="), UInt8(ascii: "%"), UInt8(ascii: ":"), UInt8(ascii: "["),
-                 UInt8(ascii: "]"): return true
-            default: return false
-            }
-        }
-    }
 
     /// A bearer token is being verified: the request's parts wait.
     private var verifying = false
@@ -376,28 +384,17 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
         resumeRead()
     }
 
-    private func handle(_ part: HTTPServerRequestPart) {
+    private func handle(_ part: HTTP1RequestFramer.Event) {
         switch part {
         case .head(let h):
             // RFC 9112 §3.2: exactly one valid Host (an HTTP/1.0 request
             // may have none). Two would let the rules read one and the
             // workload the other.
-            let (hosts, hostsValid) = Self.hostFields(h.headers)
-            if hosts > 1 || (hosts == 0 && h.version != .http1_0 && h.version != .http0_9) || !hostsValid {
+            if h.hostFields > 1 || (h.hostFields == 0 && h.minor != 0) || !h.hostsValid {
                 if let context { badRequest(context) }
                 return
             }
-            // Transfer-Encoding in an HTTP/1.0 request: the proxy's decoder
-            // de-chunks the body, but forwarded as HTTP/1.0 it would go on
-            // unchunked under a "chunked" header, and the workload would read
-            // the de-chunked bytes as chunk framing, a request hidden in them
-            // included. RFC 9112 6.1: a
-            // client must not send it to a server it does not know is 1.1.
-            if (h.version.major, h.version.minor) < (1, 1), h.headers.contains(name: "transfer-encoding") {
-                if let context { badRequest(context) }
-                return
-            }
-            if let verify = l7.verifyBearer, let token = bearerToken(h.headers.first(name: "authorization")), let context {
+            if let verify = l7.verifyBearer, let token = bearerToken(h.first("authorization")), let context {
                 verifying = true
                 verify(token, context.eventLoop).whenComplete { result in
                     self.verifying = false
@@ -412,60 +409,53 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
                 return
             }
             judge(h, jwtIdentity: nil)
-        case .body(let b):
-            current?.bytesIn += b.readableBytes
+        case .body(let b, let payload):
+            current?.bytesIn += payload
             if current?.verdict.allowed == true {
-                upstream?.write(HTTPClientRequestPart.body(.byteBuffer(b)), promise: nil)
+                upstream?.write(b, promise: nil)
                 upstreamUnflushed = true
             }
-        case .end(let t):
+        case .end:
             guard let cur = current else { return }
             if cur.verdict.allowed {
                 awaitingResponse = true
                 responseStatus = 0
                 responseBytes = 0
                 upstreamUnflushed = false
-                upstream?.writeAndFlush(HTTPClientRequestPart.end(t), promise: nil)
+                upstream?.flush()
             } else {
                 deny(cur)
             }
         }
     }
 
-    /// Every field line of the head, by lower-case name (HeaderValues).
-    static func headerValues(_ h: HTTPHeaders) -> [String: [String]] {
-        var headers: [String: [String]] = [:]
-        for (k, v) in h where k.lowercased() != "authorization" { headers[k.lowercased(), default: []].append(v) }
-        return headers
-    }
-
-    private func judge(_ h: HTTPRequestHead, jwtIdentity: String?) {
-        let headers = l7.usesHeaders ? Self.headerValues(h.headers) : [:]
-        let verdict = gate(h.method.rawValue, h.uri, h.headers.first(name: "host") ?? "", headers, jwtIdentity)
-        let (head, upgrade) = Self.upgradeIntent(h)
-        self.upgrade = upgrade
-        current = (head, verdict, Date(), 0)
+    private func judge(_ h: HTTP1RequestFramer.Head, jwtIdentity: String?) {
+        let headers = l7.usesHeaders ? h.fieldValues() : [:]
+        let verdict = gate(h.method, h.target, h.host, headers, jwtIdentity)
+        upgrade = Self.upgradeIntent(h)
+        current = (h, verdict, Date(), 0)
         if verdict.allowed {
-            upstreamHandler?.framer.requestForwarded(head.method == .HEAD ? .head : head.method == .CONNECT ? .connect : .other)
-            upstream?.write(HTTPClientRequestPart.head(head), promise: nil)
+            upstreamHandler?.framer.requestForwarded(h.method == "HEAD" ? .head : h.method == "CONNECT" ? .connect : .other)
+            let bytes = h.upgrade && upgrade == .closeAfterResponse ? Self.withoutUpgrade(h.bytes, allocator: context?.channel.allocator ?? ByteBufferAllocator()) : h.bytes
+            upstream?.write(bytes, promise: nil)
             upstreamUnflushed = true
         }
     }
 
-    private func deny(_ cur: (head: HTTPRequestHead, verdict: HTTPVerdict, start: Date, bytesIn: Int)) {
+    private func deny(_ cur: Request) {
         guard let context else { return }
         let body = "\(cur.verdict.reason)\n"
-        // After an upgrade request the decoder reads no further request.
-        context.writeAndFlush(wrapOutboundOut(Self.answer(cur.head.version, .forbidden, close: upgrade != .none, body: body,
+        // After an upgrade request the framer reads no further request.
+        context.writeAndFlush(wrapOutboundOut(Self.answer(HTTPVersion(major: 1, minor: cur.head.minor), .forbidden, close: upgrade != .none, body: body,
                                                           allocator: context.channel.allocator)), promise: nil)
         record(cur, status: 403, bytesOut: body.utf8.count)
         current = nil
         if upgrade != .none { refused = true; finish() }
     }
 
-    private func record(_ cur: (head: HTTPRequestHead, verdict: HTTPVerdict, start: Date, bytesIn: Int), status: Int, bytesOut: Int) {
-        let path = withoutQuery(cur.head.uri)
-        l7.record(method: cur.head.method.rawValue, path: path, status: status, requestBytes: cur.bytesIn, responseBytes: bytesOut,
+    private func record(_ cur: Request, status: Int, bytesOut: Int) {
+        let path = withoutQuery(cur.head.target)
+        l7.record(method: cur.head.method, path: path, status: status, requestBytes: cur.bytesIn, responseBytes: bytesOut,
                   start: cur.start, verdict: cur.verdict)
     }
 
@@ -563,12 +553,9 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
         head.withUnsafeReadableBytes { p in
             let fields = (p.firstIndex(of: UInt8(ascii: "\n")) ?? p.count - 1) + 1
             out.writeBytes(UnsafeRawBufferPointer(rebasing: p[..<fields]))   // the status line
-            try? HTTP1ResponseFramer.forEachField(p, from: fields, context: "header") { name, value in
-                guard !HTTP1ResponseFramer.equalsIgnoringCase(p, name, "connection") else { return }
-                out.writeBytes(UnsafeRawBufferPointer(rebasing: p[name]))
-                out.writeString(": ")
-                out.writeBytes(UnsafeRawBufferPointer(rebasing: p[value]))
-                out.writeString("\r\n")
+            try? HTTP1Syntax.forEachField(p, from: fields, context: "header") { name, value in
+                guard !HTTP1Syntax.equalsIgnoringCase(p, name, "connection") else { return }
+                HTTP1Syntax.writeField(&out, p, name, value)
             }
         }
         out.writeString("connection: close\r\n\r\n")
@@ -590,14 +577,8 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
     }
 
     package func errorCaught(context: ChannelHandlerContext, error: Error) {
-        // A request the decoder refused (smuggling attempt, bad header name):
-        // answer 400 and close, never forward it; a head over the limits: 431.
-        if let e = error as? HTTPParserError {
-            badRequest(context, status: e == .headerOverflow ? .requestHeaderFieldsTooLarge : .badRequest)
-        } else {
-            context.close(promise: nil)
-            upstream?.close(promise: nil)
-        }
+        context.close(promise: nil)
+        upstream?.close(promise: nil)
     }
 
     /// 400 and the end of the connection: the request is never forwarded,
@@ -632,7 +613,7 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
 final class L7Upstream: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Sendable {
     package typealias InboundIn = ByteBuffer
     package typealias InboundOut = ByteBuffer
-    package typealias OutboundIn = HTTPClientRequestPart
+    package typealias OutboundIn = ByteBuffer
     let framer = HTTP1ResponseFramer()
     private var reading = false
     /// Strong (see L7Gate.upstreamHandler), unlinked at removal.
@@ -830,36 +811,8 @@ extension L7Gate {
         gate.upstream = upstream
         let up = L7Upstream(gate: gate, stream: stream)
         gate.upstreamHandler = up
-        // Bytes the request decoder and the response reader hold past an
-        // upgrade go on when they are taken out (only then: not at a
-        // close), see L7Upgrade.swift.
-        let upEncoder = HTTPRequestEncoder()
-        try upstream.pipeline.syncOperations.addHandlers([upEncoder, up])
+        try upstream.pipeline.syncOperations.addHandler(up)
         let ops = stream.pipeline.syncOperations
-        // In order: bytes -> (clock) -> requests -> gate.
-        let decoder = ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .forwardBytes,
-                                                             limitConfiguration: gate.limits.decoderLimits))
-        let clock = L7RequestClock(gate)
-        gate.clock = clock
-        if let after { try ops.addHandler(clock, position: .after(after)) } else { try ops.addHandler(clock) }
-        try ops.addHandler(decoder, position: .after(clock))
-        try ops.addHandler(gate, position: .after(decoder))
-        gate.codecs = L7Codecs(requestDecoder: decoder, upstreamEncoder: upEncoder, upstreamHandler: up)
-    }
-}
-
-/// Tells the gate when caller bytes arrive (it sits before the decoder,
-/// which delivers a head only once it is complete): the slow-headers and
-/// stalled-body timers start from the bytes, not from the decoded parts.
-final class L7RequestClock: ChannelInboundHandler, RemovableChannelHandler {
-    package typealias InboundIn = ByteBuffer
-    package typealias InboundOut = ByteBuffer
-    /// Strong, dropped when the clock or the gate leaves its pipeline.
-    var gate: L7Gate?
-    init(_ gate: L7Gate) { self.gate = gate }
-    package func handlerRemoved(context: ChannelHandlerContext) { gate = nil }
-    package func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        gate?.bytesArrived()
-        context.fireChannelRead(data)
+        if let after { try ops.addHandler(gate, position: .after(after)) } else { try ops.addHandler(gate) }
     }
 }

@@ -49,16 +49,7 @@ final class HTTP1ResponseFramerTests: XCTestCase {
             // Chunked, with extensions and trailers sometimes.
             head += "\(randomCase("transfer-encoding", &rng)): \(randomCase("chunked", &rng))\r\n"
             if !bodiless {
-                for _ in 0..<Int.random(in: 0...4, using: &rng) {
-                    let n = [1, 2, 15, 16, 255, 4096, 20_000].randomElement(using: &rng)!
-                    let size = Bool.random(using: &rng) ? String(n, radix: 16) : String(n, radix: 16).uppercased()
-                    let ext = Bool.random(using: &rng) ? "" : ";name=\"v a\";x"
-                    body += Array("\(size)\(ext)\r\n".utf8) + (0..<n).map { UInt8(truncatingIfNeeded: $0 &* 7) } + Array("\r\n".utf8)
-                    payload += n
-                }
-                body += Array("0\r\n".utf8)
-                if Bool.random(using: &rng) { body += Array("x-trailer: t\r\nChecksum: 1\r\n".utf8) }
-                body += Array("\r\n".utf8)
+                (body, payload) = randomChunkedBody(&rng)
             }
         } else {
             let n = [0, 1, 10, 1024, 70_000].randomElement(using: &rng)!
@@ -260,4 +251,22 @@ final class HTTP1ResponseFramerTests: XCTestCase {
         let out = L7Gate.withConnectionClose(head, allocator: ByteBufferAllocator())
         XCTAssertEqual(String(buffer: out), "HTTP/1.1 200 OK\r\nx-connection: stays\r\ncontent-length: 2\r\nconnection: close\r\n\r\n")
     }
+}
+
+/// A chunked body as sent (sizes in either case, extensions and trailers
+/// sometimes) and its content length.
+func randomChunkedBody(_ rng: inout SystemRandomNumberGenerator) -> (bytes: [UInt8], payload: Int) {
+    var body: [UInt8] = []
+    var payload = 0
+    for _ in 0..<Int.random(in: 0...4, using: &rng) {
+        let n = [1, 2, 15, 16, 255, 4096, 20_000].randomElement(using: &rng)!
+        let size = Bool.random(using: &rng) ? String(n, radix: 16) : String(n, radix: 16).uppercased()
+        let ext = Bool.random(using: &rng) ? "" : ";name=\"v a\";x"
+        body += Array("\(size)\(ext)\r\n".utf8) + (0..<n).map { UInt8(truncatingIfNeeded: $0 &* 7) } + Array("\r\n".utf8)
+        payload += n
+    }
+    body += Array("0\r\n".utf8)
+    if Bool.random(using: &rng) { body += Array("x-trailer: t\r\nChecksum: 1\r\n".utf8) }
+    body += Array("\r\n".utf8)
+    return (body, payload)
 }

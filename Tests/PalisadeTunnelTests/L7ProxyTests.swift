@@ -87,10 +87,15 @@ extension TunnelTests {
         let names = ["x-debug", "X-Debug", "x-env", "x-other"], values = ["1", "0", "prod", "dev", "1, 0", "prod, prod", " 1", "prod,dev"]
         var denied = 0, allowed = 0
         for _ in 0..<3_000 {
-            let lines = (0..<Int.random(in: 0...4, using: &r)).map { _ in (names.randomElement(using: &r)!, values.randomElement(using: &r)!) }
             let path = ["/open/a", "/prod/a"].randomElement(using: &r)!
-            let h1 = L7Gate.headerValues(HTTPHeaders(lines))
-            let h2 = L7HTTP2.facts(HPACKHeaders(lines.map { ($0.0.lowercased(), $0.1) })).headers
+            let lines = (0..<Int.random(in: 0...4, using: &r)).map { _ in (names.randomElement(using: &r)!, values.randomElement(using: &r)!) }
+            // HTTP/1.1 from the raw head the framer reads (a field value's
+            // surrounding whitespace is not part of it: RFC 9110 5.5).
+            let raw = "GET \(path) HTTP/1.1\r\n" + lines.map { "\($0.0): \($0.1)\r\n" }.joined() + "\r\n"
+            var h1: [String: [String]] = [:]
+            var bytes = ByteBuffer(string: raw)
+            try HTTP1RequestFramer().feed(&bytes) { if case .head(let h) = $0 { h1 = h.fieldValues() } }
+            let h2 = L7HTTP2.facts(HPACKHeaders(lines.map { ($0.0.lowercased(), $0.1.trimmingCharacters(in: .whitespaces)) })).headers
             XCTAssertEqual(h1, h2, "\(lines)")
             let d1 = rules.decide(HTTPRequestFacts(source: nil, method: "GET", path: path, host: "h", headers: h1))
             let d2 = rules.decide(HTTPRequestFacts(source: nil, method: "GET", path: path, host: "h", headers: h2))
@@ -528,6 +533,38 @@ extension TunnelTests {
         }
         XCTAssertNil(gate, "the gate outlived its connection")
         XCTAssertNil(upstreamChannel, "the workload's channel outlived the connection")
+    }
+
+    /// Allowed requests reach the workload as the caller sent them, byte
+    /// for byte (chunked bodies and trailers included), and nothing after
+    /// a request that ends the connection is read, judged or forwarded
+    /// (RFC 9112 9.6): its response goes back with `connection: close`.
+    func testRequestsAreForwardedAsSentAndNothingAfterAClosingOne() throws {
+        let loop = EmbeddedEventLoop()
+        let caller = EmbeddedChannel(loop: loop), upstream = EmbeddedChannel(loop: loop)
+        defer { _ = try? caller.finish(); _ = try? upstream.finish() }
+        let judged = Box<[String]>([])
+        let l7 = L7Context(gate: { method, uri, _, _, _ in
+            judged.value.append("\(method) \(uri)")
+            return HTTPVerdict(allowed: true, reason: "", rule: nil)
+        }, source: "spiffe://t/a", destination: "spiffe://t/b", destinationAddress: "127.0.0.1:80")
+        try L7Gate.install(stream: caller, upstream: upstream, l7: l7)
+        let first = "POST /up?x=1 HTTP/1.1\r\nHost: b\r\nX-Odd:  spaced\t\r\nTransfer-Encoding: Chunked\r\n\r\n3;e=\"v\"\r\nabc\r\n0\r\nT: 1\r\n\r\n"
+        let second = "GET /a HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n"
+        try caller.writeInbound(ByteBuffer(string: first + second + "GET /hidden HTTP/1.1\r\nHost: b\r\n\r\n"))
+        var sent = ""
+        while let b = try upstream.readOutbound(as: ByteBuffer.self) { sent += String(buffer: b) }
+        XCTAssertEqual(sent, first, "the first request as sent; the second waits for the first's response")
+        try upstream.writeInbound(ByteBuffer(string: "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"))
+        sent = ""
+        while let b = try upstream.readOutbound(as: ByteBuffer.self) { sent += String(buffer: b) }
+        XCTAssertEqual(sent, second)
+        try upstream.writeInbound(ByteBuffer(string: "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"))
+        var answered = ""
+        while let b = try caller.readOutbound(as: ByteBuffer.self) { answered += String(buffer: b) }
+        XCTAssertEqual(answered, "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        XCTAssertNil(try upstream.readOutbound(as: ByteBuffer.self), "nothing after the closing request")
+        XCTAssertEqual(judged.value, ["POST /up?x=1", "GET /a"])
     }
 
     /// Slow callers cannot hold a connection: a head still incomplete after
