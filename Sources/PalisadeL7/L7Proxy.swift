@@ -84,14 +84,6 @@ public struct HTTPLimits: Sendable {
         get { box.withLockedValue { $0 } }
         set { box.withLockedValue { $0 = newValue } }
     }
-
-    var decoderLimits: NIOHTTPDecoderLimitConfiguration {
-        var c = NIOHTTPDecoderLimitConfiguration()
-        c.maxHeaderListSize = maxHeaderListSize
-        c.maxHeaderFieldSize = maxHeaderListSize
-        c.maxHeaderFieldCount = maxHeaderFields
-        return c
-    }
 }
 
 /// What a proxied port speaks: told from the first bytes ("PRI " starts
