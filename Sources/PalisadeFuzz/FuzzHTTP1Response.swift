@@ -22,7 +22,10 @@ func fuzzHTTP1Response(_ bytes: UnsafeBufferPointer<UInt8>) {
     func take(_ event: HTTP1ResponseFramer.Event) {
         switch event {
         case .head(let h):
-            forwarded += h.bytes.readableBytesView
+            // (As the gate: left with its body, or taken out to be
+            // rewritten, picked by the seed.)
+            if framer.headGoesWithBody && first & 0x80 != 0 { framer.headGoesWithBody = false }
+            if !framer.headGoesWithBody { forwarded += h.bytes.readableBytesView }
             status = h.status
             upgraded = upgraded || h.status == 101
         case .body(let b, let n):

@@ -45,6 +45,14 @@ final class HTTP1ResponseFramer {
 
     init(maxHeadBytes: Int = 64 * 1024) { lines = HTTP1LineReader(maxBytes: maxHeadBytes) }
 
+    /// Set while a final response's head is handed on, when that head came
+    /// whole in one read: its bytes then go on at the start of the
+    /// response's first `.body` slice (head and body in one write, where
+    /// two cost a second pass through the caller's pipeline and a copy to
+    /// join them), unless whoever takes the head clears it, to send a head
+    /// of its own instead.
+    var headGoesWithBody = false
+
     private enum State {
         case head
         case body
@@ -113,11 +121,15 @@ final class HTTP1ResponseFramer {
         while input.readableBytes > 0 {
             switch state {
             case .head:
+                let headStart = input.readerIndex
+                let inPlace = lines.isEmpty   // (else it spanned reads)
                 guard let headBytes = try lines.take(&input, untilEmptyLine: true) else { return }
                 let head = try Self.parseHead(headBytes, request: request)
                 if head.status >= 200 { closesAfter = head.closes }
+                headGoesWithBody = inPlace && head.status >= 200 && head.status != 101
                 emit(.head(head))
-                run.restart(input)
+                if headGoesWithBody { run.restart(at: headStart) } else { run.restart(input) }
+                headGoesWithBody = false
                 switch head.framing {
                 case .none:
                     if head.status == 101 {
@@ -127,10 +139,15 @@ final class HTTP1ResponseFramer {
                         return
                     }
                     // A 1xx is followed by the real response.
-                    if head.status >= 200 { state = afterResponse; emit(.end) }
+                    if head.status >= 200 {
+                        state = afterResponse
+                        flushBody(&input)
+                        emit(.end)
+                    }
                 case .length(let n):
                     if n == 0 {
                         state = afterResponse
+                        flushBody(&input)
                         emit(.end)
                     } else {
                         state = .body

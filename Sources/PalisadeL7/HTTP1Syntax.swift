@@ -319,6 +319,10 @@ struct HTTP1BodyRun {
 
     /// A new run from the reader index (what came before was no body).
     mutating func restart(_ input: ByteBuffer) { start = input.readerIndex }
+
+    /// A new run from `index`, before the reader index (a head that goes
+    /// on with its body).
+    mutating func restart(at index: Int) { start = index }
 }
 
 /// Reads one message body framed by Content-Length or chunks, moving the

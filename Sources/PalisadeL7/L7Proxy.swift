@@ -463,7 +463,6 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
                 return
             }
             responseStatus = h.status
-            responseStarted = true
             var bytes = h.bytes
             switch (upgrade, h.status) {
             case (.websocket, 101):
@@ -475,15 +474,19 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
                 upstream?.close(promise: nil)
                 return
             case (.none, _):
-                break
+                // As received: with the body when the framer can.
+                if upstreamHandler?.framer.headGoesWithBody == true { return }
             default:
+                upstreamHandler?.framer.headGoesWithBody = false
                 bytes = Self.withConnectionClose(h.bytes, allocator: context.channel.allocator)
                 upgrade = .closeAfterResponse
             }
+            responseStarted = true
             context.write(wrapOutboundOut(bytes), promise: nil)
             callerUnflushed = true
         case .body(let b, let payload):
             responseBytes += payload
+            responseStarted = true
             context.write(wrapOutboundOut(b), promise: nil)
             callerUnflushed = true
         case .end:
