@@ -56,7 +56,7 @@ final class HTTP1RequestFramer {
         func first(_ name: StaticString) -> String? {
             bytes.withUnsafeReadableBytes { p in
                 var found: String?
-                try? HTTP1Syntax.forEachField(p, from: Self.fieldsStart(p), context: "header") { n, v in
+                try? HTTP1Syntax.forEachField(p, from: HTTP1Syntax.fieldsStart(p), context: "header") { n, v in
                     if found == nil, HTTP1Syntax.equalsIgnoringCase(p, n, name) { found = String(decoding: UnsafeRawBufferPointer(rebasing: p[v]), as: UTF8.self) }
                 }
                 return found
@@ -68,7 +68,7 @@ final class HTTP1RequestFramer {
         func fieldValues() -> [String: [String]] {
             bytes.withUnsafeReadableBytes { p in
                 var fields: [String: [String]] = [:]
-                try? HTTP1Syntax.forEachField(p, from: Self.fieldsStart(p), context: "header") { n, v in
+                try? HTTP1Syntax.forEachField(p, from: HTTP1Syntax.fieldsStart(p), context: "header") { n, v in
                     guard !HTTP1Syntax.equalsIgnoringCase(p, n, "authorization") else { return }
                     let name = String(decoding: UnsafeRawBufferPointer(rebasing: p[n]), as: UTF8.self).lowercased()
                     fields[name, default: []].append(String(decoding: UnsafeRawBufferPointer(rebasing: p[v]), as: UTF8.self))
@@ -76,9 +76,6 @@ final class HTTP1RequestFramer {
                 return fields
             }
         }
-
-        /// Where the field lines start: after the request line.
-        static func fieldsStart(_ p: UnsafeRawBufferPointer) -> Int { (p.firstIndex(of: UInt8(ascii: "\n")) ?? p.count - 1) + 1 }
     }
 
     enum Event {

@@ -143,6 +143,9 @@ enum HTTP1Syntax {
         }
     }
 
+    /// Where a whole head's field lines start: after its first line.
+    static func fieldsStart(_ p: UnsafeRawBufferPointer) -> Int { (p.firstIndex(of: UInt8(ascii: "\n")) ?? p.count - 1) + 1 }
+
     /// Writes the field line `name: value` CRLF.
     static func writeField(_ out: inout ByteBuffer, _ p: UnsafeRawBufferPointer, _ name: Range<Int>, _ value: Range<Int>) {
         out.writeBytes(UnsafeRawBufferPointer(rebasing: p[name]))

@@ -424,7 +424,7 @@ final class L7Gate: ChannelDuplexHandler, RemovableChannelHandler, @unchecked Se
     static func withConnectionClose(_ head: ByteBuffer, allocator: ByteBufferAllocator) -> ByteBuffer {
         var out = allocator.buffer(capacity: head.readableBytes + 19)
         head.withUnsafeReadableBytes { p in
-            let fields = (p.firstIndex(of: UInt8(ascii: "\n")) ?? p.count - 1) + 1
+            let fields = HTTP1Syntax.fieldsStart(p)
             out.writeBytes(UnsafeRawBufferPointer(rebasing: p[..<fields]))   // the status line
             try? HTTP1Syntax.forEachField(p, from: fields, context: "header") { name, value in
                 guard !HTTP1Syntax.equalsIgnoringCase(p, name, "connection") else { return }

@@ -33,7 +33,7 @@ extension L7Gate {
     static func withoutUpgrade(_ head: ByteBuffer, allocator: ByteBufferAllocator) -> ByteBuffer {
         var out = allocator.buffer(capacity: head.readableBytes)
         head.withUnsafeReadableBytes { p in
-            let fields = HTTP1RequestFramer.Head.fieldsStart(p)
+            let fields = HTTP1Syntax.fieldsStart(p)
             out.writeBytes(UnsafeRawBufferPointer(rebasing: p[..<fields]))   // the request line
             try? HTTP1Syntax.forEachField(p, from: fields, context: "header") { name, value in
                 if HTTP1Syntax.equalsIgnoringCase(p, name, "upgrade") || HTTP1Syntax.equalsIgnoringCase(p, name, "http2-settings") { return }
