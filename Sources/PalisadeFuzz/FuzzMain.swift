@@ -18,6 +18,7 @@ public func fuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     case "http1request": fuzzHTTP1Request(bytes)
     case "http1response": fuzzHTTP1Response(bytes)
     case "http2": fuzzHTTP2(bytes)
+    case "http2response": fuzzHTTP2Response(bytes)
     case "dns": fuzzDNS(bytes)
     default: fatalError("unknown PALISADE_FUZZ_TARGET \(fuzzTarget)")
     }

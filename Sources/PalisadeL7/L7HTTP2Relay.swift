@@ -6,9 +6,10 @@ import PalisadeRelay
 
 /// HTTP/2 relayed frame by frame between the caller's connection and one
 /// connection to the workload, without a channel per stream: NIO's HTTP/2
-/// handlers (validation, HPACK, flow-control accounting) on both sides and
-/// one table mapping the caller's stream IDs to the workload's. Each new
-/// stream's HEADERS are judged; a denied stream is answered 403 here.
+/// handler (validation, HPACK, flow control, flood limits) on the caller's
+/// side, `H2WorkloadConnection` on the workload's, and one table mapping
+/// the caller's stream IDs to the workload's. Each new stream's HEADERS
+/// are judged; a denied stream is answered 403 here.
 ///
 /// Flow control is end to end: bytes a side receives are acknowledged
 /// (WINDOW_UPDATE) as they are written to the other side while its channel
@@ -19,7 +20,7 @@ import PalisadeRelay
 final class H2Relay: @unchecked Sendable {
     let l7: L7Context
     var down: ChannelHandlerContext?
-    var up: ChannelHandlerContext?
+    var up: H2WorkloadConnection?
     /// Stream windows we grant each side, and the connection window.
     static let streamWindow = 1 << 20
     static let connectionWindow = 4 << 20
@@ -40,7 +41,6 @@ final class H2Relay: @unchecked Sendable {
     }
     private var byDown: [HTTP2StreamID: Exchange] = [:]
     private var byUp: [HTTP2StreamID: HTTP2StreamID] = [:]
-    private var nextUpID: Int32 = 1
 
     init(l7: L7Context) { self.l7 = l7 }
 
@@ -60,18 +60,13 @@ final class H2Relay: @unchecked Sendable {
         config.initialSettings = settings
         // Header blocks are validated once, on the caller's side: requests
         // as they arrive, responses as they are sent on (a refused one is
-        // answered 502, see fromUp). Validating them again towards the
-        // workload cost ~5% of the proxy's CPU.
-        var upConfig = config
-        upConfig.headerBlockValidation = .disabled
-        try upstream.pipeline.syncOperations.addHandler(H2FrameAligner(expectsPreface: false))
-        try upstream.pipeline.syncOperations.addHandler(NIOHTTP2Handler(mode: .client, connectionConfiguration: upConfig))
-        try upstream.pipeline.syncOperations.addHandler(H2RelaySide(relay, isDown: false))
+        // answered 502, see fromUp).
+        try upstream.pipeline.syncOperations.addHandler(H2WorkloadConnection(relay: relay))
         try downstream.pipeline.syncOperations.addHandler(CloseOnEndOfInput())
         try downstream.pipeline.syncOperations.addHandler(H2CallerGuard())
         try downstream.pipeline.syncOperations.addHandler(H2FrameAligner(expectsPreface: true))
         try downstream.pipeline.syncOperations.addHandler(NIOHTTP2Handler(mode: .server, connectionConfiguration: config))
-        try downstream.pipeline.syncOperations.addHandler(H2RelaySide(relay, isDown: true))
+        try downstream.pipeline.syncOperations.addHandler(H2RelaySide(relay))
         upstream.closeFuture.whenComplete { _ in downstream.close(promise: nil) }
         downstream.closeFuture.whenComplete { _ in upstream.close(promise: nil) }
     }
@@ -92,13 +87,12 @@ final class H2Relay: @unchecked Sendable {
 
     /// Gives back `n` bytes of window to one side (connection, and the
     /// stream while it is open there and still sending).
-    private func acknowledge(_ ctx: ChannelHandlerContext?, stream: HTTP2StreamID?, _ n: Int) {
-        guard n > 0, let ctx else { return }
-        let isDown = ctx === down
+    private func acknowledge(isDown: Bool, stream: HTTP2StreamID?, _ n: Int) {
+        guard n > 0, isDown ? down != nil : up != nil else { return }
         var flush = false
         let c = credit[isDown] + n
         if c >= Self.connectionWindow / 4 {
-            write(ctx, .rootStream, .windowUpdate(windowSizeIncrement: c))
+            windowUpdate(isDown: isDown, .rootStream, c)
             credit[isDown] = 0
             flush = true
         } else {
@@ -107,14 +101,33 @@ final class H2Relay: @unchecked Sendable {
         if let stream {
             let s = (streamCredit[isDown][stream] ?? 0) + n
             if s >= Self.streamWindow / 4 {
-                write(ctx, stream, .windowUpdate(windowSizeIncrement: s))
+                windowUpdate(isDown: isDown, stream, s)
                 streamCredit[isDown][stream] = nil
                 flush = true
             } else {
                 streamCredit[isDown][stream] = s
             }
         }
-        if flush { ctx.flush() }
+        if flush { if isDown { down?.flush() } else { up?.flush() } }
+    }
+
+    private func windowUpdate(isDown: Bool, _ stream: HTTP2StreamID, _ n: Int) {
+        if isDown {
+            write(down, stream, .windowUpdate(windowSizeIncrement: n))
+        } else {
+            up?.windowUpdate(stream: stream == .rootStream ? nil : stream, n)
+        }
+    }
+
+    /// Connection window given back to the workload (bytes of a stream
+    /// that is gone).
+    func acknowledgeUp(_ n: Int) { acknowledge(isDown: false, stream: nil, n) }
+
+    /// Request bytes the workload's connection wrote (or dropped, `sent`
+    /// false) after holding them: the caller's windows get them back.
+    func requestDataTaken(source: HTTP2StreamID, _ n: Int, sent: Bool, streamOpen: Bool) {
+        let open = sent && streamOpen && byDown[source] != nil
+        acknowledge(isDown: true, stream: open ? source : nil, n)
     }
 
     /// A frame as relayed to the other side: padding is one hop's (and NIO
@@ -154,23 +167,26 @@ final class H2Relay: @unchecked Sendable {
         switch frame.payload {
         case .headers(let h):
             if let x = byDown[id] {
-                write(up, x.upID, .headers(Self.hop(h)))   // trailers
+                up?.sendHeaders(x.upID, h.headers, endStream: h.endStream)   // trailers
             } else if !judge(id, h) {
                 return
             }
         case .data(let d):
             let n = Self.flowLength(d)
-            guard var x = byDown[id] else {
-                acknowledge(down, stream: nil, n)   // a refused stream's body: dropped
+            guard var x = byDown[id], let up, case .byteBuffer(let bytes) = d.data else {
+                acknowledge(isDown: true, stream: nil, n)   // a refused stream's body: dropped
                 return
             }
-            x.requestBytes += d.data.readableBytes
+            x.requestBytes += bytes.readableBytes
             byDown[id] = x
-            relayData(d, to: up, as: x.upID, fromDown: true, stream: id)
+            if up.sendData(x.upID, bytes, endStream: d.endStream, source: id, credit: n) {
+                // (A stream that ended sends nothing more: connection window only.)
+                acknowledge(isDown: true, stream: d.endStream ? nil : id, n)
+            }
         case .rstStream:
             if let x = byDown.removeValue(forKey: id) {
                 byUp[x.upID] = nil
-                write(up, x.upID, .rstStream(.cancel))
+                up?.reset(x.upID, .cancel)
                 up?.flush()
             }
         default:
@@ -182,7 +198,7 @@ final class H2Relay: @unchecked Sendable {
     /// to the connection's window.
     private func dropVerifying(_ id: HTTP2StreamID) {
         guard let queued = verifying.removeValue(forKey: id) else { return }
-        for f in queued { if case .data(let d) = f.payload { acknowledge(down, stream: nil, Self.flowLength(d)) } }
+        for f in queued { if case .data(let d) = f.payload { acknowledge(isDown: true, stream: nil, Self.flowLength(d)) } }
     }
 
     /// A new stream: judged on its HEADERS (once its bearer token, if the
@@ -225,8 +241,7 @@ final class H2Relay: @unchecked Sendable {
         } else {
             verdict = l7.gate(f.method, path, f.host, f.headers, jwtIdentity)
         }
-        var x = Exchange(upID: HTTP2StreamID(Int(nextUpID)), method: f.method,
-                         path: withoutQuery(path), verdict: verdict, start: Date())
+        var x = Exchange(upID: .rootStream, method: f.method, path: withoutQuery(path), verdict: verdict, start: Date())
         guard verdict.allowed else {
             // Answered once this read is processed (answerDenials): frames
             // that came with the HEADERS still meet an open stream, so
@@ -239,16 +254,15 @@ final class H2Relay: @unchecked Sendable {
             log(&x)
             return false
         }
-        guard nextUpID < Int32.max - 2 else {
-            // The workload's connection has used every stream ID.
+        guard let upID = up?.startRequest(h.headers, endStream: h.endStream, isHead: f.method == "HEAD") else {
+            // The workload's connection takes no more streams (IDs used up, GOAWAY).
             write(down, id, .rstStream(.refusedStream))
             down?.flush()
             return false
         }
-        nextUpID += 2
+        x.upID = upID
         byDown[id] = x
-        byUp[x.upID] = id
-        write(up, x.upID, .headers(Self.hop(h)))
+        byUp[upID] = id
         return true
     }
 
@@ -302,10 +316,12 @@ final class H2Relay: @unchecked Sendable {
 
     // MARK: the workload's frames
 
-    func fromUp(_ frame: HTTP2Frame) {
+    /// A frame of the workload's; `credit`: a DATA frame's flow-control
+    /// length (padding included).
+    func fromUp(_ frame: HTTP2Frame, credit: Int = 0) {
         let upID = frame.streamID
         guard let id = byUp[upID] else {
-            if case .data(let d) = frame.payload { acknowledge(up, stream: nil, Self.flowLength(d)) }
+            acknowledge(isDown: false, stream: nil, credit)
             return
         }
         switch frame.payload {
@@ -334,7 +350,7 @@ final class H2Relay: @unchecked Sendable {
                 if d.endStream { log(&x) }
                 byDown[id] = x
             }
-            relayData(d, to: down, as: id, fromDown: false, stream: upID)
+            relayResponseData(d, as: id, stream: upID, credit: credit)
         case .rstStream(let code):
             byUp[upID] = nil
             byDown[id] = nil
@@ -345,25 +361,25 @@ final class H2Relay: @unchecked Sendable {
         }
     }
 
-    /// Relays a DATA frame to `target` (its stream `targetID`) and gives its
-    /// bytes back to the sending side's windows (its stream `sourceID`): at
-    /// once while the target's channel takes more, otherwise once its socket
-    /// took them (the stream's window then only if the stream is still open).
-    private func relayData(_ d: HTTP2Frame.FramePayload.Data, to target: ChannelHandlerContext?, as targetID: HTTP2StreamID,
-                           fromDown: Bool, stream sourceID: HTTP2StreamID) {
-        guard let target else { return }   // that side is gone
-        let n = Self.flowLength(d)
+    /// Relays a workload's DATA frame to the caller (its stream `targetID`)
+    /// and gives its bytes back to the workload's windows (its stream
+    /// `sourceID`): at once while the caller's channel takes more,
+    /// otherwise once it took them (the stream's window then only if the
+    /// stream is still open).
+    private func relayResponseData(_ d: HTTP2Frame.FramePayload.Data, as targetID: HTTP2StreamID,
+                                   stream sourceID: HTTP2StreamID, credit n: Int) {
+        guard let target = down else { return }   // the caller is gone
         if target.channel.isWritable {
             write(target, targetID, .data(Self.hop(d)))
             // (A stream that ended sends nothing more: connection window only.)
-            acknowledge(fromDown ? down : up, stream: d.endStream ? nil : sourceID, n)
+            acknowledge(isDown: false, stream: d.endStream ? nil : sourceID, n)
             return
         }
         let sent = target.eventLoop.makePromise(of: Void.self)
         write(target, targetID, .data(Self.hop(d)), promise: sent)
         sent.futureResult.whenComplete { result in
-            let open = (try? result.get()) != nil && (fromDown ? self.byDown[sourceID] != nil : self.byUp[sourceID] != nil)
-            self.acknowledge(fromDown ? self.down : self.up, stream: open ? sourceID : nil, n)
+            let open = (try? result.get()) != nil && self.byUp[sourceID] != nil
+            self.acknowledge(isDown: false, stream: open ? sourceID : nil, n)
         }
     }
 
@@ -377,7 +393,7 @@ final class H2Relay: @unchecked Sendable {
             guard let x = byDown.removeValue(forKey: id) else { return }
             // Closed by an error on the caller's side: the workload's stream goes too.
             if reason != nil, byUp.removeValue(forKey: x.upID) != nil {
-                write(up, x.upID, .rstStream(.cancel))
+                up?.reset(x.upID, .cancel)
                 up?.flush()
             }
         } else {
@@ -395,7 +411,7 @@ final class H2Relay: @unchecked Sendable {
     /// caller gets 502, or a reset if its response had already begun.
     private func refuseResponse(down id: HTTP2StreamID, up upID: HTTP2StreamID) {
         guard byUp.removeValue(forKey: upID) != nil else { return }
-        write(up, upID, .rstStream(.cancel))
+        up?.reset(upID, .cancel)
         up?.flush()
         guard var x = byDown.removeValue(forKey: id) else { return }
         if x.responseStarted {
@@ -427,18 +443,17 @@ final class H2Relay: @unchecked Sendable {
     }
 }
 
-/// One side of the relay: frames in go to the relay; reads complete ->
-/// the other side flushes.
+/// The caller's side of the relay: its frames go to the relay; the end of
+/// a read flushes the workload's side.
 final class H2RelaySide: ChannelDuplexHandler, @unchecked Sendable {
     typealias InboundIn = HTTP2Frame
     typealias OutboundIn = HTTP2Frame
     typealias OutboundOut = HTTP2Frame
     let relay: H2Relay
-    let isDown: Bool
-    init(_ relay: H2Relay, isDown: Bool) { self.relay = relay; self.isDown = isDown }
+    init(_ relay: H2Relay) { self.relay = relay }
 
     func handlerAdded(context: ChannelHandlerContext) {
-        if isDown { relay.down = context } else { relay.up = context }
+        relay.down = context
         // A connection window larger than HTTP/2's initial 64 KiB.
         context.writeAndFlush(wrapOutboundOut(HTTP2Frame(streamID: .rootStream,
                                                          payload: .windowUpdate(windowSizeIncrement: H2Relay.connectionWindow - 65535))),
@@ -446,13 +461,12 @@ final class H2RelaySide: ChannelDuplexHandler, @unchecked Sendable {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        let frame = unwrapInboundIn(data)
-        if isDown { relay.fromDown(frame) } else { relay.fromUp(frame) }
+        relay.fromDown(unwrapInboundIn(data))
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
-        if isDown { relay.answerDenials() }
-        (isDown ? relay.up : relay.down)?.flush()
+        relay.answerDenials()
+        relay.up?.flush()
         context.fireChannelReadComplete()
     }
 
@@ -460,18 +474,18 @@ final class H2RelaySide: ChannelDuplexHandler, @unchecked Sendable {
         // (NIO sends several events per stream, window updates among them:
         // comparing the type first spares each a dynamic cast that fails.)
         if type(of: event) == StreamClosedEvent.self, let e = event as? StreamClosedEvent {
-            relay.streamClosed(e.streamID, onDown: isDown, reason: e.reason)
+            relay.streamClosed(e.streamID, onDown: true, reason: e.reason)
         }
         context.fireUserInboundEventTriggered(event)
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        if isDown { relay.down = nil } else { relay.up = nil }
+        relay.down = nil
         context.fireChannelInactive()
     }
 
     /// Stream errors were answered by NIO (RST_STREAM); connection errors
-    /// close the connection (GOAWAY) and the other side follows.
+    /// close the connection (GOAWAY) and the workload's side follows.
     func errorCaught(context: ChannelHandlerContext, error: Error) {}
 }
 

@@ -1,0 +1,229 @@
+import NIOCore
+import NIOEmbedded
+import NIOHPACK
+import NIOHTTP2
+@testable import PalisadeL7
+import XCTest
+
+/// The workload's side of the HTTP/2 relay (`H2WorkloadConnection`): a
+/// caller (NIO's HTTP/2 client) through the relay to a workload written
+/// frame by frame here, so the test decides its windows, its stream limit
+/// and when it goes away.
+final class H2WorkloadConnectionTests: XCTestCase {
+    struct Frame {
+        var type: UInt8, flags: UInt8, stream: UInt32
+        var payload: ByteBuffer
+        var headers: HPACKHeaders?
+    }
+
+    final class Lab {
+        let loop = EmbeddedEventLoop()
+        let client: EmbeddedChannel, caller: EmbeddedChannel, upstream: EmbeddedChannel
+        /// Bytes the caller sent into the relay.
+        var callerBytes = 0
+        /// What the workload received, frame by frame (after the preface).
+        var received: [Frame] = []
+        var answers: [HTTP2Frame] = []
+        private var pending = ByteBuffer()
+        private var prefaceSeen = false
+        private var decoder = HPACKDecoder(allocator: ByteBufferAllocator())
+        private var encoder = HPACKEncoder(allocator: ByteBufferAllocator())
+
+        init(workloadSettings: [(UInt16, UInt32)]) throws {
+            client = EmbeddedChannel(loop: loop)
+            caller = EmbeddedChannel(loop: loop)
+            upstream = EmbeddedChannel(loop: loop)
+            let address = try SocketAddress(ipAddress: "127.0.0.1", port: 1)
+            for c in [client, caller, upstream] { try c.connect(to: address).wait() }
+            try client.pipeline.syncOperations.addHandler(NIOHTTP2Handler(mode: .client))
+            let l7 = L7Context(gate: { _, _, _, _, _ in HTTPVerdict(allowed: true, reason: "", rule: nil) },
+                               source: "spiffe://t/a", destination: "spiffe://t/b", destinationAddress: "127.0.0.1:80")
+            try H2Relay.install(downstream: caller, upstream: upstream, l7: l7)
+            var settings = ByteBuffer()
+            for (id, value) in workloadSettings { settings.writeInteger(id); settings.writeInteger(value) }
+            try workloadSends(4, 0, 0, settings)
+            try shuttle()
+        }
+
+        func finish() {
+            for c in [client, caller, upstream] { _ = try? c.finish() }
+            try? loop.syncShutdownGracefully()
+        }
+
+        func workloadSends(_ type: UInt8, _ flags: UInt8, _ stream: UInt32, _ payload: ByteBuffer) throws {
+            var b = ByteBuffer()
+            b.writeInteger(UInt32(payload.readableBytes) << 8 | UInt32(type))
+            b.writeInteger(flags)
+            b.writeInteger(stream)
+            var p = payload
+            b.writeBuffer(&p)
+            try upstream.writeInbound(b)
+        }
+
+        func respond(_ stream: UInt32, status: String = "200", endStream: Bool = true) throws {
+            var block = ByteBuffer()
+            try encoder.encode(headers: HPACKHeaders([(":status", status)]), to: &block)
+            try workloadSends(1, 0x4 | (endStream ? 0x1 : 0), stream, block)
+            try shuttle()
+        }
+
+        func windowUpdate(_ stream: UInt32, _ n: UInt32) throws {
+            var b = ByteBuffer()
+            b.writeInteger(n)
+            try workloadSends(8, 0, stream, b)
+            try shuttle()
+        }
+
+        func send(_ stream: Int, _ payload: HTTP2Frame.FramePayload) throws {
+            client.write(HTTP2Frame(streamID: HTTP2StreamID(stream), payload: payload), promise: nil)
+        }
+
+        func request(_ stream: Int, _ method: String = "GET", endStream: Bool = true) throws {
+            let h = HPACKHeaders([(":method", method), (":scheme", "http"), (":authority", "b"), (":path", "/x")])
+            try send(stream, .headers(.init(headers: h, endStream: endStream)))
+        }
+
+        /// Moves bytes between the three until none moves.
+        func shuttle() throws {
+            client.flush()
+            var moved = true
+            while moved {
+                moved = false
+                while let b = try client.readOutbound(as: ByteBuffer.self) {
+                    moved = true
+                    callerBytes += b.readableBytes
+                    try caller.writeInbound(b)
+                }
+                while let b = try caller.readOutbound(as: ByteBuffer.self) {
+                    moved = true
+                    try client.writeInbound(b)
+                }
+                while var b = try upstream.readOutbound(as: ByteBuffer.self) {
+                    moved = true
+                    pending.writeBuffer(&b)
+                }
+                try parseReceived()
+                while let f = try client.readInbound(as: HTTP2Frame.self) {
+                    switch f.payload {
+                    case .headers, .data, .rstStream: answers.append(f)
+                    default: break
+                    }
+                }
+                client.flush()
+                loop.run()
+            }
+        }
+
+        private func parseReceived() throws {
+            if !prefaceSeen {
+                guard pending.readableBytes >= 24 else { return }
+                XCTAssertEqual(pending.readString(length: 24), "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+                prefaceSeen = true
+            }
+            while pending.readableBytes >= 9, let head = pending.getInteger(at: pending.readerIndex, as: UInt32.self),
+                  pending.readableBytes >= 9 + Int(head >> 8) {
+                let length = Int(head >> 8)
+                let type = pending.readInteger(as: UInt32.self).map { UInt8($0 & 0xFF) }!
+                let flags = pending.readInteger(as: UInt8.self)!
+                let stream = pending.readInteger(as: UInt32.self)! & 0x7FFF_FFFF
+                var payload = pending.readSlice(length: length)!
+                var f = Frame(type: type, flags: flags, stream: stream, payload: payload)
+                if type == 1 { f.headers = try decoder.decodeHeaders(from: &payload) }
+                received.append(f)
+            }
+        }
+
+        /// DATA bytes the workload received, all streams.
+        var dataReceived: Int { received.filter { $0.type == 0 }.reduce(0) { $0 + $1.payload.readableBytes } }
+        var headersReceived: [UInt32] { received.filter { $0.type == 1 }.map(\.stream) }
+    }
+
+    /// A workload that grants no window beyond HTTP/2's initial 64 KiB:
+    /// the relay holds what it cannot send and gives the caller no window
+    /// back for it, so the caller stops at the windows it was granted
+    /// (about 1 MiB) instead of pushing all 2 MiB into the agent's memory.
+    /// Once the workload opens its windows, all of it arrives, in order.
+    func testACallerCannotPushMoreThanTheWorkloadsWindowsAllow() throws {
+        let lab = try Lab(workloadSettings: [])
+        defer { lab.finish() }
+        try lab.request(1, "POST", endStream: false)
+        let chunk = ByteBuffer(repeating: 7, count: 16 << 10)
+        for i in 0..<128 {
+            try lab.send(1, .data(.init(data: .byteBuffer(chunk), endStream: i == 127)))
+        }
+        try lab.shuttle()
+        XCTAssertEqual(lab.headersReceived, [1])
+        XCTAssertEqual(lab.dataReceived, 65_535, "exactly the workload's windows")
+        XCTAssertLessThan(lab.callerBytes, (1 << 20) + (64 << 10), "the caller held to the stream window it was granted")
+        XCTAssertGreaterThan(lab.callerBytes, 1 << 19)
+
+        try lab.windowUpdate(0, 16 << 20)
+        try lab.windowUpdate(1, 16 << 20)
+        XCTAssertEqual(lab.dataReceived, 2 << 20)
+        XCTAssertEqual(lab.received.last.map { $0.type == 0 && $0.flags & 1 == 1 }, true, "the last DATA ends the stream")
+        XCTAssertTrue(lab.received.filter { $0.type == 0 }.allSatisfy { $0.payload.readableBytesView.allSatisfy { $0 == 7 } })
+        try lab.respond(1)
+        XCTAssertEqual(lab.answers.map(\.streamID), [1])
+    }
+
+    /// Requests past the workload's MAX_CONCURRENT_STREAMS wait their turn;
+    /// after its GOAWAY the streams it did not take, and any new one, are
+    /// refused to the caller (REFUSED_STREAM: safe to retry).
+    func testStreamLimitAndGoAway() throws {
+        let lab = try Lab(workloadSettings: [(3, 1)])
+        defer { lab.finish() }
+        for id in [1, 3, 5] { try lab.request(id) }
+        try lab.shuttle()
+        XCTAssertEqual(lab.headersReceived, [1], "one stream at a time")
+        try lab.respond(1)
+        XCTAssertEqual(lab.headersReceived, [1, 3])
+        var goAway = ByteBuffer()
+        goAway.writeInteger(UInt32(3))
+        goAway.writeInteger(UInt32(0))
+        try lab.workloadSends(7, 0, 0, goAway)
+        try lab.respond(3)
+        try lab.request(7)
+        try lab.shuttle()
+        XCTAssertEqual(lab.headersReceived, [1, 3], "nothing opened after the GOAWAY")
+        var outcome: [Int: String] = [:]
+        for f in lab.answers {
+            switch f.payload {
+            case .headers(let h): outcome[Int(f.streamID)] = h.headers.first(name: ":status")
+            case .rstStream(let code): outcome[Int(f.streamID)] = code == .refusedStream ? "refused" : "\(code)"
+            default: break
+            }
+        }
+        XCTAssertEqual(outcome, [1: "200", 3: "200", 5: "refused", 7: "refused"])
+    }
+
+    /// A response that breaks HTTP/2's framing resets that stream on both
+    /// sides and leaves the connection to the others: DATA before a head,
+    /// a body longer than its content-length.
+    func testAResponseThatBreaksItsFramingResetsOnlyItsStream() throws {
+        let lab = try Lab(workloadSettings: [])
+        defer { lab.finish() }
+        for id in [1, 3, 5] { try lab.request(id) }
+        try lab.shuttle()
+        try lab.workloadSends(0, 1, 1, ByteBuffer(string: "early"))
+        var block = ByteBuffer()
+        var encoder = HPACKEncoder(allocator: ByteBufferAllocator())
+        try encoder.encode(headers: HPACKHeaders([(":status", "200"), ("content-length", "2")]), to: &block)
+        try lab.workloadSends(1, 0x4, 3, block)
+        try lab.workloadSends(0, 1, 3, ByteBuffer(string: "toolong"))
+        try lab.shuttle()
+        let resets = lab.received.filter { $0.type == 3 }.map(\.stream)
+        XCTAssertEqual(resets, [1, 3], "the workload's streams reset")
+        try lab.respond(5)
+        var outcome: [Int: String] = [:]
+        for f in lab.answers {
+            switch f.payload {
+            case .headers(let h): outcome[Int(f.streamID)] = h.headers.first(name: ":status")
+            case .rstStream(let code): outcome[Int(f.streamID)] = "\(code)"
+            default: break
+            }
+        }
+        XCTAssertEqual(outcome[5], "200")
+        XCTAssertNotNil(outcome[1].flatMap { $0 == "200" ? nil : $0 }, "stream 1 reset, not answered")
+        XCTAssertNotNil(outcome[3].flatMap { $0 == "200" ? nil : $0 }, "stream 3 reset, not answered")
+    }
+}
