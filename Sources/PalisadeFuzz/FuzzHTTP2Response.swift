@@ -34,7 +34,10 @@ func fuzzHTTP2Response(_ bytes: UnsafeBufferPointer<UInt8>) {
             client.flush()
             while let b = try? client.readOutbound(as: ByteBuffer.self) { moved = true; _ = try? caller.writeInbound(b) }
             while let b = try? caller.readOutbound(as: ByteBuffer.self) { moved = true; _ = try? client.writeInbound(b) }
-            while (try? upstream.readOutbound(as: ByteBuffer.self)) != nil { moved = true }
+            while let b = try? upstream.readOutbound(as: ByteBuffer.self) {
+                moved = true
+                if fuzzDebug { FileHandle.standardError.write(Data("to the workload: \(H2FrameList(b))\n".utf8)) }
+            }
             while (try? client.readInbound(as: HTTP2Frame.self)) != nil {}
             loop.run()
             if let e = errors.first { fatalError("the caller's HTTP/2 client rejected what the relay sent: \(e)") }
@@ -55,7 +58,9 @@ func fuzzHTTP2Response(_ bytes: UnsafeBufferPointer<UInt8>) {
     var at = 0
     while at < input.count, upstream.isActive {
         let n = min(step, input.count - at)
-        _ = try? upstream.writeInbound(ByteBuffer(bytes: UnsafeBufferPointer(rebasing: input[at..<(at + n)])))
+        let read = ByteBuffer(bytes: UnsafeBufferPointer(rebasing: input[at..<(at + n)]))
+        if fuzzDebug { FileHandle.standardError.write(Data("from the workload: \(H2FrameList(read))\n".utf8)) }
+        _ = try? upstream.writeInbound(read)
         at += n
         shuttle()
     }

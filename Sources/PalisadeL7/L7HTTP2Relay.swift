@@ -38,9 +38,22 @@ final class H2Relay: @unchecked Sendable {
         var logged = false
         /// The caller has been sent a final (non-1xx) response HEADERS.
         var responseStarted = false
+        /// The caller's window for this stream less every response byte
+        /// written to it (see `callerWindow`).
+        var callerWindow = 0
     }
     private var byDown: [HTTP2StreamID: Exchange] = [:]
     private var byUp: [HTTP2StreamID: HTTP2StreamID] = [:]
+
+    /// The caller's flow-control windows as NIO's handler keeps them, less
+    /// every response byte written to it, sent or not: while a DATA frame
+    /// fits, NIO sends it at once, and the workload's window is given back
+    /// as it is written. One that does not fit waits in NIO's handler; the
+    /// workload gets those bytes back only once NIO sent them, so a caller
+    /// that opens no window holds the workload at the windows it was
+    /// granted instead of filling the agent's memory.
+    private var callerInitialWindow = 65_535
+    private var callerConnectionWindow = 65_535
 
     init(l7: L7Context) { self.l7 = l7 }
 
@@ -189,8 +202,20 @@ final class H2Relay: @unchecked Sendable {
                 up?.reset(x.upID, .cancel)
                 up?.flush()
             }
+        case .windowUpdate(let n):
+            if id == .rootStream {
+                callerConnectionWindow += n
+            } else if byDown[id] != nil {
+                byDown[id]!.callerWindow += n
+            }
+        case .settings(.settings(let settings)):
+            for s in settings where s.parameter == .initialWindowSize {
+                let delta = s.value - callerInitialWindow
+                callerInitialWindow = s.value
+                for key in Array(byDown.keys) { byDown[key]!.callerWindow += delta }
+            }
         default:
-            break   // SETTINGS, PING, WINDOW_UPDATE, PRIORITY, GOAWAY: each side's own
+            break   // PING, PRIORITY, GOAWAY, SETTINGS acks: each side's own
         }
     }
 
@@ -261,6 +286,7 @@ final class H2Relay: @unchecked Sendable {
             return false
         }
         x.upID = upID
+        x.callerWindow = callerInitialWindow
         byDown[id] = x
         byUp[upID] = id
         return true
@@ -294,6 +320,7 @@ final class H2Relay: @unchecked Sendable {
             write(down, d.stream, .headers(.init(headers: HPACKHeaders([(":status", "403"), ("content-type", "text/plain"),
                                                                          ("content-length", "\(text.utf8.count)")]))))
             write(down, d.stream, .data(.init(data: .byteBuffer(b), endStream: true)))
+            callerConnectionWindow -= b.readableBytes   // (so many denials cannot inflate it)
         }
         denials.removeAll(keepingCapacity: true)
         down?.flush()
@@ -345,12 +372,17 @@ final class H2Relay: @unchecked Sendable {
                 byDown[id] = x
             }
         case .data(let d):
+            var fits = true
             if var x = byDown[id] {
-                x.responseBytes += d.data.readableBytes
+                let n = d.data.readableBytes
+                x.responseBytes += n
                 if d.endStream { log(&x) }
+                fits = n <= x.callerWindow && n <= callerConnectionWindow
+                x.callerWindow -= n
+                callerConnectionWindow -= n
                 byDown[id] = x
             }
-            relayResponseData(d, as: id, stream: upID, credit: credit)
+            relayResponseData(d, as: id, stream: upID, credit: credit, fits: fits)
         case .rstStream(let code):
             byUp[upID] = nil
             byDown[id] = nil
@@ -363,13 +395,13 @@ final class H2Relay: @unchecked Sendable {
 
     /// Relays a workload's DATA frame to the caller (its stream `targetID`)
     /// and gives its bytes back to the workload's windows (its stream
-    /// `sourceID`): at once while the caller's channel takes more,
-    /// otherwise once it took them (the stream's window then only if the
-    /// stream is still open).
+    /// `sourceID`): at once when it `fits` the caller's windows and the
+    /// caller's channel takes more, otherwise once NIO sent it (the
+    /// stream's window then only if the stream is still open).
     private func relayResponseData(_ d: HTTP2Frame.FramePayload.Data, as targetID: HTTP2StreamID,
-                                   stream sourceID: HTTP2StreamID, credit n: Int) {
+                                   stream sourceID: HTTP2StreamID, credit n: Int, fits: Bool) {
         guard let target = down else { return }   // the caller is gone
-        if target.channel.isWritable {
+        if fits && target.channel.isWritable {
             write(target, targetID, .data(Self.hop(d)))
             // (A stream that ended sends nothing more: connection window only.)
             acknowledge(isDown: false, stream: d.endStream ? nil : sourceID, n)
@@ -423,6 +455,7 @@ final class H2Relay: @unchecked Sendable {
             write(down, id, .headers(.init(headers: HPACKHeaders([(":status", "502"), ("content-type", "text/plain"),
                                                                    ("content-length", "\(text.utf8.count)")]))))
             write(down, id, .data(.init(data: .byteBuffer(b), endStream: true)))
+            callerConnectionWindow -= b.readableBytes
             x.responseBytes = text.utf8.count
         }
         down?.flush()

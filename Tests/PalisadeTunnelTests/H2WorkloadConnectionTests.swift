@@ -29,13 +29,24 @@ final class H2WorkloadConnectionTests: XCTestCase {
         private var decoder = HPACKDecoder(allocator: ByteBufferAllocator())
         private var encoder = HPACKEncoder(allocator: ByteBufferAllocator())
 
-        init(workloadSettings: [(UInt16, UInt32)]) throws {
+        /// What a raw caller (`rawCaller`) received, not yet parsed, and
+        /// its DATA bytes per stream.
+        var toCaller = ByteBuffer()
+        var callerData: [UInt32: Int] = [:]
+        let rawCaller: Bool
+        /// Window the relay granted the workload: connection, and per stream
+        /// beyond the 1 MiB its SETTINGS gave.
+        var grantedConnection = 65_535
+        var granted: [UInt32: Int] = [:]
+
+        init(workloadSettings: [(UInt16, UInt32)], rawCaller: Bool = false) throws {
+            self.rawCaller = rawCaller
             client = EmbeddedChannel(loop: loop)
             caller = EmbeddedChannel(loop: loop)
             upstream = EmbeddedChannel(loop: loop)
             let address = try SocketAddress(ipAddress: "127.0.0.1", port: 1)
             for c in [client, caller, upstream] { try c.connect(to: address).wait() }
-            try client.pipeline.syncOperations.addHandler(NIOHTTP2Handler(mode: .client))
+            if !rawCaller { try client.pipeline.syncOperations.addHandler(NIOHTTP2Handler(mode: .client)) }
             let l7 = L7Context(gate: { _, _, _, _, _ in HTTPVerdict(allowed: true, reason: "", rule: nil) },
                                source: "spiffe://t/a", destination: "spiffe://t/b", destinationAddress: "127.0.0.1:80")
             try H2Relay.install(downstream: caller, upstream: upstream, l7: l7)
@@ -94,16 +105,21 @@ final class H2WorkloadConnectionTests: XCTestCase {
                     callerBytes += b.readableBytes
                     try caller.writeInbound(b)
                 }
-                while let b = try caller.readOutbound(as: ByteBuffer.self) {
+                while var b = try caller.readOutbound(as: ByteBuffer.self) {
                     moved = true
-                    try client.writeInbound(b)
+                    if rawCaller {
+                        toCaller.writeBuffer(&b)
+                        parseCallerReceived()
+                    } else {
+                        try client.writeInbound(b)
+                    }
                 }
                 while var b = try upstream.readOutbound(as: ByteBuffer.self) {
                     moved = true
                     pending.writeBuffer(&b)
                 }
                 try parseReceived()
-                while let f = try client.readInbound(as: HTTP2Frame.self) {
+                while !rawCaller, let f = try client.readInbound(as: HTTP2Frame.self) {
                     switch f.payload {
                     case .headers, .data, .rstStream: answers.append(f)
                     default: break
@@ -129,8 +145,32 @@ final class H2WorkloadConnectionTests: XCTestCase {
                 var payload = pending.readSlice(length: length)!
                 var f = Frame(type: type, flags: flags, stream: stream, payload: payload)
                 if type == 1 { f.headers = try decoder.decodeHeaders(from: &payload) }
+                if type == 8, let n = payload.getInteger(at: payload.readerIndex, as: UInt32.self) {
+                    if stream == 0 { grantedConnection += Int(n) } else { granted[stream, default: 0] += Int(n) }
+                }
                 received.append(f)
             }
+        }
+
+        private func parseCallerReceived() {
+            while toCaller.readableBytes >= 9, let head = toCaller.getInteger(at: toCaller.readerIndex, as: UInt32.self),
+                  toCaller.readableBytes >= 9 + Int(head >> 8) {
+                toCaller.moveReaderIndex(forwardBy: 5)
+                let stream = toCaller.readInteger(as: UInt32.self)! & 0x7FFF_FFFF
+                if head & 0xFF == 0 { callerData[stream, default: 0] += Int(head >> 8) }
+                toCaller.moveReaderIndex(forwardBy: Int(head >> 8))
+            }
+        }
+
+        /// Bytes in HTTP/2 frames of a raw caller.
+        func callerSends(_ type: UInt8, _ flags: UInt8, _ stream: UInt32, _ payload: ByteBuffer) throws {
+            var b = ByteBuffer()
+            b.writeInteger(UInt32(payload.readableBytes) << 8 | UInt32(type))
+            b.writeInteger(flags)
+            b.writeInteger(stream)
+            var p = payload
+            b.writeBuffer(&p)
+            try caller.writeInbound(b)
         }
 
         /// DATA bytes the workload received, all streams.
@@ -164,6 +204,56 @@ final class H2WorkloadConnectionTests: XCTestCase {
         XCTAssertTrue(lab.received.filter { $0.type == 0 }.allSatisfy { $0.payload.readableBytesView.allSatisfy { $0 == 7 } })
         try lab.respond(1)
         XCTAssertEqual(lab.answers.map(\.streamID), [1])
+    }
+
+    /// The other direction: a caller that opens no window (SETTINGS
+    /// INITIAL_WINDOW_SIZE 0) while the workload answers with 4 MiB. NIO's
+    /// handler holds what the caller's windows do not take, and the relay
+    /// gives the workload no window back for it: the workload stops at the
+    /// 1 MiB stream window it was granted instead of pouring all of it into
+    /// the agent. Once the caller opens its windows, all 4 MiB arrive.
+    func testACallerThatReadsNothingHoldsTheWorkloadAtItsWindows() throws {
+        let lab = try Lab(workloadSettings: [], rawCaller: true)
+        defer { lab.finish() }
+        try lab.caller.writeInbound(ByteBuffer(bytes: L7ProtocolSniffer.preface))
+        var settings = ByteBuffer()
+        settings.writeInteger(UInt16(4))
+        settings.writeInteger(UInt32(0))
+        try lab.callerSends(4, 0, 0, settings)
+        var block = ByteBuffer()
+        var encoder = HPACKEncoder(allocator: ByteBufferAllocator())
+        try encoder.encode(headers: HPACKHeaders([(":method", "GET"), (":scheme", "http"), (":authority", "b"), (":path", "/big")]),
+                           to: &block)
+        try lab.callerSends(1, 0x5, 1, block)
+        try lab.shuttle()
+        XCTAssertEqual(lab.headersReceived, [1])
+        try lab.respond(1, endStream: false)
+
+        let total = 4 << 20, chunk = 16 << 10
+        var sent = 0
+        /// Sends what the relay's windows allow.
+        func pour() throws {
+            while sent < total {
+                let room = min(lab.grantedConnection - sent, (1 << 20) + lab.granted[1, default: 0] - sent)
+                guard room >= chunk else { return }
+                sent += chunk
+                try lab.workloadSends(0, sent == total ? 1 : 0, 1, ByteBuffer(repeating: 9, count: chunk))
+                try lab.shuttle()
+            }
+        }
+        try pour()
+        XCTAssertLessThanOrEqual(sent, 1 << 20, "held at the stream window granted")
+        XCTAssertGreaterThanOrEqual(sent, (1 << 20) - chunk)
+        XCTAssertEqual(lab.callerData[1, default: 0], 0, "the caller opened no window")
+
+        var update = ByteBuffer()
+        update.writeInteger(UInt32(64 << 20))
+        try lab.callerSends(8, 0, 0, update)
+        try lab.callerSends(8, 0, 1, update)
+        try lab.shuttle()
+        try pour()
+        XCTAssertEqual(sent, total)
+        XCTAssertEqual(lab.callerData[1, default: 0], total)
     }
 
     /// Requests past the workload's MAX_CONCURRENT_STREAMS wait their turn;
