@@ -317,3 +317,15 @@ final class H2WorkloadConnectionTests: XCTestCase {
         XCTAssertNotNil(outcome[3].flatMap { $0 == "200" ? nil : $0 }, "stream 3 reset, not answered")
     }
 }
+
+extension H2WorkloadConnectionTests {
+    /// A response's content-length as the workload's side reads it.
+    func testContentLengthValues() {
+        let cases: [(String, Int?)] = [("0", 0), ("1024", 1024), (" 7 ", 7), ("5, 5", 5), ("5,5", 5), ("5, 6", nil), ("", nil),
+                                       ("+5", nil), ("-1", nil), ("5 5", nil), (",5", nil), ("5,", nil), ("0x10", nil),
+                                       ("99999999999999999999", nil), ("1\u{0}", nil)]
+        for (value, want) in cases {
+            XCTAssertEqual(H2WorkloadConnection.contentLengthValue(value), want, value)
+        }
+    }
+}
