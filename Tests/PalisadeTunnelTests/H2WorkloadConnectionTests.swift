@@ -329,3 +329,127 @@ extension H2WorkloadConnectionTests {
         }
     }
 }
+
+extension H2WorkloadConnectionTests {
+    /// Against NIO's HTTP/2 server as the workload (it validates every
+    /// frame and header block): a header block larger than a frame goes as
+    /// HEADERS and CONTINUATION; a workload that allows no HPACK dynamic
+    /// table (SETTINGS_HEADER_TABLE_SIZE 0) gets a table size update of 0
+    /// at the start of the first block after its SETTINGS; requests, each
+    /// with a 40 KB field (sent by the caller as HEADERS and CONTINUATION,
+    /// which NIO's client cannot send), reach it whole and every answer
+    /// reaches the caller.
+    func testNIOServerAsTheWorkloadTakesLargeBlocksAndNoDynamicTable() throws {
+        let loop = EmbeddedEventLoop()
+        let caller = EmbeddedChannel(loop: loop), upstream = EmbeddedChannel(loop: loop), workload = EmbeddedChannel(loop: loop)
+        defer {
+            for c in [caller, upstream, workload] { _ = try? c.finish() }
+            try? loop.syncShutdownGracefully()
+        }
+        let address = try SocketAddress(ipAddress: "127.0.0.1", port: 1)
+        for c in [caller, upstream, workload] { try c.connect(to: address).wait() }
+        var settings = nioDefaultSettings
+        settings.append(HTTP2Setting(parameter: .headerTableSize, value: 0))
+        settings.append(HTTP2Setting(parameter: .maxHeaderListSize, value: 64 << 10))
+        try workload.pipeline.syncOperations.addHandler(NIOHTTP2Handler(mode: .server, initialSettings: settings))
+        let l7 = L7Context(gate: { _, _, _, _, _ in HTTPVerdict(allowed: true, reason: "", rule: nil) },
+                           source: "spiffe://t/a", destination: "spiffe://t/b", destinationAddress: "127.0.0.1:80")
+        try H2Relay.install(downstream: caller, upstream: upstream, l7: l7)
+
+        func frame(_ type: UInt8, _ flags: UInt8, _ stream: UInt32, _ payload: ByteBuffer) -> ByteBuffer {
+            var b = ByteBuffer()
+            b.writeInteger(UInt32(payload.readableBytes) << 8 | UInt32(type))
+            b.writeInteger(flags)
+            b.writeInteger(stream)
+            var p = payload
+            b.writeBuffer(&p)
+            return b
+        }
+        let big = String(repeating: "a", count: 40_000)   // ~25 KB Huffman-coded
+        var seen: [String] = []
+        var toCaller = ByteBuffer(), wire = ByteBuffer(), prefaceSkipped = false
+        var answered: [UInt32] = [], blockStarts: [UInt8] = [], continuations = 0
+        var callerDecoder = HPACKDecoder(allocator: ByteBufferAllocator())
+        func parse(_ b: inout ByteBuffer, _ each: (UInt8, UInt32, ByteBuffer) throws -> Void) rethrows {
+            while b.readableBytes >= 9, let head = b.getInteger(at: b.readerIndex, as: UInt32.self), b.readableBytes >= 9 + Int(head >> 8) {
+                let stream = b.getInteger(at: b.readerIndex + 5, as: UInt32.self)! & 0x7FFF_FFFF
+                let payload = b.getSlice(at: b.readerIndex + 9, length: Int(head >> 8))!
+                try each(UInt8(head & 0xFF), stream, payload)
+                b.moveReaderIndex(forwardBy: 9 + Int(head >> 8))
+            }
+        }
+        func shuttle() throws {
+            for _ in 0..<100 {
+                var moved = false
+                while var b = try caller.readOutbound(as: ByteBuffer.self) {
+                    moved = true
+                    toCaller.writeBuffer(&b)
+                    try parse(&toCaller) { type, stream, payload in
+                        guard type == 1 else { return }
+                        var p = payload
+                        let h = try callerDecoder.decodeHeaders(from: &p)
+                        if h.first(name: "x-answer") == "for \(stream)" { answered.append(stream) }
+                    }
+                }
+                while var b = try upstream.readOutbound(as: ByteBuffer.self) {
+                    moved = true
+                    try workload.writeInbound(b)
+                    wire.writeBuffer(&b)
+                    if !prefaceSkipped, wire.readableBytes >= 24 { wire.moveReaderIndex(forwardBy: 24); prefaceSkipped = true }
+                    if prefaceSkipped {
+                        parse(&wire) { type, _, payload in
+                            if type == 1 { blockStarts.append(payload.getInteger(at: payload.readerIndex, as: UInt8.self)!) }
+                            if type == 9 { continuations += 1 }
+                        }
+                    }
+                }
+                while let f = try workload.readInbound(as: HTTP2Frame.self) {
+                    guard case .headers(let h) = f.payload else { continue }
+                    XCTAssertEqual(h.headers.first(name: "x-big"), big)
+                    seen.append(h.headers.first(name: ":path") ?? "")
+                    let answer = HPACKHeaders([(":status", "200"), ("x-answer", "for \(Int(f.streamID))")])
+                    try workload.writeOutbound(HTTP2Frame(streamID: f.streamID, payload: .headers(.init(headers: answer, endStream: true))))
+                }
+                while let b = try workload.readOutbound(as: ByteBuffer.self) {
+                    moved = true
+                    XCTAssertNil(H2GoawayErrorCode(b), "the workload's server refused what the relay sent")
+                    try upstream.writeInbound(b)
+                }
+                loop.run()
+                if !moved { return }
+            }
+        }
+        try caller.writeInbound(ByteBuffer(bytes: L7ProtocolSniffer.preface))
+        try caller.writeInbound(frame(4, 0, 0, ByteBuffer()))
+        try shuttle()
+        // The caller acknowledges the proxy's SETTINGS (64 KiB header lists).
+        try caller.writeInbound(frame(4, 1, 0, ByteBuffer()))
+        var encoder = HPACKEncoder(allocator: ByteBufferAllocator())
+        for (i, id) in [UInt32(1), 3, 5].enumerated() {
+            var block = ByteBuffer()
+            try encoder.encode(headers: HPACKHeaders([(":method", "GET"), (":scheme", "http"), (":authority", "b"),
+                                                      (":path", "/r\(i)"), ("x-big", big)]), to: &block)
+            XCTAssertGreaterThan(block.readableBytes, 16_384)
+            let first = block.readSlice(length: 16_384)!
+            try caller.writeInbound(frame(1, 0x1, id, first))           // END_STREAM, more headers to come
+            try caller.writeInbound(frame(9, 0x4, id, block))           // END_HEADERS
+            try shuttle()
+        }
+        XCTAssertEqual(seen, ["/r0", "/r1", "/r2"])
+        XCTAssertEqual(blockStarts.first, 0x20, "the first block starts with a table size update to 0")
+        XCTAssertEqual(blockStarts.count, 3)
+        XCTAssertGreaterThanOrEqual(continuations, 3, "25 KB blocks need a CONTINUATION each")
+        XCTAssertEqual(answered, [1, 3, 5])
+    }
+
+    /// The error code of a GOAWAY among these frames (no preface).
+    func H2GoawayErrorCode(_ buffer: ByteBuffer) -> UInt32? {
+        var b = buffer
+        while b.readableBytes >= 9, let head = b.getInteger(at: b.readerIndex, as: UInt32.self) {
+            let length = Int(head >> 8)
+            if head & 0xFF == 7, b.readableBytes >= 17 { return b.getInteger(at: b.readerIndex + 13, as: UInt32.self) }
+            b.moveReaderIndex(forwardBy: min(b.readableBytes, 9 + length))
+        }
+        return nil
+    }
+}
