@@ -33,8 +33,6 @@ final class H2WorkloadConnection: ChannelInboundHandler, @unchecked Sendable {
         static let endStream: UInt8 = 0x1, ack: UInt8 = 0x1, endHeaders: UInt8 = 0x4, padded: UInt8 = 0x8, priority: UInt8 = 0x20
     }
     static let maxWindow = Int(Int32.max)
-    /// Largest frame payload we accept (we announce the default, 16 KiB).
-    static let maxFrameSize = 1 << 14
     /// Largest header block (HEADERS and its CONTINUATIONs) we collect.
     static let maxHeaderBlock = 1 << 17
 
@@ -65,7 +63,7 @@ final class H2WorkloadConnection: ChannelInboundHandler, @unchecked Sendable {
     private var context: ChannelHandlerContext?
     private var encoder = HPACKEncoder(allocator: H2Relay.allocator)
     private var decoder = HPACKDecoder(allocator: H2Relay.allocator, maxDynamicTableSize: HPACKDecoder.maxDynamicTableSize,
-                                       maxHeaderListSize: 64 << 10)
+                                       maxHeaderListSize: H2Relay.maxHeaderListSize)
     private var streams: [Int32: Stream] = [:]
     /// Streams allocated but not opened: past the workload's limit.
     private var waiting: [Int32] = []
@@ -86,6 +84,7 @@ final class H2WorkloadConnection: ChannelInboundHandler, @unchecked Sendable {
     private var out = ByteBuffer()
     private var unflushed = false
     private var failed = false
+    private var prefaceSent = false
 
     init(relay: H2Relay) { self.relay = relay }
 
@@ -114,40 +113,11 @@ final class H2WorkloadConnection: ChannelInboundHandler, @unchecked Sendable {
         enqueue(Int32(id), .headers(headers, endStream: endStream))
     }
 
-    /// Request body bytes. Returns true when they were written at once
-    /// (the relay gives the caller's window back itself); otherwise the
-    /// relay's `requestDataTaken` is called once they are, or are dropped.
-    func sendData(_ id: HTTP2StreamID, _ data: ByteBuffer, endStream: Bool, source: HTTP2StreamID, credit: Int) -> Bool {
-        let key = Int32(id)
-        guard var s = streams[key], !failed else {
-            relay.requestDataTaken(source: source, credit, sent: false, streamOpen: false)
-            return false
-        }
-        let item = Outgoing.data(data, endStream: endStream, source: source, credit: credit)
-        guard s.opened, s.queue.isEmpty, !s.localEnded, let context else {
-            s.queue.append(item)
-            streams[key] = s
-            return false
-        }
-        let n = data.readableBytes
-        guard n == 0 || min(s.sendWindow, sendWindow) >= n else {
-            s.queue.append(item)
-            streams[key] = s
-            drain(key)   // what the windows take goes now
-            return false
-        }
-        s.sendWindow -= n
-        sendWindow -= n
-        s.localEnded = endStream
-        streams[key] = s
-        guard context.channel.isWritable else {
-            writeData(key, data, endStream: endStream, tookBy: (source, credit, !endStream))
-            closeIfDone(key)
-            return false
-        }
-        writeData(key, data, endStream: endStream, tookBy: nil)
-        closeIfDone(key)
-        return true
+    /// Request body bytes: written as far as the workload's windows allow,
+    /// the rest when they open. The relay's `requestDataTaken` gives the
+    /// caller's window back once they are written (or dropped).
+    func sendData(_ id: HTTP2StreamID, _ data: ByteBuffer, endStream: Bool, source: HTTP2StreamID, credit: Int) {
+        enqueue(Int32(id), .data(data, endStream: endStream, source: source, credit: credit))
     }
 
     /// The relay is done with a stream (the caller reset it, or its
@@ -159,7 +129,7 @@ final class H2WorkloadConnection: ChannelInboundHandler, @unchecked Sendable {
             active -= 1
             writeFrame(.rstStream, 0, key) { $0.writeInteger(UInt32(code.networkCode)) }
         }
-        dropQueue(s)
+        drop(s.queue)
         openWaiting()
     }
 
@@ -201,13 +171,12 @@ final class H2WorkloadConnection: ChannelInboundHandler, @unchecked Sendable {
         context.fireChannelActive()
     }
 
-    private var prefaceSent = false
     private func sendPreface() {
         guard !prefaceSent else { return }
         prefaceSent = true
         out.writeBytes(L7ProtocolSniffer.preface)
         // ENABLE_PUSH 0, INITIAL_WINDOW_SIZE, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE.
-        let settings: [(UInt16, Int)] = [(2, 0), (4, H2Relay.streamWindow), (5, Self.maxFrameSize), (6, 64 << 10)]
+        let settings: [(UInt16, Int)] = [(2, 0), (4, H2Relay.streamWindow), (5, H2Relay.maxFrameSize), (6, H2Relay.maxHeaderListSize)]
         writeFrame(.settings, 0, 0) { b in
             for (id, value) in settings {
                 b.writeInteger(id)
@@ -232,7 +201,7 @@ final class H2WorkloadConnection: ChannelInboundHandler, @unchecked Sendable {
         do {
             while !failed, input.readableBytes >= 9 {
                 let length = Int(input.getInteger(at: input.readerIndex, as: UInt32.self)! >> 8)
-                guard length <= Self.maxFrameSize else { throw Failure(code: .frameSizeError) }
+                guard length <= H2Relay.maxFrameSize else { throw Failure(code: .frameSizeError) }
                 guard input.readableBytes >= 9 + length else { break }
                 let typeByte = input.getInteger(at: input.readerIndex + 3, as: UInt8.self)!
                 let flags = input.getInteger(at: input.readerIndex + 4, as: UInt8.self)!
@@ -320,7 +289,7 @@ final class H2WorkloadConnection: ChannelInboundHandler, @unchecked Sendable {
             let code = HTTP2ErrorCode(networkCode: Int(payload.getInteger(at: payload.readerIndex, as: UInt32.self)!))
             guard let s = streams.removeValue(forKey: stream) else { return }
             if s.opened { active -= 1 }
-            dropQueue(s)
+            drop(s.queue)
             relay.fromUp(HTTP2Frame(streamID: HTTP2StreamID(stream), payload: .rstStream(code)))
             relay.streamClosed(HTTP2StreamID(stream), onDown: false, reason: code)
             openWaiting()
@@ -530,7 +499,7 @@ final class H2WorkloadConnection: ChannelInboundHandler, @unchecked Sendable {
         for key in streams.keys.sorted() where key > last {
             guard let s = streams.removeValue(forKey: key) else { continue }
             if s.opened { active -= 1 }
-            dropQueue(s)
+            drop(s.queue)
             relay.streamClosed(HTTP2StreamID(key), onDown: false, reason: .refusedStream)
         }
     }
@@ -541,7 +510,7 @@ final class H2WorkloadConnection: ChannelInboundHandler, @unchecked Sendable {
         guard let s = streams.removeValue(forKey: stream) else { return }
         if s.opened { active -= 1 }
         writeFrame(.rstStream, 0, stream) { $0.writeInteger(UInt32(code.networkCode)) }
-        dropQueue(s)
+        drop(s.queue)
         relay.streamClosed(HTTP2StreamID(stream), onDown: false, reason: code)
         openWaiting()
     }
@@ -561,10 +530,7 @@ final class H2WorkloadConnection: ChannelInboundHandler, @unchecked Sendable {
     // MARK: sending
 
     private func enqueue(_ stream: Int32, _ item: Outgoing) {
-        guard streams[stream] != nil else {
-            if case .data(_, _, let source, let credit) = item { relay.requestDataTaken(source: source, credit, sent: false, streamOpen: false) }
-            return
-        }
+        guard streams[stream] != nil else { return drop([item]) }
         streams[stream]!.queue.append(item)
         drain(stream)
     }
@@ -627,8 +593,9 @@ final class H2WorkloadConnection: ChannelInboundHandler, @unchecked Sendable {
         openWaiting()
     }
 
-    private func dropQueue(_ s: Stream) {
-        for item in s.queue {
+    /// Frames that will not be sent: the caller's window gets their bytes back.
+    private func drop(_ items: [Outgoing]) {
+        for item in items {
             if case .data(_, _, let source, let credit) = item { relay.requestDataTaken(source: source, credit, sent: false, streamOpen: false) }
         }
     }

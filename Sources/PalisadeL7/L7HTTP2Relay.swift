@@ -24,6 +24,10 @@ final class H2Relay: @unchecked Sendable {
     /// Stream windows we grant each side, and the connection window.
     static let streamWindow = 1 << 20
     static let connectionWindow = 4 << 20
+    /// Largest frame payload accepted from either side (HTTP/2's default)
+    /// and largest header list (HTTPLimits' default, as HTTP/1.1's heads).
+    static let maxFrameSize = 1 << 14
+    static let maxHeaderListSize = 64 << 10
     static let allocator = ByteBufferAllocator()
 
     struct Exchange {
@@ -60,8 +64,8 @@ final class H2Relay: @unchecked Sendable {
     static var settings: HTTP2Settings {
         [HTTP2Setting(parameter: .maxConcurrentStreams, value: 256),
          HTTP2Setting(parameter: .initialWindowSize, value: streamWindow),
-         HTTP2Setting(parameter: .maxFrameSize, value: 1 << 14),
-         HTTP2Setting(parameter: .maxHeaderListSize, value: 64 << 10),
+         HTTP2Setting(parameter: .maxFrameSize, value: maxFrameSize),
+         HTTP2Setting(parameter: .maxHeaderListSize, value: maxHeaderListSize),
          HTTP2Setting(parameter: .enablePush, value: 0)]
     }
 
@@ -192,10 +196,7 @@ final class H2Relay: @unchecked Sendable {
             }
             x.requestBytes += bytes.readableBytes
             byDown[id] = x
-            if up.sendData(x.upID, bytes, endStream: d.endStream, source: id, credit: n) {
-                // (A stream that ended sends nothing more: connection window only.)
-                acknowledge(isDown: true, stream: d.endStream ? nil : id, n)
-            }
+            up.sendData(x.upID, bytes, endStream: d.endStream, source: id, credit: n)
         case .rstStream:
             if let x = byDown.removeValue(forKey: id) {
                 byUp[x.upID] = nil

@@ -5,6 +5,27 @@ import NIOHTTP2
 @testable import PalisadeL7
 import XCTest
 
+/// One HTTP/2 frame's bytes.
+func h2Frame(_ type: UInt8, _ flags: UInt8, _ stream: UInt32, _ payload: ByteBuffer) -> ByteBuffer {
+    var b = ByteBuffer()
+    b.writeInteger(UInt32(payload.readableBytes) << 8 | UInt32(type))
+    b.writeInteger(flags)
+    b.writeInteger(stream)
+    var p = payload
+    b.writeBuffer(&p)
+    return b
+}
+
+/// Takes every whole frame off the front of `b`: type, flags, stream, payload.
+func takeH2Frames(_ b: inout ByteBuffer, _ each: (UInt8, UInt8, UInt32, ByteBuffer) throws -> Void) rethrows {
+    while b.readableBytes >= 9, let head = b.getInteger(at: b.readerIndex, as: UInt32.self), b.readableBytes >= 9 + Int(head >> 8) {
+        let flags = b.getInteger(at: b.readerIndex + 4, as: UInt8.self)!
+        let stream = b.getInteger(at: b.readerIndex + 5, as: UInt32.self)! & 0x7FFF_FFFF
+        try each(UInt8(head & 0xFF), flags, stream, b.getSlice(at: b.readerIndex + 9, length: Int(head >> 8))!)
+        b.moveReaderIndex(forwardBy: 9 + Int(head >> 8))
+    }
+}
+
 /// The workload's side of the HTTP/2 relay (`H2WorkloadConnection`): a
 /// caller (NIO's HTTP/2 client) through the relay to a workload written
 /// frame by frame here, so the test decides its windows, its stream limit
@@ -62,13 +83,7 @@ final class H2WorkloadConnectionTests: XCTestCase {
         }
 
         func workloadSends(_ type: UInt8, _ flags: UInt8, _ stream: UInt32, _ payload: ByteBuffer) throws {
-            var b = ByteBuffer()
-            b.writeInteger(UInt32(payload.readableBytes) << 8 | UInt32(type))
-            b.writeInteger(flags)
-            b.writeInteger(stream)
-            var p = payload
-            b.writeBuffer(&p)
-            try upstream.writeInbound(b)
+            try upstream.writeInbound(h2Frame(type, flags, stream, payload))
         }
 
         func respond(_ stream: UInt32, status: String = "200", endStream: Bool = true) throws {
@@ -136,15 +151,10 @@ final class H2WorkloadConnectionTests: XCTestCase {
                 XCTAssertEqual(pending.readString(length: 24), "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
                 prefaceSeen = true
             }
-            while pending.readableBytes >= 9, let head = pending.getInteger(at: pending.readerIndex, as: UInt32.self),
-                  pending.readableBytes >= 9 + Int(head >> 8) {
-                let length = Int(head >> 8)
-                let type = pending.readInteger(as: UInt32.self).map { UInt8($0 & 0xFF) }!
-                let flags = pending.readInteger(as: UInt8.self)!
-                let stream = pending.readInteger(as: UInt32.self)! & 0x7FFF_FFFF
-                var payload = pending.readSlice(length: length)!
+            try takeH2Frames(&pending) { type, flags, stream, payload in
                 var f = Frame(type: type, flags: flags, stream: stream, payload: payload)
-                if type == 1 { f.headers = try decoder.decodeHeaders(from: &payload) }
+                var block = payload
+                if type == 1 { f.headers = try decoder.decodeHeaders(from: &block) }
                 if type == 8, let n = payload.getInteger(at: payload.readerIndex, as: UInt32.self) {
                     if stream == 0 { grantedConnection += Int(n) } else { granted[stream, default: 0] += Int(n) }
                 }
@@ -153,24 +163,14 @@ final class H2WorkloadConnectionTests: XCTestCase {
         }
 
         private func parseCallerReceived() {
-            while toCaller.readableBytes >= 9, let head = toCaller.getInteger(at: toCaller.readerIndex, as: UInt32.self),
-                  toCaller.readableBytes >= 9 + Int(head >> 8) {
-                toCaller.moveReaderIndex(forwardBy: 5)
-                let stream = toCaller.readInteger(as: UInt32.self)! & 0x7FFF_FFFF
-                if head & 0xFF == 0 { callerData[stream, default: 0] += Int(head >> 8) }
-                toCaller.moveReaderIndex(forwardBy: Int(head >> 8))
+            takeH2Frames(&toCaller) { type, _, stream, payload in
+                if type == 0 { callerData[stream, default: 0] += payload.readableBytes }
             }
         }
 
         /// Bytes in HTTP/2 frames of a raw caller.
         func callerSends(_ type: UInt8, _ flags: UInt8, _ stream: UInt32, _ payload: ByteBuffer) throws {
-            var b = ByteBuffer()
-            b.writeInteger(UInt32(payload.readableBytes) << 8 | UInt32(type))
-            b.writeInteger(flags)
-            b.writeInteger(stream)
-            var p = payload
-            b.writeBuffer(&p)
-            try caller.writeInbound(b)
+            try caller.writeInbound(h2Frame(type, flags, stream, payload))
         }
 
         /// DATA bytes the workload received, all streams.
@@ -356,35 +356,18 @@ extension H2WorkloadConnectionTests {
                            source: "spiffe://t/a", destination: "spiffe://t/b", destinationAddress: "127.0.0.1:80")
         try H2Relay.install(downstream: caller, upstream: upstream, l7: l7)
 
-        func frame(_ type: UInt8, _ flags: UInt8, _ stream: UInt32, _ payload: ByteBuffer) -> ByteBuffer {
-            var b = ByteBuffer()
-            b.writeInteger(UInt32(payload.readableBytes) << 8 | UInt32(type))
-            b.writeInteger(flags)
-            b.writeInteger(stream)
-            var p = payload
-            b.writeBuffer(&p)
-            return b
-        }
         let big = String(repeating: "a", count: 40_000)   // ~25 KB Huffman-coded
         var seen: [String] = []
         var toCaller = ByteBuffer(), wire = ByteBuffer(), prefaceSkipped = false
         var answered: [UInt32] = [], blockStarts: [UInt8] = [], continuations = 0
         var callerDecoder = HPACKDecoder(allocator: ByteBufferAllocator())
-        func parse(_ b: inout ByteBuffer, _ each: (UInt8, UInt32, ByteBuffer) throws -> Void) rethrows {
-            while b.readableBytes >= 9, let head = b.getInteger(at: b.readerIndex, as: UInt32.self), b.readableBytes >= 9 + Int(head >> 8) {
-                let stream = b.getInteger(at: b.readerIndex + 5, as: UInt32.self)! & 0x7FFF_FFFF
-                let payload = b.getSlice(at: b.readerIndex + 9, length: Int(head >> 8))!
-                try each(UInt8(head & 0xFF), stream, payload)
-                b.moveReaderIndex(forwardBy: 9 + Int(head >> 8))
-            }
-        }
         func shuttle() throws {
             for _ in 0..<100 {
                 var moved = false
                 while var b = try caller.readOutbound(as: ByteBuffer.self) {
                     moved = true
                     toCaller.writeBuffer(&b)
-                    try parse(&toCaller) { type, stream, payload in
+                    try takeH2Frames(&toCaller) { type, _, stream, payload in
                         guard type == 1 else { return }
                         var p = payload
                         let h = try callerDecoder.decodeHeaders(from: &p)
@@ -397,7 +380,7 @@ extension H2WorkloadConnectionTests {
                     wire.writeBuffer(&b)
                     if !prefaceSkipped, wire.readableBytes >= 24 { wire.moveReaderIndex(forwardBy: 24); prefaceSkipped = true }
                     if prefaceSkipped {
-                        parse(&wire) { type, _, payload in
+                        takeH2Frames(&wire) { type, _, _, payload in
                             if type == 1 { blockStarts.append(payload.getInteger(at: payload.readerIndex, as: UInt8.self)!) }
                             if type == 9 { continuations += 1 }
                         }
@@ -420,10 +403,10 @@ extension H2WorkloadConnectionTests {
             }
         }
         try caller.writeInbound(ByteBuffer(bytes: L7ProtocolSniffer.preface))
-        try caller.writeInbound(frame(4, 0, 0, ByteBuffer()))
+        try caller.writeInbound(h2Frame(4, 0, 0, ByteBuffer()))
         try shuttle()
         // The caller acknowledges the proxy's SETTINGS (64 KiB header lists).
-        try caller.writeInbound(frame(4, 1, 0, ByteBuffer()))
+        try caller.writeInbound(h2Frame(4, 1, 0, ByteBuffer()))
         var encoder = HPACKEncoder(allocator: ByteBufferAllocator())
         for (i, id) in [UInt32(1), 3, 5].enumerated() {
             var block = ByteBuffer()
@@ -431,8 +414,8 @@ extension H2WorkloadConnectionTests {
                                                       (":path", "/r\(i)"), ("x-big", big)]), to: &block)
             XCTAssertGreaterThan(block.readableBytes, 16_384)
             let first = block.readSlice(length: 16_384)!
-            try caller.writeInbound(frame(1, 0x1, id, first))           // END_STREAM, more headers to come
-            try caller.writeInbound(frame(9, 0x4, id, block))           // END_HEADERS
+            try caller.writeInbound(h2Frame(1, 0x1, id, first))           // END_STREAM, more headers to come
+            try caller.writeInbound(h2Frame(9, 0x4, id, block))           // END_HEADERS
             try shuttle()
         }
         XCTAssertEqual(seen, ["/r0", "/r1", "/r2"])
@@ -444,12 +427,10 @@ extension H2WorkloadConnectionTests {
 
     /// The error code of a GOAWAY among these frames (no preface).
     func H2GoawayErrorCode(_ buffer: ByteBuffer) -> UInt32? {
-        var b = buffer
-        while b.readableBytes >= 9, let head = b.getInteger(at: b.readerIndex, as: UInt32.self) {
-            let length = Int(head >> 8)
-            if head & 0xFF == 7, b.readableBytes >= 17 { return b.getInteger(at: b.readerIndex + 13, as: UInt32.self) }
-            b.moveReaderIndex(forwardBy: min(b.readableBytes, 9 + length))
+        var b = buffer, code: UInt32?
+        takeH2Frames(&b) { type, _, _, payload in
+            if type == 7, code == nil { code = payload.getInteger(at: payload.readerIndex + 4, as: UInt32.self) }
         }
-        return nil
+        return code
     }
 }
