@@ -5,10 +5,10 @@ import NIOHTTP2
 /// The workload's side of the HTTP/2 relay: one client connection to the
 /// workload, framed here instead of by a second NIO HTTP/2 handler.
 ///
-/// Why: the caller's side keeps NIO's handler (it faces whoever reaches
-/// the port: validation, flood limits, h2spec's cases), but running its
-/// state machine a second time towards a local workload cost ~18% of the
-/// proxy's samples under h2load. What this side still does, per RFC 9113:
+/// Why: running NIO's state machine a second time towards a local
+/// workload cost ~18% of the proxy's samples under h2load (the caller's
+/// side, `H2CallerConnection`, is the agent's own too now; both share
+/// `H2Wire`'s reader and writer). What this side does, per RFC 9113:
 /// HPACK (NIO's encoder and decoder, one table each way), SETTINGS and
 /// their acknowledgement, PING answers, GOAWAY (streams the workload did
 /// not take are refused to the caller, so it may retry them), both flow
@@ -26,17 +26,8 @@ final class H2WorkloadConnection: ChannelInboundHandler, @unchecked Sendable {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
-    private enum FrameType: UInt8 {
-        case data = 0, headers, priority, rstStream, settings, pushPromise, ping, goAway, windowUpdate, continuation
-    }
-    private enum Flag {
-        static let endStream: UInt8 = 0x1, ack: UInt8 = 0x1, endHeaders: UInt8 = 0x4, padded: UInt8 = 0x8, priority: UInt8 = 0x20
-    }
-    static let maxWindow = Int(Int32.max)
-    /// Largest header block (HEADERS and its CONTINUATIONs) we collect.
-    static let maxHeaderBlock = 1 << 17
-
-    private struct Failure: Error { var code: HTTP2ErrorCode }
+    typealias Flag = H2Wire.Flag
+    typealias Failure = H2Wire.ConnectionError
 
     private enum Outgoing {
         case headers(HPACKHeaders, endStream: Bool)
@@ -61,7 +52,8 @@ final class H2WorkloadConnection: ChannelInboundHandler, @unchecked Sendable {
 
     private let relay: H2Relay
     private var context: ChannelHandlerContext?
-    private var encoder = HPACKEncoder(allocator: H2Relay.allocator)
+    private var writer = H2FrameWriter(allocator: H2Relay.allocator)
+    private var reader = H2FrameReader(maxFrameSize: H2Relay.maxFrameSize)
     private var decoder = HPACKDecoder(allocator: H2Relay.allocator, maxDynamicTableSize: HPACKDecoder.maxDynamicTableSize,
                                        maxHeaderListSize: H2Relay.maxHeaderListSize)
     private var streams: [Int32: Stream] = [:]
@@ -79,9 +71,6 @@ final class H2WorkloadConnection: ChannelInboundHandler, @unchecked Sendable {
     private var goneAway: Int32?
     private var sawSettings = false
     private var continuation: (stream: Int32, endStream: Bool, block: ByteBuffer)?
-    private var inbound = ByteBuffer()
-    /// Frames of this tick, written as one buffer at the next flush.
-    private var out = ByteBuffer()
     private var unflushed = false
     private var failed = false
     private var prefaceSent = false
@@ -127,7 +116,7 @@ final class H2WorkloadConnection: ChannelInboundHandler, @unchecked Sendable {
         guard let s = streams.removeValue(forKey: key) else { return }
         if s.opened {
             active -= 1
-            writeFrame(.rstStream, 0, key) { $0.writeInteger(UInt32(code.networkCode)) }
+            writer.rstStream(key, code)
         }
         drop(s.queue)
         openWaiting()
@@ -141,10 +130,10 @@ final class H2WorkloadConnection: ChannelInboundHandler, @unchecked Sendable {
             let key = Int32(stream)
             guard streams[key] != nil else { return }
             streams[key]!.receiveWindow += n
-            writeFrame(.windowUpdate, 0, key) { $0.writeInteger(UInt32(n)) }
+            writer.windowUpdate(key, n)
         } else {
             receiveWindow += n
-            writeFrame(.windowUpdate, 0, 0) { $0.writeInteger(UInt32(n)) }
+            writer.windowUpdate(0, n)
         }
     }
 
@@ -161,7 +150,6 @@ final class H2WorkloadConnection: ChannelInboundHandler, @unchecked Sendable {
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
-        out = context.channel.allocator.buffer(capacity: 256)
         relay.up = self
         if context.channel.isActive { sendPreface() }
     }
@@ -174,10 +162,10 @@ final class H2WorkloadConnection: ChannelInboundHandler, @unchecked Sendable {
     private func sendPreface() {
         guard !prefaceSent else { return }
         prefaceSent = true
-        out.writeBytes(L7ProtocolSniffer.preface)
+        writer.out.writeBytes(L7ProtocolSniffer.preface)
         // ENABLE_PUSH 0, INITIAL_WINDOW_SIZE, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE.
         let settings: [(UInt16, Int)] = [(2, 0), (4, H2Relay.streamWindow), (5, H2Relay.maxFrameSize), (6, H2Relay.maxHeaderListSize)]
-        writeFrame(.settings, 0, 0) { b in
+        writer.frame(.settings, 0, 0) { b in
             for (id, value) in settings {
                 b.writeInteger(id)
                 b.writeInteger(UInt32(value))
@@ -185,39 +173,22 @@ final class H2WorkloadConnection: ChannelInboundHandler, @unchecked Sendable {
         }
         // A connection window larger than HTTP/2's initial 64 KiB.
         receiveWindow = H2Relay.connectionWindow
-        writeFrame(.windowUpdate, 0, 0) { $0.writeInteger(UInt32(H2Relay.connectionWindow - 65_535)) }
+        writer.windowUpdate(0, H2Relay.connectionWindow - 65_535)
         flush()
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard !failed else { return }
-        var input = unwrapInboundIn(data)
-        if inbound.readableBytes > 0 {
-            var merged = context.channel.allocator.buffer(capacity: inbound.readableBytes + input.readableBytes)
-            merged.writeBuffer(&inbound)
-            merged.writeBuffer(&input)
-            input = merged
-        }
+        reader.append(unwrapInboundIn(data), allocator: context.channel.allocator)
         do {
-            while !failed, input.readableBytes >= 9 {
-                let length = Int(input.getInteger(at: input.readerIndex, as: UInt32.self)! >> 8)
-                guard length <= H2Relay.maxFrameSize else { throw Failure(code: .frameSizeError) }
-                guard input.readableBytes >= 9 + length else { break }
-                let typeByte = input.getInteger(at: input.readerIndex + 3, as: UInt8.self)!
-                let flags = input.getInteger(at: input.readerIndex + 4, as: UInt8.self)!
-                let stream = Int32(bitPattern: input.getInteger(at: input.readerIndex + 5, as: UInt32.self)! & 0x7FFF_FFFF)
-                input.moveReaderIndex(forwardBy: 9)
-                let payload = input.readSlice(length: length)!
-                try frame(typeByte, flags, stream, payload)
+            while !failed, let f = try reader.next() {
+                try frame(f.type, f.flags, f.stream, f.payload)
             }
         } catch let f as Failure {
             fail(f.code)
-            return
         } catch {
             fail(.internalError)
-            return
         }
-        inbound = input.readableBytes > 0 ? input : ByteBuffer()
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
@@ -243,17 +214,17 @@ final class H2WorkloadConnection: ChannelInboundHandler, @unchecked Sendable {
         streams.removeAll()
         waiting.removeAll()
         continuation = nil
-        inbound = ByteBuffer()
+        reader.reset()
     }
 
     // MARK: frames from the workload
 
     private func frame(_ typeByte: UInt8, _ flags: UInt8, _ stream: Int32, _ payload: ByteBuffer) throws {
         if let c = continuation {
-            guard typeByte == FrameType.continuation.rawValue, stream == c.stream else { throw Failure(code: .protocolError) }
+            guard typeByte == H2Wire.FrameType.continuation.rawValue, stream == c.stream else { throw Failure(code: .protocolError) }
             var block = c.block
             var p = payload
-            guard block.readableBytes + p.readableBytes <= Self.maxHeaderBlock else { throw Failure(code: .enhanceYourCalm) }
+            guard block.readableBytes + p.readableBytes <= H2Wire.maxHeaderBlock else { throw Failure(code: .enhanceYourCalm) }
             block.writeBuffer(&p)
             if flags & Flag.endHeaders != 0 {
                 continuation = nil
@@ -263,14 +234,14 @@ final class H2WorkloadConnection: ChannelInboundHandler, @unchecked Sendable {
             }
             return
         }
-        guard let type = FrameType(rawValue: typeByte) else { return }   // unknown types are ignored
+        guard let type = H2Wire.FrameType(rawValue: typeByte) else { return }   // unknown types are ignored
         guard sawSettings || type == .settings else { throw Failure(code: .protocolError) }   // the server's preface
         switch type {
         case .data:
             try data(flags, stream, payload)
         case .headers:
             guard stream != 0 else { throw Failure(code: .protocolError) }
-            var p = try unpadded(flags, payload)
+            var p = try H2Wire.unpadded(flags, payload)
             if flags & Flag.priority != 0 {
                 guard p.readableBytes >= 5 else { throw Failure(code: .protocolError) }
                 p.moveReaderIndex(forwardBy: 5)
@@ -302,7 +273,7 @@ final class H2WorkloadConnection: ChannelInboundHandler, @unchecked Sendable {
             guard payload.readableBytes % 6 == 0 else { throw Failure(code: .frameSizeError) }
             try settings(payload)
             sawSettings = true
-            writeFrame(.settings, Flag.ack, 0) { _ in }
+            writer.frame(.settings, Flag.ack, 0) { _ in }
         case .pushPromise:
             throw Failure(code: .protocolError)   // we announced ENABLE_PUSH 0
         case .ping:
@@ -310,7 +281,7 @@ final class H2WorkloadConnection: ChannelInboundHandler, @unchecked Sendable {
             guard payload.readableBytes == 8 else { throw Failure(code: .frameSizeError) }
             if flags & Flag.ack == 0 {
                 var p = payload
-                writeFrame(.ping, Flag.ack, 0) { $0.writeBuffer(&p) }
+                writer.frame(.ping, Flag.ack, 0) { $0.writeBuffer(&p) }
             }
         case .goAway:
             guard stream == 0 else { throw Failure(code: .protocolError) }
@@ -330,20 +301,12 @@ final class H2WorkloadConnection: ChannelInboundHandler, @unchecked Sendable {
         stream & 1 == 1 && stream < nextID && (streams[stream]?.opened ?? true)
     }
 
-    private func unpadded(_ flags: UInt8, _ payload: ByteBuffer) throws -> ByteBuffer {
-        guard flags & Flag.padded != 0 else { return payload }
-        var p = payload
-        guard let pad = p.readInteger(as: UInt8.self), Int(pad) <= p.readableBytes else { throw Failure(code: .protocolError) }
-        p.moveWriterIndex(to: p.writerIndex - Int(pad))
-        return p
-    }
-
     private func data(_ flags: UInt8, _ stream: Int32, _ payload: ByteBuffer) throws {
         guard stream != 0, isKnown(stream) else { throw Failure(code: .protocolError) }
         let flowLength = payload.readableBytes
         receiveWindow -= flowLength
         guard receiveWindow >= 0 else { throw Failure(code: .flowControlError) }
-        let body = try unpadded(flags, payload)
+        let body = try H2Wire.unpadded(flags, payload)
         let endStream = flags & Flag.endStream != 0
         guard var s = streams[stream] else {
             // A stream closed here (reset): its bytes still count on the connection.
@@ -407,41 +370,7 @@ final class H2WorkloadConnection: ChannelInboundHandler, @unchecked Sendable {
     /// itself (RFC 9113 §8.1.1).
     private func contentLength(_ h: HPACKHeaders, status: String, isHead: Bool) -> Int?? {
         if isHead || status == "304" { return .some(0) }
-        var found: Int?
-        for (name, value, _) in h where name == "content-length" {
-            guard let n = Self.contentLengthValue(value), found == nil || found == n else { return nil }
-            found = n
-        }
-        return .some(found)
-    }
-
-    /// One content-length field line: a number, or a list of equal ones
-    /// ("5, 5"); nil when malformed or they differ. Read in place: NIO's
-    /// list split cost ~1% of the proxy on every response.
-    static func contentLengthValue(_ value: String) -> Int? {
-        var result: Int?
-        var n = 0, digits = 0, afterDigits = false
-        func endOfElement() -> Bool {
-            guard digits > 0, result == nil || result == n else { return false }
-            result = n
-            (n, digits, afterDigits) = (0, 0, false)
-            return true
-        }
-        for c in value.utf8 {
-            switch c {
-            case UInt8(ascii: "0")...UInt8(ascii: "9"):
-                guard !afterDigits, digits < 18 else { return nil }
-                n = n * 10 + Int(c - UInt8(ascii: "0"))
-                digits += 1
-            case UInt8(ascii: " "), UInt8(ascii: "\t"):
-                if digits > 0 { afterDigits = true }
-            case UInt8(ascii: ","):
-                guard endOfElement() else { return nil }
-            default:
-                return nil
-            }
-        }
-        return endOfElement() ? result : nil
+        return H2Fields.contentLength(of: h)
     }
 
     private func settings(_ payload: ByteBuffer) throws {
@@ -449,7 +378,7 @@ final class H2WorkloadConnection: ChannelInboundHandler, @unchecked Sendable {
         while let id = p.readInteger(as: UInt16.self), let value = p.readInteger(as: UInt32.self) {
             switch id {
             case 0x1:   // HEADER_TABLE_SIZE: our encoder's table may not exceed it
-                do { try encoder.setDynamicTableSize(min(Int(value), HPACKEncoder.defaultDynamicTableSize)) } catch {
+                do { try writer.encoder.setDynamicTableSize(min(Int(value), HPACKEncoder.defaultDynamicTableSize)) } catch {
                     throw Failure(code: .internalError)
                 }
             case 0x2:
@@ -457,12 +386,12 @@ final class H2WorkloadConnection: ChannelInboundHandler, @unchecked Sendable {
             case 0x3:
                 peerMaxStreams = Int(value)
             case 0x4:
-                guard value <= UInt32(Self.maxWindow) else { throw Failure(code: .flowControlError) }
+                guard value <= UInt32(H2Wire.maxWindow) else { throw Failure(code: .flowControlError) }
                 let delta = Int(value) - peerInitialWindow
                 peerInitialWindow = Int(value)
                 for key in Array(streams.keys) {
                     streams[key]!.sendWindow += delta
-                    guard streams[key]!.sendWindow <= Self.maxWindow else { throw Failure(code: .flowControlError) }
+                    guard streams[key]!.sendWindow <= H2Wire.maxWindow else { throw Failure(code: .flowControlError) }
                 }
                 if delta > 0 { for key in Array(streams.keys) { drain(key) } }
             case 0x5:
@@ -479,7 +408,7 @@ final class H2WorkloadConnection: ChannelInboundHandler, @unchecked Sendable {
         if stream == 0 {
             guard n > 0 else { throw Failure(code: .protocolError) }
             sendWindow += n
-            guard sendWindow <= Self.maxWindow else { throw Failure(code: .flowControlError) }
+            guard sendWindow <= H2Wire.maxWindow else { throw Failure(code: .flowControlError) }
             for key in Array(streams.keys) where !(streams[key]?.queue.isEmpty ?? true) { drain(key) }
             return
         }
@@ -487,7 +416,7 @@ final class H2WorkloadConnection: ChannelInboundHandler, @unchecked Sendable {
         guard var s = streams[stream] else { return }
         guard n > 0 else { return streamError(stream, .protocolError) }
         s.sendWindow += n
-        guard s.sendWindow <= Self.maxWindow else { return streamError(stream, .flowControlError) }
+        guard s.sendWindow <= H2Wire.maxWindow else { return streamError(stream, .flowControlError) }
         streams[stream] = s
         drain(stream)
     }
@@ -509,7 +438,7 @@ final class H2WorkloadConnection: ChannelInboundHandler, @unchecked Sendable {
         if connectionCredit > 0 { relay.acknowledgeUp(connectionCredit) }
         guard let s = streams.removeValue(forKey: stream) else { return }
         if s.opened { active -= 1 }
-        writeFrame(.rstStream, 0, stream) { $0.writeInteger(UInt32(code.networkCode)) }
+        writer.rstStream(stream, code)
         drop(s.queue)
         relay.streamClosed(HTTP2StreamID(stream), onDown: false, reason: code)
         openWaiting()
@@ -519,10 +448,7 @@ final class H2WorkloadConnection: ChannelInboundHandler, @unchecked Sendable {
     private func fail(_ code: HTTP2ErrorCode) {
         guard !failed, let context else { return }
         failed = true
-        writeFrame(.goAway, 0, 0) { b in
-            b.writeInteger(UInt32(0))
-            b.writeInteger(UInt32(code.networkCode))
-        }
+        writer.goAway(last: 0, code)
         flush()
         context.close(promise: nil)
     }
@@ -601,57 +527,34 @@ final class H2WorkloadConnection: ChannelInboundHandler, @unchecked Sendable {
     }
 
     private func writeHeaders(_ stream: Int32, _ headers: HPACKHeaders, endStream: Bool) {
-        let start = out.writerIndex
-        out.writeRepeatingByte(0, count: 9)
-        do { try encoder.encode(headers: headers, to: &out) } catch {
-            out.moveWriterIndex(to: start)
-            return fail(.internalError)
-        }
-        let length = out.writerIndex - start - 9
-        let end = endStream ? Flag.endStream : 0
-        if length <= peerMaxFrameSize {
-            setFrameHeader(at: start, length: length, .headers, end | Flag.endHeaders, stream)
-            return
-        }
-        // Past the workload's frame size: HEADERS and CONTINUATIONs.
-        var block = out.getSlice(at: start + 9, length: length)!
-        out.moveWriterIndex(to: start)
-        var type = FrameType.headers, flags = end
-        while block.readableBytes > 0 {
-            var piece = block.readSlice(length: min(peerMaxFrameSize, block.readableBytes))!
-            if block.readableBytes == 0 { flags |= Flag.endHeaders }
-            writeFrame(type, flags, stream) { $0.writeBuffer(&piece) }
-            type = .continuation
-            flags = 0
+        do { try writer.headers(stream, headers, endStream: endStream, maxFrameSize: peerMaxFrameSize) } catch {
+            fail(.internalError)
         }
     }
 
     /// A DATA frame; `tookBy` names the caller's bytes to acknowledge once
-    /// written (nil: the relay did or does it itself).
+    /// written (nil: the relay did or does it itself): at once while the
+    /// workload's channel takes more, else once the socket took them.
     private func writeData(_ stream: Int32, _ data: ByteBuffer, endStream: Bool,
                            tookBy: (source: HTTP2StreamID, credit: Int, streamOpen: Bool)?) {
         guard let context else { return }
-        let n = data.readableBytes
-        let header = out.writerIndex
-        out.writeRepeatingByte(0, count: 9)
-        setFrameHeader(at: header, length: n, .data, endStream ? Flag.endStream : 0, stream)
+        let large = writer.data(stream, data, endStream: endStream)
         guard let took = tookBy, !context.channel.isWritable else {
-            // Small payloads join this tick's buffer; larger ones go as they are.
-            if n <= 1024 {
-                var d = data
-                out.writeBuffer(&d)
-            } else {
+            if let large {
                 emit()
-                context.write(wrapOutboundOut(data), promise: nil)
+                context.write(wrapOutboundOut(large), promise: nil)
                 unflushed = true
             }
             if let t = tookBy { relay.requestDataTaken(source: t.source, t.credit, sent: true, streamOpen: t.streamOpen) }
             return
         }
-        // The socket is behind: the caller's window comes back once it took them.
-        emit()
         let written = context.eventLoop.makePromise(of: Void.self)
-        context.write(wrapOutboundOut(data), promise: written)
+        if let large {
+            emit()
+            context.write(wrapOutboundOut(large), promise: written)
+        } else {
+            emit(promise: written)
+        }
         unflushed = true
         let relay = self.relay
         written.futureResult.whenComplete { result in
@@ -659,24 +562,14 @@ final class H2WorkloadConnection: ChannelInboundHandler, @unchecked Sendable {
         }
     }
 
-    private func writeFrame(_ type: FrameType, _ flags: UInt8, _ stream: Int32, _ body: (inout ByteBuffer) -> Void) {
-        let start = out.writerIndex
-        out.writeRepeatingByte(0, count: 9)
-        body(&out)
-        setFrameHeader(at: start, length: out.writerIndex - start - 9, type, flags, stream)
-    }
-
-    private func setFrameHeader(at index: Int, length: Int, _ type: FrameType, _ flags: UInt8, _ stream: Int32) {
-        out.setInteger(UInt32(length) << 8 | UInt32(type.rawValue), at: index)
-        out.setInteger(flags, at: index + 4)
-        out.setInteger(UInt32(bitPattern: stream), at: index + 5)
-    }
-
     /// Hands this tick's frames to the channel.
-    private func emit() {
-        guard out.readableBytes > 0, let context else { return }
-        context.write(wrapOutboundOut(out), promise: nil)
+    private func emit(promise: EventLoopPromise<Void>? = nil) {
+        guard let context else { promise?.fail(ChannelError.ioOnClosedChannel); return }
+        guard let gathered = writer.take(allocator: context.channel.allocator) else {
+            promise?.succeed()
+            return
+        }
+        context.write(wrapOutboundOut(gathered), promise: promise)
         unflushed = true
-        out = context.channel.allocator.buffer(capacity: 256)
     }
 }

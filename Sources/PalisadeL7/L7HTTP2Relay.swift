@@ -5,11 +5,12 @@ import NIOHTTP2
 import PalisadeRelay
 
 /// HTTP/2 relayed frame by frame between the caller's connection and one
-/// connection to the workload, without a channel per stream: NIO's HTTP/2
-/// handler (validation, HPACK, flow control, flood limits) on the caller's
-/// side, `H2WorkloadConnection` on the workload's, and one table mapping
-/// the caller's stream IDs to the workload's. Each new stream's HEADERS
-/// are judged; a denied stream is answered 403 here.
+/// connection to the workload, without a channel per stream: both ends
+/// framed by the agent itself (`H2CallerConnection` on the caller's side:
+/// validation, HPACK, flow control, flood limits; `H2WorkloadConnection`
+/// on the workload's), and one table mapping the caller's stream IDs to
+/// the workload's. Each new stream's HEADERS are judged; a denied stream
+/// is answered 403 here.
 ///
 /// Flow control is end to end: bytes a side receives are acknowledged
 /// (WINDOW_UPDATE) as they are written to the other side while its channel
@@ -19,7 +20,7 @@ import PalisadeRelay
 /// high watermark.
 final class H2Relay: @unchecked Sendable {
     let l7: L7Context
-    var down: ChannelHandlerContext?
+    var down: H2CallerConnection?
     var up: H2WorkloadConnection?
     /// Stream windows we grant each side, and the connection window.
     static let streamWindow = 1 << 20
@@ -42,59 +43,21 @@ final class H2Relay: @unchecked Sendable {
         var logged = false
         /// The caller has been sent a final (non-1xx) response HEADERS.
         var responseStarted = false
-        /// The caller's window for this stream less every response byte
-        /// written to it (see `callerWindow`).
-        var callerWindow = 0
     }
     private var byDown: [HTTP2StreamID: Exchange] = [:]
     private var byUp: [HTTP2StreamID: HTTP2StreamID] = [:]
 
-    /// The caller's flow-control windows as NIO's handler keeps them, less
-    /// every response byte written to it, sent or not: while a DATA frame
-    /// fits, NIO sends it at once, and the workload's window is given back
-    /// as it is written. One that does not fit waits in NIO's handler; the
-    /// workload gets those bytes back only once NIO sent them, so a caller
-    /// that opens no window holds the workload at the windows it was
-    /// granted instead of filling the agent's memory.
-    private var callerInitialWindow = 65_535
-    private var callerConnectionWindow = 65_535
-
     init(l7: L7Context) { self.l7 = l7 }
-
-    static var settings: HTTP2Settings {
-        [HTTP2Setting(parameter: .maxConcurrentStreams, value: 256),
-         HTTP2Setting(parameter: .initialWindowSize, value: streamWindow),
-         HTTP2Setting(parameter: .maxFrameSize, value: maxFrameSize),
-         HTTP2Setting(parameter: .maxHeaderListSize, value: maxHeaderListSize),
-         HTTP2Setting(parameter: .enablePush, value: 0)]
-    }
 
     /// Installs the relay: `downstream` (the caller, a byte stream) and
     /// `upstream` (the workload's connection).
     static func install(downstream: Channel, upstream: Channel, l7: L7Context) throws {
         let relay = H2Relay(l7: l7)
-        var config = NIOHTTP2Handler.ConnectionConfiguration()
-        config.initialSettings = settings
-        // Header blocks are validated once, on the caller's side: requests
-        // as they arrive, responses as they are sent on (a refused one is
-        // answered 502, see fromUp).
         try upstream.pipeline.syncOperations.addHandler(H2WorkloadConnection(relay: relay))
         try downstream.pipeline.syncOperations.addHandler(CloseOnEndOfInput())
-        try downstream.pipeline.syncOperations.addHandler(H2CallerGuard())
-        try downstream.pipeline.syncOperations.addHandler(H2FrameAligner(expectsPreface: true))
-        try downstream.pipeline.syncOperations.addHandler(NIOHTTP2Handler(mode: .server, connectionConfiguration: config))
-        try downstream.pipeline.syncOperations.addHandler(H2RelaySide(relay))
+        try downstream.pipeline.syncOperations.addHandler(H2CallerConnection(relay: relay, allocator: downstream.allocator))
         upstream.closeFuture.whenComplete { _ in downstream.close(promise: nil) }
         downstream.closeFuture.whenComplete { _ in upstream.close(promise: nil) }
-    }
-
-    private func write(_ ctx: ChannelHandlerContext?, _ id: HTTP2StreamID, _ payload: HTTP2Frame.FramePayload,
-                       promise: EventLoopPromise<Void>? = nil) {
-        guard let ctx else {
-            promise?.fail(ChannelError.ioOnClosedChannel)
-            return
-        }
-        ctx.write(NIOAny(HTTP2Frame(streamID: id, payload: payload)), promise: promise)
     }
 
     /// Window given back to each side but not yet announced: updates go
@@ -129,40 +92,29 @@ final class H2Relay: @unchecked Sendable {
     }
 
     private func windowUpdate(isDown: Bool, _ stream: HTTP2StreamID, _ n: Int) {
-        if isDown {
-            write(down, stream, .windowUpdate(windowSizeIncrement: n))
-        } else {
-            up?.windowUpdate(stream: stream == .rootStream ? nil : stream, n)
-        }
+        let named = stream == .rootStream ? nil : stream
+        if isDown { down?.windowUpdate(stream: named, n) } else { up?.windowUpdate(stream: named, n) }
     }
 
     /// Connection window given back to the workload (bytes of a stream
     /// that is gone).
     func acknowledgeUp(_ n: Int) { acknowledge(isDown: false, stream: nil, n) }
 
+    /// Caller's bytes of a stream that is gone (connection window only).
+    func callerDataDropped(_ n: Int) { acknowledge(isDown: true, stream: nil, n) }
+
+    /// Response bytes the caller's connection wrote (or dropped, `sent`
+    /// false) after holding them: the workload's windows get them back.
+    func responseDataTaken(source: HTTP2StreamID, _ n: Int, sent: Bool, streamOpen: Bool) {
+        let open = sent && streamOpen && byUp[source] != nil
+        acknowledge(isDown: false, stream: open ? source : nil, n)
+    }
+
     /// Request bytes the workload's connection wrote (or dropped, `sent`
     /// false) after holding them: the caller's windows get them back.
     func requestDataTaken(source: HTTP2StreamID, _ n: Int, sent: Bool, streamOpen: Bool) {
         let open = sent && streamOpen && byDown[source] != nil
         acknowledge(isDown: true, stream: open ? source : nil, n)
-    }
-
-    /// A frame as relayed to the other side: padding is one hop's (and NIO
-    /// cannot send it: a padded frame's write would fail and its bytes be
-    /// lost), and a priority names a stream of the sender's connection.
-    static func hop(_ h: HTTP2Frame.FramePayload.Headers) -> HTTP2Frame.FramePayload.Headers {
-        guard h.paddingBytes != nil || h.priorityData != nil else { return h }
-        var out = h
-        out.paddingBytes = nil
-        out.priorityData = nil
-        return out
-    }
-
-    static func hop(_ d: HTTP2Frame.FramePayload.Data) -> HTTP2Frame.FramePayload.Data {
-        guard d.paddingBytes != nil else { return d }
-        var out = d
-        out.paddingBytes = nil
-        return out
     }
 
     static func flowLength(_ d: HTTP2Frame.FramePayload.Data) -> Int {
@@ -178,7 +130,7 @@ final class H2Relay: @unchecked Sendable {
     func fromDown(_ frame: HTTP2Frame) {
         let id = frame.streamID
         if verifying[id] != nil {
-            if case .rstStream = frame.payload { dropVerifying(id) } else { verifying[id]!.append(frame) }
+            verifying[id]!.append(frame)
             return
         }
         switch frame.payload {
@@ -197,26 +149,8 @@ final class H2Relay: @unchecked Sendable {
             x.requestBytes += bytes.readableBytes
             byDown[id] = x
             up.sendData(x.upID, bytes, endStream: d.endStream, source: id, credit: n)
-        case .rstStream:
-            if let x = byDown.removeValue(forKey: id) {
-                byUp[x.upID] = nil
-                up?.reset(x.upID, .cancel)
-                up?.flush()
-            }
-        case .windowUpdate(let n):
-            if id == .rootStream {
-                callerConnectionWindow += n
-            } else if byDown[id] != nil {
-                byDown[id]!.callerWindow += n
-            }
-        case .settings(.settings(let settings)):
-            for s in settings where s.parameter == .initialWindowSize {
-                let delta = s.value - callerInitialWindow
-                callerInitialWindow = s.value
-                for key in Array(byDown.keys) { byDown[key]!.callerWindow += delta }
-            }
         default:
-            break   // PING, PRIORITY, GOAWAY, SETTINGS acks: each side's own
+            break   // the caller's connection keeps the rest to itself
         }
     }
 
@@ -235,8 +169,7 @@ final class H2Relay: @unchecked Sendable {
         // workload might read the other.
         let hosts = h.headers["host"]
         if hosts.count > 1 || (hosts.count == 1 && h.headers.first(name: ":authority").map({ $0.lowercased() != hosts[0].lowercased() }) ?? false) {
-            write(down, id, .rstStream(.protocolError))
-            down?.flush()
+            down?.reset(id, .protocolError)
             return false
         }
         if let verify = l7.verifyBearer, let token = bearerToken(h.headers.first(name: "authorization")), let loop = down?.eventLoop {
@@ -251,6 +184,7 @@ final class H2Relay: @unchecked Sendable {
                 }
                 self.answerDenials()
                 self.up?.flush()
+                self.down?.flush()
             }
             return true
         }
@@ -282,12 +216,10 @@ final class H2Relay: @unchecked Sendable {
         }
         guard let upID = up?.startRequest(h.headers, endStream: h.endStream, isHead: f.method == "HEAD") else {
             // The workload's connection takes no more streams (IDs used up, GOAWAY).
-            write(down, id, .rstStream(.refusedStream))
-            down?.flush()
+            down?.reset(id, .refusedStream)
             return false
         }
         x.upID = upID
-        x.callerWindow = callerInitialWindow
         byDown[id] = x
         byUp[upID] = id
         return true
@@ -310,18 +242,12 @@ final class H2Relay: @unchecked Sendable {
         guard !denials.isEmpty else { return }
         for d in denials {
             if d.grpc {
-                write(down, d.stream, .headers(.init(headers: HPACKHeaders([(":status", "200"), ("content-type", "application/grpc"),
-                                                                            ("grpc-status", "7"), ("grpc-message", Self.grpcMessage(d.reason))]),
-                                                     endStream: true)))
+                down?.sendHeaders(d.stream, HPACKHeaders([(":status", "200"), ("content-type", "application/grpc"),
+                                                          ("grpc-status", "7"), ("grpc-message", Self.grpcMessage(d.reason))]),
+                                  endStream: true)
                 continue
             }
-            let text = d.reason + "\n"
-            var b = Self.allocator.buffer(capacity: text.utf8.count)
-            b.writeString(text)
-            write(down, d.stream, .headers(.init(headers: HPACKHeaders([(":status", "403"), ("content-type", "text/plain"),
-                                                                         ("content-length", "\(text.utf8.count)")]))))
-            write(down, d.stream, .data(.init(data: .byteBuffer(b), endStream: true)))
-            callerConnectionWindow -= b.readableBytes   // (so many denials cannot inflate it)
+            answer(d.stream, status: 403, d.reason + "\n")
         }
         denials.removeAll(keepingCapacity: true)
         down?.flush()
@@ -354,16 +280,13 @@ final class H2Relay: @unchecked Sendable {
         }
         switch frame.payload {
         case .headers(let h):
-            // A header block HTTP/2 forbids fails its write at once (NIO
-            // validates it as it is sent): then the caller gets 502 instead.
-            // (The flag object is the relay's, reset before each response.)
-            guard let loop = down?.eventLoop else { return }   // the caller is gone
-            let sent = loop.makePromise(of: Void.self)
-            let refused = headersRefused
-            refused.value = false
-            sent.futureResult.whenFailure { _ in refused.value = true }
-            write(down, id, .headers(Self.hop(h)), promise: sent)
-            if refused.value { return refuseResponse(down: id, up: upID) }
+            // A header block HTTP/2 forbids never reaches the caller: 502 instead.
+            guard let down else { return }   // the caller is gone
+            let trailers = byDown[id]?.responseStarted ?? false
+            guard trailers ? H2Fields.validTrailers(h.headers) : H2Fields.validResponse(h.headers) else {
+                return refuseResponse(down: id, up: upID)
+            }
+            down.sendHeaders(id, h.headers, endStream: h.endStream)
             if var x = byDown[id] {
                 if let s = h.headers.first(name: ":status"), let code = Int(s), x.status < 200 {
                     x.status = code
@@ -373,46 +296,21 @@ final class H2Relay: @unchecked Sendable {
                 byDown[id] = x
             }
         case .data(let d):
-            var fits = true
+            guard case .byteBuffer(let bytes) = d.data else { return }
             if var x = byDown[id] {
-                let n = d.data.readableBytes
-                x.responseBytes += n
+                x.responseBytes += bytes.readableBytes
                 if d.endStream { log(&x) }
-                fits = n <= x.callerWindow && n <= callerConnectionWindow
-                x.callerWindow -= n
-                callerConnectionWindow -= n
                 byDown[id] = x
             }
-            relayResponseData(d, as: id, stream: upID, credit: credit, fits: fits)
+            guard let down else { return }   // the caller is gone
+            down.sendData(id, bytes, endStream: d.endStream, source: upID, credit: credit)
         case .rstStream(let code):
             byUp[upID] = nil
             byDown[id] = nil
-            write(down, id, .rstStream(code))
+            down?.reset(id, code)
             down?.flush()
         default:
             break
-        }
-    }
-
-    /// Relays a workload's DATA frame to the caller (its stream `targetID`)
-    /// and gives its bytes back to the workload's windows (its stream
-    /// `sourceID`): at once when it `fits` the caller's windows and the
-    /// caller's channel takes more, otherwise once NIO sent it (the
-    /// stream's window then only if the stream is still open).
-    private func relayResponseData(_ d: HTTP2Frame.FramePayload.Data, as targetID: HTTP2StreamID,
-                                   stream sourceID: HTTP2StreamID, credit n: Int, fits: Bool) {
-        guard let target = down else { return }   // the caller is gone
-        if fits && target.channel.isWritable {
-            write(target, targetID, .data(Self.hop(d)))
-            // (A stream that ended sends nothing more: connection window only.)
-            acknowledge(isDown: false, stream: d.endStream ? nil : sourceID, n)
-            return
-        }
-        let sent = target.eventLoop.makePromise(of: Void.self)
-        write(target, targetID, .data(Self.hop(d)), promise: sent)
-        sent.futureResult.whenComplete { result in
-            let open = (try? result.get()) != nil && self.byUp[sourceID] != nil
-            self.acknowledge(isDown: false, stream: open ? sourceID : nil, n)
         }
     }
 
@@ -433,7 +331,7 @@ final class H2Relay: @unchecked Sendable {
             guard let id2 = byUp.removeValue(forKey: id) else { return }
             if let reason, byDown.removeValue(forKey: id2) != nil {
                 // REFUSED_STREAM (the workload did not process it) lets the caller retry.
-                write(down, id2, .rstStream(reason == .refusedStream ? .refusedStream : .cancel))
+                down?.reset(id2, reason == .refusedStream ? .refusedStream : .cancel)
                 down?.flush()
             }
         }
@@ -448,15 +346,10 @@ final class H2Relay: @unchecked Sendable {
         up?.flush()
         guard var x = byDown.removeValue(forKey: id) else { return }
         if x.responseStarted {
-            write(down, id, .rstStream(.internalError))
+            down?.reset(id, .internalError)
         } else {
             let text = "bad gateway: the workload's response is not valid HTTP/2\n"
-            var b = Self.allocator.buffer(capacity: text.utf8.count)
-            b.writeString(text)
-            write(down, id, .headers(.init(headers: HPACKHeaders([(":status", "502"), ("content-type", "text/plain"),
-                                                                   ("content-length", "\(text.utf8.count)")]))))
-            write(down, id, .data(.init(data: .byteBuffer(b), endStream: true)))
-            callerConnectionWindow -= b.readableBytes
+            answer(id, status: 502, text)
             x.responseBytes = text.utf8.count
         }
         down?.flush()
@@ -464,10 +357,14 @@ final class H2Relay: @unchecked Sendable {
         log(&x)
     }
 
-    /// Set when the response HEADERS just written was refused (reset
-    /// before each; a later failure of an earlier one lands in between).
-    private final class Refused: @unchecked Sendable { var value = false }
-    private let headersRefused = Refused()
+    /// A plain-text answer of the proxy's own.
+    private func answer(_ id: HTTP2StreamID, status: Int, _ text: String) {
+        var b = Self.allocator.buffer(capacity: text.utf8.count)
+        b.writeString(text)
+        down?.sendHeaders(id, HPACKHeaders([(":status", "\(status)"), ("content-type", "text/plain"),
+                                            ("content-length", "\(text.utf8.count)")]), endStream: false)
+        down?.sendData(id, b, endStream: true, source: nil, credit: 0)
+    }
 
     private func log(_ x: inout Exchange) {
         guard !x.logged else { return }
@@ -476,53 +373,6 @@ final class H2Relay: @unchecked Sendable {
                   start: x.start, verdict: x.verdict)
     }
 }
-
-/// The caller's side of the relay: its frames go to the relay; the end of
-/// a read flushes the workload's side.
-final class H2RelaySide: ChannelDuplexHandler, @unchecked Sendable {
-    typealias InboundIn = HTTP2Frame
-    typealias OutboundIn = HTTP2Frame
-    typealias OutboundOut = HTTP2Frame
-    let relay: H2Relay
-    init(_ relay: H2Relay) { self.relay = relay }
-
-    func handlerAdded(context: ChannelHandlerContext) {
-        relay.down = context
-        // A connection window larger than HTTP/2's initial 64 KiB.
-        context.writeAndFlush(wrapOutboundOut(HTTP2Frame(streamID: .rootStream,
-                                                         payload: .windowUpdate(windowSizeIncrement: H2Relay.connectionWindow - 65535))),
-                              promise: nil)
-    }
-
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        relay.fromDown(unwrapInboundIn(data))
-    }
-
-    func channelReadComplete(context: ChannelHandlerContext) {
-        relay.answerDenials()
-        relay.up?.flush()
-        context.fireChannelReadComplete()
-    }
-
-    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        // (NIO sends several events per stream, window updates among them:
-        // comparing the type first spares each a dynamic cast that fails.)
-        if type(of: event) == StreamClosedEvent.self, let e = event as? StreamClosedEvent {
-            relay.streamClosed(e.streamID, onDown: true, reason: e.reason)
-        }
-        context.fireUserInboundEventTriggered(event)
-    }
-
-    func channelInactive(context: ChannelHandlerContext) {
-        relay.down = nil
-        context.fireChannelInactive()
-    }
-
-    /// Stream errors were answered by NIO (RST_STREAM); connection errors
-    /// close the connection (GOAWAY) and the workload's side follows.
-    func errorCaught(context: ChannelHandlerContext, error: Error) {}
-}
-
 
 /// One value per side of the relay (the workload's, `down`, and the caller's).
 struct BothSides<Value> {

@@ -325,7 +325,7 @@ extension H2WorkloadConnectionTests {
                                        ("+5", nil), ("-1", nil), ("5 5", nil), (",5", nil), ("5,", nil), ("0x10", nil),
                                        ("99999999999999999999", nil), ("1\u{0}", nil)]
         for (value, want) in cases {
-            XCTAssertEqual(H2WorkloadConnection.contentLengthValue(value), want, value)
+            XCTAssertEqual(H2Fields.contentLength(value), want, value)
         }
     }
 }
