@@ -38,58 +38,21 @@ import NIOHTTP2
 ///
 /// A connection error sends GOAWAY and closes (RFC 9113 §5.4.1); the
 /// workload's connection closes with it.
-final class H2CallerConnection: ChannelInboundHandler, @unchecked Sendable {
-    typealias InboundIn = ByteBuffer
-    typealias OutboundOut = ByteBuffer
-    typealias Flag = H2Wire.Flag
-    typealias Failure = H2Wire.ConnectionError
-
+final class H2CallerConnection: H2Endpoint, @unchecked Sendable {
     static let maxConcurrentStreams = 256
     static let maxResets = 200
     static let resetWindow = TimeAmount.seconds(30)
     static let maxGlitches = 200
     static let maxEmptyDataFrames = 16
     static let maxControlAnswersUnread = 10_000
-    static let maxHeaderFrames = 256
     /// WINDOW_UPDATE frames allowed beyond two per DATA frame sent and one
     /// per stream opened.
     static let windowUpdateSlack = 1000
 
-    private enum Outgoing {
-        case headers(HPACKHeaders, endStream: Bool)
-        /// `source`: the workload's stream whose window gets `credit` back once written.
-        case data(ByteBuffer, endStream: Bool, source: HTTP2StreamID?, credit: Int)
-    }
-
-    private struct Stream {
-        var receiveWindow = H2Relay.streamWindow
-        var sendWindow: Int
-        var remoteEnded = false
-        var localEnded = false
-        /// Request body bytes still due by its content-length.
-        var contentLeft: Int?
-        var queue: [Outgoing] = []
-    }
-
-    private let relay: H2Relay
-    private var context: ChannelHandlerContext?
-    private var reader = H2FrameReader(maxFrameSize: H2Relay.maxFrameSize)
-    private var writer: H2FrameWriter
-    private var decoder = HPACKDecoder(allocator: H2Relay.allocator, maxDynamicTableSize: HPACKEncoder.defaultDynamicTableSize,
-                                       maxHeaderListSize: H2Relay.maxHeaderListSize)
-    private var streams: [Int32: Stream] = [:]
     /// The highest stream the caller opened: any above is idle.
     private var lastStream: Int32 = 0
     private var prefaceLeft = L7ProtocolSniffer.preface.count
-    private var sawSettings = false
-    private var peerInitialWindow = 65_535
-    private var peerMaxFrameSize = 1 << 14
-    private var sendWindow = 65_535
-    private var receiveWindow = H2Relay.connectionWindow
-    private var continuation: (stream: Int32, endStream: Bool, dependency: Int32?, block: ByteBuffer, frames: Int)?
     private var callerWentAway = false
-    private var failed = false
-    private var unflushed = false
 
     // Flood accounting.
     private var resets = 0
@@ -100,69 +63,38 @@ final class H2CallerConnection: ChannelInboundHandler, @unchecked Sendable {
     private var unearnedWindowUpdates = 0
 
     /// Streams the agent reset: their late frames are ignored.
-    private var resetHere = RecentStreams()
+    private var resetHere = RecentSet<Int32>()
     /// Streams that were open once: a HEADERS on one is STREAM_CLOSED, on
     /// any other below `lastStream` PROTOCOL_ERROR (RFC 9113 §5.1.1).
-    private var openedOnce = RecentStreams()
+    private var openedOnce = RecentSet<Int32>()
 
-    init(relay: H2Relay, allocator: ByteBufferAllocator) {
-        self.relay = relay
-        writer = H2FrameWriter(allocator: allocator)
+    init(relay: H2Relay) {
+        // (We announce no HEADER_TABLE_SIZE: the caller's encoder keeps to 4,096.)
+        super.init(relay: relay, decoderTableSize: HPACKEncoder.defaultDynamicTableSize)
+        receiveWindow = H2Relay.connectionWindow
     }
 
     var eventLoop: EventLoop? { context?.eventLoop }
 
     // MARK: the relay's responses
 
-    /// A response head or trailers. The relay has checked them (H2Fields).
-    func sendHeaders(_ id: HTTP2StreamID, _ headers: HPACKHeaders, endStream: Bool) {
-        enqueue(Int32(id), .headers(headers, endStream: endStream))
-    }
-
-    /// Response body bytes, written as far as the caller's windows allow;
-    /// the relay's `responseDataTaken` gives the workload's `source`
-    /// stream its window back once they are written (or dropped).
-    func sendData(_ id: HTTP2StreamID, _ data: ByteBuffer, endStream: Bool, source: HTTP2StreamID?, credit: Int) {
-        enqueue(Int32(id), .data(data, endStream: endStream, source: source, credit: credit))
-    }
-
     /// The relay ends a stream (a refused request, the workload's reset).
     func reset(_ id: HTTP2StreamID, _ code: HTTP2ErrorCode) {
         let key = Int32(id)
         guard !failed, context != nil else { return }
         writer.rstStream(key, code)
-        rememberReset(key)
+        resetHere.insert(key)
         close(key, reason: code)
     }
 
-    /// Gives the caller `n` bytes of window (the connection's, and the
-    /// stream's when one is named and still sending).
-    func windowUpdate(stream: HTTP2StreamID?, _ n: Int) {
-        guard !failed, context != nil else { return }
-        if let stream {
-            let key = Int32(stream)
-            guard let s = streams[key], !s.remoteEnded else { return }
-            streams[key]!.receiveWindow += n
-            writer.windowUpdate(key, n)
-        } else {
-            receiveWindow += n
-            writer.windowUpdate(0, n)
-        }
-    }
-
-    func flush() {
-        guard let context else { return }
-        emit()
-        if unflushed {
-            unflushed = false
-            context.flush()
-        }
-        if context.channel.isWritable { controlAnswersUnread = 0 }
+    override func flush() {
+        super.flush()
+        if let context, context.channel.isWritable { controlAnswersUnread = 0 }
     }
 
     // MARK: the channel
 
-    func handlerAdded(context: ChannelHandlerContext) {
+    override func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
         relay.down = self
         // Our SETTINGS (the server's preface) and a connection window
@@ -179,101 +111,38 @@ final class H2CallerConnection: ChannelInboundHandler, @unchecked Sendable {
         flush()
     }
 
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        guard !failed else { return }
-        reader.append(unwrapInboundIn(data), allocator: context.channel.allocator)
-        do {
-            if prefaceLeft > 0 { try readPreface() }
-            while !failed, prefaceLeft == 0, let f = try reader.next() {
-                try frame(f)
-            }
-        } catch let f as Failure {
-            fail(f.code)
-        } catch {
-            fail(.internalError)
-        }
-    }
-
-    func channelReadComplete(context: ChannelHandlerContext) {
+    override func channelReadComplete(context: ChannelHandlerContext) {
         relay.answerDenials()
         relay.up?.flush()
         flush()
         context.fireChannelReadComplete()
     }
 
-    func channelInactive(context: ChannelHandlerContext) {
-        detach()
-        context.fireChannelInactive()
-    }
-
-    func handlerRemoved(context: ChannelHandlerContext) { detach() }
-
-    func errorCaught(context: ChannelHandlerContext, error: Error) {
-        context.close(promise: nil)
-    }
-
-    private func detach() {
+    override func detached() {
         if relay.down === self { relay.down = nil }
-        context = nil
-        streams.removeAll()
-        continuation = nil
-        reader.reset()
     }
 
     /// The client preface, compared as it arrives: a wrong byte is an
     /// error at once, not after 24 bytes.
-    private func readPreface() throws {
+    override func readPrefix() throws -> Bool {
+        guard prefaceLeft > 0 else { return true }
         let expected = L7ProtocolSniffer.preface
-        guard var got = reader.take(upTo: prefaceLeft) else { return }
+        guard var got = reader.take(upTo: prefaceLeft) else { return false }
         var offset = expected.count - prefaceLeft
         while let b = got.readInteger(as: UInt8.self) {
             guard b == expected[offset] else { throw Failure(code: .protocolError) }
             offset += 1
         }
         prefaceLeft = expected.count - offset
+        return prefaceLeft == 0
     }
 
     // MARK: frames from the caller
 
-    private func frame(_ f: H2FrameReader.Frame) throws {
-        if let c = continuation {
-            guard f.type == H2Wire.FrameType.continuation.rawValue, f.stream == c.stream else { throw Failure(code: .protocolError) }
-            var block = c.block
-            var p = f.payload
-            guard block.readableBytes + p.readableBytes <= H2Wire.maxHeaderBlock, c.frames < Self.maxHeaderFrames else {
-                throw Failure(code: .enhanceYourCalm)
-            }
-            block.writeBuffer(&p)
-            if f.flags & Flag.endHeaders != 0 {
-                continuation = nil
-                try headers(c.stream, block, endStream: c.endStream, dependency: c.dependency)
-            } else {
-                continuation = (c.stream, c.endStream, c.dependency, block, c.frames + 1)
-            }
-            return
-        }
-        guard let type = H2Wire.FrameType(rawValue: f.type) else { return }   // unknown types are ignored
-        guard sawSettings || (type == .settings && f.flags & Flag.ack == 0) else { throw Failure(code: .protocolError) }
+    override func frame(_ type: H2Wire.FrameType, _ f: H2FrameReader.Frame) throws {
         switch type {
         case .data:
             try data(f.flags, f.stream, f.payload)
-        case .headers:
-            guard f.stream != 0, f.stream & 1 == 1 else { throw Failure(code: .protocolError) }
-            var p = try H2Wire.unpadded(f.flags, f.payload)
-            var dependency: Int32?
-            if f.flags & Flag.priority != 0 {
-                guard let d = p.readInteger(as: UInt32.self), p.readInteger(as: UInt8.self) != nil else {
-                    throw Failure(code: .frameSizeError)
-                }
-                dependency = Int32(bitPattern: d & 0x7FFF_FFFF)
-            }
-            if f.flags & Flag.endHeaders != 0 {
-                try headers(f.stream, p, endStream: f.flags & Flag.endStream != 0, dependency: dependency)
-            } else {
-                var block = H2Relay.allocator.buffer(capacity: p.readableBytes * 2)
-                block.writeBuffer(&p)
-                continuation = (f.stream, f.flags & Flag.endStream != 0, dependency, block, 1)
-            }
         case .priority:
             guard f.stream != 0 else { throw Failure(code: .protocolError) }
             guard f.payload.readableBytes == 5 else { return streamError(f.stream, .frameSizeError) }
@@ -284,41 +153,13 @@ final class H2CallerConnection: ChannelInboundHandler, @unchecked Sendable {
             guard f.payload.readableBytes == 4 else { throw Failure(code: .frameSizeError) }
             try countReset()
             guard streams[f.stream] != nil else { return }
-            let code = HTTP2ErrorCode(networkCode: Int(f.payload.getInteger(at: f.payload.readerIndex, as: UInt32.self)!))
-            close(f.stream, reason: code)
-        case .settings:
-            guard f.stream == 0 else { throw Failure(code: .protocolError) }
-            if f.flags & Flag.ack != 0 {
-                guard f.payload.readableBytes == 0 else { throw Failure(code: .frameSizeError) }
-                return
-            }
-            guard f.payload.readableBytes % 6 == 0 else { throw Failure(code: .frameSizeError) }
-            try settings(f.payload)
-            sawSettings = true
-            writer.frame(.settings, Flag.ack, 0) { _ in }
-            try answered()
-        case .pushPromise:
-            throw Failure(code: .protocolError)   // a client never pushes
-        case .ping:
-            guard f.stream == 0 else { throw Failure(code: .protocolError) }
-            guard f.payload.readableBytes == 8 else { throw Failure(code: .frameSizeError) }
-            if f.flags & Flag.ack == 0 {
-                var p = f.payload
-                writer.frame(.ping, Flag.ack, 0) { $0.writeBuffer(&p) }
-                try answered()
-            }
+            close(f.stream, reason: HTTP2ErrorCode(networkCode: Int(f.payload.getInteger(at: f.payload.readerIndex, as: UInt32.self)!)))
         case .goAway:
             guard f.stream == 0 else { throw Failure(code: .protocolError) }
             guard f.payload.readableBytes >= 8 else { throw Failure(code: .frameSizeError) }
             callerWentAway = true
-        case .windowUpdate:
-            guard f.payload.readableBytes == 4 else { throw Failure(code: .frameSizeError) }
-            let n = Int(f.payload.getInteger(at: f.payload.readerIndex, as: UInt32.self)! & 0x7FFF_FFFF)
-            unearnedWindowUpdates += 1
-            guard unearnedWindowUpdates <= Self.windowUpdateSlack else { throw Failure(code: .enhanceYourCalm) }
-            try windowUpdate(from: f.stream, n)
-        case .continuation:
-            throw Failure(code: .protocolError)   // none expected
+        default:
+            break
         }
     }
 
@@ -362,7 +203,8 @@ final class H2CallerConnection: ChannelInboundHandler, @unchecked Sendable {
         if endStream { closeIfDone(stream) }
     }
 
-    private func headers(_ stream: Int32, _ block: ByteBuffer, endStream: Bool, dependency: Int32?) throws {
+    override func headerBlock(_ stream: Int32, _ block: ByteBuffer, endStream: Bool, dependency: Int32?) throws {
+        guard stream & 1 == 1 else { throw Failure(code: .protocolError) }   // a client's streams are odd
         var b = block
         // Decoded whatever becomes of the stream: the table is the connection's.
         let decoded: HPACKHeaders
@@ -390,54 +232,19 @@ final class H2CallerConnection: ChannelInboundHandler, @unchecked Sendable {
         }
         unearnedWindowUpdates -= 1
         openedOnce.insert(stream)
-        streams[stream] = Stream(sendWindow: peerInitialWindow, remoteEnded: endStream, contentLeft: length)
+        streams[stream] = H2Stream(sendWindow: peerInitialWindow, remoteEnded: endStream, contentLeft: length)
         relay.fromDown(HTTP2Frame(streamID: HTTP2StreamID(stream), payload: .headers(.init(headers: decoded, endStream: endStream))))
     }
 
-    private func settings(_ payload: ByteBuffer) throws {
-        var p = payload
-        while let id = p.readInteger(as: UInt16.self), let value = p.readInteger(as: UInt32.self) {
-            switch id {
-            case 0x1:   // HEADER_TABLE_SIZE: our encoder's table may not exceed it
-                do { try writer.encoder.setDynamicTableSize(min(Int(value), HPACKEncoder.defaultDynamicTableSize)) } catch {
-                    throw Failure(code: .internalError)
-                }
-            case 0x2:
-                guard value <= 1 else { throw Failure(code: .protocolError) }
-            case 0x4:
-                guard value <= UInt32(H2Wire.maxWindow) else { throw Failure(code: .flowControlError) }
-                let delta = Int(value) - peerInitialWindow
-                peerInitialWindow = Int(value)
-                for key in Array(streams.keys) {
-                    streams[key]!.sendWindow += delta
-                    guard streams[key]!.sendWindow <= H2Wire.maxWindow else { throw Failure(code: .flowControlError) }
-                }
-                if delta > 0 { for key in Array(streams.keys) { drain(key) } }
-            case 0x5:
-                guard value >= 1 << 14, value < 1 << 24 else { throw Failure(code: .protocolError) }
-                peerMaxFrameSize = Int(value)
-            default:
-                break   // MAX_CONCURRENT_STREAMS (we push nothing), MAX_HEADER_LIST_SIZE (advisory), unknown
-            }
-        }
+    override func mayName(_ stream: Int32) -> Bool { stream <= lastStream }
+
+    override func windowUpdate(from stream: Int32, _ n: Int) throws {
+        unearnedWindowUpdates += 1
+        guard unearnedWindowUpdates <= Self.windowUpdateSlack else { throw Failure(code: .enhanceYourCalm) }
+        try super.windowUpdate(from: stream, n)
     }
 
-    private func windowUpdate(from stream: Int32, _ n: Int) throws {
-        if stream == 0 {
-            guard n > 0 else { throw Failure(code: .protocolError) }
-            sendWindow += n
-            guard sendWindow <= H2Wire.maxWindow else { throw Failure(code: .flowControlError) }
-            for key in Array(streams.keys) where !(streams[key]?.queue.isEmpty ?? true) { drain(key) }
-            return
-        }
-        guard stream <= lastStream else { throw Failure(code: .protocolError) }
-        guard var s = streams[stream] else { return }
-        guard n > 0 else { return streamError(stream, .protocolError) }
-        s.sendWindow += n
-        guard s.sendWindow <= H2Wire.maxWindow else { return streamError(stream, .flowControlError) }
-        streams[stream] = s
-        drain(stream)
-    }
+    override func dataFrameSent() { unearnedWindowUpdates -= 2 }   // (a stream's and the connection's window)
 
     /// Rapid reset (CVE-2023-44487): RST_STREAM frames counted per 30 s.
     private func countReset() throws {
@@ -453,153 +260,27 @@ final class H2CallerConnection: ChannelInboundHandler, @unchecked Sendable {
     /// A SETTINGS or PING answer: at most so many between two flushes
     /// after which the caller's channel still took everything (as NIO's
     /// handler buffered control frames while its channel was unwritable).
-    private func answered() throws {
+    override func answered() throws {
         controlAnswersUnread += 1
         guard controlAnswersUnread <= Self.maxControlAnswersUnread else { throw Failure(code: .enhanceYourCalm) }
     }
 
     /// RST_STREAM to the caller for a stream error of its own making.
-    private func streamError(_ stream: Int32, _ code: HTTP2ErrorCode) {
+    override func streamError(_ stream: Int32, _ code: HTTP2ErrorCode) {
         glitches += 1
         guard glitches <= Self.maxGlitches else { return fail(.enhanceYourCalm) }
         writer.rstStream(stream, code)
-        rememberReset(stream)
+        resetHere.insert(stream)
         close(stream, reason: code)
     }
 
-    private func rememberReset(_ stream: Int32) { resetHere.insert(stream) }
+    override var lastProcessedStream: Int32 { lastStream }
 
-    /// A connection error: GOAWAY, then the connection (and the workload's) closes.
-    private func fail(_ code: HTTP2ErrorCode) {
-        guard !failed, let context else { return }
-        failed = true
-        writer.goAway(last: lastStream, code)
-        let written = context.eventLoop.makePromise(of: Void.self)
-        emit(promise: written)
-        context.flush()
-        written.futureResult.assumeIsolated().whenComplete { _ in context.close(promise: nil) }
-    }
-
-    // MARK: sending
-
-    private func enqueue(_ stream: Int32, _ item: Outgoing) {
-        guard streams[stream] != nil, !failed else { return drop([item]) }
-        streams[stream]!.queue.append(item)
-        drain(stream)
-    }
-
-    /// Writes what a stream's queue holds as far as the windows allow.
-    private func drain(_ stream: Int32) {
-        while let s = streams[stream], let first = s.queue.first, !failed, context != nil {
-            switch first {
-            case .headers(let h, let endStream):
-                streams[stream]!.queue.removeFirst()
-                streams[stream]!.localEnded = endStream
-                do { try writer.headers(stream, h, endStream: endStream, maxFrameSize: peerMaxFrameSize) } catch {
-                    return fail(.internalError)
-                }
-            case .data(var d, let endStream, let source, let credit):
-                let room = min(s.sendWindow, sendWindow)
-                let n = d.readableBytes
-                if n > 0 && room <= 0 { return }
-                if n > room {
-                    // Part of it now; the rest when the windows open.
-                    let part = d.readSlice(length: room)!
-                    streams[stream]!.queue[0] = .data(d, endStream: endStream, source: source, credit: credit)
-                    streams[stream]!.sendWindow -= room
-                    sendWindow -= room
-                    writeData(stream, part, endStream: false, source: nil, credit: 0)
-                    continue
-                }
-                streams[stream]!.queue.removeFirst()
-                streams[stream]!.sendWindow -= n
-                sendWindow -= n
-                streams[stream]!.localEnded = endStream
-                writeData(stream, d, endStream: endStream, source: source, credit: credit)
-            }
-        }
-        closeIfDone(stream)
-    }
-
-    private func closeIfDone(_ stream: Int32) {
-        guard let s = streams[stream], s.localEnded, s.remoteEnded, s.queue.isEmpty else { return }
-        close(stream, reason: nil)
-    }
-
-    /// The stream leaves; what it still held is dropped.
-    private func close(_ stream: Int32, reason: HTTP2ErrorCode?) {
-        guard let s = streams.removeValue(forKey: stream) else { return }
-        drop(s.queue)
+    override func closed(_ stream: Int32, _ s: H2Stream, reason: HTTP2ErrorCode?) {
         relay.streamClosed(HTTP2StreamID(stream), onDown: true, reason: reason)
     }
 
-    /// Frames that will not be sent: the workload's windows get their bytes back.
-    private func drop(_ items: [Outgoing]) {
-        for item in items {
-            if case .data(_, _, let source?, let credit) = item { relay.responseDataTaken(source: source, credit, sent: false, streamOpen: false) }
-        }
-    }
-
-    /// A DATA frame; with a `source`, the workload's bytes are given back
-    /// at once while the caller's channel takes more, else once written.
-    private func writeData(_ stream: Int32, _ data: ByteBuffer, endStream: Bool, source: HTTP2StreamID?, credit: Int) {
-        guard let context else { return }
-        unearnedWindowUpdates -= 2   // (a stream's and the connection's window)
-        let large = writer.data(stream, data, endStream: endStream)
-        guard let source, !context.channel.isWritable else {
-            if let large {
-                emit()
-                context.write(wrapOutboundOut(large), promise: nil)
-                unflushed = true
-            }
-            if let source { relay.responseDataTaken(source: source, credit, sent: true, streamOpen: !endStream) }
-            return
-        }
-        // The caller reads slower than the workload answers: the
-        // workload's window comes back once the socket took these bytes.
-        let written = context.eventLoop.makePromise(of: Void.self)
-        if let large {
-            emit()
-            context.write(wrapOutboundOut(large), promise: written)
-        } else {
-            emit(promise: written)
-        }
-        unflushed = true
-        let relay = self.relay
-        written.futureResult.whenComplete { result in
-            relay.responseDataTaken(source: source, credit, sent: (try? result.get()) != nil, streamOpen: !endStream)
-        }
-    }
-
-    /// Hands this tick's frames to the channel.
-    private func emit(promise: EventLoopPromise<Void>? = nil) {
-        guard let context else { promise?.fail(ChannelError.ioOnClosedChannel); return }
-        guard let gathered = writer.take(allocator: context.channel.allocator) else {
-            promise?.succeed()
-            return
-        }
-        context.write(wrapOutboundOut(gathered), promise: promise)
-        unflushed = true
-    }
-}
-
-/// Stream IDs remembered up to a bound (the oldest are forgotten first).
-struct RecentStreams {
-    static let capacity = 4096
-    private var members = Set<Int32>()
-    private var order: [Int32] = []
-    private var head = 0
-
-    func contains(_ stream: Int32) -> Bool { members.contains(stream) }
-
-    mutating func insert(_ stream: Int32) {
-        guard members.insert(stream).inserted else { return }
-        if order.count < Self.capacity {
-            order.append(stream)
-        } else {
-            members.remove(order[head])
-            order[head] = stream
-            head = (head + 1) % Self.capacity
-        }
+    override func dataTaken(source: HTTP2StreamID, _ credit: Int, sent: Bool, streamOpen: Bool) {
+        relay.responseDataTaken(source: source, credit, sent: sent, streamOpen: streamOpen)
     }
 }

@@ -42,22 +42,13 @@ package final class H2CallerGuard: ChannelDuplexHandler, @unchecked Sendable {
     private var outbound = FrameScanner(skip: 0)
     /// Streams the caller can no longer send HEADERS on (bounded: the
     /// oldest are forgotten, and NIO's own answer stands for them).
-    private var ended = Set<UInt32>()
-    private var endedOrder: [UInt32] = []
-    private var endedHead = 0
+    private var ended = RecentSet<UInt32>()
     static let remembered = 4096
     /// Streams whose next error answer is to say STREAM_CLOSED.
     private var pending = Set<UInt32>()
 
     private func end(_ stream: UInt32) {
-        guard stream != 0, ended.insert(stream).inserted else { return }
-        if endedOrder.count < Self.remembered {
-            endedOrder.append(stream)
-        } else {
-            ended.remove(endedOrder[endedHead])
-            endedOrder[endedHead] = stream
-            endedHead = (endedHead + 1) % Self.remembered
-        }
+        if stream != 0 { ended.insert(stream) }
     }
 
     package func channelRead(context: ChannelHandlerContext, data: NIOAny) {

@@ -182,3 +182,25 @@ struct H2FrameWriter {
         return gathered
     }
 }
+
+/// Values remembered up to a bound, the oldest forgotten first (stream
+/// IDs whose late frames must be told apart).
+struct RecentSet<Element: Hashable> {
+    static var capacity: Int { 4096 }
+    private var members = Set<Element>()
+    private var order: [Element] = []
+    private var head = 0
+
+    func contains(_ value: Element) -> Bool { members.contains(value) }
+
+    mutating func insert(_ value: Element) {
+        guard members.insert(value).inserted else { return }
+        if order.count < Self.capacity {
+            order.append(value)
+        } else {
+            members.remove(order[head])
+            order[head] = value
+            head = (head + 1) % Self.capacity
+        }
+    }
+}

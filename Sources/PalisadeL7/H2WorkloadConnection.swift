@@ -19,63 +19,24 @@ import NIOHTTP2
 /// resets the caller's); a connection error sends GOAWAY and closes, which
 /// closes the caller's connection too.
 ///
-/// Request DATA the workload's windows cannot take yet waits here, and the
+/// Request DATA the workload's windows cannot take yet waits here (see
+/// `H2Endpoint`, which both ends share), and the
 /// caller's window is given back only once it is written: a caller cannot
 /// make the agent hold more than the windows it was granted.
-final class H2WorkloadConnection: ChannelInboundHandler, @unchecked Sendable {
-    typealias InboundIn = ByteBuffer
-    typealias OutboundOut = ByteBuffer
-
-    typealias Flag = H2Wire.Flag
-    typealias Failure = H2Wire.ConnectionError
-
-    private enum Outgoing {
-        case headers(HPACKHeaders, endStream: Bool)
-        /// `credit`: the caller's flow-control bytes to give back once written.
-        case data(ByteBuffer, endStream: Bool, source: HTTP2StreamID, credit: Int)
-    }
-
-    private enum ResponseState { case awaitingHead, body, ended }
-
-    private struct Stream {
-        var opened = false
-        var sendWindow: Int
-        var receiveWindow: Int
-        var localEnded = false
-        var remoteEnded = false
-        var response = ResponseState.awaitingHead
-        var isHead: Bool
-        /// Body bytes still due by the response's content-length.
-        var contentLeft: Int?
-        var queue: [Outgoing] = []
-    }
-
-    private let relay: H2Relay
-    private var context: ChannelHandlerContext?
-    private var writer = H2FrameWriter(allocator: H2Relay.allocator)
-    private var reader = H2FrameReader(maxFrameSize: H2Relay.maxFrameSize)
-    private var decoder = HPACKDecoder(allocator: H2Relay.allocator, maxDynamicTableSize: HPACKDecoder.maxDynamicTableSize,
-                                       maxHeaderListSize: H2Relay.maxHeaderListSize)
-    private var streams: [Int32: Stream] = [:]
+final class H2WorkloadConnection: H2Endpoint, @unchecked Sendable {
     /// Streams allocated but not opened: past the workload's limit.
     private var waiting: [Int32] = []
     private var waitingStart = 0
     private var active = 0
     private var nextID: Int32 = 1
-    private var peerInitialWindow = 65_535
-    private var peerMaxFrameSize = 1 << 14
     private var peerMaxStreams = Int.max
-    private var sendWindow = 65_535
-    private var receiveWindow = 65_535
     /// The last stream of a GOAWAY from the workload: none above it is processed.
     private var goneAway: Int32?
-    private var sawSettings = false
-    private var continuation: (stream: Int32, endStream: Bool, block: ByteBuffer)?
-    private var unflushed = false
-    private var failed = false
     private var prefaceSent = false
 
-    init(relay: H2Relay) { self.relay = relay }
+    init(relay: H2Relay) {
+        super.init(relay: relay, decoderTableSize: HPACKDecoder.maxDynamicTableSize)
+    }
 
     // MARK: the relay's requests
 
@@ -86,9 +47,7 @@ final class H2WorkloadConnection: ChannelInboundHandler, @unchecked Sendable {
         guard !failed, goneAway == nil, nextID < Int32.max - 2 else { return nil }
         let id = nextID
         nextID += 2
-        var s = Stream(sendWindow: peerInitialWindow, receiveWindow: H2Relay.streamWindow, isHead: isHead)
-        s.queue.append(.headers(headers, endStream: endStream))
-        streams[id] = s
+        streams[id] = H2Stream(sendWindow: peerInitialWindow, queue: [.headers(headers, endStream: endStream)], opened: false, isHead: isHead)
         if active < peerMaxStreams && waitingStart == waiting.count {
             open(id)
         } else {
@@ -97,64 +56,24 @@ final class H2WorkloadConnection: ChannelInboundHandler, @unchecked Sendable {
         return HTTP2StreamID(id)
     }
 
-    /// Trailers of a request.
-    func sendHeaders(_ id: HTTP2StreamID, _ headers: HPACKHeaders, endStream: Bool) {
-        enqueue(Int32(id), .headers(headers, endStream: endStream))
-    }
-
-    /// Request body bytes: written as far as the workload's windows allow,
-    /// the rest when they open. The relay's `requestDataTaken` gives the
-    /// caller's window back once they are written (or dropped).
-    func sendData(_ id: HTTP2StreamID, _ data: ByteBuffer, endStream: Bool, source: HTTP2StreamID, credit: Int) {
-        enqueue(Int32(id), .data(data, endStream: endStream, source: source, credit: credit))
-    }
-
     /// The relay is done with a stream (the caller reset it, or its
     /// response was refused): RST_STREAM if the workload knows it.
     func reset(_ id: HTTP2StreamID, _ code: HTTP2ErrorCode) {
         let key = Int32(id)
-        guard let s = streams.removeValue(forKey: key) else { return }
-        if s.opened {
-            active -= 1
-            writer.rstStream(key, code)
-        }
-        drop(s.queue)
-        openWaiting()
-    }
-
-    /// Gives the workload `n` bytes of window (the connection's, and the
-    /// stream's when one is named).
-    func windowUpdate(stream: HTTP2StreamID?, _ n: Int) {
-        guard !failed else { return }
-        if let stream {
-            let key = Int32(stream)
-            guard streams[key] != nil else { return }
-            streams[key]!.receiveWindow += n
-            writer.windowUpdate(key, n)
-        } else {
-            receiveWindow += n
-            writer.windowUpdate(0, n)
-        }
-    }
-
-    func flush() {
-        guard let context else { return }
-        emit()
-        if unflushed {
-            unflushed = false
-            context.flush()
-        }
+        guard let s = streams[key] else { return }
+        if s.opened { writer.rstStream(key, code) }
+        close(key, reason: code)
     }
 
     // MARK: the channel
 
-    func handlerAdded(context: ChannelHandlerContext) {
+    override func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
         relay.up = self
         if context.channel.isActive { sendPreface() }
     }
 
-    func channelActive(context: ChannelHandlerContext) {
+    override func channelActive(context: ChannelHandlerContext) {
         sendPreface()
         context.fireChannelActive()
     }
@@ -177,132 +96,48 @@ final class H2WorkloadConnection: ChannelInboundHandler, @unchecked Sendable {
         flush()
     }
 
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        guard !failed else { return }
-        reader.append(unwrapInboundIn(data), allocator: context.channel.allocator)
-        do {
-            while !failed, let f = try reader.next() {
-                try frame(f.type, f.flags, f.stream, f.payload)
-            }
-        } catch let f as Failure {
-            fail(f.code)
-        } catch {
-            fail(.internalError)
-        }
-    }
-
-    func channelReadComplete(context: ChannelHandlerContext) {
+    override func channelReadComplete(context: ChannelHandlerContext) {
         relay.down?.flush()
-        flush()
-        context.fireChannelReadComplete()
+        super.channelReadComplete(context: context)
     }
 
-    func channelInactive(context: ChannelHandlerContext) {
-        detach()
-        context.fireChannelInactive()
-    }
-
-    func handlerRemoved(context: ChannelHandlerContext) { detach() }
-
-    func errorCaught(context: ChannelHandlerContext, error: Error) {
-        context.close(promise: nil)
-    }
-
-    private func detach() {
+    override func detached() {
         if relay.up === self { relay.up = nil }
-        context = nil
-        streams.removeAll()
         waiting.removeAll()
-        continuation = nil
-        reader.reset()
     }
 
     // MARK: frames from the workload
 
-    private func frame(_ typeByte: UInt8, _ flags: UInt8, _ stream: Int32, _ payload: ByteBuffer) throws {
-        if let c = continuation {
-            guard typeByte == H2Wire.FrameType.continuation.rawValue, stream == c.stream else { throw Failure(code: .protocolError) }
-            var block = c.block
-            var p = payload
-            guard block.readableBytes + p.readableBytes <= H2Wire.maxHeaderBlock else { throw Failure(code: .enhanceYourCalm) }
-            block.writeBuffer(&p)
-            if flags & Flag.endHeaders != 0 {
-                continuation = nil
-                try headers(stream, block, endStream: c.endStream)
-            } else {
-                continuation = (stream, c.endStream, block)
-            }
-            return
-        }
-        guard let type = H2Wire.FrameType(rawValue: typeByte) else { return }   // unknown types are ignored
-        guard sawSettings || type == .settings else { throw Failure(code: .protocolError) }   // the server's preface
+    override func frame(_ type: H2Wire.FrameType, _ f: H2FrameReader.Frame) throws {
         switch type {
         case .data:
-            try data(flags, stream, payload)
-        case .headers:
-            guard stream != 0 else { throw Failure(code: .protocolError) }
-            var p = try H2Wire.unpadded(flags, payload)
-            if flags & Flag.priority != 0 {
-                guard p.readableBytes >= 5 else { throw Failure(code: .protocolError) }
-                p.moveReaderIndex(forwardBy: 5)
-            }
-            if flags & Flag.endHeaders != 0 {
-                try headers(stream, p, endStream: flags & Flag.endStream != 0)
-            } else {
-                continuation = (stream, flags & Flag.endStream != 0, p)
-            }
+            try data(f.flags, f.stream, f.payload)
         case .priority:
-            guard stream != 0 else { throw Failure(code: .protocolError) }
-            guard payload.readableBytes == 5 else { throw Failure(code: .frameSizeError) }
+            guard f.stream != 0 else { throw Failure(code: .protocolError) }
+            guard f.payload.readableBytes == 5 else { throw Failure(code: .frameSizeError) }
         case .rstStream:
-            guard stream != 0, isKnown(stream) else { throw Failure(code: .protocolError) }
-            guard payload.readableBytes == 4 else { throw Failure(code: .frameSizeError) }
-            let code = HTTP2ErrorCode(networkCode: Int(payload.getInteger(at: payload.readerIndex, as: UInt32.self)!))
-            guard let s = streams.removeValue(forKey: stream) else { return }
-            if s.opened { active -= 1 }
-            drop(s.queue)
-            relay.fromUp(HTTP2Frame(streamID: HTTP2StreamID(stream), payload: .rstStream(code)))
-            relay.streamClosed(HTTP2StreamID(stream), onDown: false, reason: code)
-            openWaiting()
-        case .settings:
-            guard stream == 0 else { throw Failure(code: .protocolError) }
-            if flags & Flag.ack != 0 {
-                guard payload.readableBytes == 0 else { throw Failure(code: .frameSizeError) }
-                return
-            }
-            guard payload.readableBytes % 6 == 0 else { throw Failure(code: .frameSizeError) }
-            try settings(payload)
-            sawSettings = true
-            writer.frame(.settings, Flag.ack, 0) { _ in }
-        case .pushPromise:
-            throw Failure(code: .protocolError)   // we announced ENABLE_PUSH 0
-        case .ping:
-            guard stream == 0 else { throw Failure(code: .protocolError) }
-            guard payload.readableBytes == 8 else { throw Failure(code: .frameSizeError) }
-            if flags & Flag.ack == 0 {
-                var p = payload
-                writer.frame(.ping, Flag.ack, 0) { $0.writeBuffer(&p) }
-            }
+            guard f.stream != 0, mayName(f.stream) else { throw Failure(code: .protocolError) }
+            guard f.payload.readableBytes == 4 else { throw Failure(code: .frameSizeError) }
+            let code = HTTP2ErrorCode(networkCode: Int(f.payload.getInteger(at: f.payload.readerIndex, as: UInt32.self)!))
+            guard streams[f.stream] != nil else { return }
+            relay.fromUp(HTTP2Frame(streamID: HTTP2StreamID(f.stream), payload: .rstStream(code)))
+            close(f.stream, reason: code)
         case .goAway:
-            guard stream == 0 else { throw Failure(code: .protocolError) }
-            guard payload.readableBytes >= 8 else { throw Failure(code: .frameSizeError) }
-            goAway(last: Int32(bitPattern: payload.getInteger(at: payload.readerIndex, as: UInt32.self)! & 0x7FFF_FFFF))
-        case .windowUpdate:
-            guard payload.readableBytes == 4 else { throw Failure(code: .frameSizeError) }
-            let n = Int(payload.getInteger(at: payload.readerIndex, as: UInt32.self)! & 0x7FFF_FFFF)
-            try windowUpdate(from: stream, n)
-        case .continuation:
-            throw Failure(code: .protocolError)   // none expected
+            guard f.stream == 0 else { throw Failure(code: .protocolError) }
+            guard f.payload.readableBytes >= 8 else { throw Failure(code: .frameSizeError) }
+            goAway(last: Int32(bitPattern: f.payload.getInteger(at: f.payload.readerIndex, as: UInt32.self)! & 0x7FFF_FFFF))
+        default:
+            break
         }
     }
 
     /// A stream the workload may name: one we opened (it may have closed since).
-    private func isKnown(_ stream: Int32) -> Bool {
+    override func mayName(_ stream: Int32) -> Bool {
         stream & 1 == 1 && stream < nextID && (streams[stream]?.opened ?? true)
     }
 
     private func data(_ flags: UInt8, _ stream: Int32, _ payload: ByteBuffer) throws {
-        guard stream != 0, isKnown(stream) else { throw Failure(code: .protocolError) }
+        guard stream != 0, mayName(stream) else { throw Failure(code: .protocolError) }
         let flowLength = payload.readableBytes
         receiveWindow -= flowLength
         guard receiveWindow >= 0 else { throw Failure(code: .flowControlError) }
@@ -332,8 +167,8 @@ final class H2WorkloadConnection: ChannelInboundHandler, @unchecked Sendable {
         if endStream { closeIfDone(stream) }
     }
 
-    private func headers(_ stream: Int32, _ block: ByteBuffer, endStream: Bool) throws {
-        guard isKnown(stream) else { throw Failure(code: .protocolError) }
+    override func headerBlock(_ stream: Int32, _ block: ByteBuffer, endStream: Bool, dependency: Int32?) throws {
+        guard mayName(stream) else { throw Failure(code: .protocolError) }
         var b = block
         // Decoded even for a stream closed here: the table is the connection's.
         let decoded: HPACKHeaders
@@ -373,93 +208,44 @@ final class H2WorkloadConnection: ChannelInboundHandler, @unchecked Sendable {
         return H2Fields.contentLength(of: h)
     }
 
-    private func settings(_ payload: ByteBuffer) throws {
-        var p = payload
-        while let id = p.readInteger(as: UInt16.self), let value = p.readInteger(as: UInt32.self) {
-            switch id {
-            case 0x1:   // HEADER_TABLE_SIZE: our encoder's table may not exceed it
-                do { try writer.encoder.setDynamicTableSize(min(Int(value), HPACKEncoder.defaultDynamicTableSize)) } catch {
-                    throw Failure(code: .internalError)
-                }
-            case 0x2:
-                guard value <= 1 else { throw Failure(code: .protocolError) }
-            case 0x3:
-                peerMaxStreams = Int(value)
-            case 0x4:
-                guard value <= UInt32(H2Wire.maxWindow) else { throw Failure(code: .flowControlError) }
-                let delta = Int(value) - peerInitialWindow
-                peerInitialWindow = Int(value)
-                for key in Array(streams.keys) {
-                    streams[key]!.sendWindow += delta
-                    guard streams[key]!.sendWindow <= H2Wire.maxWindow else { throw Failure(code: .flowControlError) }
-                }
-                if delta > 0 { for key in Array(streams.keys) { drain(key) } }
-            case 0x5:
-                guard value >= 1 << 14, value < 1 << 24 else { throw Failure(code: .protocolError) }
-                peerMaxFrameSize = Int(value)
-            default:
-                break   // MAX_HEADER_LIST_SIZE is advisory; unknown settings are ignored
-            }
-        }
-        openWaiting()
+    override func setting(_ id: UInt16, _ value: UInt32) throws {
+        if id == 0x3 { peerMaxStreams = Int(value) }   // MAX_CONCURRENT_STREAMS
     }
 
-    private func windowUpdate(from stream: Int32, _ n: Int) throws {
-        if stream == 0 {
-            guard n > 0 else { throw Failure(code: .protocolError) }
-            sendWindow += n
-            guard sendWindow <= H2Wire.maxWindow else { throw Failure(code: .flowControlError) }
-            for key in Array(streams.keys) where !(streams[key]?.queue.isEmpty ?? true) { drain(key) }
-            return
-        }
-        guard isKnown(stream) else { throw Failure(code: .protocolError) }
-        guard var s = streams[stream] else { return }
-        guard n > 0 else { return streamError(stream, .protocolError) }
-        s.sendWindow += n
-        guard s.sendWindow <= H2Wire.maxWindow else { return streamError(stream, .flowControlError) }
-        streams[stream] = s
-        drain(stream)
-    }
+    override func settingsApplied() { openWaiting() }
 
     /// Streams above the workload's last one were never processed: refused
     /// to the caller (who may retry them elsewhere).
     private func goAway(last: Int32) {
         goneAway = min(goneAway ?? last, last)
         for key in streams.keys.sorted() where key > last {
-            guard let s = streams.removeValue(forKey: key) else { continue }
-            if s.opened { active -= 1 }
-            drop(s.queue)
-            relay.streamClosed(HTTP2StreamID(key), onDown: false, reason: .refusedStream)
+            close(key, reason: .refusedStream)
         }
     }
 
+    override func streamError(_ stream: Int32, _ code: HTTP2ErrorCode) {
+        streamError(stream, code, connectionCredit: 0)
+    }
+
     /// RST_STREAM to the workload; the relay resets the caller's stream.
-    private func streamError(_ stream: Int32, _ code: HTTP2ErrorCode, connectionCredit: Int = 0) {
+    private func streamError(_ stream: Int32, _ code: HTTP2ErrorCode, connectionCredit: Int) {
         if connectionCredit > 0 { relay.acknowledgeUp(connectionCredit) }
-        guard let s = streams.removeValue(forKey: stream) else { return }
-        if s.opened { active -= 1 }
+        guard streams[stream] != nil else { return }
         writer.rstStream(stream, code)
-        drop(s.queue)
-        relay.streamClosed(HTTP2StreamID(stream), onDown: false, reason: code)
+        close(stream, reason: code)
+    }
+
+    override func closed(_ stream: Int32, _ s: H2Stream, reason: HTTP2ErrorCode?) {
+        if s.opened { active -= 1 }
+        relay.streamClosed(HTTP2StreamID(stream), onDown: false, reason: reason)
         openWaiting()
     }
 
-    /// A connection error: GOAWAY, then the connection (and the caller's) closes.
-    private func fail(_ code: HTTP2ErrorCode) {
-        guard !failed, let context else { return }
-        failed = true
-        writer.goAway(last: 0, code)
-        flush()
-        context.close(promise: nil)
+    override func dataTaken(source: HTTP2StreamID, _ credit: Int, sent: Bool, streamOpen: Bool) {
+        relay.requestDataTaken(source: source, credit, sent: sent, streamOpen: streamOpen)
     }
 
     // MARK: sending
-
-    private func enqueue(_ stream: Int32, _ item: Outgoing) {
-        guard streams[stream] != nil else { return drop([item]) }
-        streams[stream]!.queue.append(item)
-        drain(stream)
-    }
 
     private func open(_ stream: Int32) {
         guard streams[stream] != nil else { return }
@@ -469,6 +255,8 @@ final class H2WorkloadConnection: ChannelInboundHandler, @unchecked Sendable {
     }
 
     private func openWaiting() {
+        // (After a GOAWAY every stream still waiting is above its last: refused.)
+        guard goneAway == nil else { return }
         while active < peerMaxStreams, waitingStart < waiting.count {
             let id = waiting[waitingStart]
             waitingStart += 1
@@ -478,98 +266,5 @@ final class H2WorkloadConnection: ChannelInboundHandler, @unchecked Sendable {
             waiting.removeAll(keepingCapacity: true)
             waitingStart = 0
         }
-    }
-
-    /// Writes what a stream's queue holds as far as the windows allow.
-    private func drain(_ stream: Int32) {
-        while let s = streams[stream], s.opened, let first = s.queue.first, !failed, context != nil {
-            switch first {
-            case .headers(let h, let endStream):
-                streams[stream]!.queue.removeFirst()
-                streams[stream]!.localEnded = endStream
-                writeHeaders(stream, h, endStream: endStream)
-            case .data(var d, let endStream, let source, let credit):
-                let room = min(s.sendWindow, sendWindow)
-                let n = d.readableBytes
-                if n > 0 && room <= 0 { return }
-                if n > room {
-                    // Part of it now; the rest when the windows open.
-                    let part = d.readSlice(length: room)!
-                    streams[stream]!.queue[0] = .data(d, endStream: endStream, source: source, credit: credit)
-                    streams[stream]!.sendWindow -= room
-                    sendWindow -= room
-                    writeData(stream, part, endStream: false, tookBy: nil)
-                    continue
-                }
-                streams[stream]!.queue.removeFirst()
-                streams[stream]!.sendWindow -= n
-                sendWindow -= n
-                streams[stream]!.localEnded = endStream
-                writeData(stream, d, endStream: endStream, tookBy: (source, credit, !endStream))
-            }
-        }
-        closeIfDone(stream)
-    }
-
-    private func closeIfDone(_ stream: Int32) {
-        guard let s = streams[stream], s.localEnded, s.remoteEnded, s.queue.isEmpty else { return }
-        streams[stream] = nil
-        if s.opened { active -= 1 }
-        relay.streamClosed(HTTP2StreamID(stream), onDown: false, reason: nil)
-        openWaiting()
-    }
-
-    /// Frames that will not be sent: the caller's window gets their bytes back.
-    private func drop(_ items: [Outgoing]) {
-        for item in items {
-            if case .data(_, _, let source, let credit) = item { relay.requestDataTaken(source: source, credit, sent: false, streamOpen: false) }
-        }
-    }
-
-    private func writeHeaders(_ stream: Int32, _ headers: HPACKHeaders, endStream: Bool) {
-        do { try writer.headers(stream, headers, endStream: endStream, maxFrameSize: peerMaxFrameSize) } catch {
-            fail(.internalError)
-        }
-    }
-
-    /// A DATA frame; `tookBy` names the caller's bytes to acknowledge once
-    /// written (nil: the relay did or does it itself): at once while the
-    /// workload's channel takes more, else once the socket took them.
-    private func writeData(_ stream: Int32, _ data: ByteBuffer, endStream: Bool,
-                           tookBy: (source: HTTP2StreamID, credit: Int, streamOpen: Bool)?) {
-        guard let context else { return }
-        let large = writer.data(stream, data, endStream: endStream)
-        guard let took = tookBy, !context.channel.isWritable else {
-            if let large {
-                emit()
-                context.write(wrapOutboundOut(large), promise: nil)
-                unflushed = true
-            }
-            if let t = tookBy { relay.requestDataTaken(source: t.source, t.credit, sent: true, streamOpen: t.streamOpen) }
-            return
-        }
-        let written = context.eventLoop.makePromise(of: Void.self)
-        if let large {
-            emit()
-            context.write(wrapOutboundOut(large), promise: written)
-        } else {
-            emit(promise: written)
-        }
-        unflushed = true
-        let relay = self.relay
-        written.futureResult.whenComplete { result in
-            relay.requestDataTaken(source: took.source, took.credit, sent: (try? result.get()) != nil, streamOpen: took.streamOpen)
-        }
-    }
-
-    /// Hands this tick's frames to the channel.
-    private func emit(promise: EventLoopPromise<Void>? = nil) {
-        guard let context else { promise?.fail(ChannelError.ioOnClosedChannel); return }
-        guard let gathered = writer.take(allocator: context.channel.allocator) else {
-            promise?.succeed()
-            return
-        }
-        context.write(wrapOutboundOut(gathered), promise: promise)
-        unflushed = true
     }
 }

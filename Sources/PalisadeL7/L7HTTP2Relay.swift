@@ -55,7 +55,7 @@ final class H2Relay: @unchecked Sendable {
         let relay = H2Relay(l7: l7)
         try upstream.pipeline.syncOperations.addHandler(H2WorkloadConnection(relay: relay))
         try downstream.pipeline.syncOperations.addHandler(CloseOnEndOfInput())
-        try downstream.pipeline.syncOperations.addHandler(H2CallerConnection(relay: relay, allocator: downstream.allocator))
+        try downstream.pipeline.syncOperations.addHandler(H2CallerConnection(relay: relay))
         upstream.closeFuture.whenComplete { _ in downstream.close(promise: nil) }
         downstream.closeFuture.whenComplete { _ in upstream.close(promise: nil) }
     }
