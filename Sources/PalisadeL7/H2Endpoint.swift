@@ -327,15 +327,19 @@ class H2Endpoint: ChannelInboundHandler, @unchecked Sendable {
             case .data(var d, let endStream, let source, let credit):
                 let room = min(s.sendWindow, sendWindow)
                 let n = d.readableBytes
-                if n > 0 && room <= 0 { return }
-                if n > room {
-                    // Part of it now; the rest when the windows open.
-                    let part = d.readSlice(length: room)!
-                    streams[stream]!.queue[0] = .data(d, endStream: endStream, source: source, credit: credit)
-                    streams[stream]!.sendWindow -= room
-                    sendWindow -= room
-                    writeData(stream, part, endStream: false, source: nil, credit: 0)
-                    continue
+                // (An empty frame goes whatever the windows, which a
+                // smaller INITIAL_WINDOW_SIZE can make negative.)
+                if n > 0 {
+                    if room <= 0 { return }
+                    if n > room {
+                        // Part of it now; the rest when the windows open.
+                        let part = d.readSlice(length: room)!
+                        streams[stream]!.queue[0] = .data(d, endStream: endStream, source: source, credit: credit)
+                        streams[stream]!.sendWindow -= room
+                        sendWindow -= room
+                        writeData(stream, part, endStream: false, source: nil, credit: 0)
+                        continue
+                    }
                 }
                 streams[stream]!.queue.removeFirst()
                 streams[stream]!.sendWindow -= n

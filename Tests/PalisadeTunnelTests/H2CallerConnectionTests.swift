@@ -143,6 +143,39 @@ final class H2CallerConnectionTests: XCTestCase {
         XCTAssertEqual(lab.frames(&lab.toWorkload), ["HEADERS:3", "RST_STREAM:3:8"])
     }
 
+    /// A caller that shrinks its INITIAL_WINDOW_SIZE below what a stream
+    /// already took leaves that window negative (RFC 9113 §6.9.2): body
+    /// bytes then wait for WINDOW_UPDATEs, but an empty DATA frame that
+    /// ends the stream goes at once (it once made the proxy cut a slice
+    /// of negative length, and stop).
+    func testAWindowMadeNegativeStillLetsTheStreamEnd() throws {
+        let lab = try Lab()
+        defer { lab.finish() }
+        var workloadEncoder = HPACKEncoder(allocator: ByteBufferAllocator())
+        try lab.headers(1, Self.valid)
+        try lab.headers(3, Self.valid)
+        XCTAssertEqual(lab.frames(&lab.toWorkload), ["HEADERS:1", "HEADERS:3"])
+        var head = ByteBuffer()
+        try workloadEncoder.encode(headers: HPACKHeaders([(":status", "200")]), to: &head)
+        for stream: UInt32 in [1, 3] {
+            try lab.upstream.writeInbound(h2Frame(1, 0x4, stream, head))
+            try lab.upstream.writeInbound(h2Frame(0, 0, stream, ByteBuffer(string: "0123456789")))
+        }
+        try lab.collect()
+        XCTAssertEqual(lab.frames(&lab.toCaller), ["HEADERS:1", "DATA:1", "HEADERS:3", "DATA:3"])
+        var settings = ByteBuffer()
+        settings.writeInteger(UInt16(4))
+        settings.writeInteger(UInt32(5))   // INITIAL_WINDOW_SIZE 5: both streams' windows are now -5
+        try lab.caller.writeInbound(h2Frame(4, 0, 0, settings))
+        try lab.upstream.writeInbound(h2Frame(0, 0x1, 1, ByteBuffer()))
+        try lab.upstream.writeInbound(h2Frame(0, 0x1, 3, ByteBuffer(string: "abc")))
+        try lab.collect()
+        XCTAssertEqual(lab.frames(&lab.toCaller), ["DATA:1"])
+        try lab.caller.writeInbound(h2Frame(8, 0, 3, ByteBuffer(integer: UInt32(8))))   // window 3: "abc" fits
+        try lab.collect()
+        XCTAssertEqual(lab.frames(&lab.toCaller), ["DATA:3"])
+    }
+
     /// Response heads a workload may not send on HTTP/2 (RFC 9113 §8.3.2)
     /// are judged by the same rules as requests.
     func testResponseAndTrailerRules() {
