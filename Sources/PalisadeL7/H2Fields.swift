@@ -8,16 +8,29 @@ import NIOHPACK
 /// name with a space, a value with a line break, a Transfer-Encoding) is
 /// how a proxy's rules get bypassed.
 enum H2Fields {
-    /// RFC 9113 §8.2.1: no byte at or below SP, no uppercase, nothing at or
-    /// above DEL; a colon only to begin a pseudo-header.
+    /// A field name is a token (RFC 9110 §5.1) in lowercase (RFC 9113
+    /// §8.2.1); a colon only to begin a pseudo-header.
     static func validName(_ name: String, pseudo: Bool) -> Bool {
         var first = true
         for c in name.utf8 {
             defer { first = false }
-            if c <= 0x20 || c >= 0x7F || (c >= 0x41 && c <= 0x5A) { return false }
-            if c == UInt8(ascii: ":") && !(pseudo && first) { return false }
+            if c == UInt8(ascii: ":") && pseudo && first { continue }
+            guard isTokenByte(c) else { return false }
         }
         return !first
+    }
+
+    /// tchar of RFC 9110 §5.6.2, uppercase letters left out.
+    private static func isTokenByte(_ c: UInt8) -> Bool {
+        switch c {
+        case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "0")...UInt8(ascii: "9"),
+             UInt8(ascii: "!"), UInt8(ascii: "#"), UInt8(ascii: "$"), UInt8(ascii: "%"), UInt8(ascii: "&"), UInt8(ascii: "'"),
+             UInt8(ascii: "*"), UInt8(ascii: "+"), UInt8(ascii: "-"), UInt8(ascii: "."), UInt8(ascii: "^"), UInt8(ascii: "_"),
+             UInt8(ascii: "`"), UInt8(ascii: "|"), UInt8(ascii: "~"):
+            return true
+        default:
+            return false
+        }
     }
 
     /// RFC 9113 §8.2.1: no NUL, CR or LF, and no whitespace at either end.

@@ -93,6 +93,7 @@ final class H2CallerConnectionTests: XCTestCase {
             ("an uppercase name", Self.valid + [("X-User", "admin")]),
             ("a space in a name", Self.valid + [("x user", "admin")]),
             ("a colon inside a name", Self.valid + [("x:user", "admin")]),
+            ("a brace in a name", Self.valid + [("x{user}", "admin")]),
             ("a connection-specific field", Self.valid + [("connection", "close")]),
             ("transfer-encoding", Self.valid + [("transfer-encoding", "chunked")]),
             ("te other than trailers", Self.valid + [("te", "gzip")]),
@@ -187,6 +188,9 @@ final class H2CallerConnectionTests: XCTestCase {
         XCTAssertFalse(H2Fields.validResponse(HPACKHeaders([(":status", "200"), ("keep-alive", "5")])), "connection-specific")
         XCTAssertFalse(H2Fields.validResponse(HPACKHeaders([(":status", "200"), ("set-cookie", "a=1\r\nx: y")])), "CR LF in a value")
         XCTAssertTrue(H2Fields.validTrailers(HPACKHeaders([("grpc-status", "0")])))
+        // (Found by the http2response fuzz target: not a token, which NIO's client refuses.)
+        XCTAssertFalse(H2Fields.validTrailers(HPACKHeaders([("grpc-statu{", "0")])), "a name that is no token")
+        XCTAssertFalse(H2Fields.validTrailers(HPACKHeaders([("x-a\"b", "0")])), "a quote in a name")
         XCTAssertFalse(H2Fields.validTrailers(HPACKHeaders([(":status", "200")])), "a pseudo-header in trailers")
         XCTAssertTrue(H2Fields.validRequest(HPACKHeaders([(":method", "CONNECT"), (":authority", "b:443")])), "CONNECT")
         XCTAssertFalse(H2Fields.validRequest(HPACKHeaders([(":method", "CONNECT"), (":authority", "b:443"), (":path", "/")])),
