@@ -253,9 +253,7 @@ class H2Endpoint: ChannelInboundHandler, @unchecked Sendable {
         while let id = p.readInteger(as: UInt16.self), let value = p.readInteger(as: UInt32.self) {
             switch id {
             case 0x1:   // HEADER_TABLE_SIZE: our encoder's table may not exceed it
-                do { try writer.encoder.setDynamicTableSize(min(Int(value), HPACKEncoder.defaultDynamicTableSize)) } catch {
-                    throw Failure(code: .internalError)
-                }
+                writer.encoder.peerTableSize(Int(value))
             case 0x2:
                 guard value <= 1 else { throw Failure(code: .protocolError) }
             case 0x4:
@@ -321,9 +319,7 @@ class H2Endpoint: ChannelInboundHandler, @unchecked Sendable {
             case .headers(let h, let endStream):
                 streams[stream]!.queue.removeFirst()
                 streams[stream]!.localEnded = endStream
-                do { try writer.headers(stream, h, endStream: endStream, maxFrameSize: peerMaxFrameSize) } catch {
-                    return fail(.internalError)
-                }
+                writer.headers(stream, h, endStream: endStream, maxFrameSize: peerMaxFrameSize)
             case .data(var d, let endStream, let source, let credit):
                 let room = min(s.sendWindow, sendWindow)
                 let n = d.readableBytes

@@ -100,7 +100,7 @@ struct H2FrameReader {
 /// buffer, after what was gathered, so it is not copied).
 struct H2FrameWriter {
     var out: ByteBuffer
-    var encoder = HPACKEncoder(allocator: H2Relay.allocator)
+    var encoder = H2HeaderEncoder()
 
     init(allocator: ByteBufferAllocator) { out = allocator.buffer(capacity: 256) }
 
@@ -119,13 +119,10 @@ struct H2FrameWriter {
 
     /// A header block, HPACK-encoded: one HEADERS frame, or HEADERS and
     /// CONTINUATIONs past the peer's frame size.
-    mutating func headers(_ stream: Int32, _ headers: HPACKHeaders, endStream: Bool, maxFrameSize: Int) throws {
+    mutating func headers(_ stream: Int32, _ headers: HPACKHeaders, endStream: Bool, maxFrameSize: Int) {
         let start = out.writerIndex
         out.writeRepeatingByte(0, count: 9)
-        do { try encoder.encode(headers: headers, to: &out) } catch {
-            out.moveWriterIndex(to: start)
-            throw error
-        }
+        encoder.encode(headers, into: &out)
         let length = out.writerIndex - start - 9
         let end = endStream ? H2Wire.Flag.endStream : 0
         if length <= maxFrameSize {

@@ -197,3 +197,37 @@ final class H2CallerConnectionTests: XCTestCase {
                        "CONNECT with :path")
     }
 }
+
+/// The proxy's HPACK encoder, read back by NIO's decoder.
+final class H2HeaderEncoderTests: XCTestCase {
+    func testBlocksDecodeToWhatWasEncoded() throws {
+        var encoder = H2HeaderEncoder()
+        var decoder = HPACKDecoder(allocator: ByteBufferAllocator())
+        var headers = HPACKHeaders([(":status", "200"), (":status", "418"), ("content-type", "text/plain"),
+                                    ("x-long", String(repeating: "v", count: 300)), (String(repeating: "n", count: 130), "é")])
+        headers.add(name: "authorization", value: "Bearer t", indexing: .neverIndexed)
+        var block = ByteBuffer()
+        encoder.encode(headers, into: &block)
+        XCTAssertEqual(block.getInteger(at: 0, as: UInt8.self), 0x88, "a whole static entry goes as its index")
+        XCTAssertEqual(block.getInteger(at: 1, as: UInt8.self), 0x08, "a static name by index, without indexing")
+        let decoded = try decoder.decodeHeaders(from: &block)
+        XCTAssertEqual(decoded.map { "\($0.name): \($0.value)" }, headers.map { "\($0.name): \($0.value)" })
+        XCTAssertEqual(decoded.map(\.indexable).last, .neverIndexed)
+        XCTAssertEqual(block.readableBytes, 0)
+    }
+
+    /// A peer that lowers SETTINGS_HEADER_TABLE_SIZE gets the smallest
+    /// size first in the next block (RFC 7541 §4.2), once.
+    func testALoweredTableSizeIsAnnouncedOnce() throws {
+        var encoder = H2HeaderEncoder()
+        encoder.peerTableSize(100)
+        encoder.peerTableSize(0)
+        encoder.peerTableSize(50)
+        var block = ByteBuffer()
+        encoder.encode(HPACKHeaders([(":status", "200")]), into: &block)
+        XCTAssertEqual(Array(block.readableBytesView), [0x20, 0x88])
+        block.clear()
+        encoder.encode(HPACKHeaders([(":status", "200")]), into: &block)
+        XCTAssertEqual(Array(block.readableBytesView), [0x88])
+    }
+}
