@@ -313,15 +313,19 @@ class H2Endpoint: ChannelInboundHandler, @unchecked Sendable {
     }
 
     /// Writes what an open stream's queue holds as far as the windows allow.
+    /// (The stream is found once per frame and changed in place, before
+    /// anything is written: a copy of it held across the changes made its
+    /// queue copy itself on every frame.)
     func drain(_ stream: Int32) {
-        while let s = streams[stream], s.opened, let first = s.queue.first, !failed, context != nil {
+        while !failed, context != nil, let i = streams.index(forKey: stream), streams.values[i].opened,
+              let first = streams.values[i].queue.first {
             switch first {
             case .headers(let h, let endStream):
-                streams[stream]!.queue.removeFirst()
-                streams[stream]!.localEnded = endStream
+                streams.values[i].queue.removeFirst()
+                streams.values[i].localEnded = endStream
                 writer.headers(stream, h, endStream: endStream, maxFrameSize: peerMaxFrameSize)
             case .data(var d, let endStream, let source, let credit):
-                let room = min(s.sendWindow, sendWindow)
+                let room = min(streams.values[i].sendWindow, sendWindow)
                 let n = d.readableBytes
                 // (An empty frame goes whatever the windows, which a
                 // smaller INITIAL_WINDOW_SIZE can make negative.)
@@ -330,17 +334,17 @@ class H2Endpoint: ChannelInboundHandler, @unchecked Sendable {
                     if n > room {
                         // Part of it now; the rest when the windows open.
                         let part = d.readSlice(length: room)!
-                        streams[stream]!.queue[0] = .data(d, endStream: endStream, source: source, credit: credit)
-                        streams[stream]!.sendWindow -= room
+                        streams.values[i].queue[0] = .data(d, endStream: endStream, source: source, credit: credit)
+                        streams.values[i].sendWindow -= room
                         sendWindow -= room
                         writeData(stream, part, endStream: false, source: nil, credit: 0)
                         continue
                     }
                 }
-                streams[stream]!.queue.removeFirst()
-                streams[stream]!.sendWindow -= n
+                streams.values[i].queue.removeFirst()
+                streams.values[i].sendWindow -= n
+                streams.values[i].localEnded = endStream
                 sendWindow -= n
-                streams[stream]!.localEnded = endStream
                 writeData(stream, d, endStream: endStream, source: source, credit: credit)
             }
         }

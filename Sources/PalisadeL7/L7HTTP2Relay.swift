@@ -286,21 +286,21 @@ final class H2Relay: @unchecked Sendable {
             guard trailers ? H2Fields.validTrailers(h.headers) : H2Fields.validResponse(h.headers) else {
                 return refuseResponse(down: id, up: upID)
             }
-            down.sendHeaders(id, h.headers, endStream: h.endStream)
-            if var x = byDown[id] {
-                if let s = h.headers.first(name: ":status"), let code = Int(s), x.status < 200 {
-                    x.status = code
-                    x.responseStarted = code >= 200
+            // (Noted and logged before it is sent: a head that ends the
+            // stream can close it, and its entry, as it is written.)
+            if let i = byDown.index(forKey: id) {
+                if let s = h.headers.first(name: ":status"), let code = Int(s), byDown.values[i].status < 200 {
+                    byDown.values[i].status = code
+                    byDown.values[i].responseStarted = code >= 200
                 }
-                if h.endStream { log(&x) }
-                byDown[id] = x
+                if h.endStream { log(&byDown.values[i]) }
             }
+            down.sendHeaders(id, h.headers, endStream: h.endStream)
         case .data(let d):
             guard case .byteBuffer(let bytes) = d.data else { return }
-            if var x = byDown[id] {
-                x.responseBytes += bytes.readableBytes
-                if d.endStream { log(&x) }
-                byDown[id] = x
+            if let i = byDown.index(forKey: id) {
+                byDown.values[i].responseBytes += bytes.readableBytes
+                if d.endStream { log(&byDown.values[i]) }
             }
             guard let down else { return }   // the caller is gone
             down.sendData(id, bytes, endStream: d.endStream, source: upID, credit: credit)
@@ -380,6 +380,10 @@ struct BothSides<Value> {
     init(_ value: Value) { up = value; down = value }
     subscript(isDown: Bool) -> Value {
         get { isDown ? down : up }
-        set { if isDown { down = newValue } else { up = newValue } }
+        // In place: with get and set alone, `streamCredit[isDown][id] = n`
+        // copied the whole table (the getter's copy shared its storage).
+        _modify {
+            if isDown { yield &down } else { yield &up }
+        }
     }
 }

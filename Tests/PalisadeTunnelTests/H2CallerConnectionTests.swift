@@ -17,6 +17,8 @@ final class H2CallerConnectionTests: XCTestCase {
         /// What the caller received, and what the workload received after its preface.
         var toCaller = ByteBuffer()
         var toWorkload = ByteBuffer()
+        /// Access log entries: "status request-bytes response-bytes".
+        let logged = Box<[String]>([])
 
         init() throws {
             caller = EmbeddedChannel(loop: loop)
@@ -24,7 +26,8 @@ final class H2CallerConnectionTests: XCTestCase {
             let address = try SocketAddress(ipAddress: "127.0.0.1", port: 1)
             for c in [caller, upstream] { try c.connect(to: address).wait() }
             let l7 = L7Context(gate: { _, _, _, _, _ in HTTPVerdict(allowed: true, reason: "", rule: nil) },
-                               source: "spiffe://t/a", destination: "spiffe://t/b", destinationAddress: "127.0.0.1:80")
+                               source: "spiffe://t/a", destination: "spiffe://t/b", destinationAddress: "127.0.0.1:80",
+                               log: { [logged] e in logged.value.append("\(e.status) \(e.requestBytes) \(e.responseBytes)") })
             try H2Relay.install(downstream: caller, upstream: upstream, l7: l7)
             try upstream.writeInbound(h2Frame(4, 0, 0, ByteBuffer()))   // the workload's SETTINGS
             var start = ByteBuffer(bytes: L7ProtocolSniffer.preface)
@@ -175,6 +178,31 @@ final class H2CallerConnectionTests: XCTestCase {
         try lab.caller.writeInbound(h2Frame(8, 0, 3, ByteBuffer(integer: UInt32(8))))   // window 3: "abc" fits
         try lab.collect()
         XCTAssertEqual(lab.frames(&lab.toCaller), ["DATA:3"])
+    }
+
+    /// Every exchange reaches the access log once: one answered by a head
+    /// alone (its END_STREAM closes the caller's stream as it is written),
+    /// one with a body, one that ends with trailers (gRPC's way).
+    func testEveryExchangeIsLoggedOnce() throws {
+        let lab = try Lab()
+        defer { lab.finish() }
+        var workloadEncoder = HPACKEncoder(allocator: ByteBufferAllocator())
+        func block(_ fields: [(String, String)]) throws -> ByteBuffer {
+            var b = ByteBuffer()
+            try workloadEncoder.encode(headers: HPACKHeaders(fields), to: &b)
+            return b
+        }
+        for stream: UInt32 in [1, 3, 5] { try lab.headers(stream, Self.valid) }
+        XCTAssertEqual(lab.frames(&lab.toWorkload), ["HEADERS:1", "HEADERS:3", "HEADERS:5"])
+        try lab.upstream.writeInbound(h2Frame(1, 0x5, 1, try block([(":status", "204")])))
+        try lab.upstream.writeInbound(h2Frame(1, 0x4, 3, try block([(":status", "200")])))
+        try lab.upstream.writeInbound(h2Frame(0, 0x1, 3, ByteBuffer(string: "hello")))
+        try lab.upstream.writeInbound(h2Frame(1, 0x4, 5, try block([(":status", "200"), ("content-type", "application/grpc")])))
+        try lab.upstream.writeInbound(h2Frame(0, 0, 5, ByteBuffer(string: "msg")))
+        try lab.upstream.writeInbound(h2Frame(1, 0x5, 5, try block([("grpc-status", "0")])))
+        try lab.collect()
+        XCTAssertEqual(lab.frames(&lab.toCaller), ["HEADERS:1", "HEADERS:3", "DATA:3", "HEADERS:5", "DATA:5", "HEADERS:5"])
+        XCTAssertEqual(lab.logged.value, ["204 0 0", "200 0 5", "200 0 3"])
     }
 
     /// Response heads a workload may not send on HTTP/2 (RFC 9113 §8.3.2)
