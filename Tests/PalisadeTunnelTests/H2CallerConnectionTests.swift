@@ -150,8 +150,7 @@ final class H2CallerConnectionTests: XCTestCase {
     /// A caller that shrinks its INITIAL_WINDOW_SIZE below what a stream
     /// already took leaves that window negative (RFC 9113 §6.9.2): body
     /// bytes then wait for WINDOW_UPDATEs, but an empty DATA frame that
-    /// ends the stream goes at once (it once made the proxy cut a slice
-    /// of negative length, and stop).
+    /// ends the stream goes at once.
     func testAWindowMadeNegativeStillLetsTheStreamEnd() throws {
         let lab = try Lab()
         defer { lab.finish() }
